@@ -1,0 +1,187 @@
+// Package descriptor defines the seed descriptor: everything a node needs to
+// rebuild a prepared process except the contents of its memory pages.
+//
+// A descriptor is small (kilobytes): registers, the VMA layout with the
+// identity of every mapped file, the runs of pages the page source holds, and
+// the kernel-side state (signals, rseq, robust list, fds, credentials) that a
+// child must inherit. It is encoded with a lean, versioned binary format (see
+// codec.go); Decode rejects anything it cannot fully validate.
+package descriptor
+
+// Version is the current encoding version written by Encode.
+const Version = 1
+
+// PageSize is the only page size mitosis supports (x86-64 base pages).
+const PageSize = 4096
+
+// VMA kinds.
+const (
+	// KindAnon is private anonymous memory (heap, mmap'd arenas, stack).
+	// Its pages come from the page source or are zero.
+	KindAnon = 0
+	// KindFile is a private or shared file mapping whose pages are all
+	// still clean (page cache): the child maps the same file.
+	KindFile = 1
+	// KindFileDirty is a private file mapping in which the parent wrote
+	// (.data, GOT, RELRO). The child maps it anonymous and every page is
+	// served from the page source.
+	KindFileDirty = 2
+	// KindVDSO, KindVVAR and KindVVARClock are the kernel's special
+	// mappings; the child moves its own to the recorded addresses.
+	KindVDSO      = 3
+	KindVVAR      = 4
+	KindVVARClock = 5
+	// KindVsyscall is the fixed legacy vsyscall page; nothing to do.
+	KindVsyscall = 6
+)
+
+// VMA flags.
+const (
+	// FlagShared marks a MAP_SHARED mapping.
+	FlagShared = 1 << 0
+	// FlagGrowsDown marks the main stack ([stack], MAP_GROWSDOWN).
+	FlagGrowsDown = 1 << 1
+	// FlagHeap marks the [heap] (brk) area.
+	FlagHeap = 1 << 2
+	// FlagStack marks the [stack] area.
+	FlagStack = 1 << 3
+)
+
+// VMA is one mapping of the parent's address space.
+type VMA struct {
+	Start, End uint64 // [Start, End), page aligned
+	Prot       uint32 // PROT_READ|PROT_WRITE|PROT_EXEC
+	Flags      uint32 // Flag* bits
+	Kind       uint32 // Kind* value
+	Offset     uint64 // file offset of Start (file kinds)
+	Path       string // file path for file kinds, pseudo name otherwise
+	File       FileID // identity of the mapped file (file kinds)
+}
+
+// FileID identifies the exact file a mapping or descriptor was taken from, so
+// that a restore can refuse a file that changed since prepare.
+type FileID struct {
+	Dev       uint64
+	Ino       uint64
+	Size      int64
+	MtimeNsec int64
+}
+
+// Run is a half-open range [Start, End) of page-aligned addresses in the page
+// source (the seed's frozen copy).
+type Run struct {
+	Start, End uint64
+}
+
+// SigAction is one installed signal disposition (kernel struct k_sigaction
+// layout on x86-64).
+type SigAction struct {
+	Signo    uint32
+	Handler  uint64 // SIG_DFL=0, SIG_IGN=1, or a handler address
+	Flags    uint64
+	Restorer uint64
+	Mask     uint64
+}
+
+// MMFields are the mm_struct fields restored with PR_SET_MM_MAP.
+type MMFields struct {
+	StartCode, EndCode   uint64
+	StartData, EndData   uint64
+	StartBrk, Brk        uint64
+	StartStack           uint64
+	ArgStart, ArgEnd     uint64
+	EnvStart, EnvEnd     uint64
+}
+
+// FD kinds carried across a fork.
+const (
+	// FDFile is a regular file, directory or device reopened by path.
+	FDFile = 0
+	// FDChannel is the client's connection to its node daemon: every child
+	// gets a fresh connection at the same number (see client semantics).
+	FDChannel = 1
+)
+
+// FD is one open file descriptor of the parent (other than stdin, stdout and
+// stderr, which each child gets from its caller).
+type FD struct {
+	Num     int32
+	Kind    uint32
+	Path    string
+	Flags   uint32 // open(2) flags from fdinfo (access mode, O_APPEND, ...)
+	Pos     int64
+	Cloexec bool
+	File    FileID
+}
+
+// Rlimit is one resource limit.
+type Rlimit struct {
+	Resource uint32
+	Cur, Max uint64
+}
+
+// Creds are the process credentials.
+type Creds struct {
+	UID, EUID, SUID, FSUID uint32
+	GID, EGID, SGID, FSGID uint32
+	Groups                 []uint32
+}
+
+// Rseq is a registered restartable-sequences area.
+type Rseq struct {
+	Addr uint64
+	Len  uint32
+	Sig  uint32
+	Flags uint32
+}
+
+// Descriptor is a complete seed descriptor.
+type Descriptor struct {
+	// Identity.
+	SeedID  string
+	Name    string
+	Node    string // node that holds the page source
+	Kernel  string // uname release; restore requires the same build (vdso)
+	Exe     string // /proc/PID/exe target
+	ExeFile FileID
+	PID     int32 // parent pid at prepare time (informational)
+
+	// CPU state.
+	Regs   [27]uint64 // struct user_regs_struct, x86-64 order
+	XState []byte     // NT_X86_XSTATE regset
+
+	// Memory.
+	VMAs        []VMA
+	Present     []Run  // source-present, non-zero pages; sorted, disjoint
+	MM          MMFields
+	Auxv        []byte
+	VDSOSyscall uint64 // address of a `syscall` instruction in [vdso]
+	TIDAddr     uint64 // address of glibc's cached tid in the TCB, or 0
+	ClearTID    uint64 // set_tid_address pointer for the child, or 0
+
+	// Kernel-side task state.
+	SigActions   []SigAction
+	SigMask      uint64
+	AltStackSP   uint64
+	AltStackFlags uint32
+	AltStackSize uint64
+	RobustHead   uint64
+	RobustLen    uint64
+	Rseq         Rseq
+
+	// Process resources.
+	FDs     []FD
+	Cwd     string
+	Umask   uint32
+	Rlimits []Rlimit
+	Creds   Creds
+}
+
+// PresentPages returns the number of pages covered by d.Present.
+func (d *Descriptor) PresentPages() uint64 {
+	var n uint64
+	for _, r := range d.Present {
+		n += (r.End - r.Start) / PageSize
+	}
+	return n
+}

@@ -1,0 +1,86 @@
+// Package engine is the single-host remote-fork engine: it prepares live
+// processes into seeds and forks children from them, paging memory in on
+// demand. It ties together the tracer (internal/ptrace), snapshot (prepare),
+// restore and pager packages. A node daemon owns one Engine.
+package engine
+
+import (
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+)
+
+// PrepareOptions tune Prepare.
+type PrepareOptions struct {
+	// Name is a human-readable seed name (optional).
+	Name string
+	// ChannelFD is the parent's fd number of its connection to the node
+	// daemon when the parent prepares itself through the client API, or -1.
+	// It is not refused like other sockets: every child gets a fresh
+	// connection at the same number.
+	ChannelFD int
+}
+
+// ForkOptions tune Fork.
+type ForkOptions struct {
+	// Stdio are the child's stdin, stdout and stderr. A nil entry becomes
+	// /dev/null.
+	Stdio [3]*os.File
+	// Channel, if the seed has a channel fd, is installed in the child at
+	// that fd number. The caller keeps the other end.
+	Channel *os.File
+	// Eager copies every present page before the child runs (the
+	// checkpoint/restore baseline) instead of paging on demand.
+	Eager bool
+}
+
+// Seed is a prepared parent: its descriptor plus its frozen copy-on-write
+// copy, which stays stopped as the page source.
+type Seed struct {
+	ID        string
+	Name      string
+	Desc      *descriptor.Descriptor
+	SourcePID int           // pid of the frozen copy
+	ParentPID int           // pid of the prepared parent
+	Created   time.Time     // when Prepare finished
+	Took      time.Duration // Prepare wall time
+}
+
+// ChildStats are counters of one child's paging.
+type ChildStats struct {
+	Faults     uint64 // missing-page faults served
+	PagesCopied uint64
+	PagesZero  uint64
+	Eager      uint64 // pages copied before the child ran
+}
+
+// Child is a process forked from a seed on this host.
+type Child struct {
+	ID      string
+	PID     int
+	Seed    *Seed
+	Started time.Time
+	Took    time.Duration // Fork wall time until the child was released
+
+	done   chan struct{}
+	status syscall.WaitStatus
+	pg     statser
+}
+
+type statser interface{ Stats() ChildStats }
+
+// Done is closed when the child has exited and been reaped.
+func (c *Child) Done() <-chan struct{} { return c.done }
+
+// Status is the child's wait status; valid after Done is closed.
+func (c *Child) Status() syscall.WaitStatus { return c.status }
+
+// Stats returns paging counters of the child's whole process tree.
+func (c *Child) Stats() ChildStats {
+	if c.pg == nil {
+		return ChildStats{}
+	}
+	return c.pg.Stats()
+}
