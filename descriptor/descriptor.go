@@ -85,12 +85,12 @@ type SigAction struct {
 
 // MMFields are the mm_struct fields restored with PR_SET_MM_MAP.
 type MMFields struct {
-	StartCode, EndCode   uint64
-	StartData, EndData   uint64
-	StartBrk, Brk        uint64
-	StartStack           uint64
-	ArgStart, ArgEnd     uint64
-	EnvStart, EnvEnd     uint64
+	StartCode, EndCode uint64
+	StartData, EndData uint64
+	StartBrk, Brk      uint64
+	StartStack         uint64
+	ArgStart, ArgEnd   uint64
+	EnvStart, EnvEnd   uint64
 }
 
 // FD kinds carried across a fork.
@@ -129,9 +129,9 @@ type Creds struct {
 
 // Rseq is a registered restartable-sequences area.
 type Rseq struct {
-	Addr uint64
-	Len  uint32
-	Sig  uint32
+	Addr  uint64
+	Len   uint32
+	Sig   uint32
 	Flags uint32
 }
 
@@ -152,7 +152,7 @@ type Descriptor struct {
 
 	// Memory.
 	VMAs        []VMA
-	Present     []Run  // source-present, non-zero pages; sorted, disjoint
+	Present     []Run // source-present, non-zero pages; sorted, disjoint
 	MM          MMFields
 	Auxv        []byte
 	VDSOSyscall uint64 // address of a `syscall` instruction in [vdso]
@@ -160,14 +160,14 @@ type Descriptor struct {
 	ClearTID    uint64 // set_tid_address pointer for the child, or 0
 
 	// Kernel-side task state.
-	SigActions   []SigAction
-	SigMask      uint64
-	AltStackSP   uint64
+	SigActions    []SigAction
+	SigMask       uint64
+	AltStackSP    uint64
 	AltStackFlags uint32
-	AltStackSize uint64
-	RobustHead   uint64
-	RobustLen    uint64
-	Rseq         Rseq
+	AltStackSize  uint64
+	RobustHead    uint64
+	RobustLen     uint64
+	Rseq          Rseq
 
 	// Process resources.
 	FDs     []FD

@@ -50,10 +50,10 @@ type Seed struct {
 
 // ChildStats are counters of one child's paging.
 type ChildStats struct {
-	Faults     uint64 // missing-page faults served
+	Faults      uint64 // missing-page faults served
 	PagesCopied uint64
-	PagesZero  uint64
-	Eager      uint64 // pages copied before the child ran
+	PagesZero   uint64
+	Eager       uint64 // pages copied before the child ran
 }
 
 // Child is a process forked from a seed on this host.
