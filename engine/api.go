@@ -6,6 +6,7 @@ package engine
 
 import (
 	"os"
+	"sync"
 	"syscall"
 	"time"
 
@@ -67,6 +68,25 @@ type Child struct {
 	done   chan struct{}
 	status syscall.WaitStatus
 	pg     statser
+
+	mu  sync.Mutex
+	err error
+}
+
+func (c *Child) setErr(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.mu.Unlock()
+}
+
+// Err is the engine-side error that ended the child (e.g. its pages could
+// not be served), or nil.
+func (c *Child) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
 }
 
 type statser interface{ Stats() ChildStats }

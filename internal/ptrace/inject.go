@@ -1,0 +1,103 @@
+package ptrace
+
+import (
+	"fmt"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Inject runs one system call inside a stopped tracee: it points rip at a
+// `syscall` instruction at address at, loads nr and args, sets orig_rax to -1
+// (so the kernel applies no syscall-restart logic to the stop we resume
+// from) and single-steps. The stop comes at syscall exit. Registers are left
+// modified; the caller restores them. Signals that arrive meanwhile are
+// appended to *pending.
+//
+// Precondition: runs on the tracer thread; pid is in a ptrace-stop.
+func Inject(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal, nr uint64, args ...uint64) (uint64, error) {
+	r := *base
+	r.Rip = at
+	r.Rax = nr
+	r.Orig_rax = ^uint64(0)
+	dst := []*uint64{&r.Rdi, &r.Rsi, &r.Rdx, &r.R10, &r.R8, &r.R9}
+	for i, a := range args {
+		*dst[i] = a
+	}
+	r.Eflags &^= 0x100 // TF: the kernel sets it for the step itself
+	if err := SetRegs(pid, &r); err != nil {
+		return 0, err
+	}
+	if err := Step(pid); err != nil {
+		return 0, err
+	}
+	ws, err := WaitStop(pid, syscall.SIGTRAP, pending, func() error { return Step(pid) })
+	if err != nil {
+		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
+	}
+	if Event(ws) > 0 {
+		return 0, fmt.Errorf("inject syscall %d into %d: unexpected ptrace event %d", nr, pid, Event(ws))
+	}
+	var out unix.PtraceRegs
+	if err := GetRegs(pid, &out); err != nil {
+		return 0, err
+	}
+	if out.Rip != at+2 {
+		return 0, fmt.Errorf("inject syscall %d into %d: stopped at %#x, want %#x", nr, pid, out.Rip, at+2)
+	}
+	return out.Rax, nil
+}
+
+// Errno converts a raw syscall return value into an error (nil if it is not
+// in the kernel's error range).
+func Errno(ret uint64) error {
+	if ret > ^uint64(4095) {
+		return syscall.Errno(-int64(ret))
+	}
+	return nil
+}
+
+// ReadMem copies len(buf) bytes at addr of pid into buf with
+// process_vm_readv, which (unlike /proc/PID/mem) faults pages in through
+// userfaultfd. It does not need the tracer thread.
+func ReadMem(pid int, addr uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	local := []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}}
+	remote := []unix.RemoteIovec{{Base: uintptr(addr), Len: len(buf)}}
+	n, err := unix.ProcessVMReadv(pid, local, remote, 0)
+	if err != nil {
+		return fmt.Errorf("read %d bytes at %#x of pid %d: %w", len(buf), addr, pid, err)
+	}
+	if n != len(buf) {
+		return fmt.Errorf("read %d bytes at %#x of pid %d: short read %d", len(buf), addr, pid, n)
+	}
+	return nil
+}
+
+// WriteMem copies buf to addr in pid with process_vm_writev.
+func WriteMem(pid int, addr uint64, buf []byte) error {
+	if len(buf) == 0 {
+		return nil
+	}
+	local := []unix.Iovec{{Base: &buf[0], Len: uint64(len(buf))}}
+	remote := []unix.RemoteIovec{{Base: uintptr(addr), Len: len(buf)}}
+	n, err := unix.ProcessVMWritev(pid, local, remote, 0)
+	if err != nil {
+		return fmt.Errorf("write %d bytes at %#x of pid %d: %w", len(buf), addr, pid, err)
+	}
+	if n != len(buf) {
+		return fmt.Errorf("write %d bytes at %#x of pid %d: short write %d", len(buf), addr, pid, n)
+	}
+	return nil
+}
+
+// ReadU64 reads one little-endian word of pid's memory.
+func ReadU64(pid int, addr uint64) (uint64, error) {
+	var v uint64
+	b := unsafe.Slice((*byte)(unsafe.Pointer(&v)), 8)
+	err := ReadMem(pid, addr, b)
+	return v, err
+}

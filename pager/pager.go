@@ -1,0 +1,536 @@
+// Package pager serves a child's missing pages through userfaultfd.
+//
+// One Pager serves a child and every process the child forks: each mm has
+// its own userfaultfd (the kernel hands the daemon a new one with
+// UFFD_EVENT_FORK) and its own goroutine. Pages the parent never had are
+// filled with UFFDIO_ZEROPAGE without touching the source; present pages are
+// read from the Source in fault-around windows and installed with
+// UFFDIO_COPY. REMAP, REMOVE and UNMAP events keep the pager's view of the
+// address space in step with the child's, so moved memory keeps its
+// contents and freed memory is never refilled with stale parent data.
+package pager
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+	"github.com/mitosis-fork/mitosis/internal/uffd"
+)
+
+const pageSize = descriptor.PageSize
+
+// Source reads page contents of a seed.
+type Source interface {
+	// ReadPages fills buf with the seed's memory at addr (page aligned,
+	// len(buf) a multiple of the page size).
+	ReadPages(addr uint64, buf []byte) error
+}
+
+// Config configures a Pager.
+type Config struct {
+	Desc   *descriptor.Descriptor
+	Source Source
+	// Window is the base fault-around window in pages (default 16). It
+	// doubles on sequential faults up to MaxWindow.
+	Window    int
+	MaxWindow int
+	// OnError is called once with the first error that stops a space
+	// (e.g. the source is gone). The child cannot make progress after it.
+	OnError func(error)
+}
+
+// Stats are paging counters.
+type Stats struct {
+	Faults      uint64
+	PagesCopied uint64
+	PagesZero   uint64
+	Eager       uint64
+	Spaces      uint64
+}
+
+// Pager serves one child tree.
+type Pager struct {
+	cfg     Config
+	present []descriptor.Run
+
+	faults, copied, zeroed, eager, spacesN atomic.Uint64
+
+	mu      sync.Mutex
+	spaces  map[*space]struct{}
+	closed  bool
+	wg      sync.WaitGroup
+	errOnce sync.Once
+	err     error
+}
+
+// New creates a pager for children of cfg.Desc.
+func New(cfg Config) *Pager {
+	if cfg.Window <= 0 {
+		cfg.Window = 16
+	}
+	if cfg.MaxWindow < cfg.Window {
+		cfg.MaxWindow = 256
+	}
+	return &Pager{cfg: cfg, present: cfg.Desc.Present, spaces: map[*space]struct{}{}}
+}
+
+// Stats returns the counters of all spaces.
+func (p *Pager) Stats() Stats {
+	return Stats{Faults: p.faults.Load(), PagesCopied: p.copied.Load(), PagesZero: p.zeroed.Load(),
+		Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
+}
+
+// Err returns the error that stopped a space, if any.
+func (p *Pager) Err() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+func (p *Pager) fail(err error) {
+	p.errOnce.Do(func() {
+		p.mu.Lock()
+		p.err = err
+		p.mu.Unlock()
+		if p.cfg.OnError != nil {
+			p.cfg.OnError(err)
+		}
+	})
+}
+
+// region maps a child address range to the source; zero regions read as
+// zero whatever the source holds.
+type region struct {
+	start, end, src uint64
+	zero            bool
+}
+
+type space struct {
+	p       *Pager
+	fd      int
+	f       *os.File
+	mu      sync.Mutex
+	regions []region
+	served  map[uint64]uint64 // bitset of installed pages, by page>>6
+	buf     []byte
+	retry   []uint64
+	lastEnd uint64
+	window  int
+}
+
+// Attach starts serving the userfaultfd ufd (API done, ranges registered)
+// of the root child. The pager owns ufd afterwards.
+func (p *Pager) Attach(ufd int) (*Space, error) {
+	s := &space{p: p, fd: ufd, served: map[uint64]uint64{}, window: p.cfg.Window}
+	for _, v := range p.cfg.Desc.VMAs {
+		if v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty {
+			s.regions = append(s.regions, region{start: v.Start, end: v.End, src: v.Start})
+		}
+	}
+	if err := p.start(s); err != nil {
+		return nil, err
+	}
+	return &Space{s}, nil
+}
+
+func (p *Pager) start(s *space) error {
+	if err := unix.SetNonblock(s.fd, true); err != nil {
+		unix.Close(s.fd)
+		return fmt.Errorf("uffd nonblock: %w", err)
+	}
+	s.f = os.NewFile(uintptr(s.fd), "userfaultfd")
+	s.buf = make([]byte, p.cfg.MaxWindow*pageSize)
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		s.f.Close()
+		return errors.New("pager closed")
+	}
+	p.spaces[s] = struct{}{}
+	p.wg.Add(1)
+	p.mu.Unlock()
+	p.spacesN.Add(1)
+	go s.serve()
+	return nil
+}
+
+// Close stops every space and closes their userfaultfds. Processes still
+// using them then get zero pages for missing memory, so Close only after
+// the child tree has exited (or been killed).
+func (p *Pager) Close() {
+	p.mu.Lock()
+	p.closed = true
+	for s := range p.spaces {
+		s.f.Close()
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+}
+
+// Space is the root child's address space, for eager loading.
+type Space struct{ s *space }
+
+// Preload installs pages [addr, addr+n pages) now, before the child runs.
+// patch, if non-nil, may modify each chunk before it is installed.
+func (sp *Space) Preload(addr uint64, n int, patch func(addr uint64, b []byte)) error {
+	s := sp.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.preload(addr, n, patch)
+}
+
+// PreloadAll installs every present page of the seed (eager mode: the
+// checkpoint/restore baseline).
+func (sp *Space) PreloadAll() error {
+	s := sp.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range s.p.present {
+		for a := r.Start; a < r.End; {
+			n := int(min((r.End-a)/pageSize, uint64(len(s.buf)/pageSize)))
+			if err := s.preload(a, n, nil); err != nil {
+				return err
+			}
+			a += uint64(n) * pageSize
+		}
+	}
+	return nil
+}
+
+func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
+	addr &^= pageSize - 1
+	for i := 0; i < n; {
+		a := addr + uint64(i)*pageSize
+		if s.isServed(a) {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n && j-i < len(s.buf)/pageSize && !s.isServed(addr+uint64(j)*pageSize) {
+			j++
+		}
+		cnt := j - i
+		zero, limit := s.classify(a)
+		cnt = min(cnt, limit)
+		if zero {
+			if _, err := s.zero(a, cnt); err != nil {
+				return err
+			}
+		} else {
+			b := s.buf[:cnt*pageSize]
+			if err := s.p.cfg.Source.ReadPages(s.srcOf(a), b); err != nil {
+				return err
+			}
+			if patch != nil {
+				patch(a, b)
+			}
+			if _, err := s.copy(a, b); err != nil {
+				return err
+			}
+		}
+		s.p.eager.Add(uint64(cnt))
+		i += cnt
+	}
+	return nil
+}
+
+func (s *space) isServed(a uint64) bool {
+	pg := a / pageSize
+	return s.served[pg>>6]&(1<<(pg&63)) != 0
+}
+
+func (s *space) setServed(a uint64, n int, v bool) {
+	pg := a / pageSize
+	for i := 0; i < n; i++ {
+		w, bit := (pg+uint64(i))>>6, uint64(1)<<((pg+uint64(i))&63)
+		if v {
+			s.served[w] |= bit
+		} else if s.served[w]&bit != 0 {
+			s.served[w] &^= bit
+			if s.served[w] == 0 {
+				delete(s.served, w)
+			}
+		}
+	}
+}
+
+// find returns the region containing a, or -1.
+func (s *space) find(a uint64) int {
+	i := sort.Search(len(s.regions), func(i int) bool { return s.regions[i].end > a })
+	if i < len(s.regions) && s.regions[i].start <= a {
+		return i
+	}
+	return -1
+}
+
+func (s *space) srcOf(a uint64) uint64 {
+	i := s.find(a)
+	r := s.regions[i]
+	return r.src + (a - r.start)
+}
+
+// classify reports whether page a reads as zero and how many pages from a
+// share that answer (bounded by region and source run boundaries).
+func (s *space) classify(a uint64) (zero bool, pages int) {
+	i := s.find(a)
+	if i < 0 {
+		// Not memory of the seed (grown by mremap or brk in place).
+		next := uint64(1 << 47)
+		j := sort.Search(len(s.regions), func(j int) bool { return s.regions[j].start > a })
+		if j < len(s.regions) {
+			next = s.regions[j].start
+		}
+		return true, int((next - a) / pageSize)
+	}
+	r := s.regions[i]
+	limit := (r.end - a) / pageSize
+	if r.zero {
+		return true, int(limit)
+	}
+	src := r.src + (a - r.start)
+	runs := s.p.present
+	k := sort.Search(len(runs), func(k int) bool { return runs[k].End > src })
+	if k < len(runs) && runs[k].Start <= src {
+		return false, int(min(limit, (runs[k].End-src)/pageSize))
+	}
+	if k < len(runs) {
+		limit = min(limit, (runs[k].Start-src)/pageSize)
+	}
+	return true, int(limit)
+}
+
+func (s *space) copy(a uint64, b []byte) (int, error) {
+	done := 0
+	for done < len(b) {
+		n, err := uffd.Copy(s.fd, a+uint64(done), unsafe.Pointer(&b[done]), uint64(len(b)-done), 0)
+		if n > 0 {
+			s.setServed(a+uint64(done), int(n)/pageSize, true)
+			s.p.copied.Add(uint64(n) / pageSize)
+			done += int(n)
+		}
+		if err == nil {
+			if n <= 0 {
+				return done, fmt.Errorf("uffd copy at %#x: no progress", a+uint64(done))
+			}
+			continue
+		}
+		if errors.Is(err, unix.EEXIST) {
+			// Already installed (e.g. by a racing fault): skip it.
+			s.setServed(a+uint64(done), 1, true)
+			done += pageSize
+			continue
+		}
+		return done, err
+	}
+	return done, nil
+}
+
+func (s *space) zero(a uint64, n int) (int, error) {
+	done := 0
+	for done < n {
+		z, err := uffd.ZeroPage(s.fd, a+uint64(done)*pageSize, uint64(n-done)*pageSize, 0)
+		if z > 0 {
+			s.setServed(a+uint64(done)*pageSize, int(z)/pageSize, true)
+			s.p.zeroed.Add(uint64(z) / pageSize)
+			done += int(z) / pageSize
+		}
+		if err == nil {
+			if z <= 0 {
+				return done, fmt.Errorf("uffd zeropage at %#x: no progress", a)
+			}
+			continue
+		}
+		if errors.Is(err, unix.EEXIST) {
+			s.setServed(a+uint64(done)*pageSize, 1, true)
+			done++
+			continue
+		}
+		return done, err
+	}
+	return done, nil
+}
+
+func (s *space) serve() {
+	defer s.p.wg.Done()
+	defer func() {
+		s.p.mu.Lock()
+		delete(s.p.spaces, s)
+		s.p.mu.Unlock()
+	}()
+	raw := make([]byte, 64*uffd.MsgSize)
+	for {
+		n, err := s.f.Read(raw)
+		if err != nil {
+			if errors.Is(err, os.ErrClosed) {
+				return
+			}
+			s.p.fail(fmt.Errorf("read userfaultfd: %w", err))
+			s.f.Close()
+			return
+		}
+		s.mu.Lock()
+		for off := 0; off+uffd.MsgSize <= n; off += uffd.MsgSize {
+			m, err := uffd.ParseMsg(raw[off : off+uffd.MsgSize])
+			if err != nil {
+				continue
+			}
+			if err := s.handle(m); err != nil {
+				s.mu.Unlock()
+				s.p.fail(err)
+				s.f.Close()
+				return
+			}
+		}
+		if len(s.retry) > 0 {
+			pending := s.retry
+			s.retry = nil
+			for _, a := range pending {
+				if err := s.fault(a); err != nil {
+					s.mu.Unlock()
+					s.p.fail(err)
+					s.f.Close()
+					return
+				}
+			}
+		}
+		s.mu.Unlock()
+	}
+}
+
+func (s *space) handle(m uffd.Msg) error {
+	switch m.Event {
+	case uffd.EventPagefault:
+		s.p.faults.Add(1)
+		return s.fault(m.Address &^ (pageSize - 1))
+	case uffd.EventFork:
+		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served)), window: s.p.cfg.Window}
+		c.regions = append([]region(nil), s.regions...)
+		for k, v := range s.served {
+			c.served[k] = v
+		}
+		return s.p.start(c)
+	case uffd.EventRemap:
+		s.remap(m.From, m.To, m.Len)
+	case uffd.EventRemove, uffd.EventUnmap:
+		s.zeroRange(m.Start, m.End)
+	}
+	return nil
+}
+
+// fault serves the page at a and a fault-around window after it.
+func (s *space) fault(a uint64) error {
+	// Adapt the window: sequential faults double it.
+	if a == s.lastEnd {
+		s.window = min(s.window*2, s.p.cfg.MaxWindow)
+	} else {
+		s.window = s.p.cfg.Window
+	}
+	zero, limit := s.classify(a)
+	n := min(limit, s.window)
+	n = max(n, 1)
+	// Stop the window at the first page already installed.
+	for i := 1; i < n; i++ {
+		if s.isServed(a + uint64(i)*pageSize) {
+			n = i
+			break
+		}
+	}
+	var err error
+	if zero {
+		_, err = s.zero(a, n)
+	} else {
+		b := s.buf[:n*pageSize]
+		if err = s.p.cfg.Source.ReadPages(s.srcOf(a), b); err != nil {
+			return fmt.Errorf("page source: %w", err)
+		}
+		_, err = s.copy(a, b)
+	}
+	s.lastEnd = a + uint64(n)*pageSize
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EAGAIN):
+		// The mm is changing (an event is queued): retry after it.
+		s.retry = append(s.retry, a)
+		return nil
+	case errors.Is(err, unix.ENOENT), errors.Is(err, unix.EFAULT), errors.Is(err, unix.ESRCH):
+		// The range is gone (unmapped, or the process exited).
+		_ = uffd.Wake(s.fd, a, pageSize)
+		return nil
+	}
+	return fmt.Errorf("serve fault at %#x: %w", a, err)
+}
+
+// split ensures a region boundary at a.
+func (s *space) split(a uint64) {
+	i := s.find(a)
+	if i < 0 || s.regions[i].start == a {
+		return
+	}
+	r := s.regions[i]
+	left := region{start: r.start, end: a, src: r.src, zero: r.zero}
+	right := region{start: a, end: r.end, src: r.src + (a - r.start), zero: r.zero}
+	s.regions = append(s.regions[:i+1], s.regions[i:]...)
+	s.regions[i], s.regions[i+1] = left, right
+}
+
+// cut removes [start,end) from the regions and returns the removed pieces.
+func (s *space) cut(start, end uint64) []region {
+	s.split(start)
+	s.split(end)
+	var out, keep []region
+	for _, r := range s.regions {
+		if r.start >= start && r.end <= end {
+			out = append(out, r)
+		} else {
+			keep = append(keep, r)
+		}
+	}
+	s.regions = keep
+	return out
+}
+
+func (s *space) insert(rs []region) {
+	s.regions = append(s.regions, rs...)
+	sort.Slice(s.regions, func(i, j int) bool { return s.regions[i].start < s.regions[j].start })
+}
+
+func (s *space) zeroRange(start, end uint64) {
+	if start >= end {
+		return
+	}
+	s.cut(start, end)
+	s.insert([]region{{start: start, end: end, zero: true}})
+	s.setServed(start, int((end-start)/pageSize), false)
+}
+
+func (s *space) remap(from, to, length uint64) {
+	moved := s.cut(from, from+length)
+	s.cut(to, to+length)
+	for i := range moved {
+		moved[i].start = moved[i].start - from + to
+		moved[i].end = moved[i].end - from + to
+	}
+	s.insert(moved)
+	// Move the installed-page bits along with the pages.
+	n := int(length / pageSize)
+	bits := make([]bool, n)
+	for i := 0; i < n; i++ {
+		bits[i] = s.isServed(from + uint64(i)*pageSize)
+	}
+	s.setServed(from, n, false)
+	s.setServed(to, n, false)
+	for i, b := range bits {
+		if b {
+			s.setServed(to+uint64(i)*pageSize, 1, true)
+		}
+	}
+}

@@ -1,0 +1,628 @@
+// Package restore rebuilds a seed's process in a fresh stub process on this
+// host: it recreates the address space (memory left missing, to be paged in
+// through userfaultfd), the kernel-side task state and the registers, then
+// lets the child run.
+//
+// The sequence follows what works on Linux 6.x: exec a libc-less stub under
+// PTRACE_TRACEME; map a gadget page in a hole of both layouts; run batches of
+// system calls from it (one ptrace round trip each): unmap the stub, move
+// [vvar]/[vdso] to the parent's addresses, recreate every VMA, create the
+// userfaultfd inside the child (it binds to current->mm) and take it with
+// pidfd_getfd; register the anonymous VMAs; restore mm fields with
+// PR_SET_MM_MAP, signal state, robust list, tid address, rseq and
+// credentials; unmap the gadget with a syscall instruction in [vdso]; load
+// XSTATE and registers; detach.
+package restore
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+	"github.com/mitosis-fork/mitosis/internal/procfs"
+	"github.com/mitosis-fork/mitosis/internal/ptrace"
+	"github.com/mitosis-fork/mitosis/internal/stub"
+	"github.com/mitosis-fork/mitosis/internal/uffd"
+	"github.com/mitosis-fork/mitosis/snapshot"
+)
+
+// UFFDFeatures are the userfaultfd events every child's pager needs:
+// without REMAP, realloc's mremap reads moved pages as zero; without FORK a
+// fork() inside the child faults without a server; REMOVE and UNMAP mark
+// freed ranges so they are never refilled with stale parent data.
+const UFFDFeatures = uffd.FeatureEventFork | uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap
+
+// Options tune a restore.
+type Options struct {
+	// StubPath is an executable path of the stub image (stub.ELF).
+	StubPath string
+	// Stdio are the child's fds 0, 1, 2 (must be non-nil).
+	Stdio [3]*os.File
+	// Channel is installed at the descriptor's channel fd, if any.
+	Channel *os.File
+	// OnUFFD is called with the child's pid and the daemon's copy of its
+	// userfaultfd (registered, API done) before the child runs any of its
+	// own code and before anything of the child touches lazy memory. It
+	// must start serving faults; it may copy pages eagerly. It owns ufd.
+	OnUFFD func(pid int, ufd int) error
+}
+
+// Result describes a restored, running child.
+type Result struct {
+	PID  int
+	Took time.Duration
+}
+
+// Restore creates a running child from d. Precondition: t is the tracer
+// that will own the child until it is detached.
+func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result, error) {
+	start := time.Now()
+	files, closeFiles, err := openFDs(d, opts)
+	if err != nil {
+		return nil, err
+	}
+	defer closeFiles()
+	var pid int
+	err = t.Do(func() error {
+		p, err := restoreLocked(d, opts, files)
+		pid = p
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("restore %s: %w", d.SeedID, err)
+	}
+	return &Result{PID: pid, Took: time.Since(start)}, nil
+}
+
+// openFDs opens, in the daemon, every fd the child gets at spawn time: its
+// stdio, the channel and the parent's files reopened at their offsets.
+func openFDs(d *descriptor.Descriptor, opts Options) ([]uintptr, func(), error) {
+	maxfd := 2
+	for _, f := range d.FDs {
+		maxfd = max(maxfd, int(f.Num))
+	}
+	files := make([]uintptr, maxfd+1)
+	for i := range files {
+		files[i] = ^uintptr(0) // closed in the child
+	}
+	var opened []*os.File
+	closeAll := func() {
+		for _, f := range opened {
+			f.Close()
+		}
+	}
+	for i := 0; i < 3; i++ {
+		if opts.Stdio[i] == nil {
+			closeAll()
+			return nil, nil, fmt.Errorf("restore: stdio %d not supplied", i)
+		}
+		files[i] = opts.Stdio[i].Fd()
+	}
+	for _, f := range d.FDs {
+		switch f.Kind {
+		case descriptor.FDChannel:
+			if opts.Channel == nil {
+				closeAll()
+				return nil, nil, fmt.Errorf("restore: seed expects a channel at fd %d but none was given", f.Num)
+			}
+			files[f.Num] = opts.Channel.Fd()
+		case descriptor.FDFile:
+			flags := int(f.Flags) &^ (unix.O_CREAT | unix.O_TRUNC | unix.O_EXCL | unix.O_CLOEXEC | unix.O_NOCTTY)
+			fh, err := os.OpenFile(f.Path, flags|unix.O_CLOEXEC, 0)
+			if err != nil {
+				closeAll()
+				return nil, nil, fmt.Errorf("restore: reopen fd %d: %w", f.Num, err)
+			}
+			opened = append(opened, fh)
+			if f.File.Ino != 0 {
+				var st unix.Stat_t
+				if err := unix.Fstat(int(fh.Fd()), &st); err == nil && (st.Ino != f.File.Ino || st.Dev != f.File.Dev) {
+					closeAll()
+					return nil, nil, fmt.Errorf("restore: fd %d: file %s was replaced since prepare (inode %d, now %d)", f.Num, f.Path, f.File.Ino, st.Ino)
+				}
+			}
+			if f.Pos != 0 {
+				if _, err := unix.Seek(int(fh.Fd()), f.Pos, 0); err != nil && !errors.Is(err, unix.ESPIPE) {
+					closeAll()
+					return nil, nil, fmt.Errorf("restore: seek fd %d (%s) to %d: %w", f.Num, f.Path, f.Pos, err)
+				}
+			}
+			files[f.Num] = fh.Fd()
+		}
+	}
+	return files, closeAll, nil
+}
+
+// child is the state of one restore on the tracer thread.
+type child struct {
+	pid     int
+	d       *descriptor.Descriptor
+	regs    unix.PtraceRegs // scratch register base for injections
+	gadget  uint64
+	gsize   uint64
+	pending []syscall.Signal
+}
+
+func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int, error) {
+	attr := &syscall.ProcAttr{
+		Dir:   d.Cwd,
+		Files: files,
+		Sys:   &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL},
+	}
+	pid, err := syscall.ForkExec(opts.StubPath, []string{"mitosis-stub"}, attr)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return 0, fmt.Errorf("start stub: %w (does the parent's cwd %q still exist?)", err, d.Cwd)
+		}
+		return 0, fmt.Errorf("start stub: %w", err)
+	}
+	c := &child{pid: pid, d: d}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = unix.Kill(pid, unix.SIGKILL)
+			for {
+				ws, err := ptrace.Wait(pid)
+				if err != nil || ws.Exited() || ws.Signaled() {
+					break
+				}
+			}
+		}
+	}()
+	if _, err := ptrace.WaitStop(pid, syscall.SIGTRAP, &c.pending, func() error { return ptrace.Cont(pid, 0) }); err != nil {
+		return 0, fmt.Errorf("stub exec stop: %w", err)
+	}
+	if err := ptrace.SetOptions(pid, unix.PTRACE_O_EXITKILL); err != nil {
+		return 0, err
+	}
+	if err := ptrace.GetRegs(pid, &c.regs); err != nil {
+		return 0, err
+	}
+	if err := c.build(opts); err != nil {
+		return 0, err
+	}
+	ok = true
+	return pid, nil
+}
+
+func (c *child) inject(at uint64, nr uint64, args ...uint64) (uint64, error) {
+	ret, err := ptrace.Inject(c.pid, at, &c.regs, &c.pending, nr, args...)
+	if err != nil {
+		return 0, err
+	}
+	return ret, ptrace.Errno(ret)
+}
+
+// run executes a batch in the child from the gadget and returns the
+// results, or an error naming the first call that failed.
+func (c *child) run(b *stub.Batch) ([]uint64, error) {
+	table := b.TableBytes()
+	arenaAddr, arena := b.Arena()
+	if arenaAddr+uint64(len(arena)) > c.gadget+c.gsize || b.Addr+uint64(len(table)) > arenaAddr {
+		return nil, fmt.Errorf("batch of %d calls does not fit the gadget", len(b.Calls))
+	}
+	if err := ptrace.WriteMem(c.pid, b.Addr, table); err != nil {
+		return nil, err
+	}
+	if err := ptrace.WriteMem(c.pid, arenaAddr, arena); err != nil {
+		return nil, err
+	}
+	r := c.regs
+	r.Rip = c.gadget
+	r.Rbx = b.Addr
+	r.R12 = uint64(len(b.Calls))
+	r.Orig_rax = ^uint64(0)
+	r.Eflags &^= 0x100
+	if err := ptrace.SetRegs(c.pid, &r); err != nil {
+		return nil, err
+	}
+	if err := ptrace.Cont(c.pid, 0); err != nil {
+		return nil, err
+	}
+	if _, err := ptrace.WaitStop(c.pid, syscall.SIGTRAP, &c.pending, func() error { return ptrace.Cont(c.pid, 0) }); err != nil {
+		return nil, fmt.Errorf("batch: %w", err)
+	}
+	if err := ptrace.ReadMem(c.pid, b.Addr, table); err != nil {
+		return nil, err
+	}
+	res := stub.Results(table)
+	for i, v := range res {
+		if v == stub.NotRun {
+			return nil, fmt.Errorf("batch stopped before call %d (%s)", i, b.Calls[i].What)
+		}
+		if e := ptrace.Errno(v); e != nil {
+			return nil, fmt.Errorf("%s: %w", b.Calls[i].What, e)
+		}
+	}
+	return res, nil
+}
+
+func overlaps(s, e uint64, vmas []descriptor.VMA, extra []procfs.Mapping) bool {
+	for _, v := range vmas {
+		if s < v.End && v.Start < e {
+			return true
+		}
+	}
+	for _, m := range extra {
+		if s < m.End && m.Start < e {
+			return true
+		}
+	}
+	return false
+}
+
+// hole finds size bytes free in both the parent's and the stub's layout.
+func hole(size uint64, vmas []descriptor.VMA, stubMaps []procfs.Mapping, avoid uint64) (uint64, error) {
+	for a := uint64(0x100000000); a < 0x7f0000000000; a += 0x40000000 {
+		if a == avoid {
+			continue
+		}
+		if !overlaps(a, a+size, vmas, stubMaps) && (avoid == 0 || a+size <= avoid || a >= avoid+0x40000000) {
+			return a, nil
+		}
+	}
+	return 0, errors.New("no address range free in both layouts")
+}
+
+// atFDCWD is AT_FDCWD (-100) as a raw syscall argument.
+const atFDCWD = ^uint64(99)
+
+func pageUp(n uint64) uint64 { return (n + 4095) &^ 4095 }
+
+func (c *child) build(opts Options) error {
+	d := c.d
+	stubMaps, err := procfs.Maps(c.pid)
+	if err != nil {
+		return err
+	}
+	// Gadget: code page + table + arena.
+	nTable := uint64(len(d.VMAs)*2+len(d.SigActions)+len(d.FDs)+64) * stub.EntrySize
+	arenaSize := uint64(64 << 10)
+	for _, v := range d.VMAs {
+		arenaSize += uint64(len(v.Path)) + 8
+	}
+	arenaSize += uint64(len(d.Auxv)) + 4096
+	c.gsize = pageUp(4096 + pageUp(nTable) + arenaSize)
+	c.gadget, err = hole(c.gsize, d.VMAs, stubMaps, 0)
+	if err != nil {
+		return err
+	}
+	entry := uint64(stub.Base + stub.EntryOffset)
+	if _, err := c.inject(entry, unix.SYS_MMAP, c.gadget, c.gsize,
+		unix.PROT_READ|unix.PROT_WRITE|unix.PROT_EXEC,
+		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED_NOREPLACE, ^uint64(0), 0); err != nil {
+		return fmt.Errorf("map gadget at %#x: %w", c.gadget, err)
+	}
+	if err := ptrace.WriteMem(c.pid, c.gadget, stub.Code()); err != nil {
+		return err
+	}
+	tableAddr := c.gadget + 4096
+	newBatch := func() *stub.Batch { return stub.NewBatch(tableAddr, pageUp(nTable)) }
+
+	// Batch 1: drop the stub's own mappings, move the special mappings,
+	// open the files to map.
+	b := newBatch()
+	var specialsStub = map[string]procfs.Mapping{}
+	for _, m := range stubMaps {
+		switch m.Path {
+		case "[vdso]", "[vvar]", "[vvar_vclock]":
+			specialsStub[m.Path] = m
+			continue
+		case "[vsyscall]":
+			continue
+		}
+		if m.Start == c.gadget {
+			continue
+		}
+		b.Add(fmt.Sprintf("munmap stub %s %#x", m.Path, m.Start), unix.SYS_MUNMAP, m.Start, m.End-m.Start)
+	}
+	specialNames := map[uint32]string{descriptor.KindVDSO: "[vdso]", descriptor.KindVVAR: "[vvar]", descriptor.KindVVARClock: "[vvar_vclock]"}
+	type move struct{ from, tmp, to, size uint64 }
+	var moves []move
+	tmpBase, err := hole(64<<20, d.VMAs, stubMaps, c.gadget)
+	if err != nil {
+		return err
+	}
+	tmp := tmpBase
+	for _, v := range d.VMAs {
+		name, ok := specialNames[v.Kind]
+		if !ok {
+			continue
+		}
+		m, ok := specialsStub[name]
+		if !ok {
+			return fmt.Errorf("the stub has no %s mapping (different kernel?)", name)
+		}
+		if m.End-m.Start != v.End-v.Start {
+			return fmt.Errorf("%s is %d bytes here, %d in the seed: the seed was prepared on a different kernel build", name, m.End-m.Start, v.End-v.Start)
+		}
+		moves = append(moves, move{m.Start, tmp, v.Start, v.End - v.Start})
+		tmp += v.End - v.Start
+		delete(specialsStub, name)
+	}
+	for name, m := range specialsStub {
+		// The parent lacks a special mapping the stub has: drop it.
+		b.Add("munmap stub "+name, unix.SYS_MUNMAP, m.Start, m.End-m.Start)
+	}
+	for _, mv := range moves {
+		b.Add(fmt.Sprintf("mremap special %#x to temporary %#x", mv.from, mv.tmp), unix.SYS_MREMAP, mv.from, mv.size, mv.size, unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, mv.tmp)
+	}
+	for _, mv := range moves {
+		b.Add(fmt.Sprintf("mremap special to %#x", mv.to), unix.SYS_MREMAP, mv.tmp, mv.size, mv.size, unix.MREMAP_MAYMOVE|unix.MREMAP_FIXED, mv.to)
+	}
+	type fileOpen struct {
+		idx    int
+		rw     bool
+		result uint64
+	}
+	opens := map[string]*fileOpen{}
+	var openOrder []string
+	for _, v := range d.VMAs {
+		if v.Kind != descriptor.KindFile {
+			continue
+		}
+		rw := v.Flags&descriptor.FlagShared != 0 && v.Prot&unix.PROT_WRITE != 0
+		key := v.Path
+		if rw {
+			key += "\x00rw"
+		}
+		if _, ok := opens[key]; ok {
+			continue
+		}
+		if err := checkFile(v.Path, v.File); err != nil {
+			return err
+		}
+		flags := uint64(unix.O_RDONLY | unix.O_CLOEXEC)
+		if rw {
+			flags = unix.O_RDWR | unix.O_CLOEXEC
+		}
+		idx := b.Add("open "+v.Path, unix.SYS_OPENAT, atFDCWD, b.String(v.Path), flags, 0)
+		opens[key] = &fileOpen{idx: idx, rw: rw}
+		openOrder = append(openOrder, key)
+	}
+	exeIdx := -1
+	if d.Exe != "" {
+		exeIdx = b.Add("open exe "+d.Exe, unix.SYS_OPENAT, atFDCWD, b.String(d.Exe), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	res, err := c.run(b)
+	if err != nil {
+		return fmt.Errorf("unmap stub and open files: %w", err)
+	}
+	for _, o := range opens {
+		o.result = res[o.idx]
+	}
+	exeFD := uint64(0)
+	if exeIdx >= 0 {
+		exeFD = res[exeIdx]
+	}
+
+	// Batch 2: recreate every VMA, close the files, create the uffd.
+	b = newBatch()
+	for _, v := range d.VMAs {
+		size := v.End - v.Start
+		what := fmt.Sprintf("mmap %#x-%#x %s", v.Start, v.End, v.Path)
+		switch v.Kind {
+		case descriptor.KindFile:
+			key := v.Path
+			if v.Flags&descriptor.FlagShared != 0 && v.Prot&unix.PROT_WRITE != 0 {
+				key += "\x00rw"
+			}
+			flags := uint64(unix.MAP_PRIVATE | unix.MAP_FIXED)
+			if v.Flags&descriptor.FlagShared != 0 {
+				flags = unix.MAP_SHARED | unix.MAP_FIXED
+			}
+			b.Add(what, unix.SYS_MMAP, v.Start, size, uint64(v.Prot), flags, opens[key].result, v.Offset)
+		case descriptor.KindAnon, descriptor.KindFileDirty:
+			flags := uint64(unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_FIXED)
+			if v.Flags&descriptor.FlagGrowsDown != 0 {
+				flags |= unix.MAP_GROWSDOWN
+			}
+			b.Add(what, unix.SYS_MMAP, v.Start, size, uint64(v.Prot), flags, ^uint64(0), 0)
+		}
+	}
+	for _, k := range openOrder {
+		b.Add("close "+k, unix.SYS_CLOSE, opens[k].result)
+	}
+	ufdIdx := b.Add("userfaultfd", unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
+	res, err = c.run(b)
+	if err != nil {
+		return fmt.Errorf("recreate mappings: %w", err)
+	}
+	childUFD := res[ufdIdx]
+
+	// Take the uffd: it is bound to the child's mm.
+	pidfd, err := unix.PidfdOpen(c.pid, 0)
+	if err != nil {
+		return fmt.Errorf("pidfd_open: %w", err)
+	}
+	ufd, err := unix.PidfdGetfd(pidfd, int(childUFD), 0)
+	unix.Close(pidfd)
+	if err != nil {
+		return fmt.Errorf("pidfd_getfd uffd: %w", err)
+	}
+	if _, _, err := uffd.API(ufd, UFFDFeatures); err != nil {
+		unix.Close(ufd)
+		return fmt.Errorf("uffd api: %w", err)
+	}
+	for _, r := range registerRanges(d.VMAs) {
+		if _, err := uffd.Register(ufd, r.Start, r.End-r.Start, uffd.RegisterModeMissing); err != nil {
+			unix.Close(ufd)
+			return fmt.Errorf("uffd register %#x-%#x: %w", r.Start, r.End, err)
+		}
+	}
+	if opts.OnUFFD != nil {
+		if err := opts.OnUFFD(c.pid, ufd); err != nil {
+			return fmt.Errorf("start pager: %w", err)
+		}
+	} else {
+		unix.Close(ufd)
+	}
+
+	// Batch 3: kernel-side task state.
+	b = newBatch()
+	b.Add("close uffd", unix.SYS_CLOSE, childUFD)
+	mm := make([]byte, 104)
+	put := func(off int, v uint64) { *(*uint64)(unsafe.Pointer(&mm[off])) = v }
+	f := d.MM
+	for i, v := range []uint64{f.StartCode, f.EndCode, f.StartData, f.EndData, f.StartBrk, f.Brk, f.StartStack, f.ArgStart, f.ArgEnd, f.EnvStart, f.EnvEnd} {
+		put(i*8, v)
+	}
+	auxv := d.Auxv
+	if len(auxv) > 0 {
+		put(88, b.Data(auxv))
+	}
+	*(*uint32)(unsafe.Pointer(&mm[96])) = uint32(len(auxv))
+	*(*uint32)(unsafe.Pointer(&mm[100])) = uint32(exeFD)
+	if exeIdx < 0 {
+		*(*uint32)(unsafe.Pointer(&mm[100])) = ^uint32(0)
+	}
+	b.Add("prctl PR_SET_MM_MAP", unix.SYS_PRCTL, unix.PR_SET_MM, unix.PR_SET_MM_MAP, b.Data(mm), 104)
+	if exeIdx >= 0 {
+		b.Add("close exe", unix.SYS_CLOSE, exeFD)
+	}
+	for _, sa := range d.SigActions {
+		act := make([]byte, 32)
+		for i, v := range []uint64{sa.Handler, sa.Flags, sa.Restorer, sa.Mask} {
+			*(*uint64)(unsafe.Pointer(&act[i*8])) = v
+		}
+		b.Add(fmt.Sprintf("rt_sigaction %d", sa.Signo), unix.SYS_RT_SIGACTION, uint64(sa.Signo), b.Data(act), 0, 8)
+	}
+	if d.AltStackFlags&ssDisable == 0 && d.AltStackSize != 0 {
+		ss := make([]byte, 24)
+		*(*uint64)(unsafe.Pointer(&ss[0])) = d.AltStackSP
+		*(*uint32)(unsafe.Pointer(&ss[8])) = d.AltStackFlags &^ ssOnStack
+		*(*uint64)(unsafe.Pointer(&ss[16])) = d.AltStackSize
+		b.Add("sigaltstack", unix.SYS_SIGALTSTACK, b.Data(ss), 0)
+	}
+	if d.RobustHead != 0 {
+		b.Add("set_robust_list", unix.SYS_SET_ROBUST_LIST, d.RobustHead, d.RobustLen)
+	}
+	if d.ClearTID != 0 {
+		b.Add("set_tid_address", unix.SYS_SET_TID_ADDRESS, d.ClearTID)
+	}
+	b.Add("umask", unix.SYS_UMASK, uint64(d.Umask))
+	for _, fd := range d.FDs {
+		if fd.Cloexec {
+			b.Add(fmt.Sprintf("fcntl FD_CLOEXEC %d", fd.Num), unix.SYS_FCNTL, uint64(fd.Num), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+	if d.Rseq.Addr != 0 {
+		b.Add("rseq", unix.SYS_RSEQ, d.Rseq.Addr, uint64(d.Rseq.Len), 0, uint64(d.Rseq.Sig))
+	}
+	cr := d.Creds
+	if cr.UID != 0 || cr.EUID != 0 || cr.GID != 0 || cr.EGID != 0 || len(cr.Groups) > 0 {
+		if len(cr.Groups) > 0 {
+			g := make([]byte, 4*len(cr.Groups))
+			for i, v := range cr.Groups {
+				*(*uint32)(unsafe.Pointer(&g[4*i])) = v
+			}
+			b.Add("setgroups", unix.SYS_SETGROUPS, uint64(len(cr.Groups)), b.Data(g))
+		}
+		b.Add("setresgid", unix.SYS_SETRESGID, uint64(cr.GID), uint64(cr.EGID), uint64(cr.SGID))
+		b.Add("setresuid", unix.SYS_SETRESUID, uint64(cr.UID), uint64(cr.EUID), uint64(cr.SUID))
+	}
+	if _, err := c.run(b); err != nil {
+		return fmt.Errorf("restore task state: %w", err)
+	}
+	// Resource limits are set from outside; no injection needed.
+	for _, rl := range d.Rlimits {
+		l := unix.Rlimit{Cur: rl.Cur, Max: rl.Max}
+		_ = unix.Prlimit(c.pid, int(rl.Resource), &l, nil)
+	}
+
+	// Unmap the gadget from a syscall instruction in the (moved) vDSO.
+	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
+		return fmt.Errorf("unmap gadget: %w", err)
+	}
+	if err := ptrace.SetXState(c.pid, d.XState); err != nil {
+		return err
+	}
+	regs := snapshot.RegsFromArray(d.Regs)
+	fixRestart(&regs)
+	regs.Eflags &^= 0x100
+	if err := ptrace.SetRegs(c.pid, &regs); err != nil {
+		return err
+	}
+	if err := ptrace.SetSigMask(c.pid, d.SigMask); err != nil {
+		return err
+	}
+	var sig syscall.Signal
+	if len(c.pending) > 0 {
+		sig = c.pending[0]
+	}
+	if err := ptrace.Detach(c.pid, sig); err != nil {
+		return err
+	}
+	for _, s := range c.pending[min(1, len(c.pending)):] {
+		_ = unix.Tgkill(c.pid, c.pid, s)
+	}
+	return nil
+}
+
+// Kernel-internal restart codes seen in rax when a task stopped inside a
+// system call.
+const (
+	errRestartSys         = 512
+	errRestartNoIntr      = 513
+	errRestartNoHand      = 514
+	errRestartRestartBlck = 516
+)
+
+// fixRestart turns a "stopped inside a syscall" register set into one that
+// re-executes that syscall when the child runs: rip back over the 2-byte
+// syscall instruction and rax = the syscall number. ERESTART_RESTARTBLOCK
+// (nanosleep and friends) is restarted the same way with its original
+// arguments, since the child has no restart block.
+func fixRestart(r *unix.PtraceRegs) {
+	if int64(r.Orig_rax) >= 0 {
+		switch -int64(r.Rax) {
+		case errRestartSys, errRestartNoIntr, errRestartNoHand, errRestartRestartBlck:
+			r.Rip -= 2
+			r.Rax = r.Orig_rax
+		}
+	}
+	r.Orig_rax = ^uint64(0)
+}
+
+// registerRanges merges adjacent anonymous VMAs into the ranges to
+// register with userfaultfd.
+func registerRanges(vmas []descriptor.VMA) []descriptor.Run {
+	var out []descriptor.Run
+	for _, v := range vmas {
+		if v.Kind != descriptor.KindAnon && v.Kind != descriptor.KindFileDirty {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1].End == v.Start {
+			out[n-1].End = v.End
+			continue
+		}
+		out = append(out, descriptor.Run{Start: v.Start, End: v.End})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Start < out[j].Start })
+	return out
+}
+
+// checkFile verifies that a file to map is the one the seed mapped.
+func checkFile(path string, want descriptor.FileID) error {
+	id, err := procfs.StatFileID(path)
+	if err != nil {
+		return fmt.Errorf("mapped file %s: %w (the seed's files must exist on this node)", path, err)
+	}
+	if id.Ino != want.Ino || id.Dev != want.Dev || id.Size != want.Size || id.MtimeNsec != want.MtimeNsec {
+		return fmt.Errorf("mapped file %s differs from the seed's (inode %d size %d, seed has inode %d size %d): it changed since prepare", path, id.Ino, id.Size, want.Ino, want.Size)
+	}
+	return nil
+}
+
+// sigaltstack flags (not in x/sys/unix).
+const (
+	ssOnStack = 1
+	ssDisable = 2
+)

@@ -1,0 +1,501 @@
+// Package snapshot prepares a live process into a seed: it freezes a
+// copy-on-write copy of the process (the page source) by injecting a clone()
+// into it, and records everything a child needs in a descriptor.
+//
+// The parent is stopped only for the clone injection (a few ms for a large
+// process); all other state is read from the frozen copy, which never runs
+// again. The frozen copy is created with exit_signal 0, so the parent's
+// ordinary wait() calls never see it and its end sends the parent no SIGCHLD.
+package snapshot
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+	"github.com/mitosis-fork/mitosis/internal/procfs"
+	"github.com/mitosis-fork/mitosis/internal/ptrace"
+)
+
+// Options tune Prepare.
+type Options struct {
+	// ChannelFD is the fd number of the parent's connection to its node
+	// daemon (client API), or -1.
+	ChannelFD int
+}
+
+// Result is a prepared seed on this host.
+type Result struct {
+	Desc      *descriptor.Descriptor
+	SourcePID int // the frozen copy; stopped and traced by the tracer
+	Took      time.Duration
+	Stopped   time.Duration // how long the parent was stopped
+}
+
+// ErrRefused marks errors for processes mitosis cannot carry.
+var ErrRefused = errors.New("unsupported process")
+
+func refuse(format string, a ...any) error {
+	return fmt.Errorf("%w: %s", ErrRefused, fmt.Sprintf(format, a...))
+}
+
+const taskSize = 0x7ffffffff000
+
+// Prepare snapshots the single-threaded process pid. On success the frozen
+// copy stays stopped under t; the caller must eventually kill it and reap it
+// on t (see Release). On failure the parent is left running (or stopped, if
+// it was stopped) and untraced.
+func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
+	start := time.Now()
+	if pid <= 0 {
+		return nil, fmt.Errorf("prepare: invalid pid %d", pid)
+	}
+	st, err := procfs.ReadStatus(pid)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("prepare %d: no such process (check the pid with `ps -p %d`)", pid, pid)
+		}
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	if st.Threads > 1 {
+		return nil, refuse("process %d has %d threads; mitosis supports single-threaded processes only (for Python with numpy set OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1)", pid, st.Threads)
+	}
+	if st.TracerPid != 0 {
+		return nil, fmt.Errorf("prepare %d: process is already traced by pid %d (a debugger?)", pid, st.TracerPid)
+	}
+	if strings.HasPrefix(st.State, "Z") || strings.HasPrefix(st.State, "X") {
+		return nil, fmt.Errorf("prepare %d: process has exited (state %s)", pid, st.State)
+	}
+	pmaps, err := procfs.Maps(pid)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	if _, err := classify(pmaps, nil); err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	pfds, err := procfs.FDs(pid)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	if _, _, err := checkFDs(pfds, opts.ChannelFD); err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	vdsoSys, err := findVDSOSyscall(pid, pmaps)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	wasStopped := strings.HasPrefix(st.State, "T")
+
+	var res *Result
+	err = t.Do(func() error {
+		r, err := prepareLocked(pid, vdsoSys, wasStopped, opts)
+		res = r
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("prepare %d: %w", pid, err)
+	}
+	res.Took = time.Since(start)
+	return res, nil
+}
+
+// findVDSOSyscall returns the address of a `syscall` instruction in the
+// process's [vdso]. The kernel's vDSO contains syscall fallbacks, and using
+// it avoids writing into the parent's text.
+func findVDSOSyscall(pid int, maps []procfs.Mapping) (uint64, error) {
+	for _, m := range maps {
+		if m.Path != "[vdso]" {
+			continue
+		}
+		buf := make([]byte, m.End-m.Start)
+		if err := ptrace.ReadMem(pid, m.Start, buf); err != nil {
+			return 0, fmt.Errorf("read [vdso]: %w", err)
+		}
+		i := bytes.Index(buf, []byte{0x0f, 0x05})
+		if i < 0 {
+			return 0, errors.New("no syscall instruction in [vdso]")
+		}
+		return m.Start + uint64(i), nil
+	}
+	return 0, refuse("process has no [vdso] mapping")
+}
+
+// prepareLocked runs on the tracer thread.
+func prepareLocked(pid int, at uint64, wasStopped bool, opts Options) (*Result, error) {
+	if err := ptrace.Seize(pid, unix.PTRACE_O_TRACECLONE); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return nil, fmt.Errorf("no such process")
+		}
+		return nil, err
+	}
+	stopAt := time.Now()
+	var pending []syscall.Signal
+	attached := true
+	detach := func() {
+		if attached {
+			var sig syscall.Signal
+			if wasStopped {
+				sig = syscall.SIGSTOP
+			} else if len(pending) > 0 {
+				sig = pending[0]
+				pending = pending[1:]
+			}
+			_ = ptrace.Detach(pid, sig)
+			for _, s := range pending {
+				_ = unix.Tgkill(pid, pid, s)
+			}
+			attached = false
+		}
+	}
+	defer detach()
+	if err := ptrace.Interrupt(pid); err != nil {
+		return nil, err
+	}
+	// Wait for the interrupt's trap-stop. Signal-delivery-stops that come
+	// first are recorded and suppressed; they are re-delivered at detach.
+	for {
+		ws, err := ptrace.Wait(pid)
+		if err != nil {
+			return nil, err
+		}
+		if ws.Exited() || ws.Signaled() {
+			attached = false
+			return nil, fmt.Errorf("process exited during prepare (status %#x)", uint32(ws))
+		}
+		if ptrace.Event(ws) == unix.PTRACE_EVENT_STOP {
+			break
+		}
+		pending = append(pending, ws.StopSignal())
+		if err := ptrace.Cont(pid, 0); err != nil {
+			return nil, err
+		}
+	}
+	var regs unix.PtraceRegs
+	if err := ptrace.GetRegs(pid, &regs); err != nil {
+		return nil, err
+	}
+	xstate, err := ptrace.GetXState(pid)
+	if err != nil {
+		return nil, err
+	}
+	sigmask, err := ptrace.GetSigMask(pid)
+	if err != nil {
+		return nil, err
+	}
+	rseq, err := ptrace.GetRseq(pid)
+	if err != nil {
+		return nil, err
+	}
+
+	// Freeze: clone(flags=0) -> exit_signal 0, a full copy-on-write copy.
+	src, err := injectClone(pid, at, &regs, &pending)
+	if err != nil {
+		return nil, err
+	}
+	killSrc := func() {
+		_ = unix.Kill(src, unix.SIGKILL)
+		_, _ = ptrace.Wait(src)
+	}
+	if err := ptrace.SetRegs(pid, &regs); err != nil {
+		killSrc()
+		return nil, err
+	}
+	detach()
+	stopped := time.Since(stopAt)
+
+	d, err := describe(pid, src, at, &regs, opts)
+	if err != nil {
+		killSrc()
+		return nil, err
+	}
+	d.XState = xstate
+	d.SigMask = sigmask
+	d.Rseq = descriptor.Rseq{Addr: rseq.Addr, Len: rseq.Size, Sig: rseq.Sig, Flags: rseq.Flags}
+	return &Result{Desc: d, SourcePID: src, Stopped: stopped}, nil
+}
+
+// injectClone makes pid clone itself and returns the new, stopped and
+// auto-attached copy.
+func injectClone(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal) (int, error) {
+	r := *base
+	r.Rip = at
+	r.Rax = unix.SYS_CLONE
+	r.Orig_rax = ^uint64(0)
+	r.Rdi, r.Rsi, r.Rdx, r.R10, r.R8 = 0, 0, 0, 0, 0
+	r.Eflags &^= 0x100
+	if err := ptrace.SetRegs(pid, &r); err != nil {
+		return 0, err
+	}
+	if err := ptrace.Step(pid); err != nil {
+		return 0, err
+	}
+	child := 0
+	for {
+		ws, err := ptrace.WaitStop(pid, syscall.SIGTRAP, pending, func() error { return ptrace.Step(pid) })
+		if err != nil {
+			return 0, fmt.Errorf("inject clone: %w", err)
+		}
+		if ptrace.Event(ws) == unix.PTRACE_EVENT_CLONE {
+			m, err := ptrace.EventMsg(pid)
+			if err != nil {
+				return 0, err
+			}
+			child = int(m)
+			if err := ptrace.Step(pid); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		if ptrace.Event(ws) > 0 {
+			if err := ptrace.Step(pid); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		break
+	}
+	var out unix.PtraceRegs
+	if err := ptrace.GetRegs(pid, &out); err != nil {
+		return 0, err
+	}
+	if e := ptrace.Errno(out.Rax); e != nil {
+		return 0, fmt.Errorf("inject clone: %w", e)
+	}
+	if child == 0 || int(out.Rax) != child {
+		return 0, fmt.Errorf("inject clone: got pid %d from event, %d from rax", child, int64(out.Rax))
+	}
+	// The copy starts with a ptrace stop (auto-attached).
+	if _, err := ptrace.WaitStop(child, 0, nil, nil); err != nil {
+		return 0, fmt.Errorf("wait for frozen copy: %w", err)
+	}
+	if err := ptrace.SetOptions(child, unix.PTRACE_O_EXITKILL); err != nil {
+		_ = unix.Kill(child, unix.SIGKILL)
+		return 0, err
+	}
+	return child, nil
+}
+
+// Release kills the frozen copy of a seed and reaps it.
+//
+// Precondition: runs on the tracer thread that owns src.
+func Release(src int) error {
+	if err := unix.Kill(src, unix.SIGKILL); err != nil && err != unix.ESRCH {
+		return fmt.Errorf("kill frozen copy %d: %w", src, err)
+	}
+	for {
+		ws, err := ptrace.Wait(src)
+		if err != nil {
+			if errors.Is(err, unix.ECHILD) {
+				return nil
+			}
+			return err
+		}
+		if ws.Exited() || ws.Signaled() {
+			return nil
+		}
+	}
+}
+
+// describe builds the descriptor from the frozen copy src (a clone of pid
+// stopped right after the clone).
+//
+// Precondition: runs on the tracer thread.
+func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*descriptor.Descriptor, error) {
+	d := &descriptor.Descriptor{PID: int32(pid), VDSOSyscall: at}
+	d.Regs = regsToArray(regs)
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	d.Kernel = unix.ByteSliceToString(uts.Release[:])
+
+	maps, err := procfs.Maps(src)
+	if err != nil {
+		return nil, err
+	}
+	pm, err := procfs.OpenPagemap(src)
+	if err != nil {
+		return nil, err
+	}
+	regions, err := pm.Scan(0, taskSize, 0, procfs.PageIsPresent|procfs.PageIsSwapped, 0,
+		procfs.PageIsPresent|procfs.PageIsSwapped|procfs.PageIsFile|procfs.PageIsPFNZero)
+	pm.Close()
+	if err != nil {
+		return nil, err
+	}
+	vmas, err := classify(maps, regions)
+	if err != nil {
+		return nil, err
+	}
+	d.VMAs = vmas
+	d.Present = presentRuns(vmas, regions)
+
+	stat, err := procfs.ReadStat(src)
+	if err != nil {
+		return nil, err
+	}
+	status, err := procfs.ReadStatus(src)
+	if err != nil {
+		return nil, err
+	}
+	if d.Auxv, err = procfs.Auxv(src); err != nil {
+		return nil, err
+	}
+	if d.Exe, err = procfs.Exe(src); err != nil {
+		return nil, err
+	}
+	d.ExeFile, _ = fileID(d.Exe)
+	if d.Cwd, err = procfs.Cwd(src); err != nil {
+		return nil, err
+	}
+	d.Umask = status.Umask
+	d.Creds = descriptor.Creds{
+		UID: status.Uid[0], EUID: status.Uid[1], SUID: status.Uid[2], FSUID: status.Uid[3],
+		GID: status.Gid[0], EGID: status.Gid[1], SGID: status.Gid[2], FSGID: status.Gid[3],
+		Groups: status.Groups,
+	}
+	for res := 0; res < 16; res++ {
+		var l unix.Rlimit
+		if err := unix.Prlimit(src, res, nil, &l); err == nil {
+			d.Rlimits = append(d.Rlimits, descriptor.Rlimit{Resource: uint32(res), Cur: l.Cur, Max: l.Max})
+		}
+	}
+	fds, err := procfs.FDs(src)
+	if err != nil {
+		return nil, err
+	}
+	if d.FDs, _, err = checkFDs(fds, opts.ChannelFD); err != nil {
+		return nil, err
+	}
+
+	// Robust futex list of the parent (a clone does not inherit it).
+	var head, hlen uint64
+	if _, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(pid), uintptr(unsafePtr(&head)), uintptr(unsafePtr(&hlen))); e == 0 {
+		d.RobustHead, d.RobustLen = head, hlen
+	}
+
+	// Queries injected into the frozen copy: it shares the parent's
+	// dispositions, alternate stack and brk, and it never runs again, so
+	// scratch writes below its stack pointer are harmless.
+	var sregs unix.PtraceRegs
+	if err := ptrace.GetRegs(src, &sregs); err != nil {
+		return nil, err
+	}
+	var pending []syscall.Signal
+	inj := func(nr uint64, args ...uint64) (uint64, error) {
+		ret, err := ptrace.Inject(src, at, &sregs, &pending, nr, args...)
+		if err != nil {
+			return 0, err
+		}
+		if e := ptrace.Errno(ret); e != nil {
+			return ret, fmt.Errorf("syscall %d in frozen copy: %w", nr, e)
+		}
+		return ret, nil
+	}
+	brk, err := inj(unix.SYS_BRK, 0)
+	if err != nil {
+		return nil, err
+	}
+	d.MM = descriptor.MMFields{
+		StartCode: stat.StartCode, EndCode: stat.EndCode,
+		StartData: stat.StartData, EndData: stat.EndData,
+		StartBrk: stat.StartBrk, Brk: brk,
+		StartStack: stat.StartStack,
+		ArgStart:   stat.ArgStart, ArgEnd: stat.ArgEnd,
+		EnvStart: stat.EnvStart, EnvEnd: stat.EnvEnd,
+	}
+	scratch := (sregs.Rsp - 2048) &^ 15
+	buf := make([]byte, 32)
+	for sig := 1; sig <= 64; sig++ {
+		bit := uint64(1) << (sig - 1)
+		if sig == int(unix.SIGKILL) || sig == int(unix.SIGSTOP) {
+			continue
+		}
+		if status.SigIgn&bit != 0 {
+			d.SigActions = append(d.SigActions, descriptor.SigAction{Signo: uint32(sig), Handler: 1})
+			continue
+		}
+		if status.SigCgt&bit == 0 {
+			continue
+		}
+		if _, err := inj(unix.SYS_RT_SIGACTION, uint64(sig), 0, scratch, 8); err != nil {
+			return nil, err
+		}
+		if err := ptrace.ReadMem(src, scratch, buf); err != nil {
+			return nil, err
+		}
+		le := binary.LittleEndian
+		d.SigActions = append(d.SigActions, descriptor.SigAction{
+			Signo: uint32(sig), Handler: le.Uint64(buf[0:]), Flags: le.Uint64(buf[8:]),
+			Restorer: le.Uint64(buf[16:]), Mask: le.Uint64(buf[24:]),
+		})
+	}
+	if _, err := inj(unix.SYS_SIGALTSTACK, 0, scratch); err != nil {
+		return nil, err
+	}
+	if err := ptrace.ReadMem(src, scratch, buf[:24]); err != nil {
+		return nil, err
+	}
+	le := binary.LittleEndian
+	d.AltStackSP, d.AltStackFlags, d.AltStackSize = le.Uint64(buf[0:]), le.Uint32(buf[8:]), le.Uint64(buf[16:])
+
+	// glibc caches the thread id in the TCB (struct pthread.tid) and
+	// registers its address with set_tid_address. Find it by value.
+	if regs.Fs_base != 0 {
+		tcb := make([]byte, 4096)
+		if err := ptrace.ReadMem(src, regs.Fs_base, tcb); err == nil {
+			if off := findTID(tcb, uint32(pid)); off >= 0 {
+				d.TIDAddr = regs.Fs_base + uint64(off)
+				d.ClearTID = d.TIDAddr
+			}
+		}
+	}
+	// The frozen copy keeps no fds: they would hold pipes and sockets of
+	// the parent open (children reopen files by path).
+	if _, err := inj(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0); err != nil {
+		return nil, err
+	}
+	for _, s := range pending {
+		_ = s // signals sent to the frozen copy are dropped: it never runs
+	}
+	return d, nil
+}
+
+// glibcTIDOffset is offsetof(struct pthread, tid) in glibc 2.3x on x86-64;
+// preferred when the pid occurs more than once in the TCB.
+const glibcTIDOffset = 0x2d0
+
+func findTID(tcb []byte, pid uint32) int {
+	first := -1
+	for off := 0; off+4 <= len(tcb); off += 4 {
+		if binary.LittleEndian.Uint32(tcb[off:]) == pid {
+			if off == glibcTIDOffset {
+				return off
+			}
+			if first < 0 {
+				first = off
+			}
+		}
+	}
+	return first
+}
+
+func regsToArray(r *unix.PtraceRegs) [27]uint64 {
+	return [27]uint64{r.R15, r.R14, r.R13, r.R12, r.Rbp, r.Rbx, r.R11, r.R10, r.R9, r.R8,
+		r.Rax, r.Rcx, r.Rdx, r.Rsi, r.Rdi, r.Orig_rax, r.Rip, r.Cs, r.Eflags, r.Rsp, r.Ss,
+		r.Fs_base, r.Gs_base, r.Ds, r.Es, r.Fs, r.Gs}
+}
+
+// RegsFromArray converts a descriptor register array back.
+func RegsFromArray(a [27]uint64) unix.PtraceRegs {
+	return unix.PtraceRegs{R15: a[0], R14: a[1], R13: a[2], R12: a[3], Rbp: a[4], Rbx: a[5], R11: a[6],
+		R10: a[7], R9: a[8], R8: a[9], Rax: a[10], Rcx: a[11], Rdx: a[12], Rsi: a[13], Rdi: a[14],
+		Orig_rax: a[15], Rip: a[16], Cs: a[17], Eflags: a[18], Rsp: a[19], Ss: a[20],
+		Fs_base: a[21], Gs_base: a[22], Ds: a[23], Es: a[24], Fs: a[25], Gs: a[26]}
+}
