@@ -209,7 +209,8 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
 	addr &^= pageSize - 1
 	for i := 0; i < n; {
 		a := addr + uint64(i)*pageSize
-		if s.isServed(a) {
+		if s.isServed(a) || s.find(a) < 0 {
+			// Installed already, or not lazily paged memory.
 			i++
 			continue
 		}
