@@ -1,0 +1,136 @@
+package client
+
+import (
+	"encoding/json"
+	"os"
+	"time"
+)
+
+// DefaultSocket is the daemon's socket path when neither an explicit path nor
+// $MITOSIS_SOCKET is given.
+const DefaultSocket = "/run/mitosis/mitosis.sock"
+
+// SocketEnv is the environment variable naming the daemon's socket.
+const SocketEnv = "MITOSIS_SOCKET"
+
+// MaxLine is the longest request line the daemon accepts, in bytes,
+// including the terminating newline.
+const MaxLine = 1 << 20
+
+// Request ops, see docs/PROTOCOL.md.
+const (
+	OpPrepare     = "prepare"
+	OpPrepareSelf = "prepare-self"
+	OpFork        = "fork"
+	OpSeeds       = "seeds"
+	OpPS          = "ps"
+	OpRm          = "rm"
+	OpPing        = "ping"
+)
+
+// Roles returned by prepare-self.
+const (
+	RoleParent = "parent"
+	RoleChild  = "child"
+)
+
+// Child states reported in ChildInfo.State.
+const (
+	StateRunning = "running"
+	StateExited  = "exited"
+	StateKilled  = "killed"
+)
+
+// SocketPath resolves the daemon's socket path: path if not empty, else
+// $MITOSIS_SOCKET, else DefaultSocket.
+func SocketPath(path string) string {
+	if path != "" {
+		return path
+	}
+	if env := os.Getenv(SocketEnv); env != "" {
+		return env
+	}
+	return DefaultSocket
+}
+
+// Request is one request line sent to the daemon. Only the fields the op
+// uses are set; see docs/PROTOCOL.md.
+type Request struct {
+	Op      string          `json:"op"`
+	PID     int             `json:"pid,omitempty"`
+	Name    string          `json:"name,omitempty"`
+	FD      *int            `json:"fd,omitempty"`
+	Seed    string          `json:"seed,omitempty"`
+	Count   int             `json:"count,omitempty"`
+	Eager   bool            `json:"eager,omitempty"`
+	Stdio   bool            `json:"stdio,omitempty"`
+	Payload json.RawMessage `json:"payload,omitempty"`
+	ID      string          `json:"id,omitempty"`
+	Force   bool            `json:"force,omitempty"`
+}
+
+// Response is one response line from the daemon. Seed is a SeedInfo object
+// for prepare and a seed id string for prepare-self, so it is kept raw.
+type Response struct {
+	OK       bool            `json:"ok"`
+	Error    string          `json:"error,omitempty"`
+	Role     string          `json:"role,omitempty"`
+	Seed     json.RawMessage `json:"seed,omitempty"`
+	Child    string          `json:"child,omitempty"`
+	Seeds    []SeedInfo      `json:"seeds,omitempty"`
+	Children []ChildInfo     `json:"children,omitempty"`
+	Exit     *ExitInfo       `json:"exit,omitempty"`
+	PID      int             `json:"pid,omitempty"`
+	Version  string          `json:"version,omitempty"`
+}
+
+// SeedInfo describes one seed held by the daemon.
+type SeedInfo struct {
+	ID           string    `json:"id"`
+	Name         string    `json:"name"`
+	ParentPID    int       `json:"parent_pid"`
+	SourcePID    int       `json:"source_pid"`
+	VMAs         int       `json:"vmas"`
+	PresentPages uint64    `json:"present_pages"`
+	PrepareMS    float64   `json:"prepare_ms"`
+	Created      time.Time `json:"created"`
+	// Self is true for seeds made by prepare-self (their children get a
+	// channel connection and a reply line).
+	Self bool `json:"self"`
+	// Children is the number of this seed's children still running.
+	Children int `json:"children"`
+}
+
+// ChildInfo describes one child forked by the daemon, running or exited.
+type ChildInfo struct {
+	ID          string    `json:"id"`
+	Seed        string    `json:"seed"`
+	PID         int       `json:"pid"`
+	State       string    `json:"state"`
+	ExitCode    int       `json:"exit_code"`
+	Signal      int       `json:"signal"`
+	StartMS     float64   `json:"start_ms"`
+	Faults      uint64    `json:"faults"`
+	PagesCopied uint64    `json:"pages_copied"`
+	PagesZero   uint64    `json:"pages_zero"`
+	PagesEager  uint64    `json:"pages_eager"`
+	Created     time.Time `json:"created"`
+	// Log is the file a detached child's stdout and stderr are appended to
+	// (empty for attached children).
+	Log string `json:"log,omitempty"`
+}
+
+// ExitInfo is how a child ended: Signal is 0 for a normal exit with Code,
+// otherwise the child was killed by Signal and Code is -1.
+type ExitInfo struct {
+	Code   int `json:"code"`
+	Signal int `json:"signal"`
+}
+
+// ShellCode is the exit status a shell would report: Code, or 128+Signal.
+func (e ExitInfo) ShellCode() int {
+	if e.Signal > 0 {
+		return 128 + e.Signal
+	}
+	return e.Code
+}

@@ -1,0 +1,116 @@
+"""mitosis client library: prepare the calling process into a seed.
+
+Usage::
+
+    import mitosis
+
+    role = mitosis.prepare(name="worker")
+    if role.is_parent:
+        print("seed", role.seed)          # fork children with `mitosis fork worker`
+    else:
+        print("child", role.child, "payload", role.payload)
+
+prepare() connects to the mitosis daemon, asks it to snapshot this process
+("prepare-self", see docs/PROTOCOL.md) and blocks in a plain read() on the
+connection. The parent returns once the seed exists; every child forked from
+the seed resumes inside that same read, on a fresh connection installed at the
+same fd number, and returns with role "child".
+
+The process must be single-threaded when it calls prepare(). Standard library
+only.
+"""
+
+import json
+import os
+import socket
+from collections import namedtuple
+
+__all__ = ["prepare", "Role", "MitosisError", "DEFAULT_SOCKET"]
+
+DEFAULT_SOCKET = "/run/mitosis/mitosis.sock"
+_MAX_REPLY = 64 << 20
+
+
+class MitosisError(Exception):
+    """An error reported by the mitosis daemon, or failing to reach it."""
+
+
+class Role(namedtuple("Role", ["role", "seed", "child", "payload"])):
+    """What prepare() returns.
+
+    role: "parent" or "child"; seed: the seed id; child: the child id (None
+    in the parent); payload: the JSON payload given to `mitosis fork
+    --payload`, decoded (None if none, and always None in the parent).
+    """
+
+    __slots__ = ()
+
+    @property
+    def is_parent(self):
+        """True in the prepared process itself."""
+        return self.role == "parent"
+
+    @property
+    def is_child(self):
+        """True in a child forked from the seed."""
+        return self.role == "child"
+
+
+def _socket_path(socket_path):
+    return socket_path or os.environ.get("MITOSIS_SOCKET") or DEFAULT_SOCKET
+
+
+def prepare(name=None, socket_path=None):
+    """Prepare this process into a seed; return a Role (parent or child).
+
+    socket_path defaults to $MITOSIS_SOCKET, else /run/mitosis/mitosis.sock.
+    Raises MitosisError if the daemon cannot be reached or refuses.
+    """
+    path = _socket_path(socket_path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise MitosisError(
+            "cannot reach mitosis daemon at %s: %s (start it with `mitosis daemon`)" % (path, e)
+        ) from None
+    fd = sock.fileno()
+    try:
+        req = {"op": "prepare-self", "fd": fd}
+        if name:
+            req["name"] = name
+        sock.sendall(json.dumps(req, separators=(",", ":")).encode() + b"\n")
+        # Plain read() on the raw fd: the daemon snapshots us while we are
+        # blocked here, and children resume in this very call.
+        buf = b""
+        while b"\n" not in buf:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise MitosisError("mitosis daemon at %s closed the connection without a reply" % path)
+            buf += chunk
+            if len(buf) > _MAX_REPLY:
+                raise MitosisError("reply from mitosis daemon is too long")
+    except OSError as e:
+        raise MitosisError("prepare-self via %s: %s" % (path, e)) from None
+    finally:
+        # In a child, fd is the fresh connection the daemon installed; in
+        # both roles we are done with it.
+        sock.detach()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    line = buf.split(b"\n", 1)[0]
+    try:
+        reply = json.loads(line)
+    except ValueError as e:
+        raise MitosisError("malformed reply from mitosis daemon: %s" % e) from None
+    if not isinstance(reply, dict):
+        raise MitosisError("malformed reply from mitosis daemon: %r" % line[:200])
+    if not reply.get("ok"):
+        raise MitosisError(reply.get("error") or "mitosis daemon reported failure without a message")
+    role = reply.get("role")
+    if role not in ("parent", "child"):
+        raise MitosisError("reply from mitosis daemon has no valid role: %r" % line[:200])
+    return Role(role=role, seed=reply.get("seed"), child=reply.get("child"), payload=reply.get("payload"))

@@ -1,0 +1,371 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/node"
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// globals are the flags shared by every verb.
+type globals struct {
+	socket string
+}
+
+func newRoot() *cobra.Command {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   "mitosis",
+		Short: "Userspace remote fork of Linux processes",
+		Long: `mitosis prepares a running process into a seed (a snapshot plus a frozen
+copy-on-write copy) and forks children from it whose memory is paged in on
+demand. A node daemon (` + "`mitosis daemon`" + `) does the work; the other verbs talk
+to it over its unix socket.`,
+		Example: `  mitosis daemon &
+  mitosis prepare --pid 1234 --name web
+  mitosis fork web
+  mitosis fork web --count 10
+  mitosis ps`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.socket, "socket", "",
+		"daemon socket path (default $"+client.SocketEnv+", else "+client.DefaultSocket+")")
+	root.AddCommand(
+		newDaemonCmd(g),
+		newPrepareCmd(g),
+		newForkCmd(g),
+		newSeedsCmd(g),
+		newPSCmd(g),
+		newRmCmd(g),
+		newVersionCmd(),
+	)
+	return root
+}
+
+func (g *globals) dial() (*client.Client, error) { return client.Dial(g.socket) }
+
+func newDaemonCmd(g *globals) *cobra.Command {
+	var stateDir string
+	cmd := &cobra.Command{
+		Use:   "daemon",
+		Short: "Run the node daemon (foreground)",
+		Long: `Run the node daemon in the foreground. It listens on the unix socket (mode
+0600; only root or the daemon's own user may connect), keeps seeds and
+children, and logs one line per prepare, fork, exit and rm to stderr.
+Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
+SIGINT or SIGTERM kill every running child, remove the socket and exit 0.`,
+		Example: `  mitosis daemon
+  mitosis daemon --socket /tmp/mitosis.sock --state-dir /tmp/mitosis`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			d, err := node.New(node.Config{Socket: g.socket, StateDir: stateDir})
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			serveErr := d.Serve(ctx)
+			closeErr := d.Close()
+			return errors.Join(serveErr, closeErr)
+		},
+	}
+	cmd.Flags().StringVar(&stateDir, "state-dir", "",
+		"state directory: pid file, engine scratch, child logs (default $"+node.StateDirEnv+", else "+node.DefaultStateDir+")")
+	return cmd
+}
+
+func newPrepareCmd(g *globals) *cobra.Command {
+	var pid int
+	var name string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "prepare --pid PID [--name NAME]",
+		Short: "Prepare a running process into a seed",
+		Long: `Snapshot the running single-threaded process PID into a seed that children can
+be forked from. The process keeps running. The seed id is the last word
+printed.`,
+		Example: `  mitosis prepare --pid 1234 --name web
+  seed=$(mitosis prepare --pid 1234 | awk '{print $NF}')`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if pid <= 0 {
+				return errors.New("prepare: --pid PID is required (a running process)")
+			}
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			s, err := c.Prepare(pid, name)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(out, s)
+			}
+			label := ""
+			if s.Name != "" {
+				label = fmt.Sprintf(" %q", s.Name)
+			}
+			fmt.Fprintf(out, "prepared pid %d into seed%s (%d VMAs, %d present pages) in %.1fms: %s\n",
+				s.ParentPID, label, s.VMAs, s.PresentPages, s.PrepareMS, s.ID)
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&pid, "pid", 0, "process to prepare (required)")
+	cmd.Flags().StringVar(&name, "name", "", "seed name, usable instead of the id")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the seed as JSON")
+	return cmd
+}
+
+func newForkCmd(g *globals) *cobra.Command {
+	var count int
+	var eager, detach, asJSON bool
+	var payload string
+	cmd := &cobra.Command{
+		Use:   "fork SEED [--count N] [--eager] [--payload JSON] [--detach]",
+		Short: "Fork children from a seed",
+		Long: `Fork children from SEED (an id or a name).
+
+With --count 1 (the default) the child is attached: its stdin, stdout and
+stderr are this command's own, and mitosis exits with the child's exit code
+(128+signal if it was killed). Interrupting mitosis (SIGINT/SIGTERM) kills the
+child, like ` + "`docker run`" + `.
+
+With --count N>1 or --detach the children run detached (stdin /dev/null,
+stdout/stderr appended to the daemon's STATE_DIR/children/<id>.log) and their
+ids are printed one per line; see ` + "`mitosis ps`" + `.
+
+--payload is JSON handed to children of seeds made with the client libraries'
+prepare() (prepare-self).`,
+		Example: `  mitosis fork web
+  mitosis fork s-1a2b3c4d --eager
+  mitosis fork web --count 8
+  mitosis fork worker --detach --payload '{"shard": 3}'`,
+		Args: exactArgs(1, "fork needs exactly one SEED (an id or name; see `mitosis seeds`)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if count < 1 {
+				return fmt.Errorf("fork: --count must be at least 1, got %d", count)
+			}
+			var raw json.RawMessage
+			if payload != "" {
+				if !json.Valid([]byte(payload)) {
+					return fmt.Errorf("fork: --payload is not valid JSON: %s", payload)
+				}
+				raw = json.RawMessage(payload)
+			}
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			out := cmd.OutOrStdout()
+			if count > 1 || detach {
+				kids, err := c.Fork(client.ForkRequest{Seed: args[0], Count: count, Eager: eager, Payload: raw})
+				if asJSON && len(kids) > 0 {
+					if jerr := printJSON(out, kids); jerr != nil {
+						return jerr
+					}
+				} else {
+					for _, k := range kids {
+						fmt.Fprintln(out, k.ID)
+					}
+				}
+				return err
+			}
+			sigs := make(chan os.Signal, 1)
+			signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+			defer signal.Stop(sigs)
+			go func() {
+				<-sigs
+				// Our connection closes with us; the daemon kills the child.
+				os.Exit(130)
+			}()
+			_, exit, err := c.ForkAttached(args[0], eager, os.Stdin, os.Stdout, os.Stderr, raw)
+			if err != nil {
+				return err
+			}
+			if code := exit.ShellCode(); code != 0 {
+				return exitError{code: code}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVarP(&count, "count", "n", 1, "number of children (more than 1 runs them detached)")
+	cmd.Flags().BoolVar(&eager, "eager", false, "copy every page before the child runs instead of paging on demand")
+	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "run detached and print the child id")
+	cmd.Flags().StringVar(&payload, "payload", "", "JSON delivered to children of prepare-self seeds")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "detached: print the children as JSON")
+	return cmd
+}
+
+func newSeedsCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "seeds",
+		Short: "List seeds",
+		Example: `  mitosis seeds
+  mitosis seeds --json | jq -r '.[].id'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			seeds, err := c.Seeds()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(out, seeds)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tPARENT\tSOURCE\tVMAS\tPAGES\tPREPARE\tCHILDREN\tAGE")
+			for _, s := range seeds {
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%.1fms\t%d\t%s\n", s.ID, dash(s.Name), s.ParentPID,
+					s.SourcePID, s.VMAs, s.PresentPages, s.PrepareMS, s.Children, age(s.Created))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array")
+	return cmd
+}
+
+func newPSCmd(g *globals) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "ps",
+		Short: "List children (running and exited)",
+		Example: `  mitosis ps
+  mitosis ps --json | jq '.[] | select(.state == "running") | .pid'`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			kids, err := c.PS()
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return printJSON(out, kids)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tSEED\tPID\tSTATE\tEXIT\tSTART\tFAULTS\tCOPIED\tZERO\tEAGER\tAGE")
+			for _, k := range kids {
+				exit := "-"
+				switch k.State {
+				case client.StateExited:
+					exit = fmt.Sprint(k.ExitCode)
+				case client.StateKilled:
+					exit = "sig " + fmt.Sprint(k.Signal)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%d\t%d\t%d\t%d\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
+					k.StartMS, k.Faults, k.PagesCopied, k.PagesZero, k.PagesEager, age(k.Created))
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array")
+	return cmd
+}
+
+func newRmCmd(g *globals) *cobra.Command {
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "rm ID [--force]",
+		Short: "Remove a seed or a child",
+		Long: `Remove a seed (by id or name) or a child (by id). A seed with running children,
+or a running child, is only removed with --force, which kills them first.`,
+		Example: `  mitosis rm s-1a2b3c4d
+  mitosis rm --force web
+  mitosis rm c-5e6f7a8b`,
+		Args: exactArgs(1, "rm needs exactly one ID (a seed id or name, or a child id)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if err := c.Remove(args[0], force); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed %s\n", args[0])
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&force, "force", "f", false, "kill running children first")
+	return cmd
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:     "version",
+		Short:   "Print the version",
+		Example: `  mitosis version`,
+		Args:    cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintf(cmd.OutOrStdout(), "mitosis %s (%s, %s/%s)\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		},
+	}
+}
+
+func exactArgs(n int, msg string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) != n {
+			return fmt.Errorf("%s; got %d arguments", msg, len(args))
+		}
+		return nil
+	}
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func dash(s string) string {
+	if strings.TrimSpace(s) == "" {
+		return "-"
+	}
+	return s
+}
+
+func age(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := time.Since(t)
+	switch {
+	case d < time.Minute:
+		return d.Round(time.Second).String()
+	case d < time.Hour:
+		return d.Round(time.Minute).String()
+	default:
+		return d.Round(time.Hour).String()
+	}
+}

@@ -1,0 +1,389 @@
+// Package node is the mitosis node daemon: it owns one engine.Engine and
+// serves the local API of docs/PROTOCOL.md on a unix socket, keeping a
+// registry of seeds and children.
+package node
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/engine"
+	"golang.org/x/sys/unix"
+)
+
+// Version is the daemon's version, reported by the ping op.
+var Version = "dev"
+
+// DefaultStateDir is the state directory when neither Config.StateDir nor
+// $MITOSIS_STATE_DIR is set.
+const DefaultStateDir = "/run/mitosis"
+
+// StateDirEnv is the environment variable naming the state directory.
+const StateDirEnv = "MITOSIS_STATE_DIR"
+
+// Config configures a Daemon.
+type Config struct {
+	// Socket is the unix socket path; empty means $MITOSIS_SOCKET, else
+	// /run/mitosis/mitosis.sock.
+	Socket string
+	// StateDir holds the pid file, the engine's scratch files and the
+	// detached children's logs (children/<id>.log); empty means
+	// $MITOSIS_STATE_DIR, else /run/mitosis.
+	StateDir string
+	// Logger receives one line per prepare, fork, exit and rm; nil means a
+	// text handler on stderr.
+	Logger *slog.Logger
+}
+
+// Daemon is a running node daemon.
+type Daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	eng     *engine.Engine
+	ln      *net.UnixListener
+	pidFile string
+	uid     int
+
+	mu       sync.Mutex
+	seeds    map[string]*seedRec
+	children map[string]*childRec
+	order    []string // child ids in fork order, for ps
+	conns    map[*net.UnixConn]struct{}
+	closing  bool
+
+	handlers sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// seedRec is a seed in the registry.
+type seedRec struct {
+	id       string
+	name     string
+	seed     *engine.Seed
+	self     bool // made by prepare-self: children get a channel
+	removing bool
+}
+
+// childRec is a child in the registry.
+type childRec struct {
+	id       string
+	seed     *seedRec
+	child    *engine.Child
+	logPath  string
+	attached bool
+	exited   chan struct{} // closed by the reaper after recording exit
+	exit     client.ExitInfo
+	stats    engine.ChildStats // final stats, after exit
+	ended    time.Time
+}
+
+// New checks that no other daemon serves cfg.Socket, creates the state
+// directory and the socket (mode 0600, in a directory created 0700), and
+// starts the engine. Serve then accepts connections.
+func New(cfg Config) (*Daemon, error) {
+	cfg.Socket = client.SocketPath(cfg.Socket)
+	if cfg.StateDir == "" {
+		cfg.StateDir = os.Getenv(StateDirEnv)
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = DefaultStateDir
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	d := &Daemon{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		pidFile:  filepath.Join(cfg.StateDir, "mitosis.pid"),
+		uid:      os.Getuid(),
+		seeds:    map[string]*seedRec{},
+		children: map[string]*childRec{},
+		conns:    map[*net.UnixConn]struct{}{},
+	}
+	if err := clearStaleSocket(cfg.Socket); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(cfg.Socket), 0o700); err != nil {
+		return nil, fmt.Errorf("create socket dir for %s: %w", cfg.Socket, err)
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "children"), 0o700); err != nil {
+		return nil, fmt.Errorf("create state dir %s: %w", cfg.StateDir, err)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.Socket, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Socket, err)
+	}
+	ln.SetUnlinkOnClose(false) // Close removes it, after the children are gone
+	d.ln = ln
+	if err := os.Chmod(cfg.Socket, 0o600); err != nil {
+		d.closeListener()
+		return nil, fmt.Errorf("chmod socket %s: %w", cfg.Socket, err)
+	}
+	eng, err := engine.New(engine.Options{StateDir: cfg.StateDir})
+	if err != nil {
+		d.closeListener()
+		return nil, fmt.Errorf("start engine: %w", err)
+	}
+	d.eng = eng
+	if err := os.WriteFile(d.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
+		_ = eng.Close()
+		d.closeListener()
+		return nil, fmt.Errorf("write pid file: %w", err)
+	}
+	d.log.Info("listening", "socket", cfg.Socket, "state_dir", cfg.StateDir, "pid", os.Getpid(), "version", Version)
+	return d, nil
+}
+
+func (d *Daemon) closeListener() {
+	_ = d.ln.Close()
+	_ = os.Remove(d.cfg.Socket)
+}
+
+// clearStaleSocket removes path if it is a socket nobody answers on, and
+// fails if a daemon answers there or path is not a socket.
+func clearStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("check socket %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("%s exists and is not a socket; remove it or choose another --socket", path)
+	}
+	conn, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		who := "another mitosis daemon"
+		if pid := pingPID(conn); pid > 0 {
+			who = fmt.Sprintf("another mitosis daemon (pid %d)", pid)
+		}
+		_ = conn.Close()
+		return fmt.Errorf("%s is already listening on %s; stop it first or use another --socket", who, path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("check socket %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	return nil
+}
+
+// pingPID asks whatever listens on conn for its pid; 0 if it cannot tell.
+func pingPID(conn net.Conn) int {
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte(`{"op":"ping"}` + "\n")); err != nil {
+		return 0
+	}
+	buf := make([]byte, 4096)
+	n, _ := conn.Read(buf)
+	var resp client.Response
+	if err := jsonUnmarshalLine(buf[:n], &resp); err != nil {
+		return 0
+	}
+	return resp.PID
+}
+
+// Serve accepts connections until ctx is done or Close is called, handling
+// each connection in its own goroutine. It returns nil on a clean stop.
+func (d *Daemon) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { _ = d.ln.Close() })
+	defer stop()
+	for {
+		conn, err := d.ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil || d.isClosing() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				d.log.Warn("accept", "err", err)
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", d.cfg.Socket, err)
+		}
+		d.mu.Lock()
+		if d.closing {
+			d.mu.Unlock()
+			_ = conn.Close()
+			return nil
+		}
+		d.conns[conn] = struct{}{}
+		d.handlers.Add(1)
+		d.mu.Unlock()
+		go func() {
+			defer d.handlers.Done()
+			defer func() {
+				d.mu.Lock()
+				delete(d.conns, conn)
+				d.mu.Unlock()
+				_ = conn.Close()
+			}()
+			d.serveConn(conn)
+		}()
+	}
+}
+
+func (d *Daemon) isClosing() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.closing
+}
+
+// Close stops accepting, kills every running child and waits for it, closes
+// the connections and the engine, and removes the socket and the pid file.
+func (d *Daemon) Close() error {
+	d.closeOnce.Do(func() { d.closeErr = d.close() })
+	return d.closeErr
+}
+
+func (d *Daemon) close() error {
+	start := time.Now()
+	d.mu.Lock()
+	d.closing = true
+	d.mu.Unlock()
+	_ = d.ln.Close()
+	killed := d.killAll(10 * time.Second)
+	// Attached handlers have sent their exit lines; cut everyone off.
+	d.mu.Lock()
+	for conn := range d.conns {
+		_ = conn.Close()
+	}
+	d.mu.Unlock()
+	if !waitTimeout(&d.handlers, 5*time.Second) {
+		d.log.Warn("shutdown: some connections did not finish within 5s")
+	}
+	killed += d.killAll(5 * time.Second) // forked while we were closing
+	var errs []error
+	if err := d.eng.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close engine: %w", err))
+	}
+	if err := os.Remove(d.cfg.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("remove socket: %w", err))
+	}
+	if err := os.Remove(d.pidFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("remove pid file: %w", err))
+	}
+	d.log.Info("shutdown", "killed", killed, "took", time.Since(start))
+	return errors.Join(errs...)
+}
+
+// killAll kills every running child and waits (up to timeout) until they
+// are reaped. It returns how many it killed.
+func (d *Daemon) killAll(timeout time.Duration) int {
+	deadline := time.After(timeout)
+	n := 0
+	for {
+		d.mu.Lock()
+		var running []*childRec
+		for _, k := range d.children {
+			if k != nil && !k.hasExited() {
+				running = append(running, k)
+			}
+		}
+		d.mu.Unlock()
+		if len(running) == 0 {
+			return n
+		}
+		for _, k := range running {
+			d.killChild(k)
+		}
+		n += len(running)
+		for _, k := range running {
+			select {
+			case <-k.exited:
+			case <-deadline:
+				d.log.Warn("shutdown: children not reaped in time", "timeout", timeout)
+				return n
+			}
+		}
+	}
+}
+
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
+}
+
+// pickID returns the engine's id for a seed or child if it is well formed
+// and unused, else a fresh one. d.mu must be held.
+func (d *Daemon) pickID(engineID, prefix string) string {
+	if len(engineID) == len(prefix)+8 && strings.HasPrefix(engineID, prefix) {
+		_, inSeeds := d.seeds[engineID]
+		_, inChildren := d.children[engineID]
+		if !inSeeds && !inChildren {
+			return engineID
+		}
+	}
+	return d.newID(prefix)
+}
+
+// newID returns prefix + 8 random hex digits not used by any seed or child.
+// d.mu must be held.
+func (d *Daemon) newID(prefix string) string {
+	for {
+		var b [4]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			panic(fmt.Sprintf("crypto/rand: %v", err))
+		}
+		id := prefix + hex.EncodeToString(b[:])
+		if _, ok := d.seeds[id]; ok {
+			continue
+		}
+		if _, ok := d.children[id]; ok {
+			continue
+		}
+		return id
+	}
+}
+
+// peerCred returns the peer's credentials (as of connect).
+func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	return cred, cerr
+}
+
+func (c *childRec) hasExited() bool {
+	select {
+	case <-c.exited:
+		return true
+	default:
+		return false
+	}
+}

@@ -1,0 +1,377 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/engine"
+	"golang.org/x/sys/unix"
+)
+
+// prepare snapshots pid into a new seed. channelFD >= 0 marks a
+// prepare-self seed whose caller waits on that fd.
+func (d *Daemon) prepare(pid int, name string, channelFD int) (client.SeedInfo, error) {
+	if pid == os.Getpid() {
+		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: that is the mitosis daemon itself", pid)
+	}
+	if err := unix.Kill(pid, 0); errors.Is(err, unix.ESRCH) {
+		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: no such process", pid)
+	}
+	if d.isClosing() {
+		return client.SeedInfo{}, errors.New("prepare: the daemon is shutting down")
+	}
+	start := time.Now()
+	s, err := d.eng.Prepare(pid, engine.PrepareOptions{Name: name, ChannelFD: channelFD})
+	if err != nil {
+		d.log.Warn("prepare failed", "pid", pid, "name", name, "self", channelFD >= 0, "took", time.Since(start), "err", err)
+		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: %w", pid, err)
+	}
+	d.mu.Lock()
+	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0}
+	d.seeds[rec.id] = rec
+	info := d.seedInfoLocked(rec)
+	d.mu.Unlock()
+	d.log.Info("prepare", "seed", rec.id, "name", name, "pid", pid, "self", rec.self,
+		"vmas", info.VMAs, "present_pages", info.PresentPages, "took", time.Since(start))
+	return info, nil
+}
+
+// lookupSeed finds a seed by id, else by name. d.mu must be held.
+func (d *Daemon) lookupSeedLocked(key string) (*seedRec, error) {
+	if s, ok := d.seeds[key]; ok {
+		return s, nil
+	}
+	var found []*seedRec
+	for _, s := range d.seeds {
+		if s.name != "" && s.name == key {
+			found = append(found, s)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no seed %q (see `mitosis seeds`)", key)
+	case 1:
+		return found[0], nil
+	}
+	ids := make([]string, len(found))
+	for i, s := range found {
+		ids[i] = s.id
+	}
+	sort.Strings(ids)
+	return nil, fmt.Errorf("name %q matches %d seeds (%s); use a seed id", key, len(found), strings.Join(ids, ", "))
+}
+
+// fork starts req.Count children of req.Seed. With attached, stdio are the
+// child's stdin/stdout/stderr (count is 1); otherwise each child gets
+// /dev/null and its own log file. Children started before an error are
+// returned with it.
+func (d *Daemon) fork(req client.Request, stdio [3]*os.File, attached bool) ([]*childRec, error) {
+	d.mu.Lock()
+	if d.closing {
+		d.mu.Unlock()
+		return nil, errors.New("fork: the daemon is shutting down")
+	}
+	s, err := d.lookupSeedLocked(req.Seed)
+	if err != nil {
+		d.mu.Unlock()
+		return nil, fmt.Errorf("fork: %w", err)
+	}
+	if s.removing {
+		d.mu.Unlock()
+		return nil, fmt.Errorf("fork: seed %s is being removed", s.id)
+	}
+	d.mu.Unlock()
+	var kids []*childRec
+	for i := 0; i < req.Count; i++ {
+		k, err := d.forkOne(s, req, stdio, attached)
+		if err != nil {
+			return kids, err
+		}
+		kids = append(kids, k)
+	}
+	return kids, nil
+}
+
+func (d *Daemon) forkOne(s *seedRec, req client.Request, stdio [3]*os.File, attached bool) (*childRec, error) {
+	k := &childRec{seed: s, attached: attached, exited: make(chan struct{})}
+	opts := engine.ForkOptions{Stdio: stdio, Eager: req.Eager}
+	var closers []*os.File
+	defer func() {
+		for _, f := range closers {
+			_ = f.Close()
+		}
+	}()
+	if !attached {
+		null, err := os.Open(os.DevNull)
+		if err != nil {
+			return nil, fmt.Errorf("fork: open %s: %w", os.DevNull, err)
+		}
+		closers = append(closers, null)
+		// Named after the child once it has an id.
+		logf, err := os.CreateTemp(filepath.Join(d.cfg.StateDir, "children"), "pending-*.log")
+		if err != nil {
+			return nil, fmt.Errorf("fork: create child log: %w", err)
+		}
+		k.logPath = logf.Name()
+		closers = append(closers, logf)
+		opts.Stdio = [3]*os.File{null, logf, logf}
+	}
+	var mine *os.File
+	if s.self {
+		pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			d.dropLog(k)
+			return nil, fmt.Errorf("fork: channel socketpair: %w", err)
+		}
+		mine = os.NewFile(uintptr(pair[0]), "channel-daemon")
+		theirs := os.NewFile(uintptr(pair[1]), "channel-child")
+		closers = append(closers, mine, theirs)
+		opts.Channel = theirs
+	}
+	start := time.Now()
+	child, err := d.eng.Fork(s.seed, opts)
+	if err != nil {
+		d.dropLog(k)
+		d.log.Warn("fork failed", "seed", s.id, "took", time.Since(start), "err", err)
+		return nil, fmt.Errorf("fork seed %s: %w", s.id, err)
+	}
+	k.child = child
+	d.mu.Lock()
+	id := d.pickID(child.ID, "c-")
+	k.id = id
+	d.children[id] = k
+	d.order = append(d.order, id)
+	closing := d.closing
+	d.mu.Unlock()
+	if k.logPath != "" {
+		named := filepath.Join(d.cfg.StateDir, "children", id+".log")
+		if err := os.Rename(k.logPath, named); err != nil {
+			d.log.Warn("name child log", "child", id, "err", err)
+		} else {
+			k.logPath = named
+		}
+	}
+	go d.reap(k)
+	if closing {
+		d.killChild(k)
+	}
+	if mine != nil {
+		reply := roleReply{OK: true, Role: client.RoleChild, Seed: s.id, Child: id, Payload: req.Payload}
+		if len(reply.Payload) == 0 {
+			reply.Payload = []byte("null")
+		}
+		if !writeLine(mine, reply) {
+			d.log.Warn("could not write the child's reply on its channel", "child", id)
+		}
+	}
+	d.log.Info("fork", "seed", s.id, "child", id, "pid", child.PID, "eager", req.Eager,
+		"attached", attached, "took", time.Since(start))
+	return k, nil
+}
+
+// dropLog removes the log file of a child that could not be forked.
+func (d *Daemon) dropLog(k *childRec) {
+	if k.logPath != "" {
+		_ = os.Remove(k.logPath)
+	}
+}
+
+// reap waits for a child to end and records how.
+func (d *Daemon) reap(k *childRec) {
+	<-k.child.Done()
+	ws := k.child.Status()
+	exit := client.ExitInfo{Code: ws.ExitStatus()}
+	if ws.Signaled() {
+		exit = client.ExitInfo{Code: -1, Signal: int(ws.Signal())}
+	}
+	stats := k.child.Stats()
+	d.mu.Lock()
+	k.exit = exit
+	k.stats = stats
+	k.ended = time.Now()
+	d.mu.Unlock()
+	close(k.exited)
+	d.log.Info("exit", "child", k.id, "seed", k.seed.id, "pid", k.child.PID, "code", exit.Code,
+		"signal", exit.Signal, "ran", k.ended.Sub(k.child.Started).Round(time.Millisecond),
+		"faults", stats.Faults, "pages_copied", stats.PagesCopied)
+}
+
+// killChild sends SIGKILL to a running child.
+func (d *Daemon) killChild(k *childRec) {
+	if k.hasExited() {
+		return
+	}
+	if err := unix.Kill(k.child.PID, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+		d.log.Warn("kill child", "child", k.id, "pid", k.child.PID, "err", err)
+	}
+}
+
+// remove removes a seed (by id or name) or a child (by id).
+func (d *Daemon) remove(key string, force bool) error {
+	start := time.Now()
+	d.mu.Lock()
+	if k, ok := d.children[key]; ok && k != nil {
+		d.mu.Unlock()
+		if !k.hasExited() {
+			if !force {
+				return fmt.Errorf("rm: child %s is running (pid %d); use `mitosis rm --force %s` to kill it", k.id, k.child.PID, k.id)
+			}
+			d.killChild(k)
+			<-k.exited
+		}
+		d.mu.Lock()
+		d.dropChildLocked(k.id)
+		d.mu.Unlock()
+		d.log.Info("rm", "child", k.id, "force", force, "took", time.Since(start))
+		return nil
+	}
+	s, err := d.lookupSeedLocked(key)
+	if err != nil {
+		d.mu.Unlock()
+		if strings.HasPrefix(err.Error(), "no seed") {
+			return fmt.Errorf("rm: no seed or child %q (see `mitosis seeds` and `mitosis ps`)", key)
+		}
+		return fmt.Errorf("rm: %w", err)
+	}
+	if s.removing {
+		d.mu.Unlock()
+		return fmt.Errorf("rm: seed %s is already being removed", s.id)
+	}
+	running := d.runningLocked(s)
+	if len(running) > 0 && !force {
+		d.mu.Unlock()
+		return fmt.Errorf("rm: seed %s has %d running %s; stop them or use `mitosis rm --force %s` to kill them",
+			s.id, len(running), plural(len(running), "child", "children"), s.id)
+	}
+	s.removing = true
+	d.mu.Unlock()
+	for _, k := range running {
+		d.killChild(k)
+	}
+	for _, k := range running {
+		<-k.exited
+	}
+	if err := d.eng.RemoveSeed(s.seed); err != nil {
+		d.mu.Lock()
+		s.removing = false
+		d.mu.Unlock()
+		return fmt.Errorf("rm seed %s: %w", s.id, err)
+	}
+	d.mu.Lock()
+	delete(d.seeds, s.id)
+	d.mu.Unlock()
+	d.log.Info("rm", "seed", s.id, "name", s.name, "killed", len(running), "took", time.Since(start))
+	return nil
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// runningLocked lists a seed's running children. d.mu must be held.
+func (d *Daemon) runningLocked(s *seedRec) []*childRec {
+	var out []*childRec
+	for _, k := range d.children {
+		if k != nil && k.seed == s && !k.hasExited() {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+func (d *Daemon) dropChildLocked(id string) {
+	delete(d.children, id)
+	for i, o := range d.order {
+		if o == id {
+			d.order = append(d.order[:i], d.order[i+1:]...)
+			break
+		}
+	}
+}
+
+func (d *Daemon) seedInfoLocked(s *seedRec) client.SeedInfo {
+	info := client.SeedInfo{
+		ID:        s.id,
+		Name:      s.name,
+		ParentPID: s.seed.ParentPID,
+		SourcePID: s.seed.SourcePID,
+		PrepareMS: ms(s.seed.Took),
+		Created:   s.seed.Created,
+		Self:      s.self,
+		Children:  len(d.runningLocked(s)),
+	}
+	if s.seed.Desc != nil {
+		info.VMAs = len(s.seed.Desc.VMAs)
+		info.PresentPages = s.seed.Desc.PresentPages()
+	}
+	return info
+}
+
+func (d *Daemon) seedInfos() []client.SeedInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make([]client.SeedInfo, 0, len(d.seeds))
+	for _, s := range d.seeds {
+		out = append(out, d.seedInfoLocked(s))
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].Created.Equal(out[j].Created) {
+			return out[i].Created.Before(out[j].Created)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out
+}
+
+func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
+	info := client.ChildInfo{
+		ID:      k.id,
+		Seed:    k.seed.id,
+		PID:     k.child.PID,
+		State:   client.StateRunning,
+		StartMS: ms(k.child.Took),
+		Created: k.child.Started,
+		Log:     k.logPath,
+	}
+	var st engine.ChildStats
+	if k.hasExited() {
+		d.mu.Lock()
+		st, info.ExitCode, info.Signal = k.stats, k.exit.Code, k.exit.Signal
+		d.mu.Unlock()
+		info.State = client.StateExited
+		if info.Signal > 0 {
+			info.State = client.StateKilled
+		}
+	} else {
+		st = k.child.Stats()
+	}
+	info.Faults, info.PagesCopied, info.PagesZero, info.PagesEager = st.Faults, st.PagesCopied, st.PagesZero, st.Eager
+	return info
+}
+
+func (d *Daemon) childInfos() []client.ChildInfo {
+	d.mu.Lock()
+	kids := make([]*childRec, 0, len(d.order))
+	for _, id := range d.order {
+		if k := d.children[id]; k != nil {
+			kids = append(kids, k)
+		}
+	}
+	d.mu.Unlock()
+	out := make([]client.ChildInfo, 0, len(kids))
+	for _, k := range kids {
+		out = append(out, d.childInfo(k))
+	}
+	return out
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
