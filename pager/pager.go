@@ -114,16 +114,17 @@ type region struct {
 }
 
 type space struct {
-	p       *Pager
-	fd      int
-	f       *os.File
-	mu      sync.Mutex
-	regions []region
-	served  map[uint64]uint64 // bitset of installed pages, by page>>6
-	buf     []byte
-	retry   []uint64
-	lastEnd uint64
-	window  int
+	p                  *Pager
+	fd                 int
+	f                  *os.File
+	mu                 sync.Mutex
+	regions            []region
+	served             map[uint64]uint64 // bitset of installed pages, by page>>6
+	buf                []byte
+	retry              []uint64
+	lastStart, lastEnd uint64
+	dir                int
+	window             int
 }
 
 // Attach starts serving the userfaultfd ufd (API done, ranges registered)
@@ -218,9 +219,8 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
 		for j < n && j-i < len(s.buf)/pageSize && !s.isServed(addr+uint64(j)*pageSize) {
 			j++
 		}
-		cnt := j - i
-		zero, limit := s.classify(a)
-		cnt = min(cnt, limit)
+		zero, _, hi := s.bounds(a)
+		cnt := min(j-i, int((hi-a)/pageSize))
 		if zero {
 			if _, err := s.zero(a, cnt); err != nil {
 				return err
@@ -276,36 +276,6 @@ func (s *space) srcOf(a uint64) uint64 {
 	i := s.find(a)
 	r := s.regions[i]
 	return r.src + (a - r.start)
-}
-
-// classify reports whether page a reads as zero and how many pages from a
-// share that answer (bounded by region and source run boundaries).
-func (s *space) classify(a uint64) (zero bool, pages int) {
-	i := s.find(a)
-	if i < 0 {
-		// Not memory of the seed (grown by mremap or brk in place).
-		next := uint64(1 << 47)
-		j := sort.Search(len(s.regions), func(j int) bool { return s.regions[j].start > a })
-		if j < len(s.regions) {
-			next = s.regions[j].start
-		}
-		return true, int((next - a) / pageSize)
-	}
-	r := s.regions[i]
-	limit := (r.end - a) / pageSize
-	if r.zero {
-		return true, int(limit)
-	}
-	src := r.src + (a - r.start)
-	runs := s.p.present
-	k := sort.Search(len(runs), func(k int) bool { return runs[k].End > src })
-	if k < len(runs) && runs[k].Start <= src {
-		return false, int(min(limit, (runs[k].End-src)/pageSize))
-	}
-	if k < len(runs) {
-		limit = min(limit, (runs[k].Start-src)/pageSize)
-	}
-	return true, int(limit)
 }
 
 func (s *space) copy(a uint64, b []byte) (int, error) {
@@ -426,35 +396,99 @@ func (s *space) handle(m uffd.Msg) error {
 	return nil
 }
 
-// fault serves the page at a and a fault-around window after it.
-func (s *space) fault(a uint64) error {
-	// Adapt the window: sequential faults double it.
-	if a == s.lastEnd {
-		s.window = min(s.window*2, s.p.cfg.MaxWindow)
-	} else {
-		s.window = s.p.cfg.Window
-	}
-	zero, limit := s.classify(a)
-	n := min(limit, s.window)
-	n = max(n, 1)
-	// Stop the window at the first page already installed.
-	for i := 1; i < n; i++ {
-		if s.isServed(a + uint64(i)*pageSize) {
-			n = i
-			break
+// bounds returns whether page a reads as zero and the widest range
+// [lo, hi) around a whose pages all share that answer and one source
+// mapping (bounded by regions and by the source's present runs).
+func (s *space) bounds(a uint64) (zero bool, lo, hi uint64) {
+	i := s.find(a)
+	if i < 0 {
+		lo, hi = 0, uint64(1)<<47
+		j := sort.Search(len(s.regions), func(j int) bool { return s.regions[j].start > a })
+		if j < len(s.regions) {
+			hi = s.regions[j].start
 		}
+		if j > 0 {
+			lo = s.regions[j-1].end
+		}
+		return true, lo, hi
 	}
+	r := s.regions[i]
+	lo, hi = r.start, r.end
+	if r.zero {
+		return true, lo, hi
+	}
+	src := r.src + (a - r.start)
+	toChild := func(x uint64) uint64 { return x - r.src + r.start }
+	runs := s.p.present
+	k := sort.Search(len(runs), func(k int) bool { return runs[k].End > src })
+	if k < len(runs) && runs[k].Start <= src {
+		if runs[k].Start > r.src {
+			lo = max(lo, toChild(runs[k].Start))
+		}
+		hi = min(hi, toChild(max(runs[k].End, r.src)))
+		return false, lo, hi
+	}
+	if k < len(runs) && runs[k].Start < r.src+(r.end-r.start) {
+		hi = min(hi, toChild(runs[k].Start))
+	}
+	if k > 0 && runs[k-1].End > r.src {
+		lo = max(lo, toChild(runs[k-1].End))
+	}
+	return true, lo, hi
+}
+
+// fault serves the page at a together with a fault-around window: forward
+// after a when faults walk up, backward when they walk down (the window
+// doubles on each step of a streak), otherwise the aligned block holding a.
+func (s *space) fault(a uint64) error {
+	w := uint64(s.window)
+	switch {
+	case a == s.lastEnd && s.dir >= 0:
+		s.dir = 1
+		w = min(w*2, uint64(s.p.cfg.MaxWindow))
+	case a+pageSize == s.lastStart && s.dir <= 0:
+		s.dir = -1
+		w = min(w*2, uint64(s.p.cfg.MaxWindow))
+	default:
+		s.dir = 0
+		w = uint64(s.p.cfg.Window)
+	}
+	s.window = int(w)
+	var ws, we uint64
+	switch s.dir {
+	case 1:
+		ws, we = a, a+w*pageSize
+	case -1:
+		ws, we = a+pageSize-min(w*pageSize, a), a+pageSize
+	default:
+		ws = a &^ (w*pageSize - 1)
+		we = ws + w*pageSize
+	}
+	zero, lo, hi := s.bounds(a)
+	ws, we = max(ws, lo), min(we, hi)
+	// Keep to the unserved pages contiguous with a.
+	start, end := a, a+pageSize
+	for start > ws && !s.isServed(start-pageSize) {
+		start -= pageSize
+	}
+	for end < we && !s.isServed(end) {
+		end += pageSize
+	}
+	n := int((end - start) / pageSize)
 	var err error
 	if zero {
-		_, err = s.zero(a, n)
+		_, err = s.zero(start, n)
 	} else {
 		b := s.buf[:n*pageSize]
-		if err = s.p.cfg.Source.ReadPages(s.srcOf(a), b); err != nil {
+		if err = s.p.cfg.Source.ReadPages(s.srcOf(start), b); err != nil {
 			return fmt.Errorf("page source: %w", err)
 		}
-		_, err = s.copy(a, b)
+		_, err = s.copy(start, b)
 	}
-	s.lastEnd = a + uint64(n)*pageSize
+	s.lastStart, s.lastEnd = start, end
+	if debugFaults {
+		println("fault", a, n, zero, s.dir)
+	}
 	switch {
 	case err == nil:
 		return nil
@@ -535,3 +569,5 @@ func (s *space) remap(from, to, length uint64) {
 		}
 	}
 }
+
+var debugFaults = os.Getenv("MITOSIS_DEBUG_FAULTS") != ""

@@ -64,6 +64,7 @@ type Result struct {
 // that will own the child until it is detached.
 func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result, error) {
 	start := time.Now()
+	phaseStart = start
 	files, closeFiles, err := openFDs(d, opts)
 	if err != nil {
 		return nil, err
@@ -156,6 +157,7 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 		Files: files,
 		Sys:   &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL},
 	}
+	mark("openfds")
 	pid, err := syscall.ForkExec(opts.StubPath, []string{"mitosis-stub"}, attr)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
@@ -185,6 +187,7 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	if err := ptrace.GetRegs(pid, &c.regs); err != nil {
 		return 0, err
 	}
+	mark("spawn")
 	if err := c.build(opts); err != nil {
 		return 0, err
 	}
@@ -391,6 +394,7 @@ func (c *child) build(opts Options) error {
 	if d.Exe != "" {
 		exeIdx = b.Add("open exe "+d.Exe, unix.SYS_OPENAT, atFDCWD, b.String(d.Exe), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	}
+	mark("plan1")
 	res, err := c.run(b)
 	if err != nil {
 		return fmt.Errorf("unmap stub and open files: %w", err)
@@ -431,6 +435,7 @@ func (c *child) build(opts Options) error {
 		b.Add("close "+k, unix.SYS_CLOSE, opens[k].result)
 	}
 	ufdIdx := b.Add("userfaultfd", unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
+	mark("batch1+plan2")
 	res, err = c.run(b)
 	if err != nil {
 		return fmt.Errorf("recreate mappings: %w", err)
@@ -438,6 +443,7 @@ func (c *child) build(opts Options) error {
 	childUFD := res[ufdIdx]
 
 	// Take the uffd: it is bound to the child's mm.
+	mark("batch2")
 	pidfd, err := unix.PidfdOpen(c.pid, 0)
 	if err != nil {
 		return fmt.Errorf("pidfd_open: %w", err)
@@ -457,6 +463,7 @@ func (c *child) build(opts Options) error {
 			return fmt.Errorf("uffd register %#x-%#x: %w", r.Start, r.End, err)
 		}
 	}
+	mark("uffd register")
 	if opts.OnUFFD != nil {
 		if err := opts.OnUFFD(c.pid, ufd); err != nil {
 			return fmt.Errorf("start pager: %w", err)
@@ -465,6 +472,7 @@ func (c *child) build(opts Options) error {
 		unix.Close(ufd)
 	}
 
+	mark("onuffd")
 	// Batch 3: kernel-side task state.
 	b = newBatch()
 	b.Add("close uffd", unix.SYS_CLOSE, childUFD)
@@ -537,6 +545,7 @@ func (c *child) build(opts Options) error {
 		_ = unix.Prlimit(c.pid, int(rl.Resource), &l, nil)
 	}
 
+	mark("batch3")
 	// Unmap the gadget from a syscall instruction in the (moved) vDSO.
 	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
 		return fmt.Errorf("unmap gadget: %w", err)
@@ -557,6 +566,7 @@ func (c *child) build(opts Options) error {
 	if len(c.pending) > 0 {
 		sig = c.pending[0]
 	}
+	mark("final regs")
 	if err := ptrace.Detach(c.pid, sig); err != nil {
 		return err
 	}
@@ -626,3 +636,18 @@ const (
 	ssOnStack = 1
 	ssDisable = 2
 )
+
+var (
+	debugPhases = os.Getenv("MITOSIS_DEBUG_PHASES") != ""
+	phaseStart  time.Time
+)
+
+// mark prints the time since the previous mark when MITOSIS_DEBUG_PHASES
+// is set (development aid; restores are serialized on the tracer thread).
+func mark(name string) {
+	if debugPhases {
+		now := time.Now()
+		fmt.Fprintf(os.Stderr, "restore phase %s: %v\n", name, now.Sub(phaseStart))
+		phaseStart = now
+	}
+}

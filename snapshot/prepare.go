@@ -74,13 +74,6 @@ func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
 	if strings.HasPrefix(st.State, "Z") || strings.HasPrefix(st.State, "X") {
 		return nil, fmt.Errorf("prepare %d: process has exited (state %s)", pid, st.State)
 	}
-	pmaps, err := procfs.Maps(pid)
-	if err != nil {
-		return nil, fmt.Errorf("prepare %d: %w", pid, err)
-	}
-	if _, err := classify(pmaps, nil); err != nil {
-		return nil, fmt.Errorf("prepare %d: %w", pid, err)
-	}
 	pfds, err := procfs.FDs(pid)
 	if err != nil {
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
@@ -88,15 +81,12 @@ func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
 	if _, _, err := checkFDs(pfds, opts.ChannelFD); err != nil {
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
 	}
-	vdsoSys, err := findVDSOSyscall(pid, pmaps)
-	if err != nil {
-		return nil, fmt.Errorf("prepare %d: %w", pid, err)
-	}
 	wasStopped := strings.HasPrefix(st.State, "T")
+	phase("precheck", start)
 
 	var res *Result
 	err = t.Do(func() error {
-		r, err := prepareLocked(pid, vdsoSys, wasStopped, opts)
+		r, err := prepareLocked(pid, wasStopped, opts)
 		res = r
 		return err
 	})
@@ -129,7 +119,7 @@ func findVDSOSyscall(pid int, maps []procfs.Mapping) (uint64, error) {
 }
 
 // prepareLocked runs on the tracer thread.
-func prepareLocked(pid int, at uint64, wasStopped bool, opts Options) (*Result, error) {
+func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	if err := ptrace.Seize(pid, unix.PTRACE_O_TRACECLONE); err != nil {
 		if errors.Is(err, unix.ESRCH) {
 			return nil, fmt.Errorf("no such process")
@@ -178,6 +168,21 @@ func prepareLocked(pid int, at uint64, wasStopped bool, opts Options) (*Result, 
 			return nil, err
 		}
 	}
+	// The layout is read while the parent is stopped, so it is exactly the
+	// layout the frozen copy gets (but for MADV_DONTFORK ranges, checked
+	// in describe), and unsupported mappings are refused before anything
+	// is created.
+	pmaps, err := procfs.Maps(pid)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := classify(pmaps, nil, nil); err != nil {
+		return nil, err
+	}
+	at, err := findVDSOSyscall(pid, pmaps)
+	if err != nil {
+		return nil, err
+	}
 	var regs unix.PtraceRegs
 	if err := ptrace.GetRegs(pid, &regs); err != nil {
 		return nil, err
@@ -210,12 +215,15 @@ func prepareLocked(pid int, at uint64, wasStopped bool, opts Options) (*Result, 
 	}
 	detach()
 	stopped := time.Since(stopAt)
+	phase("stopped", stopAt)
+	t1 := time.Now()
 
-	d, err := describe(pid, src, at, &regs, opts)
+	d, err := describe(pid, src, at, &regs, pmaps, opts)
 	if err != nil {
 		killSrc()
 		return nil, err
 	}
+	phase("describe", t1)
 	d.XState = xstate
 	d.SigMask = sigmask
 	d.Rseq = descriptor.Rseq{Addr: rseq.Addr, Len: rseq.Size, Sig: rseq.Sig, Flags: rseq.Flags}
@@ -308,51 +316,70 @@ func Release(src int) error {
 // stopped right after the clone).
 //
 // Precondition: runs on the tracer thread.
-func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*descriptor.Descriptor, error) {
+func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, opts Options) (*descriptor.Descriptor, error) {
 	d := &descriptor.Descriptor{PID: int32(pid), VDSOSyscall: at}
 	d.Regs = regsToArray(regs)
 	var uts unix.Utsname
 	_ = unix.Uname(&uts)
 	d.Kernel = unix.ByteSliceToString(uts.Release[:])
 
-	maps, err := procfs.Maps(src)
-	if err != nil {
+	// Page presence and file identities are gathered concurrently with
+	// the tracer-thread work below.
+	type scanResult struct {
+		regions []procfs.PageRegion
+		err     error
+	}
+	scanc := make(chan scanResult, 1)
+	go func() {
+		pm, err := procfs.OpenPagemap(src)
+		if err != nil {
+			scanc <- scanResult{err: err}
+			return
+		}
+		regions, err := pm.Scan(0, taskSize, 0, procfs.PageIsPresent|procfs.PageIsSwapped, 0,
+			procfs.PageIsPresent|procfs.PageIsSwapped|procfs.PageIsFile|procfs.PageIsPFNZero)
+		pm.Close()
+		scanc <- scanResult{regions, err}
+	}()
+	filesc := make(chan map[string]fileStat, 1)
+	go func() { filesc <- statFiles(maps) }()
+	finish := func() (*descriptor.Descriptor, error) {
+		sr := <-scanc
+		files := <-filesc
+		if sr.err != nil {
+			return nil, sr.err
+		}
+		vmas, err := classify(maps, sr.regions, files)
+		if err != nil {
+			return nil, err
+		}
+		d.VMAs = vmas
+		d.Present = presentRuns(vmas, sr.regions)
+		return d, nil
+	}
+	drain := func(err error) (*descriptor.Descriptor, error) {
+		<-scanc
+		<-filesc
 		return nil, err
 	}
-	pm, err := procfs.OpenPagemap(src)
-	if err != nil {
-		return nil, err
-	}
-	regions, err := pm.Scan(0, taskSize, 0, procfs.PageIsPresent|procfs.PageIsSwapped, 0,
-		procfs.PageIsPresent|procfs.PageIsSwapped|procfs.PageIsFile|procfs.PageIsPFNZero)
-	pm.Close()
-	if err != nil {
-		return nil, err
-	}
-	vmas, err := classify(maps, regions)
-	if err != nil {
-		return nil, err
-	}
-	d.VMAs = vmas
-	d.Present = presentRuns(vmas, regions)
 
 	stat, err := procfs.ReadStat(src)
 	if err != nil {
-		return nil, err
+		return drain(err)
 	}
 	status, err := procfs.ReadStatus(src)
 	if err != nil {
-		return nil, err
+		return drain(err)
 	}
 	if d.Auxv, err = procfs.Auxv(src); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	if d.Exe, err = procfs.Exe(src); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	d.ExeFile, _ = fileID(d.Exe)
 	if d.Cwd, err = procfs.Cwd(src); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	d.Umask = status.Umask
 	d.Creds = descriptor.Creds{
@@ -368,10 +395,10 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 	}
 	fds, err := procfs.FDs(src)
 	if err != nil {
-		return nil, err
+		return drain(err)
 	}
 	if d.FDs, _, err = checkFDs(fds, opts.ChannelFD); err != nil {
-		return nil, err
+		return drain(err)
 	}
 
 	// Robust futex list of the parent (a clone does not inherit it).
@@ -385,7 +412,7 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 	// scratch writes below its stack pointer are harmless.
 	var sregs unix.PtraceRegs
 	if err := ptrace.GetRegs(src, &sregs); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	var pending []syscall.Signal
 	inj := func(nr uint64, args ...uint64) (uint64, error) {
@@ -400,7 +427,7 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 	}
 	brk, err := inj(unix.SYS_BRK, 0)
 	if err != nil {
-		return nil, err
+		return drain(err)
 	}
 	d.MM = descriptor.MMFields{
 		StartCode: stat.StartCode, EndCode: stat.EndCode,
@@ -425,10 +452,10 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 			continue
 		}
 		if _, err := inj(unix.SYS_RT_SIGACTION, uint64(sig), 0, scratch, 8); err != nil {
-			return nil, err
+			return drain(err)
 		}
 		if err := ptrace.ReadMem(src, scratch, buf); err != nil {
-			return nil, err
+			return drain(err)
 		}
 		le := binary.LittleEndian
 		d.SigActions = append(d.SigActions, descriptor.SigAction{
@@ -437,10 +464,10 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 		})
 	}
 	if _, err := inj(unix.SYS_SIGALTSTACK, 0, scratch); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	if err := ptrace.ReadMem(src, scratch, buf[:24]); err != nil {
-		return nil, err
+		return drain(err)
 	}
 	le := binary.LittleEndian
 	d.AltStackSP, d.AltStackFlags, d.AltStackSize = le.Uint64(buf[0:]), le.Uint32(buf[8:]), le.Uint64(buf[16:])
@@ -459,12 +486,31 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, opts Options) (*de
 	// The frozen copy keeps no fds: they would hold pipes and sockets of
 	// the parent open (children reopen files by path).
 	if _, err := inj(unix.SYS_CLOSE_RANGE, 0, ^uint64(0)>>32, 0); err != nil {
-		return nil, err
+		return drain(err)
 	}
-	for _, s := range pending {
-		_ = s // signals sent to the frozen copy are dropped: it never runs
+	// Signals queued for the frozen copy (pending) are dropped: it never
+	// runs again.
+
+	// MADV_DONTFORK ranges are absent in the frozen copy: its mapped size
+	// then differs from the parent's layout, and the copy's own layout is
+	// what children get.
+	var total uint64
+	for _, m := range maps {
+		if m.Path != "[vsyscall]" {
+			total += m.End - m.Start
+		}
 	}
-	return d, nil
+	if status.VmSize != 0 && status.VmSize != total {
+		if debugPhases {
+			fmt.Fprintf(os.Stderr, "prepare: frozen copy maps %d bytes, parent layout %d: re-reading\n", status.VmSize, total)
+		}
+		<-filesc
+		if maps, err = procfs.Maps(src); err != nil {
+			return drain(err)
+		}
+		filesc <- statFiles(maps)
+	}
+	return finish()
 }
 
 // glibcTIDOffset is offsetof(struct pthread, tid) in glibc 2.3x on x86-64;
@@ -498,4 +544,12 @@ func RegsFromArray(a [27]uint64) unix.PtraceRegs {
 		R10: a[7], R9: a[8], R8: a[9], Rax: a[10], Rcx: a[11], Rdx: a[12], Rsi: a[13], Rdi: a[14],
 		Orig_rax: a[15], Rip: a[16], Cs: a[17], Eflags: a[18], Rsp: a[19], Ss: a[20],
 		Fs_base: a[21], Gs_base: a[22], Ds: a[23], Es: a[24], Fs: a[25], Gs: a[26]}
+}
+
+var debugPhases = os.Getenv("MITOSIS_DEBUG_PHASES") != ""
+
+func phase(name string, since time.Time) {
+	if debugPhases {
+		fmt.Fprintf(os.Stderr, "prepare phase %s: %v\n", name, time.Since(since))
+	}
 }

@@ -13,6 +13,30 @@ import (
 
 func unsafePtr(p *uint64) unsafe.Pointer { return unsafe.Pointer(p) }
 
+type fileStat struct {
+	id  descriptor.FileID
+	err error
+}
+
+func statFile(path string) fileStat {
+	id, err := fileID(path)
+	return fileStat{id, err}
+}
+
+// statFiles stats every distinct mapped file.
+func statFiles(maps []procfs.Mapping) map[string]fileStat {
+	out := map[string]fileStat{}
+	for _, m := range maps {
+		if m.Inode == 0 || strings.HasPrefix(m.Path, "[") || m.Deleted {
+			continue
+		}
+		if _, ok := out[m.Path]; !ok {
+			out[m.Path] = statFile(m.Path)
+		}
+	}
+	return out
+}
+
 func fileID(path string) (descriptor.FileID, error) {
 	id, err := procfs.StatFileID(path)
 	if err != nil {
@@ -22,12 +46,12 @@ func fileID(path string) (descriptor.FileID, error) {
 }
 
 // classify turns /proc maps into descriptor VMAs, refusing mappings mitosis
-// cannot carry. regions (from PAGEMAP_SCAN, may be nil for a pre-check)
-// decide which private file mappings were written (KindFileDirty).
-func classify(maps []procfs.Mapping, regions []procfs.PageRegion) ([]descriptor.VMA, error) {
+// cannot carry. regions (from PAGEMAP_SCAN) decide which private file
+// mappings were written (KindFileDirty). files caches the identity of mapped
+// files by path; with files == nil (a pre-check) files are not examined.
+func classify(maps []procfs.Mapping, regions []procfs.PageRegion, files map[string]fileStat) ([]descriptor.VMA, error) {
 	out := make([]descriptor.VMA, 0, len(maps))
 	ri := 0
-	files := map[string]descriptor.FileID{}
 	for _, m := range maps {
 		v := descriptor.VMA{Start: m.Start, End: m.End, Prot: m.Prot, Offset: m.Offset, Path: m.Path}
 		if m.Shared {
@@ -67,20 +91,24 @@ func classify(maps []procfs.Mapping, regions []procfs.PageRegion) ([]descriptor.
 				}
 				return nil, refuse("mapping of deleted file %q at %s: the file was removed or replaced after it was mapped; restart the process", m.Path, rng)
 			}
-			id, ok := files[m.Path]
-			if !ok {
-				var err error
-				id, err = fileID(m.Path)
-				if err != nil {
-					return nil, refuse("mapped file %q at %s: %v", m.Path, rng, err)
-				}
-				files[m.Path] = id
+			v.Kind = descriptor.KindFile
+			if files == nil {
+				out = append(out, v)
+				continue
 			}
+			fs, ok := files[m.Path]
+			if !ok {
+				fs = statFile(m.Path)
+				files[m.Path] = fs
+			}
+			if fs.err != nil {
+				return nil, refuse("mapped file %q at %s: %v", m.Path, rng, fs.err)
+			}
+			id := fs.id
 			if id.Ino != m.Inode || (m.Dev != 0 && id.Dev != m.Dev) {
 				return nil, refuse("mapped file %q at %s was replaced since it was mapped (inode %d, now %d)", m.Path, rng, m.Inode, id.Ino)
 			}
 			v.File = id
-			v.Kind = descriptor.KindFile
 			if !m.Shared && regions != nil {
 				// Skip regions entirely below this VMA.
 				for ri < len(regions) && regions[ri].End <= m.Start {

@@ -26,6 +26,8 @@ type Status struct {
 	Umask uint32
 	// State is the state line's value, e.g. "S (sleeping)".
 	State string
+	// VmSize is the total mapped size in bytes (0 for kernel threads).
+	VmSize uint64
 }
 
 // defaultUmask is Status.Umask when the file has no Umask line.
@@ -95,6 +97,10 @@ func ParseStatus(data []byte) (Status, error) {
 			var v uint64
 			v, err = strconv.ParseUint(val, 8, 32)
 			st.Umask = uint32(v)
+		case "VmSize":
+			var v uint64
+			v, err = strconv.ParseUint(strings.TrimSuffix(val, " kB"), 10, 64)
+			st.VmSize = v << 10
 		case "SigBlk":
 			st.SigBlk, err = strconv.ParseUint(val, 16, 64)
 			seen |= hasSigBlk
