@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/descriptor"
+	"github.com/mitosis-fork/mitosis/pager"
 )
 
 // PrepareOptions tune Prepare.
@@ -35,6 +36,10 @@ type ForkOptions struct {
 	// Eager copies every present page before the child runs (the
 	// checkpoint/restore baseline) instead of paging on demand.
 	Eager bool
+	// NoCache pages the child by copying from the frozen copy
+	// (UFFDIO_COPY) instead of mapping the node's shared page cache. For
+	// comparisons; slower and uses more memory.
+	NoCache bool
 }
 
 // Seed is a prepared parent: its descriptor plus its frozen copy-on-write
@@ -47,6 +52,19 @@ type Seed struct {
 	ParentPID int           // pid of the prepared parent
 	Created   time.Time     // when Prepare finished
 	Took      time.Duration // Prepare wall time
+
+	cacheMu sync.Mutex
+	cache   *pager.Cache
+}
+
+// CacheBytes is how much of the seed's memory the node's page cache holds.
+func (s *Seed) CacheBytes() uint64 {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if s.cache == nil {
+		return 0
+	}
+	return s.cache.Bytes()
 }
 
 // ChildStats are counters of one child's paging.
@@ -54,6 +72,7 @@ type ChildStats struct {
 	Faults      uint64 // missing-page faults served
 	PagesCopied uint64
 	PagesZero   uint64
+	PagesShared uint64 // mapped from the node's shared page cache
 	Eager       uint64 // pages copied before the child ran
 }
 

@@ -128,10 +128,27 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 	}
 	c := &Child{ID: newID("c-"), Seed: s, done: make(chan struct{})}
 	d := s.Desc
+	src := pager.LocalSource{PID: s.SourcePID}
+	var cache *pager.Cache
+	if !opts.NoCache {
+		var err error
+		if cache, err = s.pageCache(src); err != nil {
+			return nil, err
+		}
+	}
 	var pg *pager.Pager
+	// Mapping from the page cache costs no copy, so wider fault-around
+	// windows are cheap there.
+	window, maxWindow := 16, 256
+	if cache != nil {
+		window, maxWindow = 64, 1024
+	}
 	pg = pager.New(pager.Config{
-		Desc:   d,
-		Source: pager.LocalSource{PID: s.SourcePID},
+		Desc:      d,
+		Source:    src,
+		Cache:     cache,
+		Window:    window,
+		MaxWindow: maxWindow,
 		OnError: func(err error) {
 			// The child cannot make progress: end it rather than let
 			// it hang on a fault that will never be served.
@@ -144,6 +161,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 	c.pg = pagerStats{pg}
 	res, err := restore.Restore(e.tracer, d, restore.Options{
 		StubPath: e.stubPath,
+		Cache:    cache,
 		Stdio:    stdio,
 		Channel:  opts.Channel,
 		OnUFFD: func(pid, ufd int) error {
@@ -196,11 +214,34 @@ func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	return nil
 }
 
+// pageCache returns the seed's page cache on this node, creating it.
+func (s *Seed) pageCache(src pager.Source) (*pager.Cache, error) {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if s.cache == nil {
+		c, err := pager.NewCache(s.Desc, src)
+		if err != nil {
+			return nil, err
+		}
+		s.cache = c
+	}
+	return s.cache, nil
+}
+
+func (s *Seed) closeCache() {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	if s.cache != nil {
+		s.cache.Close()
+		s.cache = nil
+	}
+}
+
 type pagerStats struct{ p *pager.Pager }
 
 func (p pagerStats) Stats() ChildStats {
 	s := p.p.Stats()
-	return ChildStats{Faults: s.Faults, PagesCopied: s.PagesCopied, PagesZero: s.PagesZero, Eager: s.Eager}
+	return ChildStats{Faults: s.Faults, PagesCopied: s.PagesCopied, PagesZero: s.PagesZero, PagesShared: s.PagesShared, Eager: s.Eager}
 }
 
 func (e *Engine) reap(c *Child, pg *pager.Pager) {
@@ -241,6 +282,7 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 	}
 	delete(e.seeds, s.ID)
 	e.mu.Unlock()
+	s.closeCache()
 	return e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) })
 }
 
@@ -265,6 +307,7 @@ func (e *Engine) Close() error {
 	e.wg.Wait()
 	var errs []error
 	for _, s := range seeds {
+		s.closeCache()
 		if err := e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) }); err != nil {
 			errs = append(errs, err)
 		}

@@ -42,6 +42,10 @@ type Config struct {
 	// doubles on sequential faults up to MaxWindow.
 	Window    int
 	MaxWindow int
+	// Cache, if set, backs every CacheBacked VMA: the child maps it and
+	// pages are installed with UFFDIO_CONTINUE from the shared cache
+	// instead of copied into each child.
+	Cache *Cache
 	// OnError is called once with the first error that stops a space
 	// (e.g. the source is gone). The child cannot make progress after it.
 	OnError func(error)
@@ -52,6 +56,7 @@ type Stats struct {
 	Faults      uint64
 	PagesCopied uint64
 	PagesZero   uint64
+	PagesShared uint64 // mapped from the node's page cache
 	Eager       uint64
 	Spaces      uint64
 }
@@ -61,7 +66,7 @@ type Pager struct {
 	cfg     Config
 	present []descriptor.Run
 
-	faults, copied, zeroed, eager, spacesN atomic.Uint64
+	faults, copied, zeroed, shared, eager, spacesN atomic.Uint64
 
 	mu      sync.Mutex
 	spaces  map[*space]struct{}
@@ -85,7 +90,7 @@ func New(cfg Config) *Pager {
 // Stats returns the counters of all spaces.
 func (p *Pager) Stats() Stats {
 	return Stats{Faults: p.faults.Load(), PagesCopied: p.copied.Load(), PagesZero: p.zeroed.Load(),
-		Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
+		PagesShared: p.shared.Load(), Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
 }
 
 // Err returns the error that stopped a space, if any.
@@ -111,6 +116,7 @@ func (p *Pager) fail(err error) {
 type region struct {
 	start, end, src uint64
 	zero            bool
+	image           bool // backed by the Cache (map with CONTINUE)
 }
 
 type space struct {
@@ -133,7 +139,8 @@ func (p *Pager) Attach(ufd int) (*Space, error) {
 	s := &space{p: p, fd: ufd, served: map[uint64]uint64{}, window: p.cfg.Window}
 	for _, v := range p.cfg.Desc.VMAs {
 		if v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty {
-			s.regions = append(s.regions, region{start: v.Start, end: v.End, src: v.Start})
+			img := p.cfg.Cache != nil && CacheBacked(v)
+			s.regions = append(s.regions, region{start: v.Start, end: v.End, src: v.Start, image: img})
 		}
 	}
 	if err := p.start(s); err != nil {
@@ -148,7 +155,6 @@ func (p *Pager) start(s *space) error {
 		return fmt.Errorf("uffd nonblock: %w", err)
 	}
 	s.f = os.NewFile(uintptr(s.fd), "userfaultfd")
-	s.buf = make([]byte, p.cfg.MaxWindow*pageSize)
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -185,7 +191,7 @@ func (sp *Space) Preload(addr uint64, n int, patch func(addr uint64, b []byte)) 
 	s := sp.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.preload(addr, n, patch)
+	return s.preload(addr, n, patch, false)
 }
 
 // PreloadAll installs every present page of the seed (eager mode: the
@@ -196,8 +202,8 @@ func (sp *Space) PreloadAll() error {
 	defer s.mu.Unlock()
 	for _, r := range s.p.present {
 		for a := r.Start; a < r.End; {
-			n := int(min((r.End-a)/pageSize, uint64(len(s.buf)/pageSize)))
-			if err := s.preload(a, n, nil); err != nil {
+			n := int(min((r.End-a)/pageSize, 256))
+			if err := s.preload(a, n, nil, true); err != nil {
 				return err
 			}
 			a += uint64(n) * pageSize
@@ -206,7 +212,7 @@ func (sp *Space) PreloadAll() error {
 	return nil
 }
 
-func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
+func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll bool) error {
 	addr &^= pageSize - 1
 	for i := 0; i < n; {
 		a := addr + uint64(i)*pageSize
@@ -216,17 +222,22 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
 			continue
 		}
 		j := i + 1
-		for j < n && j-i < len(s.buf)/pageSize && !s.isServed(addr+uint64(j)*pageSize) {
+		for j < n && j-i < 256 && !s.isServed(addr+uint64(j)*pageSize) {
 			j++
 		}
 		zero, _, hi := s.bounds(a)
 		cnt := min(j-i, int((hi-a)/pageSize))
-		if zero {
+		switch {
+		case zero:
 			if _, err := s.zero(a, cnt); err != nil {
 				return err
 			}
-		} else {
-			b := s.buf[:cnt*pageSize]
+		case s.isImage(a) && patch == nil && !copyAll:
+			if err := s.mapShared(a, cnt); err != nil {
+				return err
+			}
+		default:
+			b := s.buffer(cnt)
 			if err := s.p.cfg.Source.ReadPages(s.srcOf(a), b); err != nil {
 				return err
 			}
@@ -239,6 +250,48 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte)) error {
 		}
 		s.p.eager.Add(uint64(cnt))
 		i += cnt
+	}
+	return nil
+}
+
+func (s *space) buffer(n int) []byte {
+	if len(s.buf) < n*pageSize {
+		s.buf = make([]byte, max(n, s.p.cfg.MaxWindow)*pageSize)
+	}
+	return s.buf[:n*pageSize]
+}
+
+func (s *space) isImage(a uint64) bool {
+	i := s.find(a)
+	return i >= 0 && s.regions[i].image
+}
+
+// mapShared fills the cache for n source-present pages at a (one region)
+// and maps them into the child from the page cache.
+func (s *space) mapShared(a uint64, n int) error {
+	if err := s.p.cfg.Cache.Ensure(s.srcOf(a), n); err != nil {
+		return fmt.Errorf("page source: %w", err)
+	}
+	done := 0
+	for done < n {
+		m, err := uffd.Continue(s.fd, a+uint64(done)*pageSize, uint64(n-done)*pageSize)
+		if m > 0 {
+			s.setServed(a+uint64(done)*pageSize, int(m)/pageSize, true)
+			s.p.shared.Add(uint64(m) / pageSize)
+			done += int(m) / pageSize
+		}
+		if err == nil {
+			if m <= 0 {
+				return fmt.Errorf("uffd continue at %#x: no progress", a)
+			}
+			continue
+		}
+		if errors.Is(err, unix.EEXIST) {
+			s.setServed(a+uint64(done)*pageSize, 1, true)
+			done++
+			continue
+		}
+		return err
 	}
 	return nil
 }
@@ -476,10 +529,13 @@ func (s *space) fault(a uint64) error {
 	}
 	n := int((end - start) / pageSize)
 	var err error
-	if zero {
+	switch {
+	case zero:
 		_, err = s.zero(start, n)
-	} else {
-		b := s.buf[:n*pageSize]
+	case s.isImage(start):
+		err = s.mapShared(start, n)
+	default:
+		b := s.buffer(n)
 		if err = s.p.cfg.Source.ReadPages(s.srcOf(start), b); err != nil {
 			return fmt.Errorf("page source: %w", err)
 		}
@@ -511,8 +567,8 @@ func (s *space) split(a uint64) {
 		return
 	}
 	r := s.regions[i]
-	left := region{start: r.start, end: a, src: r.src, zero: r.zero}
-	right := region{start: a, end: r.end, src: r.src + (a - r.start), zero: r.zero}
+	left := region{start: r.start, end: a, src: r.src, zero: r.zero, image: r.image}
+	right := region{start: a, end: r.end, src: r.src + (a - r.start), zero: r.zero, image: r.image}
 	s.regions = append(s.regions[:i+1], s.regions[i:]...)
 	s.regions[i], s.regions[i+1] = left, right
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/mitosis-fork/mitosis/internal/ptrace"
 	"github.com/mitosis-fork/mitosis/internal/stub"
 	"github.com/mitosis-fork/mitosis/internal/uffd"
+	"github.com/mitosis-fork/mitosis/pager"
 	"github.com/mitosis-fork/mitosis/snapshot"
 )
 
@@ -37,7 +38,9 @@ import (
 // without REMAP, realloc's mremap reads moved pages as zero; without FORK a
 // fork() inside the child faults without a server; REMOVE and UNMAP mark
 // freed ranges so they are never refilled with stale parent data.
-const UFFDFeatures = uffd.FeatureEventFork | uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap
+// MINOR_SHMEM lets the pager map pages of the node's page cache (a memfd
+// the child maps privately) with UFFDIO_CONTINUE.
+const UFFDFeatures = uffd.FeatureEventFork | uffd.FeatureEventRemap | uffd.FeatureEventRemove | uffd.FeatureEventUnmap | uffd.FeatureMinorShmem
 
 // Options tune a restore.
 type Options struct {
@@ -47,6 +50,10 @@ type Options struct {
 	Stdio [3]*os.File
 	// Channel is installed at the descriptor's channel fd, if any.
 	Channel *os.File
+	// Cache, if set, is the node's page cache for the seed: VMAs it backs
+	// are mapped MAP_PRIVATE from it and registered for MISSING and MINOR
+	// faults.
+	Cache *pager.Cache
 	// OnUFFD is called with the child's pid and the daemon's copy of its
 	// userfaultfd (registered, API done) before the child runs any of its
 	// own code and before anything of the child touches lazy memory. It
@@ -390,6 +397,10 @@ func (c *child) build(opts Options) error {
 		opens[key] = &fileOpen{idx: idx, rw: rw}
 		openOrder = append(openOrder, key)
 	}
+	imageIdx := -1
+	if opts.Cache != nil {
+		imageIdx = b.Add("open page cache", unix.SYS_OPENAT, atFDCWD, b.String(opts.Cache.Path()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
 	exeIdx := -1
 	if d.Exe != "" {
 		exeIdx = b.Add("open exe "+d.Exe, unix.SYS_OPENAT, atFDCWD, b.String(d.Exe), unix.O_RDONLY|unix.O_CLOEXEC, 0)
@@ -401,6 +412,10 @@ func (c *child) build(opts Options) error {
 	}
 	for _, o := range opens {
 		o.result = res[o.idx]
+	}
+	imageFD := ^uint64(0)
+	if imageIdx >= 0 {
+		imageFD = res[imageIdx]
 	}
 	exeFD := uint64(0)
 	if exeIdx >= 0 {
@@ -424,6 +439,10 @@ func (c *child) build(opts Options) error {
 			}
 			b.Add(what, unix.SYS_MMAP, v.Start, size, uint64(v.Prot), flags, opens[key].result, v.Offset)
 		case descriptor.KindAnon, descriptor.KindFileDirty:
+			if off, ok := cacheOffset(opts.Cache, v); ok {
+				b.Add(what+" (page cache)", unix.SYS_MMAP, v.Start, size, uint64(v.Prot), unix.MAP_PRIVATE|unix.MAP_FIXED|unix.MAP_NORESERVE, imageFD, off)
+				continue
+			}
 			flags := uint64(unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_FIXED)
 			if v.Flags&descriptor.FlagGrowsDown != 0 {
 				flags |= unix.MAP_GROWSDOWN
@@ -433,6 +452,9 @@ func (c *child) build(opts Options) error {
 	}
 	for _, k := range openOrder {
 		b.Add("close "+k, unix.SYS_CLOSE, opens[k].result)
+	}
+	if imageIdx >= 0 {
+		b.Add("close page cache", unix.SYS_CLOSE, imageFD)
 	}
 	ufdIdx := b.Add("userfaultfd", unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK)
 	mark("batch1+plan2")
@@ -457,8 +479,8 @@ func (c *child) build(opts Options) error {
 		unix.Close(ufd)
 		return fmt.Errorf("uffd api: %w", err)
 	}
-	for _, r := range registerRanges(d.VMAs) {
-		if _, err := uffd.Register(ufd, r.Start, r.End-r.Start, uffd.RegisterModeMissing); err != nil {
+	for _, r := range registerRanges(d.VMAs, opts.Cache) {
+		if _, err := uffd.Register(ufd, r.Start, r.End-r.Start, r.mode); err != nil {
 			unix.Close(ufd)
 			return fmt.Errorf("uffd register %#x-%#x: %w", r.Start, r.End, err)
 		}
@@ -601,19 +623,36 @@ func fixRestart(r *unix.PtraceRegs) {
 	r.Orig_rax = ^uint64(0)
 }
 
-// registerRanges merges adjacent anonymous VMAs into the ranges to
-// register with userfaultfd.
-func registerRanges(vmas []descriptor.VMA) []descriptor.Run {
-	var out []descriptor.Run
+type regRange struct {
+	descriptor.Run
+	mode uint64
+}
+
+// cacheOffset reports where the page cache holds v, if it backs it.
+func cacheOffset(c *pager.Cache, v descriptor.VMA) (uint64, bool) {
+	if c == nil || !pager.CacheBacked(v) {
+		return 0, false
+	}
+	return c.Offset(v.Start)
+}
+
+// registerRanges merges adjacent lazily paged VMAs with the same mode into
+// the ranges to register with userfaultfd.
+func registerRanges(vmas []descriptor.VMA, c *pager.Cache) []regRange {
+	var out []regRange
 	for _, v := range vmas {
 		if v.Kind != descriptor.KindAnon && v.Kind != descriptor.KindFileDirty {
 			continue
 		}
-		if n := len(out); n > 0 && out[n-1].End == v.Start {
+		mode := uint64(uffd.RegisterModeMissing)
+		if _, ok := cacheOffset(c, v); ok {
+			mode |= uffd.RegisterModeMinor
+		}
+		if n := len(out); n > 0 && out[n-1].End == v.Start && out[n-1].mode == mode {
 			out[n-1].End = v.End
 			continue
 		}
-		out = append(out, descriptor.Run{Start: v.Start, End: v.End})
+		out = append(out, regRange{descriptor.Run{Start: v.Start, End: v.End}, mode})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Start < out[j].Start })
 	return out

@@ -93,6 +93,7 @@ const (
 	ioctlWake       = 0x8010aa02 // _IOR(0xAA, 0x02, struct uffdio_range)
 	ioctlCopy       = 0xc028aa03 // _IOWR(0xAA, 0x03, struct uffdio_copy)
 	ioctlZeroPage   = 0xc020aa04 // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+	ioctlContinue   = 0xc020aa07 // _IOWR(0xAA, 0x07, struct uffdio_continue)
 )
 
 // Kernel argument structures. They hold no Go pointers except
@@ -201,6 +202,28 @@ func ZeroPage(fd int, start, length, mode uint64) (int64, error) {
 	n := max(z.zeropage, 0)
 	if err != nil {
 		return n, fmt.Errorf("UFFDIO_ZEROPAGE %#x+%#x (mapped %d): %w", start, length, n, err)
+	}
+	return n, nil
+}
+
+// uffdioContinue is struct uffdio_continue.
+type uffdioContinue struct {
+	rng    uffdioRange
+	mode   uint64
+	mapped int64
+}
+
+// Continue maps the page-cache pages already present for
+// [start, start+length) of a MINOR-registered shmem mapping (for a private
+// mapping: read-only, so a write copies on write as usual) and wakes the
+// waiting threads. It returns the number of bytes mapped, with errors as for
+// Copy (EFAULT when a page is not in the page cache).
+func Continue(fd int, start, length uint64) (int64, error) {
+	c := uffdioContinue{rng: uffdioRange{start, length}}
+	err := ioctl(fd, ioctlContinue, unsafe.Pointer(&c))
+	n := max(c.mapped, 0)
+	if err != nil {
+		return n, fmt.Errorf("UFFDIO_CONTINUE %#x+%#x (mapped %d): %w", start, length, n, err)
 	}
 	return n, nil
 }

@@ -1,0 +1,145 @@
+package pager
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+)
+
+// Cache is a node's page cache for one seed: a memfd that holds the seed's
+// lazily paged memory at fixed offsets, filled from the Source on first use.
+//
+// Children map it MAP_PRIVATE at their VMAs' addresses and register those
+// ranges for MISSING and MINOR userfaultfd faults. A page crosses from the
+// source into the cache once per node; after that every child maps the same
+// page-cache page (UFFDIO_CONTINUE, read-only, copy-on-write on a write), so
+// clean pages are shared between children instead of copied into each.
+type Cache struct {
+	src     Source
+	present []descriptor.Run
+	fd      int
+	path    string
+	view    []byte // MAP_SHARED view of the whole image
+	slots   []slot
+
+	mu     sync.Mutex
+	filled map[uint64]uint64 // bitset of image pages present in the cache
+	bytes  atomic.Uint64
+}
+
+type slot struct{ start, end, off uint64 }
+
+// imageSpan is the memfd's i_size: larger than any image, so a child that
+// grows a mapping with mremap never runs past EOF (which would be SIGBUS
+// before userfaultfd could intervene). The file is sparse.
+const imageSpan = 1 << 40
+
+// CacheBacked reports whether a VMA's memory is served through a Cache:
+// private anonymous memory and written private file mappings, except the
+// main stack (MAP_GROWSDOWN needs an anonymous mapping).
+func CacheBacked(v descriptor.VMA) bool {
+	return (v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty) &&
+		v.Flags&descriptor.FlagGrowsDown == 0
+}
+
+// NewCache creates an empty cache for d's memory, filled from src.
+func NewCache(d *descriptor.Descriptor, src Source) (*Cache, error) {
+	c := &Cache{src: src, present: d.Present, fd: -1, filled: map[uint64]uint64{}}
+	var off uint64
+	for _, v := range d.VMAs {
+		if CacheBacked(v) {
+			c.slots = append(c.slots, slot{v.Start, v.End, off})
+			off += v.End - v.Start
+		}
+	}
+	fd, err := unix.MemfdCreate("mitosis-seed-"+d.SeedID, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("page cache memfd: %w", err)
+	}
+	c.fd = fd
+	c.path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), fd)
+	if err := unix.Ftruncate(fd, imageSpan); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("page cache size: %w", err)
+	}
+	if off > 0 {
+		c.view, err = unix.Mmap(fd, 0, int(off), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("map page cache: %w", err)
+		}
+	}
+	return c, nil
+}
+
+// Path is a path any process of this host (with ptrace access to the daemon)
+// can open to map the cache.
+func (c *Cache) Path() string { return c.path }
+
+// Offset returns the cache offset of the seed address src.
+func (c *Cache) Offset(src uint64) (uint64, bool) {
+	i := sort.Search(len(c.slots), func(i int) bool { return c.slots[i].end > src })
+	if i < len(c.slots) && c.slots[i].start <= src {
+		return c.slots[i].off + (src - c.slots[i].start), true
+	}
+	return 0, false
+}
+
+// Bytes is how much of the seed's memory the cache holds.
+func (c *Cache) Bytes() uint64 { return c.bytes.Load() }
+
+// Ensure fills the cache for the n source-present pages at src (which must
+// lie in one slot) that it does not hold yet.
+func (c *Cache) Ensure(src uint64, n int) error {
+	off, ok := c.Offset(src)
+	if !ok {
+		return fmt.Errorf("page cache: address %#x is not cached memory", src)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := 0; i < n; {
+		pg := off/pageSize + uint64(i)
+		if c.filled[pg>>6]&(1<<(pg&63)) != 0 {
+			i++
+			continue
+		}
+		j := i + 1
+		for j < n {
+			q := off/pageSize + uint64(j)
+			if c.filled[q>>6]&(1<<(q&63)) != 0 {
+				break
+			}
+			j++
+		}
+		o := off + uint64(i)*pageSize
+		if err := c.src.ReadPages(src+uint64(i)*pageSize, c.view[o:o+uint64(j-i)*pageSize]); err != nil {
+			return err
+		}
+		for k := i; k < j; k++ {
+			q := off/pageSize + uint64(k)
+			c.filled[q>>6] |= 1 << (q & 63)
+		}
+		c.bytes.Add(uint64(j-i) * pageSize)
+		i = j
+	}
+	return nil
+}
+
+// Close releases the cache. Children mapping it keep their mappings (the
+// memfd lives as long as they map it), but it is no longer filled.
+func (c *Cache) Close() {
+	if c.view != nil {
+		_ = unix.Munmap(c.view)
+		c.view = nil
+	}
+	if c.fd >= 0 {
+		unix.Close(c.fd)
+		c.fd = -1
+	}
+}
