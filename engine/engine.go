@@ -154,6 +154,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			// it hang on a fault that will never be served.
 			c.setErr(fmt.Errorf("paging failed: %w", err))
 			if c.PID > 0 {
+				_ = unix.Kill(-c.PID, unix.SIGKILL)
 				_ = unix.Kill(c.PID, unix.SIGKILL)
 			}
 		},
@@ -254,12 +255,25 @@ func (e *Engine) reap(c *Child, pg *pager.Pager) {
 		}
 		break
 	}
-	pg.Close()
 	c.status = syscall.WaitStatus(ws)
+	close(c.done)
+	// Processes the child forked (same process group) may outlive it and
+	// still fault: keep serving them until the group is empty. Closing
+	// their userfaultfds earlier would let them read missing memory as
+	// zeros.
+	for unix.Kill(-c.PID, 0) == nil {
+		e.mu.Lock()
+		closed := e.closed
+		e.mu.Unlock()
+		if closed {
+			_ = unix.Kill(-c.PID, unix.SIGKILL)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	pg.Close()
 	e.mu.Lock()
 	delete(e.children, c.ID)
 	e.mu.Unlock()
-	close(c.done)
 }
 
 // RemoveSeed kills the seed's frozen copy. Children still paging from it
@@ -278,7 +292,7 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 	}
 	if n > 0 {
 		e.mu.Unlock()
-		return fmt.Errorf("seed %s still has %d running children", s.ID, n)
+		return fmt.Errorf("seed %s still has %d running children (or processes they forked)", s.ID, n)
 	}
 	delete(e.seeds, s.ID)
 	e.mu.Unlock()
@@ -296,6 +310,7 @@ func (e *Engine) Close() error {
 	}
 	e.closed = true
 	for _, c := range e.children {
+		_ = unix.Kill(-c.PID, unix.SIGKILL)
 		_ = unix.Kill(c.PID, unix.SIGKILL)
 	}
 	seeds := make([]*Seed, 0, len(e.seeds))

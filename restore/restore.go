@@ -162,7 +162,10 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	attr := &syscall.ProcAttr{
 		Dir:   d.Cwd,
 		Files: files,
-		Sys:   &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL},
+		// Each child leads its own process group, so the engine can tell
+		// when a child's whole tree (processes it forked) has exited and
+		// end them all together.
+		Sys: &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL, Setpgid: true},
 	}
 	mark("openfds")
 	pid, err := syscall.ForkExec(opts.StubPath, []string{"mitosis-stub"}, attr)
