@@ -256,7 +256,7 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll 
 
 func (s *space) buffer(n int) []byte {
 	if len(s.buf) < n*pageSize {
-		s.buf = make([]byte, max(n, s.p.cfg.MaxWindow)*pageSize)
+		s.buf = make([]byte, max(n, 16)*pageSize)
 	}
 	return s.buf[:n*pageSize]
 }

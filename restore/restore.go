@@ -374,6 +374,9 @@ func (c *child) build(opts Options) error {
 		idx    int
 		rw     bool
 		result uint64
+		path   string
+		id     descriptor.FileID
+		stat   uint64 // arena address of its struct stat (batch 2)
 	}
 	opens := map[string]*fileOpen{}
 	var openOrder []string
@@ -389,15 +392,12 @@ func (c *child) build(opts Options) error {
 		if _, ok := opens[key]; ok {
 			continue
 		}
-		if err := checkFile(v.Path, v.File); err != nil {
-			return err
-		}
 		flags := uint64(unix.O_RDONLY | unix.O_CLOEXEC)
 		if rw {
 			flags = unix.O_RDWR | unix.O_CLOEXEC
 		}
 		idx := b.Add("open "+v.Path, unix.SYS_OPENAT, atFDCWD, b.String(v.Path), flags, 0)
-		opens[key] = &fileOpen{idx: idx, rw: rw}
+		opens[key] = &fileOpen{idx: idx, rw: rw, path: v.Path, id: v.File}
 		openOrder = append(openOrder, key)
 	}
 	imageIdx := -1
@@ -453,6 +453,13 @@ func (c *child) build(opts Options) error {
 			b.Add(what, unix.SYS_MMAP, v.Start, size, uint64(v.Prot), flags, ^uint64(0), 0)
 		}
 	}
+	// Identity of each opened file, checked on the open file itself (no
+	// window between check and map) before the child runs.
+	for _, k := range openOrder {
+		o := opens[k]
+		o.stat = b.Data(make([]byte, statSize))
+		b.Add("fstat "+o.path, unix.SYS_FSTAT, o.result, o.stat)
+	}
 	for _, k := range openOrder {
 		b.Add("close "+k, unix.SYS_CLOSE, opens[k].result)
 	}
@@ -466,6 +473,20 @@ func (c *child) build(opts Options) error {
 		return fmt.Errorf("recreate mappings: %w", err)
 	}
 	childUFD := res[ufdIdx]
+	if len(openOrder) > 0 {
+		first := opens[openOrder[0]].stat
+		last := opens[openOrder[len(openOrder)-1]].stat + statSize
+		buf := make([]byte, last-first)
+		if err := ptrace.ReadMem(c.pid, first, buf); err != nil {
+			return err
+		}
+		for _, k := range openOrder {
+			o := opens[k]
+			if err := checkStat(o.path, o.id, buf[o.stat-first:]); err != nil {
+				return err
+			}
+		}
+	}
 
 	// Take the uffd: it is bound to the child's mm.
 	mark("batch2")
@@ -661,12 +682,14 @@ func registerRanges(vmas []descriptor.VMA, c *pager.Cache) []regRange {
 	return out
 }
 
-// checkFile verifies that a file to map is the one the seed mapped.
-func checkFile(path string, want descriptor.FileID) error {
-	id, err := procfs.StatFileID(path)
-	if err != nil {
-		return fmt.Errorf("mapped file %s: %w (the seed's files must exist on this node)", path, err)
-	}
+// statSize is sizeof(struct stat) on x86-64.
+const statSize = 144
+
+// checkStat verifies, from a struct stat of the opened file, that a file to
+// map is the one the seed mapped.
+func checkStat(path string, want descriptor.FileID, st []byte) error {
+	le := func(off int) uint64 { return *(*uint64)(unsafe.Pointer(&st[off])) }
+	id := descriptor.FileID{Dev: le(0), Ino: le(8), Size: int64(le(48)), MtimeNsec: int64(le(88))*1e9 + int64(le(96))}
 	if id.Ino != want.Ino || id.Dev != want.Dev || id.Size != want.Size || id.MtimeNsec != want.MtimeNsec {
 		return fmt.Errorf("mapped file %s differs from the seed's (inode %d size %d, seed has inode %d size %d): it changed since prepare", path, id.Ino, id.Size, want.Ino, want.Size)
 	}
