@@ -1,0 +1,298 @@
+package engine
+
+import (
+	"bufio"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// parentSrc builds 24 MiB of state, stops itself (the prepare point), then
+// prints a digest of that state plus a marker it may have been told to
+// write (argv[2]) before the digest.
+const parentSrc = `
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+static unsigned long data[4096] = {1};
+int main(int argc, char **argv) {
+	size_t n = 24 << 20;
+	unsigned char *a = malloc(n);
+	for (size_t i = 0; i < n; i++) a[i] = (unsigned char)(i * 7 + 3);
+	for (int i = 0; i < 4096; i++) data[i] = i * i;
+	FILE *f = fopen(argv[1], "r");
+	char head[8] = {0};
+	fread(head, 1, 4, f);
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	unsigned long h = 1469598103934665603UL;
+	for (size_t i = 0; i < n; i++) { h ^= a[i]; h *= 1099511628211UL; }
+	for (int i = 0; i < 4096; i++) { h ^= data[i]; h *= 1099511628211UL; }
+	char rest[8] = {0};
+	fread(rest, 1, 4, f);
+	printf("DIGEST %lx %s%s\n", h, head, rest);
+	/* Freed then reused memory must read as zero, never as parent data. */
+	unsigned char *pa = (unsigned char *)(((unsigned long)a + 4095) & ~4095UL);
+	if (madvise(pa, 1 << 20, MADV_DONTNEED)) perror("madvise");
+	unsigned long z = 0;
+	for (size_t i = 0; i < (1 << 20); i++) z |= pa[i];
+	printf("DONTNEED %lu\n", z);
+	return 0;
+}
+`
+
+type parent struct {
+	pid int
+	cmd *exec.Cmd
+	out *bufio.Reader
+}
+
+func buildParent(t *testing.T) (bin, data string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (ptrace, userfaultfd)")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "p.c")
+	if err := os.WriteFile(src, []byte(parentSrc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin = filepath.Join(dir, "p")
+	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	data = filepath.Join(dir, "data")
+	if err := os.WriteFile(data, []byte("abcdefgh"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return bin, data
+}
+
+func startParent(t *testing.T, bin, data string) *parent {
+	t.Helper()
+	cmd := exec.Command(bin, data)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &parent{pid: cmd.Process.Pid, cmd: cmd, out: bufio.NewReader(stdout)}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	line, err := p.out.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "READY") {
+		t.Fatalf("parent: %q %v", line, err)
+	}
+	waitStopped(t, p.pid)
+	return p
+}
+
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		b, _ := os.ReadFile("/proc/" + itoa(pid) + "/stat")
+		if f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); len(f) > 0 && f[0] == "T" {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("pid %d did not stop", pid)
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+// runChild forks one child with a pipe as stdout and returns its output.
+func runChild(t *testing.T, e *Engine, s *Seed, opts ForkOptions) (string, syscall.WaitStatus) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	opts.Stdio = [3]*os.File{nil, w, w}
+	c, err := e.Fork(s, opts)
+	w.Close()
+	if err != nil {
+		t.Fatalf("fork: %v", err)
+	}
+	outc := make(chan string, 1)
+	go func() {
+		b, _ := readAll(r)
+		outc <- string(b)
+	}()
+	select {
+	case <-c.Done():
+	case <-time.After(30 * time.Second):
+		_ = unix.Kill(c.PID, unix.SIGKILL)
+		t.Fatalf("child %d hung", c.PID)
+	}
+	return <-outc, c.Status()
+}
+
+func readAll(r *os.File) ([]byte, error) {
+	var out []byte
+	buf := make([]byte, 4096)
+	for {
+		n, err := r.Read(buf)
+		out = append(out, buf[:n]...)
+		if err != nil {
+			return out, nil
+		}
+	}
+}
+
+func TestForkModesAgree(t *testing.T) {
+	bin, data := buildParent(t)
+	p := startParent(t, bin, data)
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The parent stays stopped and untraced after prepare.
+	b, _ := os.ReadFile("/proc/" + itoa(p.pid) + "/status")
+	if !strings.Contains(string(b), "TracerPid:\t0") || !strings.Contains(string(b), "State:\tT") {
+		t.Fatalf("parent after prepare:\n%s", b)
+	}
+	// The parent's own digest, after the children would have run.
+	var want string
+	cases := []struct {
+		name string
+		opts ForkOptions
+	}{
+		{"cache", ForkOptions{}},
+		{"cache-again", ForkOptions{}},
+		{"nocache", ForkOptions{NoCache: true}},
+		{"eager", ForkOptions{Eager: true}},
+	}
+	outs := map[string]string{}
+	for _, tc := range cases {
+		out, st := runChild(t, e, s, tc.opts)
+		if st.ExitStatus() != 0 || st.Signaled() {
+			t.Fatalf("%s: child status %v, output %q", tc.name, st, out)
+		}
+		outs[tc.name] = out
+	}
+	_ = unix.Kill(p.pid, unix.SIGCONT)
+	for {
+		line, err := p.out.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		want += line
+		if strings.HasPrefix(line, "DONTNEED") {
+			break
+		}
+	}
+	if !strings.Contains(want, "abcdefgh") || !strings.Contains(want, "DONTNEED 0") {
+		t.Fatalf("parent output %q", want)
+	}
+	for name, out := range outs {
+		if out != want {
+			t.Errorf("%s: child printed %q, parent %q", name, out, want)
+		}
+	}
+	if s.CacheBytes() == 0 {
+		t.Errorf("page cache stayed empty")
+	}
+}
+
+func TestForkRefusesChangedFile(t *testing.T) {
+	bin, data := buildParent(t)
+	p := startParent(t, bin, data)
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Rewrite the executable in place (new mtime): children must refuse to
+	// map it instead of running different code.
+	now := time.Now().Add(time.Hour)
+	if err := os.Chtimes(bin, now, now); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.Fork(s, ForkOptions{})
+	if err == nil || !strings.Contains(err.Error(), bin) {
+		t.Fatalf("fork after the executable changed: %v (want an error naming %s)", err, bin)
+	}
+	if err := e.RemoveSeed(s); err != nil {
+		t.Fatal(err)
+	}
+	// The frozen copy is gone (at most a zombie of the parent, which
+	// reaps it or exits).
+	if b, err := os.ReadFile("/proc/" + itoa(s.SourcePID) + "/stat"); err == nil {
+		if f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:])); f[0] != "Z" {
+			t.Fatalf("frozen copy %d still alive after RemoveSeed: %s", s.SourcePID, b)
+		}
+	}
+}
+
+func TestPrepareErrors(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	_, err = e.Prepare(1<<30, PrepareOptions{ChannelFD: -1})
+	if err == nil || !strings.Contains(err.Error(), "no such process") {
+		t.Fatalf("nonexistent pid: %v", err)
+	}
+	// A process holding a pipe is refused and left running untraced.
+	cmd := exec.Command("sleep", "30")
+	r, w, _ := os.Pipe()
+	cmd.ExtraFiles = []*os.File{r}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	w.Close()
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	time.Sleep(50 * time.Millisecond)
+	_, err = e.Prepare(cmd.Process.Pid, PrepareOptions{ChannelFD: -1})
+	if err == nil || !strings.Contains(err.Error(), "pipe") {
+		t.Fatalf("pipe holder: %v", err)
+	}
+	b, _ := os.ReadFile("/proc/" + itoa(cmd.Process.Pid) + "/status")
+	if !strings.Contains(string(b), "TracerPid:\t0") || strings.Contains(string(b), "State:\tT") {
+		t.Fatalf("pipe holder after refusal:\n%s", b)
+	}
+}
+
+// TestMain marks every fd inherited from whatever started the tests
+// close-on-exec, so parents the tests start hold only what the tests give
+// them (a runner's pipe would make prepare refuse them).
+func TestMain(m *testing.M) {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.CloseOnExec(fd)
+		}
+	}
+	os.Exit(m.Run())
+}
