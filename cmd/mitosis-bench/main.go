@@ -1,0 +1,103 @@
+// Command mitosis-bench measures the mitosis engine on this host: Prepare
+// time against parent size and for a pandas parent, the start latency of a
+// Python child, and start+execution of children that read a 64 MiB array
+// (C and numpy), each against local fork(2) and exec-from-scratch baselines
+// measured in the same run. It must run as root.
+//
+// Usage:
+//
+//	go run ./cmd/mitosis-bench [-runs N] [-quick] [-out FILE.md] [-json FILE.json] [-only NAME[,NAME...]]
+//
+// The markdown report is printed to stdout (and written to -out); progress
+// goes to stderr. The exit status is 1 if any group failed (an engine error
+// or a wrong result from a child).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/mitosis-fork/mitosis/bench"
+)
+
+func main() {
+	runs := flag.Int("runs", 20, "measured runs per case (plus one discarded warm-up)")
+	quick := flag.Bool("quick", false, "3 runs per case (unless -runs is given)")
+	out := flag.String("out", "", "write the markdown report to this file")
+	jsonOut := flag.String("json", "", "write the report with raw samples as JSON to this file")
+	only := flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(bench.Names(), ", "))
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "mitosis-bench: unexpected arguments %q\n", flag.Args())
+		os.Exit(2)
+	}
+	runsSet := false
+	flag.Visit(func(f *flag.Flag) { runsSet = runsSet || f.Name == "runs" })
+	if *quick && !runsSet {
+		*runs = 3
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "mitosis-bench: must run as root (ptrace, userfaultfd)")
+		os.Exit(2)
+	}
+	cfg := bench.Config{
+		Runs:        *runs,
+		Log:         os.Stderr,
+		CommandLine: strings.Join(append([]string{filepath.Base(os.Args[0])}, quoteArgs(os.Args[1:])...), " "),
+	}
+	if *only != "" {
+		cfg.Only = strings.Split(*only, ",")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	rep, err := bench.Run(ctx, cfg)
+	code := 0
+	if rep != nil {
+		md := rep.Markdown()
+		fmt.Print(md)
+		if *out != "" {
+			if werr := os.WriteFile(*out, []byte(md), 0o644); werr != nil {
+				fmt.Fprintln(os.Stderr, "mitosis-bench:", werr)
+				code = 1
+			}
+		}
+		if *jsonOut != "" {
+			b, jerr := rep.JSON()
+			if jerr == nil {
+				jerr = os.WriteFile(*jsonOut, append(b, '\n'), 0o644)
+			}
+			if jerr != nil {
+				fmt.Fprintln(os.Stderr, "mitosis-bench:", jerr)
+				code = 1
+			}
+		}
+		if rep.Failed() {
+			fmt.Fprintln(os.Stderr, "mitosis-bench: some benchmarks FAILED (see the report)")
+			code = 1
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-bench:", err)
+		code = 1
+	}
+	stop()
+	os.Exit(code)
+}
+
+// quoteArgs quotes arguments that a shell would split.
+func quoteArgs(args []string) []string {
+	q := make([]string, len(args))
+	for i, a := range args {
+		if a == "" || strings.ContainsAny(a, " \t\n'\"\\$`*?[]{}()<>|&;#~") {
+			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+		q[i] = a
+	}
+	return q
+}
