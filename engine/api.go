@@ -85,6 +85,7 @@ type Child struct {
 	Took    time.Duration // Fork wall time until the child was released
 
 	done   chan struct{}
+	tree   chan struct{} // closed when the child's whole process group is gone
 	status syscall.WaitStatus
 	pg     statser
 
@@ -112,6 +113,17 @@ type statser interface{ Stats() ChildStats }
 
 // Done is closed when the child has exited and been reaped.
 func (c *Child) Done() <-chan struct{} { return c.done }
+
+// TreeDone is closed when the child and every process it forked (its
+// process group) have exited and its pager has stopped.
+func (c *Child) TreeDone() <-chan struct{} { return c.tree }
+
+// Kill sends sig to the child's process group (the child and what it
+// forked) and to the child itself.
+func (c *Child) Kill(sig syscall.Signal) {
+	_ = syscall.Kill(-c.PID, sig)
+	_ = syscall.Kill(c.PID, sig)
+}
 
 // Status is the child's wait status; valid after Done is closed.
 func (c *Child) Status() syscall.WaitStatus { return c.status }

@@ -126,7 +126,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			stdio[i] = e.devNull
 		}
 	}
-	c := &Child{ID: newID("c-"), Seed: s, done: make(chan struct{})}
+	c := &Child{ID: newID("c-"), Seed: s, done: make(chan struct{}), tree: make(chan struct{})}
 	d := s.Desc
 	src := pager.LocalSource{PID: s.SourcePID}
 	var cache *pager.Cache
@@ -274,6 +274,7 @@ func (e *Engine) reap(c *Child, pg *pager.Pager) {
 	e.mu.Lock()
 	delete(e.children, c.ID)
 	e.mu.Unlock()
+	close(c.tree)
 }
 
 // RemoveSeed kills the seed's frozen copy. Children still paging from it
@@ -284,15 +285,36 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 		e.mu.Unlock()
 		return fmt.Errorf("seed %s is not known", s.ID)
 	}
-	n := 0
+	var running, draining []*Child
 	for _, c := range e.children {
-		if c.Seed == s {
-			n++
+		if c.Seed != s {
+			continue
+		}
+		select {
+		case <-c.done:
+			draining = append(draining, c)
+		default:
+			running = append(running, c)
 		}
 	}
-	if n > 0 {
+	e.mu.Unlock()
+	if len(running) > 0 {
+		return fmt.Errorf("seed %s still has %d running children; stop them first (or remove with force)", s.ID, len(running))
+	}
+	// Children that exited may leave processes they forked, which still
+	// page from the seed: give them a moment to finish.
+	deadline := time.After(2 * time.Second)
+	for _, c := range draining {
+		select {
+		case <-c.tree:
+		case <-deadline:
+			return fmt.Errorf("seed %s: processes forked by child %s (process group %d) are still running and paging from it; kill them first", s.ID, c.ID, c.PID)
+		}
+	}
+	e.mu.Lock()
+	if e.seeds[s.ID] != s {
 		e.mu.Unlock()
-		return fmt.Errorf("seed %s still has %d running children (or processes they forked)", s.ID, n)
+		return fmt.Errorf("seed %s is not known", s.ID)
 	}
 	delete(e.seeds, s.ID)
 	e.mu.Unlock()

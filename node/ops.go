@@ -207,9 +207,7 @@ func (d *Daemon) killChild(k *childRec) {
 	if k.hasExited() {
 		return
 	}
-	if err := unix.Kill(k.child.PID, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
-		d.log.Warn("kill child", "child", k.id, "pid", k.child.PID, "err", err)
-	}
+	k.child.Kill(unix.SIGKILL)
 }
 
 // remove removes a seed (by id or name) or a child (by id).

@@ -215,6 +215,11 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	}
 	detach()
 	stopped := time.Since(stopAt)
+	if wasStopped {
+		// Detaching delivered SIGSTOP; wait until the parent is back in
+		// its group-stop so callers see it stopped, as it was.
+		waitGroupStop(pid)
+	}
 	phase("stopped", stopAt)
 	t1 := time.Now()
 
@@ -551,5 +556,16 @@ var debugPhases = os.Getenv("MITOSIS_DEBUG_PHASES") != ""
 func phase(name string, since time.Time) {
 	if debugPhases {
 		fmt.Fprintf(os.Stderr, "prepare phase %s: %v\n", name, time.Since(since))
+	}
+}
+
+// waitGroupStop polls until pid is in state T (at most ~100 ms).
+func waitGroupStop(pid int) {
+	for i := 0; i < 1000; i++ {
+		st, err := procfs.ReadStat(pid)
+		if err != nil || st.State == 'T' {
+			return
+		}
+		time.Sleep(100 * time.Microsecond)
 	}
 }
