@@ -168,7 +168,9 @@ func TestForkModesAgree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The parent stays stopped and untraced after prepare.
+	// The parent stays stopped and untraced after prepare (it re-enters
+	// its group-stop right after the detach).
+	waitStopped(t, p.pid)
 	b, _ := os.ReadFile("/proc/" + itoa(p.pid) + "/status")
 	if !strings.Contains(string(b), "TracerPid:\t0") || !strings.Contains(string(b), "State:\tT") {
 		t.Fatalf("parent after prepare:\n%s", b)

@@ -172,15 +172,24 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	// layout the frozen copy gets (but for MADV_DONTFORK ranges, checked
 	// in describe), and unsupported mappings are refused before anything
 	// is created.
+	// While the parent is stopped its /proc state is stable: read it on
+	// another thread while this one reads the layout and registers and
+	// injects the clone.
+	infoc := make(chan procInfo, 1)
+	go func() { infoc <- readProc(pid, opts.ChannelFD) }()
+	filesc := make(chan map[string]fileStat, 1)
+	waitInfo := func() procInfo { return <-infoc }
 	pmaps, err := procfs.Maps(pid)
 	if err != nil {
 		return nil, err
 	}
 	if _, err := classify(pmaps, nil, nil); err != nil {
+		waitInfo()
 		return nil, err
 	}
 	at, err := findVDSOSyscall(pid, pmaps)
 	if err != nil {
+		waitInfo()
 		return nil, err
 	}
 	var regs unix.PtraceRegs
@@ -197,12 +206,22 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	}
 	rseq, err := ptrace.GetRseq(pid)
 	if err != nil {
+		waitInfo()
 		return nil, err
 	}
+	info := waitInfo()
+	if info.err != nil {
+		return nil, info.err
+	}
+	go func() { filesc <- statFiles(pmaps) }()
 
 	// Freeze: clone(flags=0) -> exit_signal 0, a full copy-on-write copy.
+	phase("s.beforeclone", stopAt)
+	tq := time.Now()
 	src, err := injectClone(pid, at, &regs, &pending)
+	phase("s.clone", tq)
 	if err != nil {
+		<-filesc
 		return nil, err
 	}
 	killSrc := func() {
@@ -210,20 +229,19 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		_, _ = ptrace.Wait(src)
 	}
 	if err := ptrace.SetRegs(pid, &regs); err != nil {
+		<-filesc
 		killSrc()
 		return nil, err
 	}
+	// A parent that was stopped gets SIGSTOP back with the detach: it
+	// re-enters its group-stop before running any of its own code (it may
+	// show state R for that moment).
 	detach()
 	stopped := time.Since(stopAt)
-	if wasStopped {
-		// Detaching delivered SIGSTOP; wait until the parent is back in
-		// its group-stop so callers see it stopped, as it was.
-		waitGroupStop(pid)
-	}
 	phase("stopped", stopAt)
 	t1 := time.Now()
 
-	d, err := describe(pid, src, at, &regs, pmaps, opts)
+	d, err := describe(pid, src, at, &regs, pmaps, &info, filesc)
 	if err != nil {
 		killSrc()
 		return nil, err
@@ -321,12 +339,10 @@ func Release(src int) error {
 // stopped right after the clone).
 //
 // Precondition: runs on the tracer thread.
-func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, opts Options) (*descriptor.Descriptor, error) {
+func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, info *procInfo, filesc chan map[string]fileStat) (*descriptor.Descriptor, error) {
 	d := &descriptor.Descriptor{PID: int32(pid), VDSOSyscall: at}
 	d.Regs = regsToArray(regs)
-	var uts unix.Utsname
-	_ = unix.Uname(&uts)
-	d.Kernel = unix.ByteSliceToString(uts.Release[:])
+	d.Kernel = kernelRelease
 
 	// Page presence and file identities are gathered concurrently with
 	// the tracer-thread work below.
@@ -346,10 +362,10 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		pm.Close()
 		scanc <- scanResult{regions, err}
 	}()
-	filesc := make(chan map[string]fileStat, 1)
-	go func() { filesc <- statFiles(maps) }()
 	finish := func() (*descriptor.Descriptor, error) {
+		tw := time.Now()
 		sr := <-scanc
+		phase("d.waitscan", tw)
 		files := <-filesc
 		if sr.err != nil {
 			return nil, sr.err
@@ -368,48 +384,23 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		return nil, err
 	}
 
-	stat, err := procfs.ReadStat(src)
-	if err != nil {
-		return drain(err)
-	}
-	status, err := procfs.ReadStatus(src)
-	if err != nil {
-		return drain(err)
-	}
-	if d.Auxv, err = procfs.Auxv(src); err != nil {
-		return drain(err)
-	}
-	if d.Exe, err = procfs.Exe(src); err != nil {
-		return drain(err)
-	}
-	d.ExeFile, _ = fileID(d.Exe)
-	if d.Cwd, err = procfs.Cwd(src); err != nil {
-		return drain(err)
-	}
+	// The parent's /proc state, read while it was stopped, is the frozen
+	// copy's too (a clone copies it), except for what is checked below.
+	stat, status := info.stat, info.status
+	d.Auxv, d.Exe, d.ExeFile, d.Cwd = info.auxv, info.exe, info.exeID, info.cwd
 	d.Umask = status.Umask
 	d.Creds = descriptor.Creds{
 		UID: status.Uid[0], EUID: status.Uid[1], SUID: status.Uid[2], FSUID: status.Uid[3],
 		GID: status.Gid[0], EGID: status.Gid[1], SGID: status.Gid[2], FSGID: status.Gid[3],
 		Groups: status.Groups,
 	}
-	for res := 0; res < 16; res++ {
-		var l unix.Rlimit
-		if err := unix.Prlimit(src, res, nil, &l); err == nil {
-			d.Rlimits = append(d.Rlimits, descriptor.Rlimit{Resource: uint32(res), Cur: l.Cur, Max: l.Max})
-		}
-	}
-	fds, err := procfs.FDs(src)
+	d.Rlimits, d.FDs = info.rlimits, info.fds
+	d.RobustHead, d.RobustLen = info.robustHead, info.robustLen
+	tq := time.Now()
+	defer func() { phase("d.tail", tq) }()
+	srcStatus, err := procfs.ReadStatus(src)
 	if err != nil {
 		return drain(err)
-	}
-	if d.FDs, _, err = checkFDs(fds, opts.ChannelFD); err != nil {
-		return drain(err)
-	}
-
-	// Robust futex list of the parent (a clone does not inherit it).
-	var head, hlen uint64
-	if _, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(pid), uintptr(unsafePtr(&head)), uintptr(unsafePtr(&hlen))); e == 0 {
-		d.RobustHead, d.RobustLen = head, hlen
 	}
 
 	// Queries injected into the frozen copy: it shares the parent's
@@ -505,9 +496,9 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 			total += m.End - m.Start
 		}
 	}
-	if status.VmSize != 0 && status.VmSize != total {
+	if srcStatus.VmSize != 0 && srcStatus.VmSize != total {
 		if debugPhases {
-			fmt.Fprintf(os.Stderr, "prepare: frozen copy maps %d bytes, parent layout %d: re-reading\n", status.VmSize, total)
+			fmt.Fprintf(os.Stderr, "prepare: frozen copy maps %d bytes, parent layout %d: re-reading\n", srcStatus.VmSize, total)
 		}
 		<-filesc
 		if maps, err = procfs.Maps(src); err != nil {
@@ -559,13 +550,63 @@ func phase(name string, since time.Time) {
 	}
 }
 
-// waitGroupStop polls until pid is in state T (at most ~100 ms).
-func waitGroupStop(pid int) {
-	for i := 0; i < 1000; i++ {
-		st, err := procfs.ReadStat(pid)
-		if err != nil || st.State == 'T' {
-			return
-		}
-		time.Sleep(100 * time.Microsecond)
+var kernelRelease = func() string {
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	return unix.ByteSliceToString(uts.Release[:])
+}()
+
+// procInfo is the /proc and kernel state of a stopped parent that its
+// frozen copy shares.
+type procInfo struct {
+	stat                  procfs.Stat
+	status                procfs.Status
+	auxv                  []byte
+	exe, cwd              string
+	exeID                 descriptor.FileID
+	rlimits               []descriptor.Rlimit
+	fds                   []descriptor.FD
+	robustHead, robustLen uint64
+	err                   error
+}
+
+// readProc reads pid's procInfo; unsupported fds set err.
+func readProc(pid, channel int) (pi procInfo) {
+	fail := func(err error) procInfo { pi.err = err; return pi }
+	var err error
+	if pi.stat, err = procfs.ReadStat(pid); err != nil {
+		return fail(err)
 	}
+	if pi.status, err = procfs.ReadStatus(pid); err != nil {
+		return fail(err)
+	}
+	if pi.auxv, err = procfs.Auxv(pid); err != nil {
+		return fail(err)
+	}
+	if pi.exe, err = procfs.Exe(pid); err != nil {
+		return fail(err)
+	}
+	pi.exeID, _ = fileID(pi.exe)
+	if pi.cwd, err = procfs.Cwd(pid); err != nil {
+		return fail(err)
+	}
+	for res := 0; res < 16; res++ {
+		var l unix.Rlimit
+		if err := unix.Prlimit(pid, res, nil, &l); err == nil {
+			pi.rlimits = append(pi.rlimits, descriptor.Rlimit{Resource: uint32(res), Cur: l.Cur, Max: l.Max})
+		}
+	}
+	fds, err := procfs.FDs(pid)
+	if err != nil {
+		return fail(err)
+	}
+	if pi.fds, _, err = checkFDs(fds, channel); err != nil {
+		return fail(err)
+	}
+	// The robust futex list (a clone does not inherit it).
+	var head, hlen uint64
+	if _, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(pid), uintptr(unsafePtr(&head)), uintptr(unsafePtr(&hlen))); e == 0 {
+		pi.robustHead, pi.robustLen = head, hlen
+	}
+	return pi
 }
