@@ -528,18 +528,13 @@ func (s *space) fault(a uint64) error {
 		end += pageSize
 	}
 	n := int((end - start) / pageSize)
-	var err error
-	switch {
-	case zero:
-		_, err = s.zero(start, n)
-	case s.isImage(start):
-		err = s.mapShared(start, n)
-	default:
-		b := s.buffer(n)
-		if err = s.p.cfg.Source.ReadPages(s.srcOf(start), b); err != nil {
-			return fmt.Errorf("page source: %w", err)
-		}
-		_, err = s.copy(start, b)
+	err := s.install(start, n, zero)
+	if n > 1 && (errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EFAULT)) {
+		// The window ran past the VMA (the pager's regions do not see
+		// every VMA boundary, e.g. after mremap grew or shrank one):
+		// serve the faulting page alone.
+		start, end, n = a, a+pageSize, 1
+		err = s.install(a, 1, zero)
 	}
 	s.lastStart, s.lastEnd = start, end
 	if debugFaults {
@@ -558,6 +553,25 @@ func (s *space) fault(a uint64) error {
 		return nil
 	}
 	return fmt.Errorf("serve fault at %#x: %w", a, err)
+}
+
+// install serves n pages at start: zero pages, pages mapped from the cache,
+// or pages copied from the source.
+func (s *space) install(start uint64, n int, zero bool) error {
+	switch {
+	case zero:
+		_, err := s.zero(start, n)
+		return err
+	case s.isImage(start):
+		return s.mapShared(start, n)
+	default:
+		b := s.buffer(n)
+		if err := s.p.cfg.Source.ReadPages(s.srcOf(start), b); err != nil {
+			return fmt.Errorf("page source: %w", err)
+		}
+		_, err := s.copy(start, b)
+		return err
+	}
 }
 
 // split ensures a region boundary at a.
