@@ -36,6 +36,11 @@ type ForkOptions struct {
 	// Eager copies every present page before the child runs (the
 	// checkpoint/restore baseline) instead of paging on demand.
 	Eager bool
+	// Prefetch maps the seed's recorded working set (the pages earlier
+	// children touched) into the child before it runs, fetching into the
+	// node's page cache what it does not hold yet, so the child takes
+	// fewer faults.
+	Prefetch bool
 	// NoCache pages the child by copying from the frozen copy
 	// (UFFDIO_COPY) instead of mapping the node's shared page cache. For
 	// comparisons; slower and uses more memory.
@@ -52,9 +57,16 @@ type Seed struct {
 	ParentPID int           // pid of the prepared parent
 	Created   time.Time     // when Prepare finished
 	Took      time.Duration // Prepare wall time
+	// Origin is the node that holds the seed's page source, "" for a
+	// seed prepared on this node.
+	Origin string
 
-	cacheMu sync.Mutex
-	cache   *pager.Cache
+	src      pager.Source
+	imported []descriptor.Run // working set received with an imported seed
+
+	cacheMu    sync.Mutex
+	cache      *pager.Cache
+	remoteRuns []descriptor.Run // pages served to other nodes
 }
 
 // CacheBytes is how much of the seed's memory the node's page cache holds.
@@ -73,7 +85,11 @@ type ChildStats struct {
 	PagesCopied uint64
 	PagesZero   uint64
 	PagesShared uint64 // mapped from the node's shared page cache
-	Eager       uint64 // pages copied before the child ran
+	// PagesFetched are pages this child's faults brought into the node's
+	// page cache from the seed's source (the local frozen copy, or the
+	// origin node over the network).
+	PagesFetched uint64
+	Eager        uint64 // pages copied before the child ran
 }
 
 // Child is a process forked from a seed on this host.

@@ -100,6 +100,7 @@ func (e *Engine) Prepare(pid int, opts PrepareOptions) (*Seed, error) {
 		ParentPID: pid, Created: time.Now(), Took: res.Took,
 	}
 	s.Desc.SeedID, s.Desc.Name = s.ID, s.Name
+	s.src = pager.LocalSource{PID: s.SourcePID}
 	e.mu.Lock()
 	e.seeds[s.ID] = s
 	e.mu.Unlock()
@@ -128,9 +129,9 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 	}
 	c := &Child{ID: newID("c-"), Seed: s, done: make(chan struct{}), tree: make(chan struct{})}
 	d := s.Desc
-	src := pager.LocalSource{PID: s.SourcePID}
+	src := s.src
 	var cache *pager.Cache
-	if !opts.NoCache {
+	if !opts.NoCache || s.Origin != "" {
 		var err error
 		if cache, err = s.pageCache(src); err != nil {
 			return nil, err
@@ -174,7 +175,17 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			if opts.Eager {
 				return sp.PreloadAll()
 			}
-			return preloadHot(sp, d, pid)
+			if err := preloadHot(sp, d, pid); err != nil {
+				return err
+			}
+			if opts.Prefetch {
+				for _, r := range s.WorkingSet() {
+					if err := sp.Preload(r.Start, int((r.End-r.Start)/descriptor.PageSize), nil); err != nil {
+						return fmt.Errorf("prefetch working set: %w", err)
+					}
+				}
+			}
+			return nil
 		},
 	})
 	if err != nil {
@@ -215,6 +226,125 @@ func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	return nil
 }
 
+// ImportSeed registers a seed prepared on another node: d is its descriptor
+// and src reads its pages (over the network). Its children on this node
+// share one page cache filled from src, so each page crosses the network
+// at most once per node. ws is the working set the origin recorded; it is
+// fetched into the cache in the background.
+func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin string, ws []descriptor.Run) (*Seed, error) {
+	if d.Kernel != kernelRelease() {
+		return nil, fmt.Errorf("seed %s was prepared on kernel %s, this node runs %s: the vDSO differs, children cannot run here", d.SeedID, d.Kernel, kernelRelease())
+	}
+	s := &Seed{ID: d.SeedID, Name: d.Name, Desc: d, Origin: origin, Created: time.Now(), src: src, imported: ws}
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil, errors.New("engine closed")
+	}
+	if old, ok := e.seeds[s.ID]; ok {
+		e.mu.Unlock()
+		return old, nil
+	}
+	e.seeds[s.ID] = s
+	e.mu.Unlock()
+	if len(ws) > 0 {
+		go func() {
+			c, err := s.pageCache(src)
+			if err != nil {
+				return
+			}
+			for _, r := range ws {
+				// Best effort: a child faults on what this misses.
+				if _, err := c.Ensure(r.Start, int((r.End-r.Start)/descriptor.PageSize)); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	return s, nil
+}
+
+// ReadPages serves a local seed's memory to a peer node from the frozen
+// copy.
+func (e *Engine) ReadPages(s *Seed, addr uint64, buf []byte) error {
+	if s.Origin != "" {
+		return fmt.Errorf("seed %s is not prepared on this node (origin %s)", s.ID, s.Origin)
+	}
+	if addr%descriptor.PageSize != 0 || len(buf)%descriptor.PageSize != 0 {
+		return fmt.Errorf("seed %s: unaligned read %#x+%d", s.ID, addr, len(buf))
+	}
+	if !s.covers(addr, uint64(len(buf))) {
+		return fmt.Errorf("seed %s: range %#x+%#x is not memory of the seed", s.ID, addr, len(buf))
+	}
+	s.recordRemote(addr, uint64(len(buf)))
+	return s.src.ReadPages(addr, buf)
+}
+
+// covers reports whether [addr, addr+n) lies in lazily paged VMAs.
+func (s *Seed) covers(addr, n uint64) bool {
+	for _, v := range s.Desc.VMAs {
+		if addr >= v.Start && addr+n <= v.End && (v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Seed) recordRemote(addr, n uint64) {
+	s.cacheMu.Lock()
+	defer s.cacheMu.Unlock()
+	s.remoteRuns = addRun(s.remoteRuns, descriptor.Run{Start: addr, End: addr + n})
+}
+
+// addRun inserts r into sorted disjoint runs, merging.
+func addRun(runs []descriptor.Run, r descriptor.Run) []descriptor.Run {
+	out := make([]descriptor.Run, 0, len(runs)+1)
+	placed := false
+	for _, x := range runs {
+		switch {
+		case x.End < r.Start:
+			out = append(out, x)
+		case r.End < x.Start:
+			if !placed {
+				out = append(out, r)
+				placed = true
+			}
+			out = append(out, x)
+		default:
+			r.Start, r.End = min(r.Start, x.Start), max(r.End, x.End)
+		}
+	}
+	if !placed {
+		out = append(out, r)
+	}
+	return out
+}
+
+// WorkingSet returns the runs of seed memory its children have touched so
+// far: pages in this node's page cache, pages served to other nodes, and
+// the working set an imported seed came with.
+func (s *Seed) WorkingSet() []descriptor.Run {
+	s.cacheMu.Lock()
+	c := s.cache
+	runs := append([]descriptor.Run(nil), s.remoteRuns...)
+	for _, r := range s.imported {
+		runs = addRun(runs, r)
+	}
+	s.cacheMu.Unlock()
+	if c != nil {
+		for _, r := range c.Filled() {
+			runs = addRun(runs, r)
+		}
+	}
+	return runs
+}
+
+func kernelRelease() string {
+	var uts unix.Utsname
+	_ = unix.Uname(&uts)
+	return unix.ByteSliceToString(uts.Release[:])
+}
+
 // pageCache returns the seed's page cache on this node, creating it.
 func (s *Seed) pageCache(src pager.Source) (*pager.Cache, error) {
 	s.cacheMu.Lock()
@@ -242,7 +372,8 @@ type pagerStats struct{ p *pager.Pager }
 
 func (p pagerStats) Stats() ChildStats {
 	s := p.p.Stats()
-	return ChildStats{Faults: s.Faults, PagesCopied: s.PagesCopied, PagesZero: s.PagesZero, PagesShared: s.PagesShared, Eager: s.Eager}
+	return ChildStats{Faults: s.Faults, PagesCopied: s.PagesCopied, PagesZero: s.PagesZero,
+		PagesShared: s.PagesShared, PagesFetched: s.PagesFetched, Eager: s.Eager}
 }
 
 func (e *Engine) reap(c *Child, pg *pager.Pager) {
@@ -319,6 +450,9 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 	delete(e.seeds, s.ID)
 	e.mu.Unlock()
 	s.closeCache()
+	if s.SourcePID == 0 {
+		return nil
+	}
 	return e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) })
 }
 
@@ -345,6 +479,9 @@ func (e *Engine) Close() error {
 	var errs []error
 	for _, s := range seeds {
 		s.closeCache()
+		if s.SourcePID == 0 {
+			continue
+		}
 		if err := e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) }); err != nil {
 			errs = append(errs, err)
 		}

@@ -88,14 +88,16 @@ func (c *Cache) Offset(src uint64) (uint64, bool) {
 func (c *Cache) Bytes() uint64 { return c.bytes.Load() }
 
 // Ensure fills the cache for the n source-present pages at src (which must
-// lie in one slot) that it does not hold yet.
-func (c *Cache) Ensure(src uint64, n int) error {
+// lie in one slot) that it does not hold yet, and returns how many pages it
+// fetched from the source.
+func (c *Cache) Ensure(src uint64, n int) (int, error) {
 	off, ok := c.Offset(src)
 	if !ok {
-		return fmt.Errorf("page cache: address %#x is not cached memory", src)
+		return 0, fmt.Errorf("page cache: address %#x is not cached memory", src)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	fetched := 0
 	for i := 0; i < n; {
 		pg := off/pageSize + uint64(i)
 		if c.filled[pg>>6]&(1<<(pg&63)) != 0 {
@@ -120,11 +122,12 @@ func (c *Cache) Ensure(src uint64, n int) error {
 		}
 		b := c.buf[:size]
 		if err := c.src.ReadPages(src+uint64(i)*pageSize, b); err != nil {
-			return err
+			return fetched, err
 		}
 		if _, err := unix.Pwrite(c.fd, b, int64(o)); err != nil {
-			return fmt.Errorf("page cache write: %w", err)
+			return fetched, fmt.Errorf("page cache write: %w", err)
 		}
+		fetched += j - i
 		for k := i; k < j; k++ {
 			q := off/pageSize + uint64(k)
 			c.filled[q>>6] |= 1 << (q & 63)
@@ -132,7 +135,31 @@ func (c *Cache) Ensure(src uint64, n int) error {
 		c.bytes.Add(uint64(j-i) * pageSize)
 		i = j
 	}
-	return nil
+	return fetched, nil
+}
+
+// Filled returns the runs of seed addresses the cache holds: the working
+// set the seed's children on this node have touched so far.
+func (c *Cache) Filled() []descriptor.Run {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var runs []descriptor.Run
+	for _, sl := range c.slots {
+		first := sl.off / pageSize
+		for pg := uint64(0); pg < (sl.end-sl.start)/pageSize; pg++ {
+			q := first + pg
+			if c.filled[q>>6]&(1<<(q&63)) == 0 {
+				continue
+			}
+			a := sl.start + pg*pageSize
+			if n := len(runs); n > 0 && runs[n-1].End == a {
+				runs[n-1].End = a + pageSize
+			} else {
+				runs = append(runs, descriptor.Run{Start: a, End: a + pageSize})
+			}
+		}
+	}
+	return runs
 }
 
 // Close releases the cache. Children mapping it keep their mappings (the

@@ -57,8 +57,12 @@ type Stats struct {
 	PagesCopied uint64
 	PagesZero   uint64
 	PagesShared uint64 // mapped from the node's page cache
-	Eager       uint64
-	Spaces      uint64
+	// PagesFetched counts pages this child's faults brought into the
+	// node's page cache from the seed's source (local frozen copy or
+	// a remote node).
+	PagesFetched uint64
+	Eager        uint64
+	Spaces       uint64
 }
 
 // Pager serves one child tree.
@@ -66,7 +70,7 @@ type Pager struct {
 	cfg     Config
 	present []descriptor.Run
 
-	faults, copied, zeroed, shared, eager, spacesN atomic.Uint64
+	faults, copied, zeroed, shared, fetched, eager, spacesN atomic.Uint64
 
 	mu      sync.Mutex
 	spaces  map[*space]struct{}
@@ -90,7 +94,7 @@ func New(cfg Config) *Pager {
 // Stats returns the counters of all spaces.
 func (p *Pager) Stats() Stats {
 	return Stats{Faults: p.faults.Load(), PagesCopied: p.copied.Load(), PagesZero: p.zeroed.Load(),
-		PagesShared: p.shared.Load(), Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
+		PagesShared: p.shared.Load(), PagesFetched: p.fetched.Load(), Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
 }
 
 // Err returns the error that stopped a space, if any.
@@ -269,7 +273,9 @@ func (s *space) isImage(a uint64) bool {
 // mapShared fills the cache for n source-present pages at a (one region)
 // and maps them into the child from the page cache.
 func (s *space) mapShared(a uint64, n int) error {
-	if err := s.p.cfg.Cache.Ensure(s.srcOf(a), n); err != nil {
+	f, err := s.p.cfg.Cache.Ensure(s.srcOf(a), n)
+	s.p.fetched.Add(uint64(f))
+	if err != nil {
 		return fmt.Errorf("page source: %w", err)
 	}
 	done := 0
