@@ -14,6 +14,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -138,12 +139,49 @@ func (c *Client) Ping() (pid int, version string, err error) {
 	return resp.PID, resp.Version, nil
 }
 
+// NodeName returns the name of the node the daemon runs on.
+func (c *Client) NodeName() (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	resp, err := c.roundTrip(Request{Op: OpPing}, nil)
+	if err != nil {
+		return "", err
+	}
+	return resp.Node, nil
+}
+
 // Prepare snapshots the running process pid into a new seed named name
 // (optional).
 func (c *Client) Prepare(pid int, name string) (SeedInfo, error) {
+	return c.PrepareWith(PrepareRequest{PID: pid, Name: name})
+}
+
+// PrepareRequest asks for a seed made from a running process.
+type PrepareRequest struct {
+	// PID is the process to prepare.
+	PID int
+	// Name is the seed's name (optional).
+	Name string
+	// Allow lists the peer nodes that may fetch the seed's descriptor and
+	// pages; empty means every authenticated peer.
+	Allow []string
+	// TTL removes the seed this long after it was prepared (0: never).
+	TTL time.Duration
+}
+
+// PrepareWith snapshots a running process into a new seed, with sharing
+// and expiry options.
+func (c *Client) PrepareWith(req PrepareRequest) (SeedInfo, error) {
+	if req.TTL < 0 {
+		return SeedInfo{}, fmt.Errorf("prepare: ttl must not be negative, got %v", req.TTL)
+	}
+	r := Request{Op: OpPrepare, PID: req.PID, Name: req.Name, Allow: req.Allow}
+	if req.TTL > 0 {
+		r.TTL = req.TTL.String()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	resp, err := c.roundTrip(Request{Op: OpPrepare, PID: pid, Name: name}, nil)
+	resp, err := c.roundTrip(r, nil)
 	if err != nil {
 		return SeedInfo{}, err
 	}
@@ -165,6 +203,13 @@ type ForkRequest struct {
 	// Payload is JSON delivered to children of prepare-self seeds
 	// (optional).
 	Payload json.RawMessage
+	// Node is the node the children are created on; empty means the
+	// daemon's own node. Seed may be "NODE/SEED" for a seed prepared on
+	// another node.
+	Node string
+	// Prefetch maps the seed's recorded working set into each child before
+	// it runs.
+	Prefetch bool
 }
 
 // Fork starts detached children of a seed: stdin is /dev/null, stdout and
@@ -177,7 +222,8 @@ func (c *Client) Fork(req ForkRequest) ([]ChildInfo, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	resp, err := c.roundTrip(Request{Op: OpFork, Seed: req.Seed, Count: req.Count, Eager: req.Eager, Payload: req.Payload}, nil)
+	resp, err := c.roundTrip(Request{Op: OpFork, Seed: req.Seed, Count: req.Count, Eager: req.Eager, Payload: req.Payload,
+		Node: req.Node, Prefetch: req.Prefetch}, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -189,8 +235,20 @@ func (c *Client) Fork(req ForkRequest) ([]ChildInfo, error) {
 // ends. If the connection closes first (for example the caller exits), the
 // daemon kills the child.
 func (c *Client) ForkAttached(seed string, eager bool, stdin, stdout, stderr *os.File, payload json.RawMessage) (ChildInfo, ExitInfo, error) {
+	return c.ForkAttachedWith(ForkRequest{Seed: seed, Eager: eager, Payload: payload}, stdin, stdout, stderr)
+}
+
+// ForkAttachedWith is ForkAttached with every fork option (Count must be 0
+// or 1, Node empty or the daemon's own node). If the daemon ends the child
+// because its memory could not be served, the returned ExitInfo carries
+// the reason in Error.
+func (c *Client) ForkAttachedWith(req ForkRequest, stdin, stdout, stderr *os.File) (ChildInfo, ExitInfo, error) {
+	payload := req.Payload
 	if len(payload) > 0 && !json.Valid(payload) {
 		return ChildInfo{}, ExitInfo{}, fmt.Errorf("fork: payload is not valid JSON: %q", payload)
+	}
+	if req.Count > 1 {
+		return ChildInfo{}, ExitInfo{}, fmt.Errorf("fork: an attached fork starts one child, got count %d", req.Count)
 	}
 	files := [3]*os.File{stdin, stdout, stderr}
 	fds := make([]int, 3)
@@ -202,7 +260,8 @@ func (c *Client) ForkAttached(seed string, eager bool, stdin, stdout, stderr *os
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	resp, err := c.roundTrip(Request{Op: OpFork, Seed: seed, Count: 1, Eager: eager, Stdio: true, Payload: payload}, fds)
+	resp, err := c.roundTrip(Request{Op: OpFork, Seed: req.Seed, Count: 1, Eager: req.Eager, Stdio: true, Payload: payload,
+		Node: req.Node, Prefetch: req.Prefetch}, fds)
 	runtime.KeepAlive(files) // their fds must stay open until sent
 	if err != nil {
 		return ChildInfo{}, ExitInfo{}, err

@@ -39,7 +39,15 @@ const (
 	StateRunning = "running"
 	StateExited  = "exited"
 	StateKilled  = "killed"
+	// StateFailed is a child the daemon ended because its memory could not
+	// be served (for example the seed's origin node died); ChildInfo.Error
+	// says why.
+	StateFailed = "failed"
 )
+
+// SourceLocal is ChildInfo.Source for a child of a seed prepared on the
+// daemon's own node.
+const SourceLocal = "local"
 
 // SocketPath resolves the daemon's socket path: path if not empty, else
 // $MITOSIS_SOCKET, else DefaultSocket.
@@ -67,6 +75,18 @@ type Request struct {
 	Payload json.RawMessage `json:"payload,omitempty"`
 	ID      string          `json:"id,omitempty"`
 	Force   bool            `json:"force,omitempty"`
+	// Node is the node a fork's children are created on (empty: the
+	// daemon's own node).
+	Node string `json:"node,omitempty"`
+	// Prefetch maps the seed's recorded working set into each child
+	// before it runs.
+	Prefetch bool `json:"prefetch,omitempty"`
+	// Allow lists the peer nodes that may fetch a prepared seed (empty:
+	// every authenticated peer).
+	Allow []string `json:"allow,omitempty"`
+	// TTL is a Go duration ("90s", "1h") after which a prepared seed is
+	// removed (empty: never).
+	TTL string `json:"ttl,omitempty"`
 }
 
 // Response is one response line from the daemon. Seed is a SeedInfo object
@@ -82,6 +102,8 @@ type Response struct {
 	Exit     *ExitInfo       `json:"exit,omitempty"`
 	PID      int             `json:"pid,omitempty"`
 	Version  string          `json:"version,omitempty"`
+	// Node is the daemon's node name (ping).
+	Node string `json:"node,omitempty"`
 }
 
 // SeedInfo describes one seed held by the daemon.
@@ -99,22 +121,47 @@ type SeedInfo struct {
 	Self bool `json:"self"`
 	// Children is the number of this seed's children still running.
 	Children int `json:"children"`
+	// Origin is the node the seed was prepared on, empty for a seed
+	// prepared on this node (an imported seed pages from its origin).
+	Origin string `json:"origin,omitempty"`
+	// Allow lists the peer nodes that may fetch the seed (empty: all).
+	Allow []string `json:"allow,omitempty"`
+	// Leases is the number of children on other nodes that page from the
+	// seed.
+	Leases int `json:"leases"`
+	// LeaseNodes are the nodes holding those leases.
+	LeaseNodes []string `json:"lease_nodes,omitempty"`
+	// Expires is when the seed is removed (prepare --ttl), if set.
+	Expires *time.Time `json:"expires,omitempty"`
 }
 
 // ChildInfo describes one child forked by the daemon, running or exited.
 type ChildInfo struct {
-	ID          string    `json:"id"`
-	Seed        string    `json:"seed"`
-	PID         int       `json:"pid"`
-	State       string    `json:"state"`
-	ExitCode    int       `json:"exit_code"`
-	Signal      int       `json:"signal"`
-	StartMS     float64   `json:"start_ms"`
-	Faults      uint64    `json:"faults"`
-	PagesCopied uint64    `json:"pages_copied"`
-	PagesZero   uint64    `json:"pages_zero"`
-	PagesEager  uint64    `json:"pages_eager"`
-	Created     time.Time `json:"created"`
+	ID          string  `json:"id"`
+	Seed        string  `json:"seed"`
+	PID         int     `json:"pid"`
+	State       string  `json:"state"`
+	ExitCode    int     `json:"exit_code"`
+	Signal      int     `json:"signal"`
+	StartMS     float64 `json:"start_ms"`
+	Faults      uint64  `json:"faults"`
+	PagesCopied uint64  `json:"pages_copied"`
+	PagesZero   uint64  `json:"pages_zero"`
+	PagesEager  uint64  `json:"pages_eager"`
+	// PagesShared are pages mapped from the node's shared page cache.
+	PagesShared uint64 `json:"pages_shared"`
+	// PagesFetched are pages this child's faults brought into the node's
+	// page cache from the seed's source (over the network for an
+	// imported seed).
+	PagesFetched uint64 `json:"pages_fetched"`
+	// Source is where the child's pages come from: the seed's origin node,
+	// or "local".
+	Source string `json:"source"`
+	// Node is the node the child runs on.
+	Node string `json:"node,omitempty"`
+	// Error is why the daemon ended the child (state "failed").
+	Error   string    `json:"error,omitempty"`
+	Created time.Time `json:"created"`
 	// Log is the file a detached child's stdout and stderr are appended to
 	// (empty for attached children).
 	Log string `json:"log,omitempty"`
@@ -125,6 +172,9 @@ type ChildInfo struct {
 type ExitInfo struct {
 	Code   int `json:"code"`
 	Signal int `json:"signal"`
+	// Error is set when the daemon killed the child because its memory
+	// could not be served.
+	Error string `json:"error,omitempty"`
 }
 
 // ShellCode is the exit status a shell would report: Code, or 128+Signal.

@@ -11,6 +11,10 @@ package descriptor
 // Version is the current encoding version written by Encode.
 const Version = 1
 
+// CacheMemfdPrefix starts the name of every node page-cache memfd; a
+// private mapping of one is a mitosis child's own memory (see pager.Cache).
+const CacheMemfdPrefix = "mitosis-seed-"
+
 // PageSize is the only page size mitosis supports (x86-64 base pages).
 const PageSize = 4096
 

@@ -199,7 +199,11 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 	e.children[c.ID] = c
 	e.wg.Add(1)
 	e.mu.Unlock()
-	go e.reap(c, pg)
+	var pidfd *os.File
+	if fd, err := unix.PidfdOpen(c.PID, unix.PIDFD_NONBLOCK); err == nil {
+		pidfd = os.NewFile(uintptr(fd), "pidfd")
+	}
+	go e.reap(c, pg, pidfd)
 	return c, nil
 }
 
@@ -376,13 +380,33 @@ func (p pagerStats) Stats() ChildStats {
 		PagesShared: s.PagesShared, PagesFetched: s.PagesFetched, Eager: s.Eager}
 }
 
-func (e *Engine) reap(c *Child, pg *pager.Pager) {
+func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 	defer e.wg.Done()
+	// Wait for the exit through the pidfd, not wait4: while the child is
+	// being prepared as a seed (multi-hop) it is our tracee too, and a
+	// wait4 from this thread would consume its ptrace stops.
+	if pidfd != nil {
+		if rc, err := pidfd.SyscallConn(); err == nil {
+			first := true
+			_ = rc.Read(func(uintptr) bool {
+				if first {
+					first = false
+					return false // wait until readable: the process exited
+				}
+				return true
+			})
+		}
+		pidfd.Close()
+	}
 	var ws unix.WaitStatus
 	for {
 		_, err := unix.Wait4(c.PID, &ws, 0, nil)
 		if err == unix.EINTR {
 			continue
+		}
+		if err != nil {
+			// Reaped by the tracer (it died while being prepared).
+			ws = unix.WaitStatus(unix.SIGKILL)
 		}
 		break
 	}
@@ -475,7 +499,9 @@ func (e *Engine) Close() error {
 	}
 	e.seeds = map[string]*Seed{}
 	e.mu.Unlock()
-	e.wg.Wait()
+	// Frozen copies go first: a seed prepared from a child (multi-hop) has
+	// its frozen copy in that child's process group, which the child's
+	// reaper waits to see empty.
 	var errs []error
 	for _, s := range seeds {
 		s.closeCache()
@@ -486,6 +512,7 @@ func (e *Engine) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	e.wg.Wait()
 	e.tracer.Close()
 	e.stubFile.Close()
 	e.devNull.Close()

@@ -298,3 +298,83 @@ func TestMain(m *testing.M) {
 	}
 	os.Exit(m.Run())
 }
+
+// hopSrc stops twice: the parent at the first prepare point; a child,
+// after writing a marker, at the second one, where it is prepared as a
+// seed itself (multi-hop).
+const hopSrc = `
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+int main(void) {
+	size_t n = 8 << 20;
+	unsigned char *a = malloc(n);
+	for (size_t i = 0; i < n; i++) a[i] = (unsigned char)(i * 13 + 1);
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	for (size_t i = 0; i < n; i += 4096) a[i] ^= 0x5a;
+	printf("HOP %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	unsigned long h = 1469598103934665603UL;
+	for (size_t i = 0; i < n; i++) { h ^= a[i]; h *= 1099511628211UL; }
+	printf("DIGEST %lx\n", h);
+	return 0;
+}
+`
+
+func TestMultiHop(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "hop.c")
+	if err := os.WriteFile(src, []byte(hopSrc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "hop")
+	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	p := startParent(t, bin, "")
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s1, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, w, _ := os.Pipe()
+	defer r.Close()
+	c1, err := e.Fork(s1, ForkOptions{Stdio: [3]*os.File{nil, w, w}})
+	w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c1.Kill(unix.SIGKILL)
+	out := bufio.NewReader(r)
+	if line, err := out.ReadString('\n'); err != nil || !strings.HasPrefix(line, "HOP") {
+		t.Fatalf("child: %q %v", line, err)
+	}
+	waitStopped(t, c1.PID)
+	s2, err := e.Prepare(c1.PID, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatalf("prepare a child as a seed: %v", err)
+	}
+	got, st := runChild(t, e, s2, ForkOptions{})
+	if st.ExitStatus() != 0 {
+		t.Fatalf("grandchild status %v output %q", st, got)
+	}
+	_ = unix.Kill(c1.PID, unix.SIGCONT)
+	want, err := out.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want || !strings.HasPrefix(want, "DIGEST") {
+		t.Fatalf("grandchild printed %q, its parent (the child) %q", got, want)
+	}
+}

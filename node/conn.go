@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/mitosis-fork/mitosis/client"
 )
@@ -138,7 +139,7 @@ func (c *conn) handle(m incoming) bool {
 	d := c.d
 	switch req.Op {
 	case client.OpPing:
-		return c.reply(client.Response{OK: true, PID: os.Getpid(), Version: Version})
+		return c.reply(client.Response{OK: true, PID: os.Getpid(), Version: Version, Node: d.node})
 	case client.OpSeeds:
 		return c.reply(struct {
 			OK    bool              `json:"ok"`
@@ -150,7 +151,11 @@ func (c *conn) handle(m incoming) bool {
 			Children []client.ChildInfo `json:"children"`
 		}{true, d.childInfos()})
 	case client.OpPrepare:
-		info, err := d.prepare(req.PID, req.Name, -1)
+		po, err := parsePrepareOpts(req)
+		if err != nil {
+			return c.reply(errResp(err))
+		}
+		info, err := d.prepare(req.PID, req.Name, -1, po)
 		if err != nil {
 			return c.reply(errResp(err))
 		}
@@ -159,7 +164,11 @@ func (c *conn) handle(m incoming) bool {
 			Seed client.SeedInfo `json:"seed"`
 		}{true, info})
 	case client.OpPrepareSelf:
-		info, err := d.prepare(c.pid, req.Name, *req.FD)
+		po, err := parsePrepareOpts(req)
+		if err != nil {
+			return c.reply(errResp(err))
+		}
+		info, err := d.prepare(c.pid, req.Name, *req.FD, po)
 		if err != nil {
 			return c.reply(errResp(err))
 		}
@@ -170,10 +179,20 @@ func (c *conn) handle(m incoming) bool {
 		}
 		return c.reply(okResponse{OK: true})
 	case client.OpFork:
+		if req.Node != "" && req.Node != d.node {
+			if req.Stdio {
+				closeFDs(m.fds)
+				return c.reply(errResp(fmt.Errorf("fork: an attached child runs on the daemon's own node (%s), not on %s; fork detached (--detach or --count N) with --node %s", d.node, req.Node, req.Node)))
+			}
+			if req.Prefetch {
+				return c.reply(errResp(fmt.Errorf("fork: --prefetch is not carried to another node (the peer fork request has no such field); run `mitosis fork --prefetch` against node %s's daemon instead", req.Node)))
+			}
+			return c.forkRemote(req)
+		}
 		if req.Stdio {
 			return c.forkAttached(req, m.fds)
 		}
-		kids, err := d.fork(req, [3]*os.File{}, false)
+		kids, err := d.fork(d.ctx, req, [3]*os.File{}, false)
 		infos := make([]client.ChildInfo, 0, len(kids))
 		for _, k := range kids {
 			infos = append(infos, d.childInfo(k))
@@ -226,7 +245,7 @@ func (c *conn) forkAttached(req client.Request, fds []int) bool {
 		os.NewFile(uintptr(fds[1]), "stdout"),
 		os.NewFile(uintptr(fds[2]), "stderr"),
 	}
-	kids, err := c.d.fork(req, stdio, true)
+	kids, err := c.d.fork(c.d.ctx, req, stdio, true)
 	for _, f := range stdio {
 		_ = f.Close()
 	}
@@ -247,4 +266,35 @@ func (c *conn) forkAttached(req client.Request, fds []int) bool {
 		return false
 	}
 	return c.reply(exitReply{OK: true, Exit: k.exit})
+}
+
+// forkRemote forwards a fork to another node and replies with the children
+// created there (detached; their logs are on that node).
+func (c *conn) forkRemote(req client.Request) bool {
+	d := c.d
+	kids, err := d.forwardFork(d.ctx, req.Node, req)
+	origin, _ := splitSeedRef(req.Seed)
+	if origin == "" {
+		origin = d.node
+	}
+	source := origin
+	if origin == req.Node {
+		source = client.SourceLocal
+	}
+	infos := make([]client.ChildInfo, 0, len(kids))
+	for _, k := range kids {
+		infos = append(infos, client.ChildInfo{ID: k.id, Seed: req.Seed, PID: k.pid, State: client.StateRunning,
+			StartMS: k.startMS, Source: source, Node: req.Node, Created: time.Now()})
+	}
+	if err != nil {
+		if len(kids) > 0 {
+			err = fmt.Errorf("%w (%d of %d children were started on node %s and keep running)", err, len(kids), req.Count, req.Node)
+		}
+		return c.reply(struct {
+			OK       bool               `json:"ok"`
+			Error    string             `json:"error"`
+			Children []client.ChildInfo `json:"children,omitempty"`
+		}{false, err.Error(), infos})
+	}
+	return c.reply(childrenReply{OK: true, Children: infos})
 }

@@ -6,11 +6,13 @@ package node
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,6 +23,7 @@ import (
 
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/engine"
+	"github.com/mitosis-fork/mitosis/transport"
 	"golang.org/x/sys/unix"
 )
 
@@ -46,6 +49,32 @@ type Config struct {
 	// Logger receives one line per prepare, fork, exit and rm; nil means a
 	// text handler on stderr.
 	Logger *slog.Logger
+
+	// Node is this node's name in the cluster; empty means the hostname.
+	Node string
+	// Listen is the TCP address (IP:PORT) of the peer server that serves
+	// this node's seeds and forwarded forks to other nodes; empty means no
+	// peer server.
+	Listen string
+	// Peers maps the other nodes' names to their peer addresses. Clients
+	// are dialed on first use and reused. An entry for Node is ignored.
+	Peers map[string]string
+	// Secret is the cluster secret every node shares (peer connections are
+	// mutually authenticated with it). Required with Listen or Peers
+	// unless Insecure.
+	Secret []byte
+	// Insecure allows peer traffic without a secret.
+	Insecure bool
+	// TLS, if set, wraps peer connections in both directions: it needs
+	// this node's certificate and the CA that signed every node's.
+	TLS *tls.Config
+	// Metrics is the address (IP:PORT) of the Prometheus endpoint
+	// /metrics; empty means none.
+	Metrics string
+	// PeerTimeout bounds every page request to a peer (default: the
+	// transport's, 1.5 s); a child whose page cannot be fetched in time
+	// fails.
+	PeerTimeout time.Duration
 }
 
 // Daemon is a running node daemon.
@@ -56,6 +85,21 @@ type Daemon struct {
 	ln      *net.UnixListener
 	pidFile string
 	uid     int
+	node    string
+
+	// ctx is cancelled when the daemon closes; it bounds work done for
+	// local requests.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	metrics     *metrics
+	metricsSrv  *http.Server
+	peers       *peerSet // nil without peers
+	peerSrv     *transport.Server
+	peerAddr    string
+	peerDone    chan struct{}
+	metricsAddr string
+	leaseWG     sync.WaitGroup // lease releases in flight
 
 	mu       sync.Mutex
 	seeds    map[string]*seedRec
@@ -77,6 +121,12 @@ type seedRec struct {
 	seed     *engine.Seed
 	self     bool // made by prepare-self: children get a channel
 	removing bool
+
+	origin   string         // node the seed was imported from ("" local)
+	originID string         // the seed's id on its origin
+	allow    []string       // peers that may fetch it (empty: all)
+	leases   map[string]int // children on other nodes paging from it, by node
+	expires  time.Time      // TTL expiry (zero: none)
 }
 
 // childRec is a child in the registry.
@@ -89,6 +139,7 @@ type childRec struct {
 	exited   chan struct{} // closed by the reaper after recording exit
 	exit     client.ExitInfo
 	stats    engine.ChildStats // final stats, after exit
+	err      error             // why the engine ended it (paging failed)
 	ended    time.Time
 }
 
@@ -106,6 +157,36 @@ func New(cfg Config) (*Daemon, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
+	if cfg.Node == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("node name: no --node given and no hostname: %w", err)
+		}
+		cfg.Node = h
+	}
+	if err := checkNodeName(cfg.Node); err != nil {
+		return nil, fmt.Errorf("--node: %w", err)
+	}
+	peers := map[string]string{}
+	for name, addr := range cfg.Peers {
+		if err := checkNodeName(name); err != nil {
+			return nil, fmt.Errorf("peer %q: %w", name, err)
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("peer %s: address %q is not IP:PORT: %w", name, addr, err)
+		}
+		if name != cfg.Node {
+			peers[name] = addr
+		}
+	}
+	if len(cfg.Secret) == 0 && !cfg.Insecure {
+		if cfg.Listen != "" {
+			return nil, fmt.Errorf("refusing to serve peers on %s without a cluster secret: give --secret-file FILE (the same secret on every node), or --insecure to run without authentication", cfg.Listen)
+		}
+		if len(peers) > 0 {
+			return nil, errors.New("peers are configured but there is no cluster secret: give --secret-file FILE (the same secret on every node), or --insecure to run without authentication")
+		}
+	}
 	d := &Daemon{
 		cfg:      cfg,
 		log:      cfg.Logger,
@@ -114,7 +195,10 @@ func New(cfg Config) (*Daemon, error) {
 		seeds:    map[string]*seedRec{},
 		children: map[string]*childRec{},
 		conns:    map[*net.UnixConn]struct{}{},
+		node:     cfg.Node,
 	}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.metrics = newMetrics(d)
 	if err := clearStaleSocket(cfg.Socket); err != nil {
 		return nil, err
 	}
@@ -140,13 +224,53 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, fmt.Errorf("start engine: %w", err)
 	}
 	d.eng = eng
+	tcfg := transport.Config{Node: cfg.Node, Secret: cfg.Secret, Insecure: cfg.Insecure, TLS: cfg.TLS, Timeout: cfg.PeerTimeout,
+		// forwardFork bounds each fork by its size instead.
+		ForkTimeout: time.Hour}
+	if len(peers) > 0 {
+		d.peers = newPeerSet(tcfg, peers)
+	}
+	if cfg.Listen != "" {
+		if err := d.listenPeers(tcfg); err != nil {
+			_ = eng.Close()
+			d.closeListener()
+			return nil, err
+		}
+	}
+	if cfg.Metrics != "" {
+		if err := d.serveMetrics(cfg.Metrics); err != nil {
+			d.closePeers()
+			_ = eng.Close()
+			d.closeListener()
+			return nil, err
+		}
+	}
 	if err := os.WriteFile(d.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
+		d.closePeers()
+		d.closeMetrics()
 		_ = eng.Close()
 		d.closeListener()
 		return nil, fmt.Errorf("write pid file: %w", err)
 	}
-	d.log.Info("listening", "socket", cfg.Socket, "state_dir", cfg.StateDir, "pid", os.Getpid(), "version", Version)
+	d.log.Info("listening", "socket", cfg.Socket, "state_dir", cfg.StateDir, "pid", os.Getpid(), "version", Version,
+		"node", cfg.Node, "peer_listen", d.peerAddr, "peers", len(peers), "tls", cfg.TLS != nil, "insecure", cfg.Insecure,
+		"metrics", d.MetricsAddr())
 	return d, nil
+}
+
+// closePeers closes the peer clients and the peer server.
+func (d *Daemon) closePeers() {
+	if d.peers != nil {
+		d.peers.close()
+	}
+	if d.peerSrv != nil {
+		_ = d.peerSrv.Close()
+		select {
+		case <-d.peerDone:
+		case <-time.After(5 * time.Second):
+			d.log.Warn("shutdown: peer server did not stop within 5s")
+		}
+	}
 }
 
 func (d *Daemon) closeListener() {
@@ -274,6 +398,14 @@ func (d *Daemon) close() error {
 		d.log.Warn("shutdown: some connections did not finish within 5s")
 	}
 	killed += d.killAll(5 * time.Second) // forked while we were closing
+	d.cancel()
+	// Children of imported seeds have ended: let their lease releases
+	// reach the origins (each is bounded) before the clients close.
+	if !waitTimeout(&d.leaseWG, leaseReleaseTimeout+time.Second) {
+		d.log.Warn("shutdown: some lease releases did not finish")
+	}
+	d.closePeers()
+	d.closeMetrics()
 	var errs []error
 	if err := d.eng.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close engine: %w", err))

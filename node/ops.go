@@ -1,10 +1,12 @@
 package node
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -14,9 +16,36 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// prepareOpts are the sharing and expiry options of a prepare request.
+type prepareOpts struct {
+	allow []string
+	ttl   time.Duration
+}
+
+// parsePrepareOpts validates a request's allow list and ttl.
+func parsePrepareOpts(req client.Request) (prepareOpts, error) {
+	var o prepareOpts
+	for _, a := range req.Allow {
+		if err := checkNodeName(a); err != nil {
+			return o, fmt.Errorf("%s: allow: %w", req.Op, err)
+		}
+		if !slices.Contains(o.allow, a) {
+			o.allow = append(o.allow, a)
+		}
+	}
+	if req.TTL != "" {
+		ttl, err := time.ParseDuration(req.TTL)
+		if err != nil || ttl <= 0 {
+			return o, fmt.Errorf("%s: ttl %q is not a positive duration (like 90s or 1h)", req.Op, req.TTL)
+		}
+		o.ttl = ttl
+	}
+	return o, nil
+}
+
 // prepare snapshots pid into a new seed. channelFD >= 0 marks a
 // prepare-self seed whose caller waits on that fd.
-func (d *Daemon) prepare(pid int, name string, channelFD int) (client.SeedInfo, error) {
+func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (client.SeedInfo, error) {
 	if pid == os.Getpid() {
 		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: that is the mitosis daemon itself", pid)
 	}
@@ -33,12 +62,19 @@ func (d *Daemon) prepare(pid int, name string, channelFD int) (client.SeedInfo, 
 		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: %w", pid, err)
 	}
 	d.mu.Lock()
-	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0}
+	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0, allow: po.allow}
+	if po.ttl > 0 {
+		rec.expires = s.Created.Add(po.ttl)
+	}
 	d.seeds[rec.id] = rec
 	info := d.seedInfoLocked(rec)
 	d.mu.Unlock()
+	d.metrics.prepares.Inc()
+	if po.ttl > 0 {
+		time.AfterFunc(time.Until(rec.expires), func() { d.expire(rec) })
+	}
 	d.log.Info("prepare", "seed", rec.id, "name", name, "pid", pid, "self", rec.self,
-		"vmas", info.VMAs, "present_pages", info.PresentPages, "took", time.Since(start))
+		"vmas", info.VMAs, "present_pages", info.PresentPages, "allow", po.allow, "ttl", po.ttl, "took", time.Since(start))
 	return info, nil
 }
 
@@ -67,29 +103,52 @@ func (d *Daemon) lookupSeedLocked(key string) (*seedRec, error) {
 	return nil, fmt.Errorf("name %q matches %d seeds (%s); use a seed id", key, len(found), strings.Join(ids, ", "))
 }
 
+// lookupRefLocked finds a seed held here by SEED or NODE/SEED (NODE this
+// node, or the origin of an imported seed). d.mu must be held.
+func (d *Daemon) lookupRefLocked(ref string) (*seedRec, error) {
+	node, key := splitSeedRef(ref)
+	if node == "" || node == d.node {
+		return d.lookupSeedLocked(key)
+	}
+	var found *seedRec
+	for _, s := range d.seeds {
+		if s.origin == node && (s.originID == key || s.id == key) {
+			return s, nil
+		}
+		if s.origin == node && s.name == key && key != "" {
+			if found != nil {
+				return nil, fmt.Errorf("name %q matches several seeds imported from node %s; use a seed id", key, node)
+			}
+			found = s
+		}
+	}
+	if found == nil {
+		return nil, fmt.Errorf("no seed %q imported from node %s (see `mitosis seeds`)", key, node)
+	}
+	return found, nil
+}
+
 // fork starts req.Count children of req.Seed. With attached, stdio are the
 // child's stdin/stdout/stderr (count is 1); otherwise each child gets
 // /dev/null and its own log file. Children started before an error are
 // returned with it.
-func (d *Daemon) fork(req client.Request, stdio [3]*os.File, attached bool) ([]*childRec, error) {
-	d.mu.Lock()
-	if d.closing {
-		d.mu.Unlock()
+//
+// req.Seed is SEED (a seed held here) or NODE/SEED; a seed of another node
+// is imported from it first, and every child takes a lease on it there.
+func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File, attached bool) ([]*childRec, error) {
+	if d.isClosing() {
 		return nil, errors.New("fork: the daemon is shutting down")
 	}
-	s, err := d.lookupSeedLocked(req.Seed)
+	s, err := d.resolveSeed(ctx, req.Seed)
 	if err != nil {
-		d.mu.Unlock()
 		return nil, fmt.Errorf("fork: %w", err)
 	}
-	if s.removing {
-		d.mu.Unlock()
-		return nil, fmt.Errorf("fork: seed %s is being removed", s.id)
-	}
-	d.mu.Unlock()
 	var kids []*childRec
 	for i := 0; i < req.Count; i++ {
-		k, err := d.forkOne(s, req, stdio, attached)
+		if err := ctx.Err(); err != nil {
+			return kids, fmt.Errorf("fork: stopped after %d of %d children: %w", len(kids), req.Count, err)
+		}
+		k, err := d.forkOne(ctx, s, req, stdio, attached)
 		if err != nil {
 			return kids, err
 		}
@@ -98,9 +157,9 @@ func (d *Daemon) fork(req client.Request, stdio [3]*os.File, attached bool) ([]*
 	return kids, nil
 }
 
-func (d *Daemon) forkOne(s *seedRec, req client.Request, stdio [3]*os.File, attached bool) (*childRec, error) {
+func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, stdio [3]*os.File, attached bool) (*childRec, error) {
 	k := &childRec{seed: s, attached: attached, exited: make(chan struct{})}
-	opts := engine.ForkOptions{Stdio: stdio, Eager: req.Eager}
+	opts := engine.ForkOptions{Stdio: stdio, Eager: req.Eager, Prefetch: req.Prefetch}
 	var closers []*os.File
 	defer func() {
 		for _, f := range closers {
@@ -135,13 +194,31 @@ func (d *Daemon) forkOne(s *seedRec, req client.Request, stdio [3]*os.File, atta
 		opts.Channel = theirs
 	}
 	start := time.Now()
+	if s.origin != "" {
+		// The origin keeps the seed while this child tree pages from it.
+		if err := d.takeLease(ctx, s); err != nil {
+			d.dropLog(k)
+			d.log.Warn("fork failed", "seed", s.id, "origin", s.origin, "err", err)
+			return nil, fmt.Errorf("fork seed %s: %w", s.id, err)
+		}
+	}
 	child, err := d.eng.Fork(s.seed, opts)
 	if err != nil {
 		d.dropLog(k)
+		if s.origin != "" {
+			d.leaseWG.Add(1)
+			go d.releaseLease(s, "")
+		}
 		d.log.Warn("fork failed", "seed", s.id, "took", time.Since(start), "err", err)
 		return nil, fmt.Errorf("fork seed %s: %w", s.id, err)
 	}
 	k.child = child
+	mode := "lazy"
+	if req.Eager {
+		mode = "eager"
+	}
+	d.metrics.forks.WithLabelValues(mode).Inc()
+	d.metrics.restore.Observe(child.Took.Seconds())
 	d.mu.Lock()
 	id := d.pickID(child.ID, "c-")
 	k.id = id
@@ -158,6 +235,13 @@ func (d *Daemon) forkOne(s *seedRec, req client.Request, stdio [3]*os.File, atta
 		}
 	}
 	go d.reap(k)
+	if s.origin != "" {
+		d.leaseWG.Add(1)
+		go func() {
+			<-child.TreeDone()
+			d.releaseLease(s, id)
+		}()
+	}
 	if closing {
 		d.killChild(k)
 	}
@@ -170,8 +254,8 @@ func (d *Daemon) forkOne(s *seedRec, req client.Request, stdio [3]*os.File, atta
 			d.log.Warn("could not write the child's reply on its channel", "child", id)
 		}
 	}
-	d.log.Info("fork", "seed", s.id, "child", id, "pid", child.PID, "eager", req.Eager,
-		"attached", attached, "took", time.Since(start))
+	d.log.Info("fork", "seed", s.id, "child", id, "pid", child.PID, "source", sourceOf(s), "eager", req.Eager,
+		"prefetch", req.Prefetch, "attached", attached, "took", time.Since(start))
 	return k, nil
 }
 
@@ -191,15 +275,43 @@ func (d *Daemon) reap(k *childRec) {
 		exit = client.ExitInfo{Code: -1, Signal: int(ws.Signal())}
 	}
 	stats := k.child.Stats()
+	cerr := k.child.Err()
+	if cerr != nil {
+		exit.Error = cerr.Error()
+	}
 	d.mu.Lock()
 	k.exit = exit
 	k.stats = stats
+	k.err = cerr
 	k.ended = time.Now()
 	d.mu.Unlock()
 	close(k.exited)
+	m := d.metrics
+	m.faults.Add(float64(stats.Faults))
+	m.pagesShared.Add(float64(stats.PagesShared))
+	m.pagesCopied.Add(float64(stats.PagesCopied))
+	m.pagesZero.Add(float64(stats.PagesZero))
+	m.pagesFetched.Add(float64(stats.PagesFetched))
+	m.pagesEager.Add(float64(stats.Eager))
+	ran := k.ended.Sub(k.child.Started).Round(time.Millisecond)
+	if cerr != nil {
+		m.childFailures.Inc()
+		d.log.Error("child failed", "child", k.id, "seed", k.seed.id, "source", sourceOf(k.seed), "pid", k.child.PID,
+			"ran", ran, "faults", stats.Faults, "pages_fetched", stats.PagesFetched, "err", cerr)
+		return
+	}
 	d.log.Info("exit", "child", k.id, "seed", k.seed.id, "pid", k.child.PID, "code", exit.Code,
-		"signal", exit.Signal, "ran", k.ended.Sub(k.child.Started).Round(time.Millisecond),
-		"faults", stats.Faults, "pages_copied", stats.PagesCopied)
+		"signal", exit.Signal, "ran", ran, "faults", stats.Faults, "pages_copied", stats.PagesCopied,
+		"pages_shared", stats.PagesShared, "pages_fetched", stats.PagesFetched)
+}
+
+// sourceOf names where a seed's pages come from: its origin node, or
+// "local".
+func sourceOf(s *seedRec) string {
+	if s.origin != "" {
+		return s.origin
+	}
+	return client.SourceLocal
 }
 
 // killChild sends SIGKILL to a running child.
@@ -229,7 +341,7 @@ func (d *Daemon) remove(key string, force bool) error {
 		d.log.Info("rm", "child", k.id, "force", force, "took", time.Since(start))
 		return nil
 	}
-	s, err := d.lookupSeedLocked(key)
+	s, err := d.lookupRefLocked(key)
 	if err != nil {
 		d.mu.Unlock()
 		if strings.HasPrefix(err.Error(), "no seed") {
@@ -246,6 +358,12 @@ func (d *Daemon) remove(key string, force bool) error {
 		d.mu.Unlock()
 		return fmt.Errorf("rm: seed %s has %d running %s; stop them or use `mitosis rm --force %s` to kill them",
 			s.id, len(running), plural(len(running), "child", "children"), s.id)
+	}
+	leases, leaseNodes := s.leasesLocked()
+	if leases > 0 && !force {
+		d.mu.Unlock()
+		return fmt.Errorf("rm: seed %s: %d %s on %s %s still page from it; use --force to remove it anyway (they will fail with a paging error): `mitosis rm --force %s`",
+			s.id, leases, plural(leases, "child", "children"), plural(len(leaseNodes), "node", "nodes"), strings.Join(leaseNodes, ", "), s.id)
 	}
 	s.removing = true
 	d.mu.Unlock()
@@ -264,7 +382,8 @@ func (d *Daemon) remove(key string, force bool) error {
 	d.mu.Lock()
 	delete(d.seeds, s.id)
 	d.mu.Unlock()
-	d.log.Info("rm", "seed", s.id, "name", s.name, "killed", len(running), "took", time.Since(start))
+	d.log.Info("rm", "seed", s.id, "name", s.name, "origin", s.origin, "killed", len(running),
+		"remote_children", leases, "remote_nodes", leaseNodes, "took", time.Since(start))
 	return nil
 }
 
@@ -306,6 +425,13 @@ func (d *Daemon) seedInfoLocked(s *seedRec) client.SeedInfo {
 		Created:   s.seed.Created,
 		Self:      s.self,
 		Children:  len(d.runningLocked(s)),
+		Origin:    s.origin,
+		Allow:     s.allow,
+	}
+	info.Leases, info.LeaseNodes = s.leasesLocked()
+	if !s.expires.IsZero() {
+		exp := s.expires
+		info.Expires = &exp
 	}
 	if s.seed.Desc != nil {
 		info.VMAs = len(s.seed.Desc.VMAs)
@@ -339,20 +465,27 @@ func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 		StartMS: ms(k.child.Took),
 		Created: k.child.Started,
 		Log:     k.logPath,
+		Source:  sourceOf(k.seed),
+		Node:    d.node,
 	}
 	var st engine.ChildStats
 	if k.hasExited() {
 		d.mu.Lock()
 		st, info.ExitCode, info.Signal = k.stats, k.exit.Code, k.exit.Signal
+		cerr := k.err
 		d.mu.Unlock()
 		info.State = client.StateExited
 		if info.Signal > 0 {
 			info.State = client.StateKilled
 		}
+		if cerr != nil {
+			info.State, info.Error = client.StateFailed, cerr.Error()
+		}
 	} else {
 		st = k.child.Stats()
 	}
 	info.Faults, info.PagesCopied, info.PagesZero, info.PagesEager = st.Faults, st.PagesCopied, st.PagesZero, st.Eager
+	info.PagesShared, info.PagesFetched = st.PagesShared, st.PagesFetched
 	return info
 }
 

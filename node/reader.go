@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/mitosis-fork/mitosis/client"
 	"golang.org/x/sys/unix"
@@ -186,6 +187,20 @@ func decodeRequest(line []byte) (client.Request, error) {
 	case client.OpFork:
 		if req.Seed == "" {
 			return req, errors.New(`fork: "seed" (a seed id or name) is required`)
+		}
+		if strings.Contains(req.Seed, "/") {
+			node, seed := splitSeedRef(req.Seed)
+			if node == "" || seed == "" || strings.Contains(seed, "/") {
+				return req, fmt.Errorf("fork: seed %q: use SEED or NODE/SEED", req.Seed)
+			}
+			if err := checkNodeName(node); err != nil {
+				return req, fmt.Errorf("fork: seed %q: %w", req.Seed, err)
+			}
+		}
+		if req.Node != "" {
+			if err := checkNodeName(req.Node); err != nil {
+				return req, fmt.Errorf("fork: node: %w", err)
+			}
 		}
 		if req.Count == 0 {
 			req.Count = 1

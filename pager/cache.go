@@ -58,7 +58,7 @@ func NewCache(d *descriptor.Descriptor, src Source) (*Cache, error) {
 			off += v.End - v.Start
 		}
 	}
-	fd, err := unix.MemfdCreate("mitosis-seed-"+d.SeedID, unix.MFD_CLOEXEC)
+	fd, err := unix.MemfdCreate(descriptor.CacheMemfdPrefix+d.SeedID, unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("page cache memfd: %w", err)
 	}

@@ -78,6 +78,13 @@ func classify(maps []procfs.Mapping, regions []procfs.PageRegion, files map[stri
 			case "[stack]":
 				v.Flags |= descriptor.FlagStack | descriptor.FlagGrowsDown
 			}
+		case strings.HasPrefix(m.Path, "/memfd:"+descriptor.CacheMemfdPrefix) && !m.Shared:
+			// A mitosis child's memory, mapped privately from its node's
+			// page cache (multi-hop: a child prepared as a seed). Every
+			// page is read from the frozen copy, whose faults the
+			// child's pager serves.
+			v.Kind = descriptor.KindFileDirty
+			v.Path = ""
 		case strings.HasPrefix(m.Path, "/memfd:"):
 			return nil, refuse("memfd mapping %q at %s: mitosis cannot carry memfd memory", m.Path, rng)
 		case strings.HasPrefix(m.Path, "/SYSV"):

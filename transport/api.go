@@ -70,4 +70,8 @@ type Config struct {
 	// Timeout bounds every request (default 1.5 s); a peer that does not
 	// answer in time fails the request, so a child never waits forever.
 	Timeout time.Duration
+	// ForkTimeout bounds a forwarded fork request instead of Timeout
+	// (default 30 s): restoring many children takes longer than a page
+	// read.
+	ForkTimeout time.Duration
 }

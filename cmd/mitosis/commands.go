@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/client"
-	"github.com/mitosis-fork/mitosis/node"
 	"github.com/spf13/cobra"
 )
 
@@ -60,47 +58,25 @@ to it over its unix socket.`,
 
 func (g *globals) dial() (*client.Client, error) { return client.Dial(g.socket) }
 
-func newDaemonCmd(g *globals) *cobra.Command {
-	var stateDir string
-	cmd := &cobra.Command{
-		Use:   "daemon",
-		Short: "Run the node daemon (foreground)",
-		Long: `Run the node daemon in the foreground. It listens on the unix socket (mode
-0600; only root or the daemon's own user may connect), keeps seeds and
-children, and logs one line per prepare, fork, exit and rm to stderr.
-Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
-SIGINT or SIGTERM kill every running child, remove the socket and exit 0.`,
-		Example: `  mitosis daemon
-  mitosis daemon --socket /tmp/mitosis.sock --state-dir /tmp/mitosis`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			d, err := node.New(node.Config{Socket: g.socket, StateDir: stateDir})
-			if err != nil {
-				return err
-			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			serveErr := d.Serve(ctx)
-			closeErr := d.Close()
-			return errors.Join(serveErr, closeErr)
-		},
-	}
-	cmd.Flags().StringVar(&stateDir, "state-dir", "",
-		"state directory: pid file, engine scratch, child logs (default $"+node.StateDirEnv+", else "+node.DefaultStateDir+")")
-	return cmd
-}
-
 func newPrepareCmd(g *globals) *cobra.Command {
 	var pid int
 	var name string
 	var asJSON bool
+	var allow []string
+	var ttl time.Duration
 	cmd := &cobra.Command{
-		Use:   "prepare --pid PID [--name NAME]",
+		Use:   "prepare --pid PID [--name NAME] [--allow NODE,...] [--ttl DURATION]",
 		Short: "Prepare a running process into a seed",
 		Long: `Snapshot the running single-threaded process PID into a seed that children can
 be forked from. The process keeps running. The seed id is the last word
-printed.`,
+printed.
+
+Other nodes fork it as NODE/SEED (see ` + "`mitosis fork`" + `). --allow restricts which
+peer nodes may fetch it. --ttl removes the seed that long after prepare; if
+children (here or on other nodes) still page from it then, removal waits for
+them up to 10 s more and then goes ahead (remote children fail).`,
 		Example: `  mitosis prepare --pid 1234 --name web
+  mitosis prepare --pid 1234 --name web --allow b,c --ttl 1h
   seed=$(mitosis prepare --pid 1234 | awk '{print $NF}')`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -112,7 +88,10 @@ printed.`,
 				return err
 			}
 			defer c.Close()
-			s, err := c.Prepare(pid, name)
+			if ttl < 0 {
+				return fmt.Errorf("prepare: --ttl must be positive, got %v", ttl)
+			}
+			s, err := c.PrepareWith(client.PrepareRequest{PID: pid, Name: name, Allow: allow, TTL: ttl})
 			if err != nil {
 				return err
 			}
@@ -132,34 +111,46 @@ printed.`,
 	cmd.Flags().IntVar(&pid, "pid", 0, "process to prepare (required)")
 	cmd.Flags().StringVar(&name, "name", "", "seed name, usable instead of the id")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the seed as JSON")
+	cmd.Flags().StringSliceVar(&allow, "allow", nil, "peer nodes that may fetch the seed (comma separated; default: every node of the cluster)")
+	cmd.Flags().DurationVar(&ttl, "ttl", 0, "remove the seed this long after prepare (e.g. 30m; default: never)")
 	return cmd
 }
 
 func newForkCmd(g *globals) *cobra.Command {
 	var count int
-	var eager, detach, asJSON bool
-	var payload string
+	var eager, prefetch, detach, asJSON bool
+	var payload, target string
 	cmd := &cobra.Command{
-		Use:   "fork SEED [--count N] [--eager] [--payload JSON] [--detach]",
+		Use:   "fork [--node TARGET] [NODE/]SEED [--count N] [--eager] [--prefetch] [--payload JSON] [--detach]",
 		Short: "Fork children from a seed",
-		Long: `Fork children from SEED (an id or a name).
+		Long: `Fork children from SEED (an id or a name). NODE/SEED names a seed prepared on
+another node: this node imports it once and its children page its memory in
+from there, each page crossing the network once per node.
 
-With --count 1 (the default) the child is attached: its stdin, stdout and
-stderr are this command's own, and mitosis exits with the child's exit code
-(128+signal if it was killed). Interrupting mitosis (SIGINT/SIGTERM) kills the
-child, like ` + "`docker run`" + `.
+--node TARGET creates the children on node TARGET (default: the daemon's own
+node); the request is forwarded there. Children on another node run detached
+(their stdout/stderr go to that node's STATE_DIR/children/<id>.log) and are
+printed as TARGET/c-...; see them with ` + "`mitosis ps`" + ` on TARGET.
+
+On this node with --count 1 (the default) the child is attached: its stdin,
+stdout and stderr are this command's own, and mitosis exits with the child's
+exit code (128+signal if it was killed). Interrupting mitosis (SIGINT/SIGTERM)
+kills the child, like ` + "`docker run`" + `.
 
 With --count N>1 or --detach the children run detached (stdin /dev/null,
 stdout/stderr appended to the daemon's STATE_DIR/children/<id>.log) and their
 ids are printed one per line; see ` + "`mitosis ps`" + `.
 
 --payload is JSON handed to children of seeds made with the client libraries'
-prepare() (prepare-self).`,
+prepare() (prepare-self). --prefetch maps the pages earlier children touched
+into each child before it runs.`,
 		Example: `  mitosis fork web
   mitosis fork s-1a2b3c4d --eager
   mitosis fork web --count 8
-  mitosis fork worker --detach --payload '{"shard": 3}'`,
-		Args: exactArgs(1, "fork needs exactly one SEED (an id or name; see `mitosis seeds`)"),
+  mitosis fork worker --detach --payload '{"shard": 3}'
+  mitosis fork a/web                      # a seed of node a, child here, attached
+  mitosis fork --node b a/web --count 4   # children on node b`,
+		Args: exactArgs(1, "fork needs exactly one SEED (an id or name, or NODE/SEED; see `mitosis seeds`)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if count < 1 {
 				return fmt.Errorf("fork: --count must be at least 1, got %d", count)
@@ -177,15 +168,29 @@ prepare() (prepare-self).`,
 			}
 			defer c.Close()
 			out := cmd.OutOrStdout()
-			if count > 1 || detach {
-				kids, err := c.Fork(client.ForkRequest{Seed: args[0], Count: count, Eager: eager, Payload: raw})
+			req := client.ForkRequest{Seed: args[0], Count: count, Eager: eager, Prefetch: prefetch, Payload: raw}
+			if target != "" {
+				own, err := c.NodeName()
+				if err != nil {
+					return err
+				}
+				if target != own {
+					req.Node = target
+				}
+			}
+			if req.Node != "" || count > 1 || detach {
+				kids, err := c.Fork(req)
 				if asJSON && len(kids) > 0 {
 					if jerr := printJSON(out, kids); jerr != nil {
 						return jerr
 					}
 				} else {
 					for _, k := range kids {
-						fmt.Fprintln(out, k.ID)
+						if req.Node != "" {
+							fmt.Fprintf(out, "%s/%s\n", req.Node, k.ID)
+						} else {
+							fmt.Fprintln(out, k.ID)
+						}
 					}
 				}
 				return err
@@ -198,9 +203,12 @@ prepare() (prepare-self).`,
 				// Our connection closes with us; the daemon kills the child.
 				os.Exit(130)
 			}()
-			_, exit, err := c.ForkAttached(args[0], eager, os.Stdin, os.Stdout, os.Stderr, raw)
+			child, exit, err := c.ForkAttachedWith(req, os.Stdin, os.Stdout, os.Stderr)
 			if err != nil {
 				return err
+			}
+			if exit.Error != "" {
+				fmt.Fprintf(os.Stderr, "mitosis: child %s failed: %s\n", child.ID, exit.Error)
 			}
 			if code := exit.ShellCode(); code != 0 {
 				return exitError{code: code}
@@ -208,8 +216,10 @@ prepare() (prepare-self).`,
 			return nil
 		},
 	}
+	cmd.Flags().StringVar(&target, "node", "", "create the children on this node (default: the daemon's own)")
 	cmd.Flags().IntVarP(&count, "count", "n", 1, "number of children (more than 1 runs them detached)")
 	cmd.Flags().BoolVar(&eager, "eager", false, "copy every page before the child runs instead of paging on demand")
+	cmd.Flags().BoolVar(&prefetch, "prefetch", false, "map the seed's recorded working set into each child before it runs")
 	cmd.Flags().BoolVarP(&detach, "detach", "d", false, "run detached and print the child id")
 	cmd.Flags().StringVar(&payload, "payload", "", "JSON delivered to children of prepare-self seeds")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "detached: print the children as JSON")
@@ -239,10 +249,18 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				return printJSON(out, seeds)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tPARENT\tSOURCE\tVMAS\tPAGES\tPREPARE\tCHILDREN\tAGE")
+			fmt.Fprintln(tw, "ID\tNAME\tORIGIN\tPARENT\tSOURCE\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
 			for _, s := range seeds {
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%.1fms\t%d\t%s\n", s.ID, dash(s.Name), s.ParentPID,
-					s.SourcePID, s.VMAs, s.PresentPages, s.PrepareMS, s.Children, age(s.Created))
+				origin, prep := "local", fmt.Sprintf("%.1fms", s.PrepareMS)
+				if s.Origin != "" {
+					origin, prep = "imported from "+s.Origin, "-"
+				}
+				remote := fmt.Sprint(s.Leases)
+				if len(s.LeaseNodes) > 0 {
+					remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), origin, pidOrDash(s.ParentPID),
+					pidOrDash(s.SourcePID), s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
 			}
 			return tw.Flush()
 		},
@@ -274,17 +292,18 @@ func newPSCmd(g *globals) *cobra.Command {
 				return printJSON(out, kids)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tSEED\tPID\tSTATE\tEXIT\tSTART\tFAULTS\tCOPIED\tZERO\tEAGER\tAGE")
+			fmt.Fprintln(tw, "ID\tSEED\tPID\tSTATE\tEXIT\tSTART\tSOURCE\tFAULTS\tFETCHED\tSHARED\tCOPIED\tZERO\tEAGER\tAGE\tERROR")
 			for _, k := range kids {
 				exit := "-"
 				switch k.State {
 				case client.StateExited:
 					exit = fmt.Sprint(k.ExitCode)
-				case client.StateKilled:
+				case client.StateKilled, client.StateFailed:
 					exit = "sig " + fmt.Sprint(k.Signal)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%d\t%d\t%d\t%d\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
-					k.StartMS, k.Faults, k.PagesCopied, k.PagesZero, k.PagesEager, age(k.Created))
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
+					k.StartMS, dash(k.Source), k.Faults, k.PagesFetched, k.PagesShared, k.PagesCopied, k.PagesZero, k.PagesEager,
+					age(k.Created), dash(k.Error))
 			}
 			return tw.Flush()
 		},
@@ -299,7 +318,9 @@ func newRmCmd(g *globals) *cobra.Command {
 		Use:   "rm ID [--force]",
 		Short: "Remove a seed or a child",
 		Long: `Remove a seed (by id or name) or a child (by id). A seed with running children,
-or a running child, is only removed with --force, which kills them first.`,
+or a running child, is only removed with --force, which kills them first.
+A seed that children on other nodes still page from (leases) is only
+removed with --force too; those children then fail with a paging error.`,
 		Example: `  mitosis rm s-1a2b3c4d
   mitosis rm --force web
   mitosis rm c-5e6f7a8b`,
@@ -346,6 +367,13 @@ func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+func pidOrDash(pid int) string {
+	if pid <= 0 {
+		return "-"
+	}
+	return fmt.Sprint(pid)
 }
 
 func dash(s string) string {

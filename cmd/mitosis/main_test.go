@@ -65,10 +65,16 @@ type testDaemon struct {
 // the test ends.
 func startDaemon(t *testing.T) *testDaemon {
 	t.Helper()
+	return startDaemonWith(t)
+}
+
+// startDaemonWith starts a daemon with extra daemon flags.
+func startDaemonWith(t *testing.T, extra ...string) *testDaemon {
+	t.Helper()
 	dir := t.TempDir()
 	d := &testDaemon{t: t, dir: dir, sock: filepath.Join(dir, "sock"), state: filepath.Join(dir, "state"),
 		stderr: &syncBuf{}, exited: make(chan struct{})}
-	d.cmd = exec.Command(bin, "daemon", "--socket", d.sock, "--state-dir", d.state)
+	d.cmd = exec.Command(bin, append([]string{"daemon", "--socket", d.sock, "--state-dir", d.state}, extra...)...)
 	d.cmd.Stderr = d.stderr
 	if err := d.cmd.Start(); err != nil {
 		t.Fatalf("start daemon: %v", err)

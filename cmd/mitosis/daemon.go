@@ -1,0 +1,240 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/node"
+	"github.com/spf13/cobra"
+)
+
+// daemonFlags are the flags of `mitosis daemon`.
+type daemonFlags struct {
+	stateDir    string
+	node        string
+	listen      string
+	peers       []string
+	peersFile   string
+	secretFile  string
+	insecure    bool
+	tlsCert     string
+	tlsKey      string
+	tlsCA       string
+	metrics     string
+	peerTimeout time.Duration
+}
+
+// envDefault returns $name, or def when it is unset.
+func envDefault(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
+	}
+	return def
+}
+
+func newDaemonCmd(g *globals) *cobra.Command {
+	f := &daemonFlags{}
+	cmd := &cobra.Command{
+		Use:   "daemon",
+		Short: "Run the node daemon (foreground)",
+		Long: `Run the node daemon in the foreground. It listens on the unix socket (mode
+0600; only root or the daemon's own user may connect), keeps seeds and
+children, and logs one line per prepare, fork, exit and rm to stderr.
+Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
+SIGINT or SIGTERM kill every running child, remove the socket and exit 0.
+
+Cluster: --listen serves this node's seeds (descriptors and pages), forwarded
+forks and leases to the other nodes over TCP; --peer/--peers-file name the
+other nodes. Every node shares one cluster secret (--secret-file): peer
+connections are mutually authenticated with it, and the daemon refuses to
+listen without one unless --insecure. --tls-cert/--tls-key (and --tls-ca)
+add TLS to peer traffic in both directions. --metrics serves Prometheus
+metrics on http://IP:PORT/metrics.
+
+Environment: MITOSIS_NODE, MITOSIS_LISTEN, MITOSIS_PEERS (NAME=IP:PORT,...),
+MITOSIS_PEERS_FILE, MITOSIS_SECRET_FILE, MITOSIS_TLS_CERT, MITOSIS_TLS_KEY,
+MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
+		Example: `  mitosis daemon
+  mitosis daemon --socket /tmp/mitosis.sock --state-dir /tmp/mitosis
+  mitosis daemon --node a --listen 10.0.0.1:7070 --peers-file /etc/mitosis/peers \
+      --secret-file /etc/mitosis/secret --metrics 127.0.0.1:9090`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := f.config(g)
+			if err != nil {
+				return err
+			}
+			d, err := node.New(cfg)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			serveErr := d.Serve(ctx)
+			closeErr := d.Close()
+			return errors.Join(serveErr, closeErr)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.stateDir, "state-dir", "",
+		"state directory: pid file, engine scratch, child logs (default $"+node.StateDirEnv+", else "+node.DefaultStateDir+")")
+	fl.StringVar(&f.node, "node", os.Getenv("MITOSIS_NODE"), "this node's name in the cluster (default $MITOSIS_NODE, else the hostname)")
+	fl.StringVar(&f.listen, "listen", os.Getenv("MITOSIS_LISTEN"), "IP:PORT to serve peer nodes on (default $MITOSIS_LISTEN; none: serve no peers)")
+	var envPeers []string
+	if v := os.Getenv("MITOSIS_PEERS"); v != "" {
+		envPeers = strings.Split(v, ",")
+	}
+	fl.StringArrayVar(&f.peers, "peer", envPeers, "a peer node as NAME=IP:PORT (repeatable; default $MITOSIS_PEERS, comma separated)")
+	fl.StringVar(&f.peersFile, "peers-file", os.Getenv("MITOSIS_PEERS_FILE"), "file of peer nodes, one `NAME IP:PORT` a line, # comments (default $MITOSIS_PEERS_FILE)")
+	fl.StringVar(&f.secretFile, "secret-file", os.Getenv("MITOSIS_SECRET_FILE"), "file holding the cluster secret shared by every node (default $MITOSIS_SECRET_FILE)")
+	fl.BoolVar(&f.insecure, "insecure", false, "allow peer traffic without a cluster secret (no authentication)")
+	fl.StringVar(&f.tlsCert, "tls-cert", os.Getenv("MITOSIS_TLS_CERT"), "PEM certificate of this node for peer TLS (with --tls-key)")
+	fl.StringVar(&f.tlsKey, "tls-key", os.Getenv("MITOSIS_TLS_KEY"), "PEM private key of --tls-cert")
+	fl.StringVar(&f.tlsCA, "tls-ca", os.Getenv("MITOSIS_TLS_CA"), "PEM CA that signed every node's certificate (default: system roots)")
+	fl.StringVar(&f.metrics, "metrics", os.Getenv("MITOSIS_METRICS"), "IP:PORT to serve Prometheus metrics on, at /metrics (default $MITOSIS_METRICS)")
+	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1.5s); a child whose page cannot be fetched in time fails")
+	return cmd
+}
+
+// config turns the flags into a node.Config, reading the files they name.
+func (f *daemonFlags) config(g *globals) (node.Config, error) {
+	cfg := node.Config{
+		Socket:      g.socket,
+		StateDir:    f.stateDir,
+		Node:        f.node,
+		Listen:      f.listen,
+		Insecure:    f.insecure,
+		Metrics:     f.metrics,
+		PeerTimeout: f.peerTimeout,
+		Peers:       map[string]string{},
+	}
+	if f.peersFile != "" {
+		peers, err := readPeersFile(f.peersFile)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.Peers = peers
+	}
+	for _, p := range f.peers {
+		name, addr, err := parsePeer(p)
+		if err != nil {
+			return cfg, fmt.Errorf("--peer %q: %w", p, err)
+		}
+		cfg.Peers[name] = addr
+	}
+	if f.secretFile != "" {
+		secret, err := readSecret(f.secretFile)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.Secret = secret
+	}
+	if f.tlsCert != "" || f.tlsKey != "" || f.tlsCA != "" {
+		tc, err := loadTLS(f.tlsCert, f.tlsKey, f.tlsCA)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.TLS = tc
+	}
+	return cfg, nil
+}
+
+// parsePeer splits NAME=IP:PORT.
+func parsePeer(s string) (name, addr string, err error) {
+	name, addr, ok := strings.Cut(strings.TrimSpace(s), "=")
+	if !ok || name == "" || addr == "" {
+		return "", "", errors.New("want NAME=IP:PORT")
+	}
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return "", "", fmt.Errorf("address %q is not IP:PORT: %w", addr, err)
+	}
+	return name, addr, nil
+}
+
+// readPeersFile reads lines `NAME IP:PORT` (or NAME=IP:PORT); blank lines
+// and # comments are skipped.
+func readPeersFile(path string) (map[string]string, error) {
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("--peers-file: %w", err)
+	}
+	defer fh.Close()
+	peers := map[string]string{}
+	sc := bufio.NewScanner(fh)
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if i := strings.IndexByte(line, '#'); i >= 0 {
+			line = line[:i]
+		}
+		fields := strings.Fields(strings.Replace(line, "=", " ", 1))
+		if len(fields) == 0 {
+			continue
+		}
+		if len(fields) != 2 {
+			return nil, fmt.Errorf("--peers-file %s:%d: want `NAME IP:PORT`, got %q", path, n, strings.TrimSpace(line))
+		}
+		if _, _, err := net.SplitHostPort(fields[1]); err != nil {
+			return nil, fmt.Errorf("--peers-file %s:%d: address %q is not IP:PORT: %w", path, n, fields[1], err)
+		}
+		if old, dup := peers[fields[0]]; dup && old != fields[1] {
+			return nil, fmt.Errorf("--peers-file %s:%d: node %s listed twice (%s and %s)", path, n, fields[0], old, fields[1])
+		}
+		peers[fields[0]] = fields[1]
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("--peers-file %s: %w", path, err)
+	}
+	return peers, nil
+}
+
+// readSecret reads the cluster secret (surrounding white space is not part
+// of it).
+func readSecret(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--secret-file: %w", err)
+	}
+	b = []byte(strings.TrimSpace(string(b)))
+	if len(b) == 0 {
+		return nil, fmt.Errorf("--secret-file %s is empty; put the cluster secret in it (e.g. `head -c 32 /dev/urandom | base64 > %s`)", path, path)
+	}
+	return b, nil
+}
+
+// loadTLS builds the peer TLS configuration: this node's certificate for
+// both the server and the client side, and the CA (if any) that verifies
+// the other nodes in both directions.
+func loadTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
+	if certFile == "" || keyFile == "" {
+		return nil, errors.New("peer TLS needs both --tls-cert and --tls-key")
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-ca: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", caFile)
+		}
+		tc.RootCAs = pool
+		tc.ClientCAs = pool
+		tc.ClientAuth = tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
+}

@@ -1,0 +1,159 @@
+package node
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the daemon's Prometheus metrics, in a registry of its own
+// (several daemons may live in one process in tests).
+type metrics struct {
+	reg *prometheus.Registry
+
+	forks         *prometheus.CounterVec
+	prepares      prometheus.Counter
+	childFailures prometheus.Counter
+	faults        prometheus.Counter
+
+	pagesShared, pagesCopied, pagesZero, pagesFetched, pagesEager prometheus.Counter
+
+	peerDescriptor, peerPages, peerFork, peerLease prometheus.Counter
+
+	bytesServed  prometheus.Counter
+	bytesFetched prometheus.Counter
+	fetchLatency prometheus.Histogram
+	restore      prometheus.Histogram
+}
+
+func newMetrics(d *Daemon) *metrics {
+	reg := prometheus.NewRegistry()
+	f := func(c prometheus.Collector) { reg.MustRegister(c) }
+	m := &metrics{reg: reg}
+	m.forks = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_forks_total", Help: "Children forked on this node, by paging mode.",
+	}, []string{"mode"})
+	f(m.forks)
+	for _, mode := range []string{"lazy", "eager"} {
+		m.forks.WithLabelValues(mode)
+	}
+	m.prepares = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_prepares_total", Help: "Seeds prepared on this node.",
+	})
+	f(m.prepares)
+	m.childFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_child_failures_total", Help: "Children ended by the daemon because their pages could not be served.",
+	})
+	f(m.childFailures)
+	m.faults = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_faults_total", Help: "Page faults served, summed over exited children (added at exit).",
+	})
+	f(m.faults)
+	pages := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_pages_total", Help: "Pages installed into exited children, by kind (added at exit).",
+	}, []string{"kind"})
+	f(pages)
+	m.pagesShared = pages.WithLabelValues("shared")
+	m.pagesCopied = pages.WithLabelValues("copied")
+	m.pagesZero = pages.WithLabelValues("zero")
+	m.pagesFetched = pages.WithLabelValues("fetched")
+	m.pagesEager = pages.WithLabelValues("eager")
+	peerReqs := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_peer_requests_total", Help: "Requests served to peer nodes, by type.",
+	}, []string{"type"})
+	f(peerReqs)
+	m.peerDescriptor = peerReqs.WithLabelValues("descriptor")
+	m.peerPages = peerReqs.WithLabelValues("pages")
+	m.peerFork = peerReqs.WithLabelValues("fork")
+	m.peerLease = peerReqs.WithLabelValues("lease")
+	m.bytesServed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_peer_bytes_served_total", Help: "Descriptor and page bytes served to peer nodes.",
+	})
+	f(m.bytesServed)
+	m.bytesFetched = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_peer_bytes_fetched_total", Help: "Page bytes fetched from peer nodes for imported seeds.",
+	})
+	f(m.bytesFetched)
+	m.fetchLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "mitosis_fetch_latency_seconds",
+		Help:    "Latency of page reads from a peer node, as the pager sees them.",
+		Buckets: prometheus.ExponentialBuckets(25e-6, 2, 17), // 25 µs .. 1.6 s
+	})
+	f(m.fetchLatency)
+	m.restore = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "mitosis_restore_seconds",
+		Help:    "Fork wall time until a child was released (restore).",
+		Buckets: prometheus.ExponentialBuckets(250e-6, 2, 14), // 0.25 ms .. 2 s
+	})
+	f(m.restore)
+	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mitosis_children_running", Help: "Children running on this node.",
+	}, func() float64 { return float64(d.runningCount()) }))
+	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mitosis_cache_bytes", Help: "Bytes of seed memory held in this node's page caches.",
+	}, func() float64 { return float64(d.cacheBytes()) }))
+	return m
+}
+
+// runningCount is the number of running children.
+func (d *Daemon) runningCount() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, k := range d.children {
+		if k != nil && !k.hasExited() {
+			n++
+		}
+	}
+	return n
+}
+
+// cacheBytes sums the page caches of every seed.
+func (d *Daemon) cacheBytes() uint64 {
+	d.mu.Lock()
+	seeds := make([]*seedRec, 0, len(d.seeds))
+	for _, s := range d.seeds {
+		seeds = append(seeds, s)
+	}
+	d.mu.Unlock()
+	var n uint64
+	for _, s := range seeds {
+		n += s.seed.CacheBytes()
+	}
+	return n
+}
+
+// serveMetrics serves /metrics on addr.
+func (d *Daemon) serveMetrics(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics: listen on %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	d.metricsSrv = srv
+	d.metricsAddr = ln.Addr().String()
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Warn("metrics server stopped", "err", err)
+		}
+	}()
+	return nil
+}
+
+// closeMetrics stops the metrics endpoint.
+func (d *Daemon) closeMetrics() {
+	if d.metricsSrv != nil {
+		_ = d.metricsSrv.Close()
+	}
+}
+
+// MetricsAddr is the address the metrics endpoint listens on ("" without
+// Config.Metrics).
+func (d *Daemon) MetricsAddr() string { return d.metricsAddr }

@@ -1,0 +1,691 @@
+package transport
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// errConnLost marks errors that ended a connection (as opposed to a
+// request refused by the peer); idempotent requests are retried once on a
+// fresh connection after one.
+var errConnLost = errors.New("connection lost")
+
+// LatencyBucketsUS are the upper bounds (µs) of ClientStats.LatencyUS
+// buckets; the last bucket (index len(LatencyBucketsUS)) is +Inf.
+var LatencyBucketsUS = [...]uint64{50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000}
+
+// ClientStats are a client's counters.
+type ClientStats struct {
+	Requests      uint64 // requests issued (each wire request once)
+	Errors        uint64 // requests that failed (including timeouts)
+	Timeouts      uint64 // requests that ran out of time
+	Redials       uint64 // connections re-established after a failure
+	PagesRequests uint64
+	BytesFetched  uint64 // page bytes received
+	// LatencyUS counts completed requests by latency: bucket i holds
+	// latencies ≤ LatencyBucketsUS[i] (and above the previous bound); the
+	// last bucket holds the rest.
+	LatencyUS    [len(LatencyBucketsUS) + 1]uint64
+	LatencySumUS uint64
+}
+
+type clientCounters struct {
+	requests, errors, timeouts, redials, pagesReqs, bytes atomic.Uint64
+	lat                                                   [len(LatencyBucketsUS) + 1]atomic.Uint64
+	latSum                                                atomic.Uint64
+}
+
+func (s *clientCounters) observe(d time.Duration) {
+	us := uint64(d.Microseconds())
+	i := 0
+	for i < len(LatencyBucketsUS) && us > LatencyBucketsUS[i] {
+		i++
+	}
+	s.lat[i].Add(1)
+	s.latSum.Add(us)
+}
+
+// Client talks to one peer over a small pool of authenticated connections.
+// It is safe for concurrent use.
+type Client struct {
+	cfg  Config
+	addr string
+
+	peerMu    sync.Mutex
+	peer      string
+	peerKnown bool
+
+	slots  []*slot
+	rr     atomic.Uint64
+	closed atomic.Bool
+
+	st clientCounters
+}
+
+// slot holds one of the client's connections, re-dialed when broken.
+type slot struct {
+	lock chan struct{} // held while dialing
+	cc   atomic.Pointer[clientConn]
+}
+
+// Dial opens cfg.Conns authenticated connections to the node at addr.
+func Dial(ctx context.Context, addr string, cfg Config) (*Client, error) {
+	cfg, err := cfg.normalize()
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{cfg: cfg, addr: addr, slots: make([]*slot, cfg.Conns)}
+	for i := range c.slots {
+		c.slots[i] = &slot{lock: make(chan struct{}, 1)}
+	}
+	ctx, cancel := context.WithTimeout(ctx, max(cfg.Timeout, HandshakeTimeout))
+	defer cancel()
+	errs := make([]error, len(c.slots))
+	var wg sync.WaitGroup
+	for i, sl := range c.slots {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cc, err := c.dial(ctx)
+			if err != nil {
+				errs[i] = err
+				return
+			}
+			sl.cc.Store(cc)
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("transport: dial %s: %w", addr, firstErr(errs))
+	}
+	return c, nil
+}
+
+func firstErr(errs []error) error {
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Peer returns the peer's node name, learned from the handshake.
+func (c *Client) Peer() string {
+	c.peerMu.Lock()
+	defer c.peerMu.Unlock()
+	return c.peer
+}
+
+// Addr returns the address the client dials.
+func (c *Client) Addr() string { return c.addr }
+
+// Stats returns a snapshot of the client's counters.
+func (c *Client) Stats() ClientStats {
+	s := ClientStats{
+		Requests:      c.st.requests.Load(),
+		Errors:        c.st.errors.Load(),
+		Timeouts:      c.st.timeouts.Load(),
+		Redials:       c.st.redials.Load(),
+		PagesRequests: c.st.pagesReqs.Load(),
+		BytesFetched:  c.st.bytes.Load(),
+		LatencySumUS:  c.st.latSum.Load(),
+	}
+	for i := range s.LatencyUS {
+		s.LatencyUS[i] = c.st.lat[i].Load()
+	}
+	return s
+}
+
+// Close closes every connection; pending requests fail with ErrClosed.
+func (c *Client) Close() error {
+	c.closed.Store(true)
+	for _, sl := range c.slots {
+		if cc := sl.cc.Load(); cc != nil {
+			cc.fail(ErrClosed)
+			<-cc.done
+		}
+	}
+	return nil
+}
+
+// dial opens and authenticates one connection.
+func (c *Client) dial(ctx context.Context) (*clientConn, error) {
+	var d net.Dialer
+	d.KeepAlive = 15 * time.Second
+	raw, err := d.DialContext(ctx, "tcp", c.addr)
+	if err != nil {
+		return nil, err
+	}
+	// Abort the handshake when ctx ends.
+	stop := context.AfterFunc(ctx, func() { _ = raw.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = raw.SetDeadline(dl)
+	} else {
+		_ = raw.SetDeadline(time.Now().Add(HandshakeTimeout))
+	}
+	conn := raw
+	if c.cfg.TLS != nil {
+		tcfg := c.cfg.TLS.Clone()
+		if tcfg.ServerName == "" {
+			if host, _, err := net.SplitHostPort(c.addr); err == nil {
+				tcfg.ServerName = host
+			}
+		}
+		tc := tls.Client(raw, tcfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			raw.Close()
+			return nil, fmt.Errorf("tls handshake: %w", err)
+		}
+		conn = tc
+	}
+	br := bufio.NewReaderSize(conn, 64<<10)
+	peer, err := clientHandshake(conn, br, &c.cfg)
+	if err != nil {
+		raw.Close()
+		if ctx.Err() != nil && !errors.Is(err, ErrAuth) {
+			return nil, fmt.Errorf("handshake: %w (%w)", ErrTimeout, err)
+		}
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	if !stop() {
+		raw.Close()
+		return nil, fmt.Errorf("handshake: %w", ctx.Err())
+	}
+	_ = raw.SetDeadline(time.Time{})
+
+	c.peerMu.Lock()
+	if !c.peerKnown {
+		c.peer, c.peerKnown = peer, true
+	} else if c.peer != peer {
+		was := c.peer
+		c.peerMu.Unlock()
+		raw.Close()
+		return nil, fmt.Errorf("%w: node at %s is now %q, was %q", ErrAuth, c.addr, peer, was)
+	}
+	c.peerMu.Unlock()
+
+	cc := &clientConn{
+		cl:      c,
+		c:       conn,
+		br:      br,
+		peer:    peer,
+		pending: make(map[uint64]*call),
+		done:    make(chan struct{}),
+	}
+	go cc.readLoop()
+	return cc, nil
+}
+
+// conn returns a live connection of sl, re-dialing it if it broke.
+func (c *Client) conn(ctx context.Context, sl *slot) (*clientConn, error) {
+	if cc := sl.cc.Load(); cc != nil && !cc.dead.Load() {
+		return cc, nil
+	}
+	select {
+	case sl.lock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-sl.lock }()
+	if c.closed.Load() {
+		return nil, ErrClosed
+	}
+	old := sl.cc.Load()
+	if old != nil && !old.dead.Load() {
+		return old, nil
+	}
+	cc, err := c.dial(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("redial: %w", err)
+	}
+	sl.cc.Store(cc)
+	if c.closed.Load() { // raced with Close
+		cc.fail(ErrClosed)
+		return nil, ErrClosed
+	}
+	if old != nil {
+		c.st.redials.Add(1)
+	}
+	return cc, nil
+}
+
+// result is what the reader hands a waiting request.
+type result struct {
+	typ     uint8
+	payload []byte
+	err     error
+}
+
+type call struct {
+	dst []byte // pages responses are read straight into dst
+	ch  chan result
+}
+
+// clientConn is one connection; its reader matches responses to pending
+// requests by id.
+type clientConn struct {
+	cl   *Client
+	c    net.Conn
+	br   *bufio.Reader
+	peer string
+
+	wmu sync.Mutex // serializes writes
+
+	mu      sync.Mutex
+	pending map[uint64]*call
+	nextID  uint64
+	err     error
+	dead    atomic.Bool
+
+	done chan struct{} // closed when the reader returns
+}
+
+// fail ends the connection: every pending request gets err.
+func (cc *clientConn) fail(err error) {
+	cc.mu.Lock()
+	if cc.err != nil {
+		cc.mu.Unlock()
+		return
+	}
+	if !errors.Is(err, ErrClosed) {
+		err = fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, err)
+	}
+	cc.err = err
+	cc.dead.Store(true)
+	pend := cc.pending
+	cc.pending = nil
+	cc.mu.Unlock()
+	cc.c.Close()
+	for _, k := range pend {
+		k.ch <- result{err: err}
+	}
+}
+
+func (cc *clientConn) take(id uint64) *call {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	k := cc.pending[id]
+	delete(cc.pending, id)
+	return k
+}
+
+func (cc *clientConn) readLoop() {
+	defer close(cc.done)
+	for {
+		var h [HeaderSize]byte
+		if _, err := io.ReadFull(cc.br, h[:]); err != nil {
+			cc.fail(err)
+			return
+		}
+		fh, err := ParseHeader(&h, 0)
+		if err != nil {
+			cc.fail(err)
+			return
+		}
+		switch fh.Type {
+		case TypeDescResp, TypePagesResp, TypeForkResp, TypeLeaseResp, TypePong, TypeError:
+		default:
+			cc.fail(fmt.Errorf("%w: unexpected frame type %d", ErrMalformed, fh.Type))
+			return
+		}
+		if fh.ID == 0 {
+			if fh.Type != TypeError {
+				cc.fail(fmt.Errorf("%w: response with id 0", ErrMalformed))
+				return
+			}
+			p, err := readPayload(cc.br, fh.Len)
+			if err == nil {
+				var m ErrorMsg
+				if m, err = DecodeError(p); err == nil {
+					err = &RemoteError{Peer: cc.peer, Code: m.Code, Msg: m.Msg}
+				}
+			}
+			cc.fail(err)
+			return
+		}
+		k := cc.take(fh.ID)
+		if k == nil { // its caller gave up; skip the answer
+			if _, err := io.CopyN(io.Discard, cc.br, int64(fh.Len)); err != nil {
+				cc.fail(err)
+				return
+			}
+			continue
+		}
+		if fh.Type == TypePagesResp {
+			if k.dst == nil || uint64(len(k.dst)) != uint64(fh.Len) {
+				err := fmt.Errorf("%w: pages response of %d bytes, want %d", ErrMalformed, fh.Len, len(k.dst))
+				k.ch <- result{err: err}
+				cc.fail(err)
+				return
+			}
+			if _, err := io.ReadFull(cc.br, k.dst); err != nil {
+				err = fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, unexpectedEOF(err))
+				k.ch <- result{err: err}
+				cc.fail(err)
+				return
+			}
+			k.ch <- result{typ: fh.Type}
+			continue
+		}
+		p, err := readPayload(cc.br, fh.Len)
+		if err != nil {
+			err = fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, err)
+			k.ch <- result{err: err}
+			cc.fail(err)
+			return
+		}
+		k.ch <- result{typ: fh.Type, payload: p}
+	}
+}
+
+// roundTrip sends one request and waits for its answer until ctx ends.
+func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload, dst []byte) result {
+	k := &call{dst: dst, ch: make(chan result, 1)}
+	cc.mu.Lock()
+	if cc.err != nil {
+		err := cc.err
+		cc.mu.Unlock()
+		return result{err: err}
+	}
+	cc.nextID++
+	id := cc.nextID
+	cc.pending[id] = k
+	cc.mu.Unlock()
+
+	cc.wmu.Lock()
+	dl, _ := ctx.Deadline()
+	_ = cc.c.SetWriteDeadline(dl)
+	err := writeFrame(cc.c, typ, id, payload)
+	cc.wmu.Unlock()
+	if err != nil {
+		cc.fail(fmt.Errorf("write: %w", err)) // answers k too
+	}
+
+	select {
+	case r := <-k.ch:
+		return r
+	case <-ctx.Done():
+	}
+	cc.mu.Lock()
+	_, waiting := cc.pending[id]
+	delete(cc.pending, id)
+	cc.mu.Unlock()
+	timedOut := errors.Is(ctx.Err(), context.DeadlineExceeded)
+	if waiting {
+		if timedOut {
+			// The peer did not answer in time: drop the connection so
+			// the next request starts afresh.
+			cc.fail(ErrTimeout)
+		}
+		return result{err: ctx.Err()}
+	}
+	// The reader owns k (it may be filling dst): take its answer if it
+	// is there, else cut the connection so it finishes at once.
+	select {
+	case r := <-k.ch:
+		return r
+	default:
+	}
+	cc.fail(ctx.Err())
+	<-k.ch
+	return result{err: ctx.Err()}
+}
+
+// do runs one request against the peer with the client's timeout.
+func (c *Client) do(ctx context.Context, op string, typ, want uint8, payload, dst []byte, idempotent bool) ([]byte, error) {
+	if c.closed.Load() {
+		return nil, fmt.Errorf("transport: %s: %w", op, ErrClosed)
+	}
+	timeout := c.cfg.Timeout
+	if typ == TypeForkReq {
+		timeout = c.cfg.ForkTimeout
+	}
+	parent := ctx
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	start := time.Now()
+	c.st.requests.Add(1)
+	var r result
+	for attempt := 0; ; attempt++ {
+		sl := c.slots[c.rr.Add(1)%uint64(len(c.slots))]
+		cc, err := c.conn(ctx, sl)
+		if err != nil {
+			r = result{err: err}
+		} else {
+			r = cc.roundTrip(ctx, typ, payload, dst)
+			if r.err == nil && r.typ != want && r.typ != TypeError {
+				r.err = fmt.Errorf("%w: answer of type %d to request type %d", ErrMalformed, r.typ, typ)
+				cc.fail(r.err)
+			}
+		}
+		if r.err == nil || !idempotent || attempt > 0 || ctx.Err() != nil || !errors.Is(r.err, errConnLost) {
+			break
+		}
+	}
+	if r.err == nil && r.typ == TypeError {
+		m, err := DecodeError(r.payload)
+		if err != nil {
+			r.err = err
+		} else {
+			r.err = &RemoteError{Peer: c.Peer(), Code: m.Code, Msg: m.Msg}
+		}
+	}
+	if r.err != nil {
+		c.st.errors.Add(1)
+		switch {
+		case parent.Err() != nil:
+			return nil, fmt.Errorf("transport: %s from %s: %w", op, c.addr, parent.Err())
+		case ctx.Err() != nil:
+			c.st.timeouts.Add(1)
+			return nil, fmt.Errorf("transport: %s from %s: %w after %v", op, c.addr, ErrTimeout, timeout)
+		}
+		return nil, fmt.Errorf("transport: %s from %s: %w", op, c.addr, r.err)
+	}
+	c.st.observe(time.Since(start))
+	return r.payload, nil
+}
+
+// Descriptor fetches a seed's encoded descriptor and working set.
+func (c *Client) Descriptor(ctx context.Context, seed string) (desc []byte, ws []Range, err error) {
+	if err := checkSeedID(seed); err != nil {
+		return nil, nil, fmt.Errorf("transport: descriptor: %w", err)
+	}
+	p, err := c.do(ctx, "descriptor of "+seed, TypeDescReq, TypeDescResp, EncodeSeed(seed), nil, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	r, err := DecodeDescResponse(p)
+	if err != nil {
+		return nil, nil, fmt.Errorf("transport: descriptor of %s from %s: %w", seed, c.addr, err)
+	}
+	return r.Desc, r.WorkingSet, nil
+}
+
+// ReadPages fills buf with the seed's memory at addr (page aligned, len(buf)
+// a multiple of PageSize).
+func (c *Client) ReadPages(ctx context.Context, seed string, addr uint64, buf []byte) error {
+	rs := [1]Range{{Addr: addr, Len: uint64(len(buf))}}
+	return c.ReadRanges(ctx, seed, rs[:], buf)
+}
+
+// pageChunk is one wire request of a ReadRanges call.
+type pageChunk struct {
+	ranges []Range
+	dst    []byte
+}
+
+// splitRanges cuts ranges into requests within the protocol limits; dst
+// parts are consecutive slices of buf.
+func splitRanges(ranges []Range, buf []byte) ([]pageChunk, error) {
+	var total uint64
+	for _, g := range ranges {
+		if g.Len == 0 || g.Addr%PageSize != 0 || g.Len%PageSize != 0 || g.Addr+g.Len < g.Addr {
+			return nil, fmt.Errorf("%w: [%#x, +%#x) empty, misaligned or wrapping", ErrBadRange, g.Addr, g.Len)
+		}
+		total += g.Len
+		if total < g.Len {
+			return nil, fmt.Errorf("%w: ranges overflow", ErrBadRange)
+		}
+	}
+	if total != uint64(len(buf)) {
+		return nil, fmt.Errorf("%w: ranges cover %d bytes, buffer has %d", ErrBadRange, total, len(buf))
+	}
+	if len(ranges) <= MaxRanges && total <= MaxPagesBytes {
+		return []pageChunk{{ranges: ranges, dst: buf}}, nil
+	}
+	var out []pageChunk
+	var cur []Range
+	var start, n uint64
+	flush := func() {
+		out = append(out, pageChunk{ranges: cur, dst: buf[start : start+n]})
+		cur, start, n = nil, start+n, 0
+	}
+	for _, g := range ranges {
+		for g.Len > 0 {
+			if len(cur) == MaxRanges || n == MaxPagesBytes {
+				flush()
+			}
+			piece := min(g.Len, MaxPagesBytes-n)
+			cur = append(cur, Range{Addr: g.Addr, Len: piece})
+			n += piece
+			g.Addr += piece
+			g.Len -= piece
+		}
+	}
+	if len(cur) > 0 {
+		flush()
+	}
+	return out, nil
+}
+
+// ReadRanges reads many ranges of a seed into consecutive parts of buf
+// (len(buf) must equal the ranges' total). Large reads are split into
+// requests of at most MaxRanges ranges and MaxPagesBytes bytes, sent
+// concurrently over the client's connections.
+func (c *Client) ReadRanges(ctx context.Context, seed string, ranges []Range, buf []byte) error {
+	if err := checkSeedID(seed); err != nil {
+		return fmt.Errorf("transport: read pages: %w", err)
+	}
+	chunks, err := splitRanges(ranges, buf)
+	if err != nil {
+		return fmt.Errorf("transport: read pages of %s: %w", seed, err)
+	}
+	if len(chunks) == 1 {
+		return c.readChunk(ctx, seed, &chunks[0])
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+	)
+	sem := make(chan struct{}, 4*len(c.slots))
+	for i := range chunks {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if err := c.readChunk(ctx, seed, &chunks[i]); err != nil {
+				once.Do(func() { first = err; cancel() })
+			}
+		}()
+	}
+	wg.Wait()
+	if first == nil && ctx.Err() != nil {
+		return fmt.Errorf("transport: read pages of %s: %w", seed, ctx.Err())
+	}
+	return first
+}
+
+func (c *Client) readChunk(ctx context.Context, seed string, ch *pageChunk) error {
+	req := PagesRequest{Seed: seed, Ranges: ch.ranges}
+	c.st.pagesReqs.Add(1)
+	if _, err := c.do(ctx, "read pages of "+seed, TypePagesReq, TypePagesResp, req.Encode(), ch.dst, true); err != nil {
+		return err
+	}
+	c.st.bytes.Add(uint64(len(ch.dst)))
+	return nil
+}
+
+// Fork asks the peer to fork children of req.Seed on itself. It is bounded
+// by Config.ForkTimeout rather than Config.Timeout and never retried. If the
+// fork failed after some children were forked, Fork returns them together
+// with the error.
+func (c *Client) Fork(ctx context.Context, req ForkRequest) ([]ForkedChild, error) {
+	if err := checkForkRequest(req); err != nil {
+		return nil, fmt.Errorf("transport: fork: %w", err)
+	}
+	p, err := c.do(ctx, "fork of "+req.Seed, TypeForkReq, TypeForkResp, req.Encode(), nil, false)
+	if err != nil {
+		return nil, err
+	}
+	r, err := DecodeForkResponse(p)
+	if err != nil {
+		return nil, fmt.Errorf("transport: fork of %s from %s: %w", req.Seed, c.addr, err)
+	}
+	if r.Code != 0 {
+		c.st.errors.Add(1)
+		return r.Children, fmt.Errorf("transport: fork of %s from %s: %d forked, then: %w",
+			req.Seed, c.addr, len(r.Children), &RemoteError{Peer: c.Peer(), Code: r.Code, Msg: r.Msg})
+	}
+	return r.Children, nil
+}
+
+// Lease adds (delta=+1) or drops (delta=-1) a lease on a seed of the peer.
+// It is not retried: a lost answer leaves the lease count unknown.
+func (c *Client) Lease(ctx context.Context, seed string, delta int) error {
+	if err := checkSeedID(seed); err != nil {
+		return fmt.Errorf("transport: lease: %w", err)
+	}
+	if delta == 0 || delta != int(int32(delta)) {
+		return fmt.Errorf("transport: lease of %s: bad delta %d", seed, delta)
+	}
+	r := LeaseRequest{Seed: seed, Delta: int32(delta)}
+	_, err := c.do(ctx, "lease of "+seed, TypeLeaseReq, TypeLeaseResp, r.Encode(), nil, false)
+	return err
+}
+
+// Ping measures a round trip to the peer.
+func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	if _, err := c.do(ctx, "ping", TypePing, TypePong, nil, nil, true); err != nil {
+		return 0, err
+	}
+	return time.Since(start), nil
+}
+
+// SeedSource is one seed of the peer as a page source: it satisfies the
+// pager's Source interface.
+type SeedSource struct {
+	c    *Client
+	seed string
+}
+
+// SeedSource returns the peer's seed as a page source.
+func (c *Client) SeedSource(seed string) *SeedSource {
+	return &SeedSource{c: c, seed: seed}
+}
+
+// ReadPages fills buf with the seed's memory at addr, bounded by the
+// client's timeout.
+func (s *SeedSource) ReadPages(addr uint64, buf []byte) error {
+	return s.c.ReadPages(context.Background(), s.seed, addr, buf)
+}
