@@ -10,6 +10,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -268,6 +269,52 @@ func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin s
 	return s, nil
 }
 
+// waitExit returns once pid has exited (it is then a zombie, or already
+// reaped), without consuming any other wait event. It waits on the pidfd
+// and, as a safety net, also checks with waitid(WEXITED|WNOWAIT) every
+// second.
+func waitExit(pidfd *os.File, pid int) {
+	rc, err := pidfd.SyscallConn()
+	if err != nil {
+		return
+	}
+	for {
+		_ = pidfd.SetReadDeadline(time.Now().Add(time.Second))
+		first := true
+		err := rc.Read(func(uintptr) bool {
+			if first {
+				first = false
+				return false // park until readable: the process exited
+			}
+			return true
+		})
+		if err == nil {
+			return
+		}
+		var info unix.Siginfo
+		if e := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); e != nil {
+			return // ECHILD: reaped elsewhere
+		}
+		if pidOf(&info) == pid && (info.Code == cldExited || info.Code == cldKilled || info.Code == cldDumped) {
+			return
+		}
+	}
+}
+
+// si_code values of SIGCHLD.
+const (
+	cldExited = 1
+	cldKilled = 2
+	cldDumped = 3
+)
+
+// pidOf returns si_pid of a SIGCHLD siginfo.
+func pidOf(info *unix.Siginfo) int {
+	// si_pid is the first int of the union after the 16-byte header.
+	b := (*[128]byte)(unsafe.Pointer(info))
+	return int(int32(binary.LittleEndian.Uint32(b[16:])))
+}
+
 // ReadPages serves a local seed's memory to a peer node from the frozen
 // copy.
 func (e *Engine) ReadPages(s *Seed, addr uint64, buf []byte) error {
@@ -386,16 +433,7 @@ func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 	// being prepared as a seed (multi-hop) it is our tracee too, and a
 	// wait4 from this thread would consume its ptrace stops.
 	if pidfd != nil {
-		if rc, err := pidfd.SyscallConn(); err == nil {
-			first := true
-			_ = rc.Read(func(uintptr) bool {
-				if first {
-					first = false
-					return false // wait until readable: the process exited
-				}
-				return true
-			})
-		}
+		waitExit(pidfd, c.PID)
 		pidfd.Close()
 	}
 	var ws unix.WaitStatus
