@@ -20,6 +20,7 @@ const (
 	caseLazy      = "mitosis lazy"
 	caseLazyCold  = "mitosis lazy, cold cache"
 	caseLazyCopy  = "mitosis lazy, NoCache"
+	casePrefetch  = "mitosis lazy + working-set prefetch"
 	caseEager     = "mitosis eager"
 	caseExec      = "exec from scratch"
 	caseLazyTook  = "mitosis lazy: Fork() return (Child.Took)"
@@ -30,6 +31,7 @@ const (
 const startCaseDoc = "mitosis lazy: `e.Fork(seed, {})` from one seed prepared before the runs; its children map pages from the seed's shared page cache, " +
 	"which the warm-up child and every earlier child have filled (warm cache). " +
 	"mitosis lazy, cold cache: the first child of a seed prepared just before it (Prepare and RemoveSeed untimed), so every page it touches goes from the frozen copy into the cache. " +
+	"mitosis lazy + working-set prefetch: `ForkOptions{Prefetch: true}`, the pages earlier children touched are mapped from the warm cache before the child runs. " +
 	"mitosis lazy, NoCache: `ForkOptions{NoCache: true}`, pages copied into the child with UFFDIO_COPY on fault. " +
 	"mitosis eager: `ForkOptions{Eager: true}`, every present page installed before the child runs."
 
@@ -129,7 +131,7 @@ func (sp *startSpec) check(rd *pipeReader, deadline time.Time) error {
 func (r *runner) startGroup(sp startSpec) *Group {
 	g := &Group{Name: sp.name, Title: sp.title, Description: sp.desc + " " + startCaseDoc, Baseline: caseLocal}
 	cases := map[string]*Case{}
-	for _, n := range []string{caseLocal, caseLazy, caseLazyCold, caseLazyCopy, caseEager, caseExec, caseLazyTook, caseEagerTook} {
+	for _, n := range []string{caseLocal, caseLazy, casePrefetch, caseLazyCold, caseLazyCopy, caseEager, caseExec, caseLazyTook, caseEagerTook} {
 		cases[n] = &Case{Name: n}
 		g.Cases = append(g.Cases, cases[n])
 	}
@@ -194,6 +196,9 @@ func (r *runner) startGroup(sp startSpec) *Group {
 			}
 			return err
 		}},
+		{casePrefetch, func(warm bool) error {
+			return fork(casePrefetch, "", seed, engine.ForkOptions{Prefetch: true}, warm)
+		}},
 		{caseLazyCopy, func(warm bool) error {
 			return fork(caseLazyCopy, "", seed, engine.ForkOptions{NoCache: true}, warm)
 		}},
@@ -222,7 +227,7 @@ func (r *runner) startGroup(sp startSpec) *Group {
 			}
 		}
 	}
-	for _, n := range []string{caseLazy, caseLazyCold, caseLazyCopy, caseEager} {
+	for _, n := range []string{caseLazy, casePrefetch, caseLazyCold, caseLazyCopy, caseEager} {
 		g.Notes = append(g.Notes, statsNote(n, stats[n]))
 	}
 	g.Notes = append(g.Notes, fmt.Sprintf("the seed's page cache held %.1f MiB at the end", float64(seed.CacheBytes())/(1<<20)))
