@@ -86,7 +86,7 @@ func New(cfg Config) *Pager {
 		cfg.Window = 16
 	}
 	if cfg.MaxWindow < cfg.Window {
-		cfg.MaxWindow = 256
+		cfg.MaxWindow = max(256, cfg.Window)
 	}
 	return &Pager{cfg: cfg, present: cfg.Desc.Present, spaces: map[*space]struct{}{}}
 }

@@ -1,0 +1,229 @@
+package pager
+
+import (
+	"bytes"
+	"errors"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+)
+
+// patternByte is the fake seed's memory: a function of the address.
+func patternByte(a uint64) byte {
+	return byte(a>>12)*31 + byte(a)*7 + byte(a>>20) + 1
+}
+
+// fakeSource serves patternByte and counts its calls.
+type fakeSource struct {
+	mu    sync.Mutex
+	calls []readCall
+	err   error
+}
+
+type readCall struct {
+	addr uint64
+	n    int
+}
+
+func (f *fakeSource) ReadPages(addr uint64, buf []byte) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, readCall{addr, len(buf)})
+	if f.err != nil {
+		return f.err
+	}
+	if addr%pageSize != 0 || len(buf)%pageSize != 0 {
+		return errors.New("unaligned read")
+	}
+	for i := range buf {
+		buf[i] = patternByte(addr + uint64(i))
+	}
+	return nil
+}
+
+func (f *fakeSource) reset() []readCall {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.calls
+	f.calls = nil
+	return c
+}
+
+func pattern(addr uint64, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = patternByte(addr + uint64(i))
+	}
+	return b
+}
+
+func TestCacheBacked(t *testing.T) {
+	tests := []struct {
+		v    descriptor.VMA
+		want bool
+	}{
+		{descriptor.VMA{Kind: descriptor.KindAnon}, true},
+		{descriptor.VMA{Kind: descriptor.KindAnon, Flags: descriptor.FlagHeap}, true},
+		{descriptor.VMA{Kind: descriptor.KindFileDirty}, true},
+		{descriptor.VMA{Kind: descriptor.KindAnon, Flags: descriptor.FlagStack | descriptor.FlagGrowsDown}, false},
+		{descriptor.VMA{Kind: descriptor.KindFile}, false},
+		{descriptor.VMA{Kind: descriptor.KindVDSO}, false},
+		{descriptor.VMA{Kind: descriptor.KindVVAR}, false},
+	}
+	for _, tc := range tests {
+		if got := CacheBacked(tc.v); got != tc.want {
+			t.Errorf("CacheBacked(%+v) = %v, want %v", tc.v, got, tc.want)
+		}
+	}
+}
+
+func cacheDesc() *descriptor.Descriptor {
+	return &descriptor.Descriptor{
+		SeedID: "cachetest",
+		VMAs: []descriptor.VMA{
+			{Start: 0x10000, End: 0x14000, Kind: descriptor.KindAnon},
+			{Start: 0x20000, End: 0x21000, Kind: descriptor.KindFile, Path: "/bin/true"},
+			{Start: 0x30000, End: 0x32000, Kind: descriptor.KindAnon, Flags: descriptor.FlagStack | descriptor.FlagGrowsDown},
+			{Start: 0x40000, End: 0x43000, Kind: descriptor.KindFileDirty, Path: "/x"},
+			{Start: 0x43000, End: 0x44000, Kind: descriptor.KindAnon},
+		},
+		Present: []descriptor.Run{{Start: 0x10000, End: 0x14000}, {Start: 0x40000, End: 0x44000}},
+	}
+}
+
+func TestCache(t *testing.T) {
+	src := &fakeSource{}
+	c, err := NewCache(cacheDesc(), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !strings.HasPrefix(c.Path(), "/proc/") {
+		t.Errorf("Path %q", c.Path())
+	}
+	// The memfd is named for the seed and spans imageSpan.
+	var st unix.Stat_t
+	if err := unix.Fstat(c.fd, &st); err != nil || st.Size != imageSpan {
+		t.Errorf("memfd size %d (%v), want %d", st.Size, err, int64(imageSpan))
+	}
+	if link, err := readlink(c.Path()); err != nil || !strings.HasPrefix(link, "/memfd:"+descriptor.CacheMemfdPrefix+"cachetest") {
+		t.Errorf("memfd link %q (%v)", link, err)
+	}
+
+	for _, tc := range []struct {
+		a    uint64
+		off  uint64
+		isIn bool
+	}{
+		{0x10000, 0, true}, {0x13fff, 0x3fff, true}, {0x14000, 0, false},
+		{0x20000, 0, false}, {0x30000, 0, false}, {0x31000, 0, false},
+		{0x40000, 0x4000, true}, {0x41234, 0x5234, true}, {0x43000, 0x7000, true},
+		{0x43fff, 0x7fff, true}, {0x44000, 0, false}, {0xffff, 0, false}, {0, 0, false},
+	} {
+		off, ok := c.Offset(tc.a)
+		if ok != tc.isIn || off != tc.off {
+			t.Errorf("Offset(%#x) = %#x, %v; want %#x, %v", tc.a, off, ok, tc.off, tc.isIn)
+		}
+	}
+
+	// Pages 1 and 2, then all four: only 0 and 3 are fetched, in two reads.
+	n, err := c.Ensure(0x11000, 2)
+	if err != nil || n != 2 {
+		t.Fatalf("Ensure(0x11000, 2) = %d, %v; want 2", n, err)
+	}
+	if calls := src.reset(); !reflect.DeepEqual(calls, []readCall{{0x11000, 2 * pageSize}}) {
+		t.Errorf("first Ensure read %+v", calls)
+	}
+	n, err = c.Ensure(0x10000, 4)
+	if err != nil || n != 2 {
+		t.Fatalf("Ensure(0x10000, 4) = %d, %v; want 2", n, err)
+	}
+	if calls := src.reset(); !reflect.DeepEqual(calls, []readCall{{0x10000, pageSize}, {0x13000, pageSize}}) {
+		t.Errorf("second Ensure read %+v", calls)
+	}
+	n, err = c.Ensure(0x10000, 4)
+	if err != nil || n != 0 || len(src.reset()) != 0 {
+		t.Errorf("third Ensure = %d, %v, with reads; want 0 and none", n, err)
+	}
+	if c.Bytes() != 4*pageSize {
+		t.Errorf("Bytes = %d, want %d", c.Bytes(), 4*pageSize)
+	}
+	// A second slot: the FileDirty VMA and the adjacent anonymous one
+	// are separate slots but contiguous in the memfd.
+	if n, err := c.Ensure(0x42000, 2); err != nil || n != 2 {
+		t.Errorf("Ensure(0x42000, 2) = %d, %v", n, err)
+	}
+	if n, err := c.Ensure(0x43000, 1); err != nil || n != 0 {
+		t.Errorf("Ensure(0x43000, 1) after filling it = %d, %v", n, err)
+	}
+	src.reset()
+	want := []descriptor.Run{{Start: 0x10000, End: 0x14000}, {Start: 0x42000, End: 0x43000}, {Start: 0x43000, End: 0x44000}}
+	got := c.Filled()
+	// Runs of different slots may or may not be merged; compare pages.
+	if pagesOf(got) != pagesOf(want) {
+		t.Errorf("Filled = %+v, want %+v", got, want)
+	}
+	if len(got) < 2 || got[0] != want[0] || got[1].Start != 0x42000 {
+		t.Errorf("Filled = %+v", got)
+	}
+	if c.Bytes() != 6*pageSize {
+		t.Errorf("Bytes = %d, want %d", c.Bytes(), 6*pageSize)
+	}
+
+	// The memfd holds the source's bytes at the slots' offsets.
+	for _, a := range []uint64{0x10000, 0x13000, 0x42000, 0x43000} {
+		off, _ := c.Offset(a)
+		b := make([]byte, pageSize)
+		if _, err := unix.Pread(c.fd, b, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b, pattern(a, pageSize)) {
+			t.Errorf("cache at offset %#x does not hold the page at %#x", off, a)
+		}
+	}
+	// Unfilled pages of the memfd are holes: zero.
+	b := make([]byte, pageSize)
+	if _, err := unix.Pread(c.fd, b, 0x4000); err != nil || !bytes.Equal(b, make([]byte, pageSize)) {
+		t.Errorf("unfilled page of the cache is not zero (%v)", err)
+	}
+
+	// Errors: an address outside the cache; a failing source.
+	if _, err := c.Ensure(0x20000, 1); err == nil || !strings.Contains(err.Error(), "0x20000") {
+		t.Errorf("Ensure of file memory: %v", err)
+	}
+	src.err = errors.New("source gone")
+	n, err = c.Ensure(0x40000, 2)
+	if err == nil || !strings.Contains(err.Error(), "source gone") || n != 0 {
+		t.Errorf("Ensure with a failing source = %d, %v", n, err)
+	}
+	if c.Bytes() != 6*pageSize || pagesOf(c.Filled()) != 6 {
+		t.Errorf("a failed fill changed the cache: %d bytes, %+v", c.Bytes(), c.Filled())
+	}
+	c.Close()
+	if c.fd != -1 {
+		t.Errorf("fd %d after Close", c.fd)
+	}
+	c.Close() // idempotent
+}
+
+func pagesOf(rs []descriptor.Run) uint64 {
+	var n uint64
+	for _, r := range rs {
+		n += (r.End - r.Start) / pageSize
+	}
+	return n
+}
+
+func readlink(p string) (string, error) {
+	b := make([]byte, 256)
+	n, err := unix.Readlink(p, b)
+	if err != nil {
+		return "", err
+	}
+	return string(b[:n]), nil
+}
