@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -22,6 +23,15 @@ import (
 	"github.com/mitosis-fork/mitosis/snapshot"
 )
 
+// restorer picks the tracer thread for the next restore. Restores mostly
+// wait for the stub to run its batches, so two tracer threads overlap two
+// restores; each child stays with the thread that spawned it (its
+// PR_SET_PDEATHSIG parent) until it is detached.
+func (e *Engine) restorer() *ptrace.Tracer {
+	n := e.next.Add(1)
+	return e.restorers[n%uint64(len(e.restorers))]
+}
+
 // Options configure an Engine.
 type Options struct {
 	// StateDir is a directory the engine may use for scratch files.
@@ -31,11 +41,13 @@ type Options struct {
 // Engine owns the tracer thread, every seed's frozen copy and every child's
 // pager on this host.
 type Engine struct {
-	opts     Options
-	tracer   *ptrace.Tracer
-	stubFile *os.File
-	stubPath string
-	devNull  *os.File
+	opts      Options
+	tracer    *ptrace.Tracer   // prepares, owns frozen copies
+	restorers []*ptrace.Tracer // restores (see restorer)
+	next      atomic.Uint64
+	stubFile  *os.File
+	stubPath  string
+	devNull   *os.File
 
 	mu       sync.Mutex
 	seeds    map[string]*Seed
@@ -65,9 +77,10 @@ func New(opts Options) (*Engine, error) {
 		return nil, err
 	}
 	return &Engine{
-		opts:     opts,
-		tracer:   ptrace.NewTracer(),
-		stubFile: f,
+		opts:      opts,
+		tracer:    ptrace.NewTracer(),
+		restorers: []*ptrace.Tracer{ptrace.NewTracer(), ptrace.NewTracer()},
+		stubFile:  f,
 		// The path names the daemon's fd, so it stays valid in the
 		// forked stub whatever its own fd table looks like.
 		stubPath: fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), fd),
@@ -162,7 +175,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		},
 	})
 	c.pg = pagerStats{pg}
-	res, err := restore.Restore(e.tracer, d, restore.Options{
+	res, err := restore.Restore(e.restorer(), d, restore.Options{
 		StubPath: e.stubPath,
 		Cache:    cache,
 		Stdio:    stdio,
@@ -552,6 +565,9 @@ func (e *Engine) Close() error {
 	}
 	e.wg.Wait()
 	e.tracer.Close()
+	for _, t := range e.restorers {
+		t.Close()
+	}
 	e.stubFile.Close()
 	e.devNull.Close()
 	return errors.Join(errs...)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/mitosis-fork/mitosis/client"
@@ -143,18 +144,57 @@ func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File
 	if err != nil {
 		return nil, fmt.Errorf("fork: %w", err)
 	}
-	var kids []*childRec
-	for i := 0; i < req.Count; i++ {
-		if err := ctx.Err(); err != nil {
-			return kids, fmt.Errorf("fork: stopped after %d of %d children: %w", len(kids), req.Count, err)
-		}
+	if req.Count <= 1 {
 		k, err := d.forkOne(ctx, s, req, stdio, attached)
 		if err != nil {
-			return kids, err
+			return nil, err
 		}
-		kids = append(kids, k)
+		return []*childRec{k}, nil
 	}
-	return kids, nil
+	// Several workers: the engine overlaps restores on its tracer threads.
+	const workers = 2
+	var (
+		mu    sync.Mutex
+		kids  []*childRec
+		first error
+		next  int
+		wg    sync.WaitGroup
+	)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				if first != nil || next >= req.Count {
+					mu.Unlock()
+					return
+				}
+				next++
+				mu.Unlock()
+				if err := ctx.Err(); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = fmt.Errorf("fork: stopped after %d of %d children: %w", len(kids), req.Count, err)
+					}
+					mu.Unlock()
+					return
+				}
+				k, err := d.forkOne(ctx, s, req, stdio, attached)
+				mu.Lock()
+				if err != nil {
+					if first == nil {
+						first = err
+					}
+				} else {
+					kids = append(kids, k)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return kids, first
 }
 
 func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, stdio [3]*os.File, attached bool) (*childRec, error) {
