@@ -44,9 +44,9 @@ cat "$work/parent.err"
 grep -q PREPARED "$work/parent.out" || { echo "demo: the parent did not prepare (see above)" >&2; exit 1; }
 "$work/mitosis" seeds
 
-echo "== fork: 8 children of the seed, each runs the handler on the inherited frame (--prefetch maps the pages earlier children touched before the child runs)"
+echo "== fork: 8 children of the seed, each runs the handler on the inherited frame"
 for i in $(seq 8); do
-  "$work/mitosis" fork demo --prefetch --payload "{\"t0\": $(date +%s.%N), \"users\": [$i, $((i+1)), $((i+2))]}" </dev/null
+  "$work/mitosis" fork demo --payload "{\"t0\": $(date +%s.%N), \"users\": [$i, $((i+1)), $((i+2))]}" </dev/null
 done
 echo "== mitosis ps (START = daemon-side restore until the child runs)"
 "$work/mitosis" ps
