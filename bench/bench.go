@@ -51,6 +51,10 @@ const (
 	GroupHello      = "start-python-hello"
 	GroupArray      = "array64"
 	GroupArrayNumpy = "array64-numpy"
+	// GroupRemote selects the remote-fork benchmarks (see remote.go): a
+	// three-node cluster in network namespaces on this host. They run only
+	// when named, never by default.
+	GroupRemote = "remote"
 )
 
 // groupOrder is the order groups run and are reported in.
@@ -73,11 +77,18 @@ type Config struct {
 	Log io.Writer
 	// CommandLine is recorded in the report header.
 	CommandLine string
+	// Mitosis is the mitosis binary the remote benchmarks run as node
+	// daemons; empty builds github.com/mitosis-fork/mitosis/cmd/mitosis
+	// with `go build` (the current directory must be inside the module).
+	Mitosis string
+	// FanOut is the number of children per node of the remote fan-out
+	// benchmark (default 10).
+	FanOut int
 }
 
 // Names lists what Config.Only accepts.
 func Names() []string {
-	return append(slices.Clone(groupOrder), prepareSubjects...)
+	return append(append(slices.Clone(groupOrder), prepareSubjects...), GroupRemote)
 }
 
 type runner struct {
@@ -165,6 +176,14 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		}
 		rep.Groups = append(rep.Groups, g)
 	}
+	if groups[GroupRemote] && ctx.Err() == nil {
+		gs, notes := r.remoteGroups()
+		rep.Groups = append(rep.Groups, gs...)
+		rep.Notes = append(rep.Notes, notes...)
+		if len(groups) == 1 {
+			rep.Title = "mitosis remote-fork benchmarks"
+		}
+	}
 	if r.seedRetries > 0 {
 		rep.Notes = append(rep.Notes, fmt.Sprintf("RemoveSeed right after the last child's Done() was closed was refused (\"still has N running children\") %d times and retried: the engine closes Done before it forgets the child", r.seedRetries))
 	}
@@ -220,6 +239,8 @@ func selection(only []string) (map[string]bool, []string, error) {
 			if n == GroupPrepare {
 				allSubjects = true
 			}
+		case n == GroupRemote:
+			groups[n] = true
 		case slices.Contains(prepareSubjects, n):
 			groups[GroupPrepare] = true
 			subjects = append(subjects, n)

@@ -15,6 +15,8 @@ import (
 
 // Report is the outcome of one benchmark run.
 type Report struct {
+	// Title is the report's heading (default "mitosis engine benchmarks").
+	Title       string        `json:"title,omitempty"`
 	Machine     Machine       `json:"machine"`
 	Date        time.Time     `json:"date"`
 	CommandLine string        `json:"command_line"`
@@ -40,15 +42,24 @@ type Machine struct {
 // Group is a set of cases measured together (interleaved round-robin) and
 // compared against one baseline case.
 type Group struct {
-	Name        string   `json:"name"`
-	Title       string   `json:"title"`
-	Description string   `json:"description"`
-	Baseline    string   `json:"baseline"`
-	Cases       []*Case  `json:"cases"`
-	Notes       []string `json:"notes,omitempty"`
+	Name        string  `json:"name"`
+	Title       string  `json:"title"`
+	Description string  `json:"description"`
+	Baseline    string  `json:"baseline"`
+	Cases       []*Case `json:"cases"`
+	// Tables are further results that are not durations (rates, bytes),
+	// rendered after the cases.
+	Tables []Table  `json:"tables,omitempty"`
+	Notes  []string `json:"notes,omitempty"`
 	// Error is set when the group was aborted (a failed run, an engine
 	// error, a wrong result); its cases then hold what was measured before.
 	Error string `json:"error,omitempty"`
+}
+
+// Table is a markdown table of a group.
+type Table struct {
+	Header []string   `json:"header"`
+	Rows   [][]string `json:"rows"`
 }
 
 // Case is one measured quantity of a group.
@@ -132,7 +143,11 @@ func fmtDur(d time.Duration) string {
 func (r *Report) Markdown() string {
 	var b strings.Builder
 	m := r.Machine
-	fmt.Fprintf(&b, "# mitosis engine benchmarks\n\n")
+	title := r.Title
+	if title == "" {
+		title = "mitosis engine benchmarks"
+	}
+	fmt.Fprintf(&b, "# %s\n\n", title)
 	fmt.Fprintf(&b, "- machine: %d vCPUs (nproc), %s, kernel %s, %s RAM; load average at start %s\n", m.NProc, m.Model, m.Kernel, m.MemTotal, m.LoadAvg)
 	fmt.Fprintf(&b, "- date: %s\n", r.Date.UTC().Format("2006-01-02 15:04:05 MST"))
 	fmt.Fprintf(&b, "- command: `%s`\n", r.CommandLine)
@@ -147,22 +162,38 @@ func (r *Report) Markdown() string {
 		if g.Error != "" {
 			fmt.Fprintf(&b, "**FAILED:** `%s`\n\n", strings.ReplaceAll(g.Error, "\n", " "))
 		}
-		var base time.Duration
-		for _, c := range g.Cases {
-			if c.Name == g.Baseline {
-				base = c.Summary.Median
+		if len(g.Cases) > 0 {
+			var base time.Duration
+			for _, c := range g.Cases {
+				if c.Name == g.Baseline {
+					base = c.Summary.Median
+				}
+			}
+			fmt.Fprintf(&b, "| case | runs | median | p99 | min | max | ratio to %s |\n", g.Baseline)
+			fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|\n")
+			for _, c := range g.Cases {
+				s := c.Summary
+				ratio := "-"
+				if base > 0 && s.N > 0 {
+					ratio = fmt.Sprintf("%.2f×", float64(s.Median)/float64(base))
+				}
+				fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s | %s |\n", c.Name, s.N,
+					fmtDur(s.Median), fmtDur(s.P99), fmtDur(s.Min), fmtDur(s.Max), ratio)
 			}
 		}
-		fmt.Fprintf(&b, "| case | runs | median | p99 | min | max | ratio to %s |\n", g.Baseline)
-		fmt.Fprintf(&b, "|---|---:|---:|---:|---:|---:|---:|\n")
-		for _, c := range g.Cases {
-			s := c.Summary
-			ratio := "-"
-			if base > 0 && s.N > 0 {
-				ratio = fmt.Sprintf("%.2f×", float64(s.Median)/float64(base))
+		for _, tb := range g.Tables {
+			fmt.Fprintf(&b, "\n| %s |\n|", strings.Join(tb.Header, " | "))
+			for i := range tb.Header {
+				if i == 0 {
+					b.WriteString("---|")
+				} else {
+					b.WriteString("---:|")
+				}
 			}
-			fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s | %s |\n", c.Name, s.N,
-				fmtDur(s.Median), fmtDur(s.P99), fmtDur(s.Min), fmtDur(s.Max), ratio)
+			b.WriteString("\n")
+			for _, row := range tb.Rows {
+				fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
+			}
 		}
 		if len(g.Notes) > 0 {
 			b.WriteString("\n")

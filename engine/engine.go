@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/descriptor"
+	"github.com/mitosis-fork/mitosis/internal/procfs"
 	"github.com/mitosis-fork/mitosis/internal/ptrace"
 	"github.com/mitosis-fork/mitosis/internal/stub"
 	"github.com/mitosis-fork/mitosis/pager"
@@ -282,6 +284,33 @@ func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin s
 	return s, nil
 }
 
+// groupAlive reports whether process group pgid has a member that is not a
+// zombie (zombies left to a parent that does not reap them would otherwise
+// keep a finished tree alive forever).
+func groupAlive(pgid int) bool {
+	if unix.Kill(-pgid, 0) != nil {
+		return false
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return true
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		st, err := procfs.ReadStat(pid)
+		if err != nil || st.State == 'Z' || st.State == 'X' {
+			continue
+		}
+		if st.PGrp == pgid {
+			return true
+		}
+	}
+	return false
+}
+
 // waitExit returns once pid has exited (it is then a zombie, or already
 // reaped), without consuming any other wait event. It waits on the pidfd
 // and, as a safety net, also checks with waitid(WEXITED|WNOWAIT) every
@@ -467,7 +496,7 @@ func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 	// still fault: keep serving them until the group is empty. Closing
 	// their userfaultfds earlier would let them read missing memory as
 	// zeros.
-	for unix.Kill(-c.PID, 0) == nil {
+	for groupAlive(c.PID) {
 		e.mu.Lock()
 		closed := e.closed
 		e.mu.Unlock()

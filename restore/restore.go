@@ -322,6 +322,15 @@ func (c *child) build(opts Options) error {
 	// Batch 1: drop the stub's own mappings, move the special mappings,
 	// open the files to map.
 	b := newBatch()
+	// Descriptors above the ones we installed can only have leaked from
+	// the daemon (any fd it holds without close-on-exec survives the
+	// stub's exec): close them all, the child must hold exactly the
+	// parent's.
+	maxfd := 2
+	for _, f := range d.FDs {
+		maxfd = max(maxfd, int(f.Num))
+	}
+	b.Add("close leaked descriptors", unix.SYS_CLOSE_RANGE, uint64(maxfd+1), uint64(^uint32(0)), 0)
 	var specialsStub = map[string]procfs.Mapping{}
 	for _, m := range stubMaps {
 		switch m.Path {

@@ -4,9 +4,19 @@
 // (C and numpy), each against local fork(2) and exec-from-scratch baselines
 // measured in the same run. It must run as root.
 //
+// With -remote (the same as -only remote) it measures remote forks instead,
+// on a three-node cluster it builds in network namespaces on this host and
+// removes afterwards (see bench/netlab): start latency of a Python child on
+// another node with a cold and a warm node page cache, start+execution of
+// the 64 MiB array child remote vs local, fan-out onto 1, 2 and 3 nodes, and
+// network bytes per child with and without the node cache and --prefetch.
+// It runs the node daemons from -mitosis, or builds cmd/mitosis with `go
+// build` (run it from inside the module).
+//
 // Usage:
 //
 //	go run ./cmd/mitosis-bench [-runs N] [-quick] [-out FILE.md] [-json FILE.json] [-only NAME[,NAME...]]
+//	go run ./cmd/mitosis-bench -remote [-runs N] [-mitosis BIN] [-fanout N] [-out FILE.md]
 //
 // The markdown report is printed to stdout (and written to -out); progress
 // goes to stderr. The exit status is 1 if any group failed (an engine error
@@ -31,7 +41,10 @@ func main() {
 	quick := flag.Bool("quick", false, "3 runs per case (unless -runs is given)")
 	out := flag.String("out", "", "write the markdown report to this file")
 	jsonOut := flag.String("json", "", "write the report with raw samples as JSON to this file")
-	only := flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(bench.Names(), ", "))
+	only := flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(bench.Names(), ", ")+" (default: all but remote)")
+	remote := flag.Bool("remote", false, "run the remote-fork benchmarks (same as -only remote)")
+	mitosisBin := flag.String("mitosis", "", "remote: the mitosis binary for the node daemons (default: go build ./cmd/mitosis)")
+	fanOut := flag.Int("fanout", 10, "remote: children per node in the fan-out benchmark")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "mitosis-bench: unexpected arguments %q\n", flag.Args())
@@ -54,6 +67,10 @@ func main() {
 	if *only != "" {
 		cfg.Only = strings.Split(*only, ",")
 	}
+	if *remote {
+		cfg.Only = append(cfg.Only, bench.GroupRemote)
+	}
+	cfg.Mitosis, cfg.FanOut = *mitosisBin, *fanOut
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	rep, err := bench.Run(ctx, cfg)

@@ -125,7 +125,7 @@ func mkStat(comm string, over map[int]string) string {
 }
 
 func TestParseStat(t *testing.T) {
-	base := Stat{State: 'S', PPid: 4000, NumThreads: 20000, StartCode: 26000, EndCode: 27000,
+	base := Stat{State: 'S', PPid: 4000, PGrp: 5000, NumThreads: 20000, StartCode: 26000, EndCode: 27000,
 		StartStack: 28000, StartData: 45000, EndData: 46000, StartBrk: 47000,
 		ArgStart: 48000, ArgEnd: 49000, EnvStart: 50000, EnvEnd: 51000}
 	tests := []struct {

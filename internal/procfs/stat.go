@@ -15,6 +15,8 @@ type Stat struct {
 	State byte
 	// PPid is the parent's pid (4).
 	PPid int
+	// PGrp is the process group id (5).
+	PGrp int
 	// NumThreads is the number of threads (20).
 	NumThreads int
 	// StartCode and EndCode delimit the program text (26, 27).
@@ -98,6 +100,7 @@ func ParseStat(data []byte) (Stat, error) {
 		return v
 	}
 	st.PPid = atoi(4, "ppid")
+	st.PGrp = atoi(5, "pgrp")
 	st.NumThreads = atoi(20, "num_threads")
 	st.StartCode = atou(26, "startcode")
 	st.EndCode = atou(27, "endcode")
