@@ -72,7 +72,7 @@ type Config struct {
 	// /metrics; empty means none.
 	Metrics string
 	// PeerTimeout bounds every page request to a peer (default: the
-	// transport's, 1.5 s); a child whose page cannot be fetched in time
+	// transport's, 1 s); a child whose page cannot be fetched in time
 	// fails.
 	PeerTimeout time.Duration
 }

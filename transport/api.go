@@ -67,7 +67,7 @@ type Config struct {
 	TLS *tls.Config
 	// Conns is the number of connections a Client keeps per peer (default 4).
 	Conns int
-	// Timeout bounds every request (default 1.5 s); a peer that does not
+	// Timeout bounds every request (default 1 s); a peer that does not
 	// answer in time fails the request, so a child never waits forever.
 	Timeout time.Duration
 	// ForkTimeout bounds a forwarded fork request instead of Timeout

@@ -10,7 +10,7 @@ import (
 // Defaults.
 const (
 	DefaultConns       = 4
-	DefaultTimeout     = 1500 * time.Millisecond
+	DefaultTimeout     = 1000 * time.Millisecond
 	DefaultForkTimeout = 30 * time.Second
 	// HandshakeTimeout bounds the TLS and authentication handshake of a
 	// new connection on the server.

@@ -102,7 +102,7 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.tlsKey, "tls-key", os.Getenv("MITOSIS_TLS_KEY"), "PEM private key of --tls-cert")
 	fl.StringVar(&f.tlsCA, "tls-ca", os.Getenv("MITOSIS_TLS_CA"), "PEM CA that signed every node's certificate (default: system roots)")
 	fl.StringVar(&f.metrics, "metrics", os.Getenv("MITOSIS_METRICS"), "IP:PORT to serve Prometheus metrics on, at /metrics (default $MITOSIS_METRICS)")
-	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1.5s); a child whose page cannot be fetched in time fails")
+	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1s); a child whose page cannot be fetched in time fails")
 	return cmd
 }
 
