@@ -268,18 +268,13 @@ func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin s
 	e.seeds[s.ID] = s
 	e.mu.Unlock()
 	if len(ws) > 0 {
-		go func() {
-			c, err := s.pageCache(src)
-			if err != nil {
-				return
-			}
-			for _, r := range ws {
-				// Best effort: a child faults on what this misses.
-				if _, err := c.Ensure(r.Start, int((r.End-r.Start)/descriptor.PageSize)); err != nil {
-					return
-				}
-			}
-		}()
+		// Working-set push: the pages the seed's children touched
+		// elsewhere come into this node's cache in bulk now, so the
+		// first child here does not fault them in one window at a time.
+		// Best effort: children fault in whatever this misses.
+		if c, err := s.pageCache(src); err == nil {
+			_, _ = c.EnsureRuns(clipRuns(ws, d))
+		}
 	}
 	return s, nil
 }
@@ -355,6 +350,25 @@ func pidOf(info *unix.Siginfo) int {
 	// si_pid is the first int of the union after the 16-byte header.
 	b := (*[128]byte)(unsafe.Pointer(info))
 	return int(int32(binary.LittleEndian.Uint32(b[16:])))
+}
+
+// clipRuns keeps the parts of runs that are source-present memory of d
+// (a peer's working set is not trusted beyond that).
+func clipRuns(runs []descriptor.Run, d *descriptor.Descriptor) []descriptor.Run {
+	var out []descriptor.Run
+	j := 0
+	for _, r := range runs {
+		for j < len(d.Present) && d.Present[j].End <= r.Start {
+			j++
+		}
+		for k := j; k < len(d.Present) && d.Present[k].Start < r.End; k++ {
+			s, e := max(r.Start, d.Present[k].Start), min(r.End, d.Present[k].End)
+			if s < e {
+				out = append(out, descriptor.Run{Start: s, End: e})
+			}
+		}
+	}
+	return out
 }
 
 // ReadPages serves a local seed's memory to a peer node from the frozen

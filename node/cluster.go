@@ -154,13 +154,30 @@ type countingSource struct {
 	src interface {
 		ReadPages(addr uint64, buf []byte) error
 	}
-	m *metrics
+	m    *metrics
+	cl   *transport.Client
+	seed string
 }
 
 // ReadPages implements pager.Source.
 func (c countingSource) ReadPages(addr uint64, buf []byte) error {
 	start := time.Now()
 	err := c.src.ReadPages(addr, buf)
+	c.m.fetchLatency.Observe(time.Since(start).Seconds())
+	if err == nil {
+		c.m.bytesFetched.Add(float64(len(buf)))
+	}
+	return err
+}
+
+// ReadRuns implements pager.RunReader: a working set in batched requests.
+func (c countingSource) ReadRuns(runs []descriptor.Run, buf []byte) error {
+	ranges := make([]transport.Range, len(runs))
+	for i, r := range runs {
+		ranges[i] = transport.Range{Addr: r.Start, Len: r.End - r.Start}
+	}
+	start := time.Now()
+	err := c.cl.ReadRanges(context.Background(), c.seed, ranges, buf)
 	c.m.fetchLatency.Observe(time.Since(start).Seconds())
 	if err == nil {
 		c.m.bytesFetched.Add(float64(len(buf)))
@@ -244,7 +261,7 @@ func (d *Daemon) importSeed(ctx context.Context, node, key string) (*seedRec, er
 	if s := d.importedLocked(node, desc.SeedID); s != nil {
 		return s, nil
 	}
-	src := countingSource{src: cl.SeedSource(desc.SeedID), m: d.metrics}
+	src := countingSource{src: cl.SeedSource(desc.SeedID), m: d.metrics, cl: cl, seed: desc.SeedID}
 	es, err := d.eng.ImportSeed(desc, src, node, runs)
 	if err != nil {
 		return nil, fmt.Errorf("import seed %s from node %s: %w", desc.SeedID, node, err)

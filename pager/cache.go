@@ -162,6 +162,90 @@ func (c *Cache) Filled() []descriptor.Run {
 	return runs
 }
 
+// RunReader is a Source that can read many runs in one batched request
+// (a network transport); EnsureRuns uses it to fill a working set at once.
+type RunReader interface {
+	// ReadRuns fills buf with the runs' memory, one after the other.
+	ReadRuns(runs []descriptor.Run, buf []byte) error
+}
+
+// EnsureRuns fills the cache with every page of runs it does not hold yet
+// (runs must be source-present memory), in as few source requests as the
+// Source allows. It returns the number of pages fetched.
+func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
+	rr, ok := c.src.(RunReader)
+	if !ok {
+		n := 0
+		for _, r := range runs {
+			f, err := c.Ensure(r.Start, int((r.End-r.Start)/pageSize))
+			n += f
+			if err != nil {
+				return n, err
+			}
+		}
+		return n, nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// The missing pages, as runs with their cache offsets.
+	type piece struct {
+		run descriptor.Run
+		off uint64
+	}
+	var missing []piece
+	for _, r := range runs {
+		for a := r.Start; a < r.End; a += pageSize {
+			off, ok := c.Offset(a)
+			if !ok {
+				return 0, fmt.Errorf("page cache: address %#x is not cached memory", a)
+			}
+			pg := off / pageSize
+			if c.filled[pg>>6]&(1<<(pg&63)) != 0 {
+				continue
+			}
+			if n := len(missing); n > 0 && missing[n-1].run.End == a && missing[n-1].off+(a-missing[n-1].run.Start) == off {
+				missing[n-1].run.End = a + pageSize
+				continue
+			}
+			missing = append(missing, piece{descriptor.Run{Start: a, End: a + pageSize}, off})
+		}
+	}
+	fetched := 0
+	const batch = 16 << 20
+	for len(missing) > 0 {
+		var size uint64
+		k := 0
+		for k < len(missing) && (k == 0 || size+(missing[k].run.End-missing[k].run.Start) <= batch) {
+			size += missing[k].run.End - missing[k].run.Start
+			k++
+		}
+		part := missing[:k]
+		missing = missing[k:]
+		buf := make([]byte, size)
+		rs := make([]descriptor.Run, len(part))
+		for i, p := range part {
+			rs[i] = p.run
+		}
+		if err := rr.ReadRuns(rs, buf); err != nil {
+			return fetched, err
+		}
+		var o uint64
+		for _, p := range part {
+			n := p.run.End - p.run.Start
+			if _, err := unix.Pwrite(c.fd, buf[o:o+n], int64(p.off)); err != nil {
+				return fetched, fmt.Errorf("page cache write: %w", err)
+			}
+			for q := p.off / pageSize; q < (p.off+n)/pageSize; q++ {
+				c.filled[q>>6] |= 1 << (q & 63)
+			}
+			o += n
+			fetched += int(n / pageSize)
+			c.bytes.Add(n)
+		}
+	}
+	return fetched, nil
+}
+
 // Close releases the cache. Children mapping it keep their mappings (the
 // memfd lives as long as they map it), but it is no longer filled.
 func (c *Cache) Close() {
