@@ -107,7 +107,7 @@ func (e *Engine) Prepare(pid int, opts PrepareOptions) (*Seed, error) {
 		return nil, errors.New("engine closed")
 	}
 	e.mu.Unlock()
-	res, err := snapshot.Prepare(e.tracer, pid, snapshot.Options{ChannelFD: opts.ChannelFD})
+	res, err := snapshot.Prepare(e.tracer, pid, snapshot.Options{ChannelFD: opts.ChannelFD, Lazy: e.pagedHere(pid)})
 	if err != nil {
 		return nil, err
 	}
@@ -277,6 +277,23 @@ func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin s
 		}
 	}
 	return s, nil
+}
+
+// pagedHere reports whether pid belongs to the process tree of one of our
+// children (its process group), i.e. its memory is paged in lazily by us.
+func (e *Engine) pagedHere(pid int) bool {
+	st, err := procfs.ReadStat(pid)
+	if err != nil {
+		return false
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, c := range e.children {
+		if c.PID == st.PGrp {
+			return true
+		}
+	}
+	return false
 }
 
 // groupAlive reports whether process group pgid has a member that is not a

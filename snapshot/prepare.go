@@ -30,6 +30,12 @@ type Options struct {
 	// ChannelFD is the fd number of the parent's connection to its node
 	// daemon (client API), or -1.
 	ChannelFD int
+	// Lazy marks a process whose own memory is still paged in lazily (a
+	// mitosis child prepared as a seed: multi-hop). A page missing from
+	// its page tables is then not zero but not fetched yet, so every page
+	// of its private memory is read from the frozen copy, whose faults
+	// the child's pager serves.
+	Lazy bool
 }
 
 // Result is a prepared seed on this host.
@@ -241,7 +247,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	phase("stopped", stopAt)
 	t1 := time.Now()
 
-	d, err := describe(pid, src, at, &regs, pmaps, &info, filesc)
+	d, err := describe(pid, src, at, &regs, pmaps, &info, filesc, opts.Lazy)
 	if err != nil {
 		killSrc()
 		return nil, err
@@ -339,7 +345,7 @@ func Release(src int) error {
 // stopped right after the clone).
 //
 // Precondition: runs on the tracer thread.
-func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, info *procInfo, filesc chan map[string]fileStat) (*descriptor.Descriptor, error) {
+func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, info *procInfo, filesc chan map[string]fileStat, lazy bool) (*descriptor.Descriptor, error) {
 	d := &descriptor.Descriptor{PID: int32(pid), VDSOSyscall: at}
 	d.Regs = regsToArray(regs)
 	d.Kernel = kernelRelease
@@ -373,6 +379,13 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		vmas, err := classify(maps, sr.regions, files)
 		if err != nil {
 			return nil, err
+		}
+		if lazy {
+			for i := range vmas {
+				if vmas[i].Kind == descriptor.KindAnon {
+					vmas[i].Kind = descriptor.KindFileDirty
+				}
+			}
 		}
 		d.VMAs = vmas
 		d.Present = presentRuns(vmas, sr.regions)

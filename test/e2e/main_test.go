@@ -48,7 +48,6 @@ var (
 	stopErr    error
 
 	shmBefore map[string]bool
-	tmpBefore map[string]bool
 
 	seedsMu      sync.Mutex
 	createdSeeds []string
@@ -148,7 +147,6 @@ func setup() error {
 		return fmt.Errorf("repository root not found from %s: %v", repoRoot, err)
 	}
 	shmBefore = listDir("/dev/shm")
-	tmpBefore = listDir(os.TempDir())
 
 	tmpRoot, err = os.MkdirTemp("", "mte2e-")
 	if err != nil {
