@@ -111,6 +111,10 @@ func (e *Engine) Prepare(pid int, opts PrepareOptions) (*Seed, error) {
 	if err != nil {
 		return nil, err
 	}
+	if res.WasStopped {
+		// Seed.Took excludes this: the parent is frozen already.
+		snapshot.WaitStopped(pid)
+	}
 	s := &Seed{
 		ID: newID("s-"), Name: opts.Name, Desc: res.Desc, SourcePID: res.SourcePID,
 		ParentPID: pid, Created: time.Now(), Took: res.Took,

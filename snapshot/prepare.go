@@ -44,6 +44,23 @@ type Result struct {
 	SourcePID int // the frozen copy; stopped and traced by the tracer
 	Took      time.Duration
 	Stopped   time.Duration // how long the parent was stopped
+	// WasStopped: the parent was in a group-stop (SIGSTOP) before
+	// prepare; it gets SIGSTOP back at detach and re-enters its stop
+	// asynchronously (see WaitStopped).
+	WasStopped bool
+}
+
+// WaitStopped waits (up to ~100 ms) until pid is back in its group-stop.
+// A parent that was stopped before prepare never runs its own code after
+// the detach, but for a moment shows state R while it takes the SIGSTOP.
+func WaitStopped(pid int) {
+	for i := 0; i < 2000; i++ {
+		st, err := procfs.ReadStat(pid)
+		if err != nil || st.State == 'T' {
+			return
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
 }
 
 // ErrRefused marks errors for processes mitosis cannot carry.
@@ -100,6 +117,7 @@ func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
 	}
 	res.Took = time.Since(start)
+	res.WasStopped = wasStopped
 	return res, nil
 }
 
