@@ -16,17 +16,15 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/engine"
 )
@@ -119,7 +117,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := cloexecInherited(); err != nil {
+	if err := testenv.CloseInheritedFDs(); err != nil {
 		return nil, err
 	}
 	start := time.Now()
@@ -190,33 +188,6 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	rep.Wall = time.Since(start)
 	rep.finish()
 	return rep, ctx.Err()
-}
-
-// cloexecInherited marks every fd >= 3 of this process close-on-exec. Go
-// opens its own fds with O_CLOEXEC, but fds inherited from whatever started
-// the benchmark (a pipe of a job runner, say) would otherwise leak into every
-// parent, and Prepare refuses a parent holding a pipe. The flag is per fd
-// table entry, so the fds stay usable by this process and untouched for
-// every other process.
-func cloexecInherited() error {
-	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
-		return nil
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd < 3 {
-			continue
-		}
-		// the fd of the directory listing is gone by now: ignore EBADF
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && err != unix.EBADF {
-			return fmt.Errorf("set close-on-exec on fd %d: %w", fd, err)
-		}
-	}
-	return nil
 }
 
 // selection resolves Config.Only into the groups to run and the prepare

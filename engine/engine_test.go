@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bufio"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -290,12 +291,7 @@ func TestPrepareErrors(t *testing.T) {
 // close-on-exec, so parents the tests start hold only what the tests give
 // them (a runner's pipe would make prepare refuse them).
 func TestMain(m *testing.M) {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-			unix.CloseOnExec(fd)
-		}
-	}
+	testenv.CloseInheritedFDs()
 	os.Exit(m.Run())
 }
 

@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bytes"
 	"errors"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"strconv"
@@ -20,12 +21,7 @@ import (
 // TestMain marks every inherited fd close-on-exec: a runner's pipe in a
 // parent the tests start would make Prepare refuse it.
 func TestMain(m *testing.M) {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-			unix.CloseOnExec(fd)
-		}
-	}
+	testenv.CloseInheritedFDs()
 	os.Exit(m.Run())
 }
 

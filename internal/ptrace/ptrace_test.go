@@ -3,10 +3,10 @@ package ptrace
 import (
 	"bytes"
 	"errors"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,12 +21,7 @@ import (
 // TestMain marks every inherited fd close-on-exec, so the children the
 // tests start hold nothing of the test runner.
 func TestMain(m *testing.M) {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-			unix.CloseOnExec(fd)
-		}
-	}
+	testenv.CloseInheritedFDs()
 	os.Exit(m.Run())
 }
 

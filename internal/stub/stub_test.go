@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -18,12 +19,7 @@ import (
 // TestMain marks every inherited fd close-on-exec so the stub processes the
 // tests start hold nothing of the test runner.
 func TestMain(m *testing.M) {
-	ents, _ := os.ReadDir("/proc/self/fd")
-	for _, e := range ents {
-		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-			unix.CloseOnExec(fd)
-		}
-	}
+	testenv.CloseInheritedFDs()
 	os.Exit(m.Run())
 }
 

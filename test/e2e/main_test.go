@@ -5,12 +5,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -131,13 +131,7 @@ func setup() error {
 	// Descriptors inherited from whatever started `go test` must not leak
 	// into the parents: mitosis refuses to prepare a process holding a pipe
 	// or socket other than its stdio.
-	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
-		for _, e := range ents {
-			if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
-				syscall.CloseOnExec(fd)
-			}
-		}
-	}
+	testenv.CloseInheritedFDs()
 	var err error
 	repoRoot, err = filepath.Abs(filepath.Join("..", ".."))
 	if err != nil {
