@@ -126,6 +126,14 @@ func (c *Client) Peer() string {
 	return c.peer
 }
 
+// where names the peer for error messages: "node a (198.18.0.1:7070)".
+func (c *Client) where() string {
+	if p := c.Peer(); p != "" {
+		return fmt.Sprintf("node %s (%s)", p, c.addr)
+	}
+	return c.addr
+}
+
 // Addr returns the address the client dials.
 func (c *Client) Addr() string { return c.addr }
 
@@ -485,12 +493,12 @@ func (c *Client) do(ctx context.Context, op string, typ, want uint8, payload, ds
 		c.st.errors.Add(1)
 		switch {
 		case parent.Err() != nil:
-			return nil, fmt.Errorf("transport: %s from %s: %w", op, c.addr, parent.Err())
+			return nil, fmt.Errorf("transport: %s from %s: %w", op, c.where(), parent.Err())
 		case ctx.Err() != nil:
 			c.st.timeouts.Add(1)
-			return nil, fmt.Errorf("transport: %s from %s: %w after %v", op, c.addr, ErrTimeout, timeout)
+			return nil, fmt.Errorf("transport: %s from %s: %w after %v", op, c.where(), ErrTimeout, timeout)
 		}
-		return nil, fmt.Errorf("transport: %s from %s: %w", op, c.addr, r.err)
+		return nil, fmt.Errorf("transport: %s from %s: %w", op, c.where(), r.err)
 	}
 	c.st.observe(time.Since(start))
 	return r.payload, nil
@@ -507,7 +515,7 @@ func (c *Client) Descriptor(ctx context.Context, seed string) (desc []byte, ws [
 	}
 	r, err := DecodeDescResponse(p)
 	if err != nil {
-		return nil, nil, fmt.Errorf("transport: descriptor of %s from %s: %w", seed, c.addr, err)
+		return nil, nil, fmt.Errorf("transport: descriptor of %s from %s: %w", seed, c.where(), err)
 	}
 	return r.Desc, r.WorkingSet, nil
 }
