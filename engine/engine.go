@@ -329,15 +329,19 @@ func groupAlive(pgid int) bool {
 
 // waitExit returns once pid has exited (it is then a zombie, or already
 // reaped), without consuming any other wait event. It waits on the pidfd
-// and, as a safety net, also checks with waitid(WEXITED|WNOWAIT) every
-// second.
+// and, as a safety net, also checks with waitid(WEXITED|WNOWAIT).
 func waitExit(pidfd *os.File, pid int) {
 	rc, err := pidfd.SyscallConn()
 	if err != nil {
 		return
 	}
+	// The pidfd is edge-triggered in the netpoller; a wake-up that comes
+	// before the exit is complete can be missed, so the wait is also
+	// bounded, backing off from 5 ms to 200 ms between waitid checks.
+	wait := 5 * time.Millisecond
 	for {
-		_ = pidfd.SetReadDeadline(time.Now().Add(time.Second))
+		_ = pidfd.SetReadDeadline(time.Now().Add(wait))
+		wait = min(2*wait, 200*time.Millisecond)
 		first := true
 		err := rc.Read(func(uintptr) bool {
 			if first {

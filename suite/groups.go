@@ -25,14 +25,25 @@ const (
 	CasePrefetch = "mitosis lazy + prefetch"
 )
 
-// StartCases lists the start cases.
+// StartCases lists the same-node start cases (with Config.Remote,
+// RemoteCases follow them).
 var StartCases = []string{CaseCold, CaseWarm, CaseLocal, CaseEager, CaseLazyCold, CaseLazy, CasePrefetch}
+
+// startMethod is one measured start case.
+type startMethod struct {
+	name string
+	run  func(warm bool) (served, error)
+}
 
 // startGroup measures every start case of one workload, interleaved.
 func (r *runner) startGroup(wl string) *StartGroup {
 	g := &StartGroup{Workload: wl, Description: workloadDesc[wl]}
 	cases := map[string]*Case{}
-	for _, n := range StartCases {
+	names := StartCases
+	if r.lab != nil {
+		names = append(slices.Clone(StartCases), RemoteCases...)
+	}
+	for _, n := range names {
 		cases[n] = &Case{Name: n}
 		g.Cases = append(g.Cases, cases[n])
 	}
@@ -67,10 +78,7 @@ func (r *runner) startGroup(wl string) *StartGroup {
 		}
 		return sv, err
 	}
-	methods := []struct {
-		name string
-		run  func(warm bool) (served, error)
-	}{
+	methods := []startMethod{
 		{CaseCold, func(bool) (served, error) { return r.coldStart(wl) }},
 		{CaseWarm, func(bool) (served, error) { return r.warmStart(p) }},
 		{CaseLocal, func(bool) (served, error) { return r.localFork(p) }},
@@ -85,6 +93,20 @@ func (r *runner) startGroup(wl string) *StartGroup {
 		}},
 		{CaseLazy, func(w bool) (served, error) { return fork(CaseLazy, seed, engine.ForkOptions{}, w) }},
 		{CasePrefetch, func(w bool) (served, error) { return fork(CasePrefetch, seed, engine.ForkOptions{Prefetch: true}, w) }},
+	}
+	if r.lab != nil {
+		rs, err := r.lab.prepare(p)
+		if err != nil {
+			g.Error = err.Error() + r.lab.daemonLogs()
+			return g
+		}
+		defer func() {
+			if err := r.lab.removeSeed(rs.ID); err != nil && g.Error == "" {
+				g.Error = err.Error()
+			}
+		}()
+		g.Notes = append(g.Notes, fmt.Sprintf("remote seed: prepared by node a's daemon in %.2f ms (%d VMAs, %d present pages); remote cases fork on node b", rs.PrepareMS, rs.VMAs, rs.PresentPages))
+		methods = append(methods, r.remoteMethods(p, rs)...)
 	}
 	first := 1
 	if r.cfg.Quick {
@@ -105,6 +127,9 @@ func (r *runner) startGroup(wl string) *StartGroup {
 			}
 			if err != nil {
 				g.Error = fmt.Sprintf("%s, iteration %d: %v", m.name, it+1, err)
+				if r.lab != nil && slices.Contains(RemoteCases, m.name) {
+					g.Error += r.lab.daemonLogs()
+				}
 				return g
 			}
 			if !warm {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -23,18 +24,20 @@ const (
 
 // Report is the outcome of one suite run.
 type Report struct {
-	Machine     Machine        `json:"machine"`
-	Date        time.Time      `json:"date"`
-	CommandLine string         `json:"command_line"`
-	Runs        int            `json:"runs"`
-	Quick       bool           `json:"quick"`
-	Wall        time.Duration  `json:"wall_ns"`
-	Start       []*StartGroup  `json:"start"`
-	Prepare     *PrepareGroup  `json:"prepare,omitempty"`
-	FanOut      *FanOutGroup   `json:"fanout,omitempty"`
-	Memory      []*MemoryGroup `json:"memory,omitempty"`
-	Notes       []string       `json:"notes,omitempty"`
-	Files       []string       `json:"files,omitempty"`
+	Machine     Machine       `json:"machine"`
+	Date        time.Time     `json:"date"`
+	CommandLine string        `json:"command_line"`
+	Runs        int           `json:"runs"`
+	Quick       bool          `json:"quick"`
+	Wall        time.Duration `json:"wall_ns"`
+	Start       []*StartGroup `json:"start"`
+	Prepare     *PrepareGroup `json:"prepare,omitempty"`
+	FanOut      *FanOutGroup  `json:"fanout,omitempty"`
+	// RemoteFanOut is set with Config.Remote.
+	RemoteFanOut *RemoteFanOutGroup `json:"remote_fanout,omitempty"`
+	Memory       []*MemoryGroup     `json:"memory,omitempty"`
+	Notes        []string           `json:"notes,omitempty"`
+	Files        []string           `json:"files,omitempty"`
 }
 
 // Machine describes the host.
@@ -106,6 +109,17 @@ func (g *StartGroup) caseByName(n string) *Case {
 	}
 	return nil
 }
+
+// med returns the case's summary by f, zero for a missing case.
+func (g *StartGroup) med(n string, f func(*Case) time.Duration) time.Duration {
+	if c := g.caseByName(n); c != nil {
+		return f(c)
+	}
+	return 0
+}
+
+func startMed(c *Case) time.Duration { return c.S.Median }
+func totalMed(c *Case) time.Duration { return c.T.Median }
 
 // PrepareGroup is Prepare time vs parent size.
 type PrepareGroup struct {
@@ -194,6 +208,24 @@ func (r *Report) finish() {
 			row.Lat.finish()
 		}
 	}
+	if r.RemoteFanOut != nil {
+		r.RemoteFanOut.finish()
+	}
+}
+
+// startCases are the start cases in the report: StartCases, then the
+// remote cases any group has.
+func (r *Report) startCases() []string {
+	names := slices.Clone(StartCases)
+	for _, n := range RemoteCases {
+		for _, g := range r.Start {
+			if g.caseByName(n) != nil {
+				names = append(names, n)
+				break
+			}
+		}
+	}
+	return names
 }
 
 // Failed reports whether any group failed.
@@ -208,7 +240,8 @@ func (r *Report) Failed() bool {
 			return true
 		}
 	}
-	return r.Prepare != nil && r.Prepare.Error != "" || r.FanOut != nil && r.FanOut.Error != ""
+	return r.Prepare != nil && r.Prepare.Error != "" || r.FanOut != nil && r.FanOut.Error != "" ||
+		r.RemoteFanOut != nil && r.RemoteFanOut.Error != ""
 }
 
 func fmtDur(d time.Duration) string {
@@ -279,41 +312,45 @@ func (r *Report) Markdown() string {
 	b.WriteString("- start latency = from the request (exec / SIGCONT / `engine.Fork` call) until the instance wrote `S` (its first act when the request reaches the handler); start+exec = until it wrote `R <sha256 of the handler output> <handler ns>`. Every result hash is checked against every other instance of the workload (cold starts included).\n")
 	b.WriteString("- cases: **cold start** = exec `/usr/bin/python3 runner.py WL cold` (interpreter start, imports, init, handler); **warm start** = SIGCONT to a stopped instance forked (untimed) from the initialised parent; **local fork** = SIGCONT to the stopped parent, which os.fork()s a child that runs the handler; **mitosis eager** = `Fork(seed, {Eager})`, every page copied before the child runs; **mitosis lazy, cold cache** = first child of a seed prepared just before (untimed), every touched page goes frozen copy → node cache; **mitosis lazy** = `Fork(seed, {})` with the node page cache warm from earlier children; **mitosis lazy + prefetch** = `Fork(seed, {Prefetch})`, the recorded working set mapped before the child runs. All same node.\n")
 
+	cases := r.startCases()
+	if len(cases) > len(StartCases) {
+		b.WriteString("- remote cases (node b of a 3-node bench/netlab lab; seed prepared by node a's daemon, children forked attached by b's daemon, their stdout a pipe to the suite): **remote lazy, cold cache** = b's first child of a seed a prepared just before (untimed): the request includes the import (descriptor fetch, lease) and every touched page crosses the network into b's node cache; **remote lazy** = child on b of the workload's remote seed with b's node cache warm from earlier children; **remote lazy + prefetch** = same with `Prefetch` (the working set b's children touched mapped before the child runs); **remote prefetch, cold cache** = a fresh seed, one untimed child on a records the working set, then b's first child with `Prefetch`: b fetches the working set in bulk at import.\n")
+	}
 	if len(r.Start) > 0 {
 		b.WriteString("\n## Summary: start + execution, median (ratio to local fork)\n\n")
 		b.WriteString("| workload |")
-		for _, c := range StartCases {
+		for _, c := range cases {
 			fmt.Fprintf(&b, " %s |", c)
 		}
 		b.WriteString("\n|---|")
-		for range StartCases {
+		for range cases {
 			b.WriteString("---:|")
 		}
 		b.WriteString("\n")
 		for _, g := range r.Start {
 			fmt.Fprintf(&b, "| %s |", g.Workload)
-			base := g.caseByName(CaseLocal).T.Median
-			for _, n := range StartCases {
-				c := g.caseByName(n)
-				fmt.Fprintf(&b, " %s (%s) |", fmtDur(c.T.Median), ratio(c.T.Median, base))
+			base := g.med(CaseLocal, totalMed)
+			for _, n := range cases {
+				v := g.med(n, totalMed)
+				fmt.Fprintf(&b, " %s (%s) |", fmtDur(v), ratio(v, base))
 			}
 			b.WriteString("\n")
 		}
 		b.WriteString("\n## Summary: start latency, median (ratio to local fork)\n\n| workload |")
-		for _, c := range StartCases {
+		for _, c := range cases {
 			fmt.Fprintf(&b, " %s |", c)
 		}
 		b.WriteString("\n|---|")
-		for range StartCases {
+		for range cases {
 			b.WriteString("---:|")
 		}
 		b.WriteString("\n")
 		for _, g := range r.Start {
 			fmt.Fprintf(&b, "| %s |", g.Workload)
-			base := g.caseByName(CaseLocal).S.Median
-			for _, n := range StartCases {
-				c := g.caseByName(n)
-				fmt.Fprintf(&b, " %s (%s) |", fmtDur(c.S.Median), ratio(c.S.Median, base))
+			base := g.med(CaseLocal, startMed)
+			for _, n := range cases {
+				v := g.med(n, startMed)
+				fmt.Fprintf(&b, " %s (%s) |", fmtDur(v), ratio(v, base))
 			}
 			b.WriteString("\n")
 		}
@@ -325,6 +362,9 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "**FAILED:** `%s`\n\n", strings.ReplaceAll(g.Error, "\n", " "))
 		}
 		lc := g.caseByName(CaseLocal)
+		if lc == nil {
+			lc = &Case{}
+		}
 		b.WriteString("| case | runs | start median | start p99 | start+exec median | start+exec p99 | handler median | start ratio to local fork | start+exec ratio to local fork |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 		for _, c := range g.Cases {
 			fmt.Fprintf(&b, "| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", c.Name, c.S.N, fmtDur(c.S.Median), fmtDur(c.S.P99),
@@ -363,6 +403,24 @@ func (r *Report) Markdown() string {
 				fmtDur(row.Lat.S.Median), fmtDur(row.Lat.S.P99), fmtDur(row.Lat.T.Median), fmtDur(pct(row.Lat.Total, 0.9)), fmtDur(row.Lat.T.P99), fmtDur(row.Lat.T.Max))
 		}
 		b.WriteString("\n![fanout rate](fanout.svg)\n\n![fanout latency](fanout-latency.svg)\n")
+	}
+	if f := r.RemoteFanOut; f != nil {
+		fmt.Fprintf(&b, "\n## remote-fanout — children per second from one parent onto 1, 2, 3 nodes\n\nOne %s parent prepared by node a's daemon; %d children on each target node, %d attached fork requests in flight per node (each a fresh connection to that node's daemon; a worker sends its next request as soon as the previous child's result line arrived, that child's exit report is awaited and checked (status 0) in the background), all target nodes at once. Targets: 1 node = b; 2 = b, c; 3 = b, c and a itself (a 3-node lab: the origin is the third node; its children page locally). Seed `a/ID` on b and c, `ID` on a; `Prefetch`, node caches warm (two untimed children per node first). Latency = request → the child's `S` (start) / `R` (result) line on its stdout pipe, under the load of the whole batch. wall = first request → last result line; children/s = children / wall. %d results verified.\n\n", f.Workload, f.PerNode, f.InFlight, f.Verified)
+		if f.Error != "" {
+			fmt.Fprintf(&b, "**FAILED:** `%s`\n\n", strings.ReplaceAll(f.Error, "\n", " "))
+		}
+		b.WriteString("| target nodes | children | wall | children/s | start median | start p99 | start+exec median | p90 | p99 | max | start+exec median per node |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+		for _, row := range f.Rows {
+			var per []string
+			for _, n := range row.Nodes {
+				if c := row.PerNode[n]; c != nil {
+					per = append(per, fmt.Sprintf("%s %s", n, fmtDur(c.T.Median)))
+				}
+			}
+			fmt.Fprintf(&b, "| %s | %d | %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n", strings.Join(row.Nodes, ", "), len(row.Lat.Total), fmtDur(row.Wall), row.rate(),
+				fmtDur(row.Lat.S.Median), fmtDur(row.Lat.S.P99), fmtDur(row.Lat.T.Median), fmtDur(pct(row.Lat.Total, 0.9)), fmtDur(row.Lat.T.P99), fmtDur(row.Lat.T.Max), strings.Join(per, "; "))
+		}
+		b.WriteString("\n![remote fanout rate](remote-fanout.svg)\n\n![remote fanout latency](remote-fanout-latency.svg)\n")
 	}
 	if len(r.Memory) > 0 {
 		b.WriteString("\n## memory — N instances: mitosis children vs warm and cold instances\n\nEach instance serves one request, then stops itself (SIGSTOP) and is measured from `/proc/PID/smaps_rollup`. **mitosis lazy children**: `Fork(seed, {})` from one seed; overhead = Pss of the parent + the seed's frozen copy, plus the node page cache (`Seed.CacheBytes`). **warm local-fork instances**: N children os.fork()ed by the initialised parent (kept stopped, then continued once); overhead = the parent's Pss. **cold-started processes**: N independent `runner.py WL cold` processes (slow-to-start workloads are capped at the number shown in *measured*; their Σ Pss is scaled to N in the total). Total = Σ Pss(instances) + overhead Pss + cache; the cache pages that children map are also in their Pss, so the mitosis total is an upper bound. smaps counts a page as Private or Shared by how many processes map it, not by how it was created: a node-cache page mapped by one child only (N=1) shows as Private_Clean.\n")
@@ -430,25 +488,29 @@ func (r *Report) Write(dir string) error {
 	ft := r.footer()
 	if len(r.Start) > 0 {
 		var wls []string
-		ratios := make([]Series, len(StartCases))
-		starts := make([]Series, len(StartCases))
-		for i, n := range StartCases {
+		cases := r.startCases()
+		ratios := make([]Series, len(cases))
+		starts := make([]Series, len(cases))
+		for i, n := range cases {
 			ratios[i].Name, starts[i].Name = n, n
 		}
 		for _, g := range r.Start {
 			wls = append(wls, g.Workload)
-			base := g.caseByName(CaseLocal).T.Median
-			for i, n := range StartCases {
-				c := g.caseByName(n)
+			base := g.med(CaseLocal, totalMed)
+			for i, n := range cases {
 				v := 0.0
 				if base > 0 {
-					v = float64(c.T.Median) / float64(base)
+					v = float64(g.med(n, totalMed)) / float64(base)
 				}
 				ratios[i].Values = append(ratios[i].Values, v)
-				starts[i].Values = append(starts[i].Values, ms(c.S.Median))
+				starts[i].Values = append(starts[i].Values, ms(g.med(n, startMed)))
+			}
+			var names []string
+			for _, c := range g.Cases {
+				names = append(names, c.Name)
 			}
 			files["start-"+g.Workload+".svg"] = BarChart(chart{Title: g.Workload + ": start latency and start+exec (median, ms, log scale)", YLabel: "ms", Footer: ft, LogY: true},
-				StartCases, []Series{{Name: "start latency", Values: caseVals(g, func(c *Case) float64 { return ms(c.S.Median) })},
+				names, []Series{{Name: "start latency", Values: caseVals(g, func(c *Case) float64 { return ms(c.S.Median) })},
 					{Name: "start + exec", Values: caseVals(g, func(c *Case) float64 { return ms(c.T.Median) })},
 					{Name: "start + exec p99", Values: caseVals(g, func(c *Case) float64 { return ms(c.T.P99) })}})
 		}
@@ -483,6 +545,26 @@ func (r *Report) Write(dir string) error {
 		}
 		files["fanout.svg"] = BarChart(chart{Title: fmt.Sprintf("fan-out: %s children per second from one seed", f.Workload), YLabel: "children / s", Footer: ft}, cats, []Series{rate})
 		files["fanout-latency.svg"] = LineChart(chart{Title: "fan-out: CDF of request → result latency", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
+	}
+	if f := r.RemoteFanOut; f != nil && len(f.Rows) > 0 {
+		var cats []string
+		rate := Series{Name: "children/s"}
+		var cdf []Series
+		for _, row := range f.Rows {
+			name := strings.Join(row.Nodes, ", ")
+			cats = append(cats, name)
+			rate.Values = append(rate.Values, row.rate())
+			s := Series{Name: name}
+			lat := append([]time.Duration(nil), row.Lat.Total...)
+			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+			for i, d := range lat {
+				s.X = append(s.X, ms(d))
+				s.Values = append(s.Values, float64(i+1)/float64(len(lat)))
+			}
+			cdf = append(cdf, s)
+		}
+		files["remote-fanout.svg"] = BarChart(chart{Title: fmt.Sprintf("remote fan-out: %s children per second from one parent onto 1..3 nodes", f.Workload), YLabel: "children / s", Footer: ft}, cats, []Series{rate})
+		files["remote-fanout-latency.svg"] = LineChart(chart{Title: "remote fan-out: CDF of request → result latency under load", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
 	}
 	for _, g := range r.Memory {
 		var cats []string

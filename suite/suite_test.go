@@ -3,13 +3,17 @@ package suite
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/bench/netlab"
 )
 
 // TestQuick runs the quick mode for two cheap workloads (hello, json) and
-// every other group, and checks that every case produced a positive number
+// every other same-node group (no lab: Config.Remote is off), and checks that every case produced a positive number
 // and that the report and the SVG charts were written.
 func TestQuick(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -87,4 +91,58 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
 	return len(p), nil
+}
+
+// TestQuickRemote runs hello with the remote cases and the remote fan-out
+// on a 3-node bench/netlab lab (skipped where a lab cannot be built), and
+// checks every case produced a number and the lab left nothing behind.
+func TestQuickRemote(t *testing.T) {
+	if why := netlab.Available(); why != "" {
+		t.Skip(why)
+	}
+	if _, err := exec.LookPath("go"); err != nil {
+		t.Skip("needs the go tool to build the daemons' mitosis binary")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out := t.TempDir()
+	rep, err := Run(ctx, Config{Quick: true, Remote: true, Out: out, Log: testWriter{t}, CommandLine: "go test ./suite",
+		Only: []string{"hello", GroupRemoteFanOut}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Failed() {
+		md, _ := os.ReadFile(filepath.Join(out, "README.md"))
+		t.Fatalf("a group failed:\n%s", md)
+	}
+	if len(rep.Start) != 1 {
+		t.Fatalf("%d start groups, want 1", len(rep.Start))
+	}
+	g := rep.Start[0]
+	for _, n := range append(slices.Clone(StartCases), RemoteCases...) {
+		c := g.caseByName(n)
+		if c == nil || c.S.Median <= 0 || c.T.Median <= 0 {
+			t.Errorf("hello / %s: missing or no numbers: %+v", n, c)
+		}
+	}
+	if g.Verified < len(StartCases)+len(RemoteCases) {
+		t.Errorf("hello: %d results verified", g.Verified)
+	}
+	f := rep.RemoteFanOut
+	if f == nil || len(f.Rows) != 3 {
+		t.Fatalf("remote fan-out: %+v", f)
+	}
+	for _, row := range f.Rows {
+		if row.rate() <= 0 || len(row.Lat.Total) != f.PerNode*len(row.Nodes) {
+			t.Errorf("remote fan-out onto %v: rate %v, %d children", row.Nodes, row.rate(), len(row.Lat.Total))
+		}
+	}
+	for _, f := range []string{"remote-fanout.svg", "remote-fanout-latency.svg"} {
+		if _, err := os.Stat(filepath.Join(out, f)); err != nil {
+			t.Error(err)
+		}
+	}
+	if left := netlab.Leftovers("mt"); len(left) > 0 {
+		t.Logf("namespaces with the netlab prefix after the run (maybe other labs): %v", left)
+	}
 }
