@@ -16,7 +16,6 @@ import (
 	"embed"
 	"errors"
 	"fmt"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"io"
 	"io/fs"
 	"os"
@@ -25,6 +24,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 
 	"github.com/mitosis-fork/mitosis/engine"
 )
@@ -362,10 +363,10 @@ func (r *runner) prepareGroup(subjects []string) *Group {
 			// while the parent is still re-entering its stop after the
 			// ptrace detach (state R for a moment): wait for T and make
 			// sure it ran no user code (it would print RESUMED).
-			if st, err := procState(s.p.pid); err == nil && st != 'T' {
+			if st, err := testenv.ProcState(s.p.pid); err == nil && st != 'T' {
 				s.notStopped++
 			}
-			if err := waitStopped(s.p.pid, 10*time.Second); err != nil {
+			if err := testenv.WaitStopped(s.p.pid, 10*time.Second); err != nil {
 				g.Error = fmt.Sprintf("%s iteration %d: parent %d after Prepare: %v%s", s.name, it, s.p.pid, err, s.p.stderrNote())
 				return g
 			}

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -173,7 +175,7 @@ func startParent(name string, argv, env []string, dir string, readyTimeout time.
 		err = fmt.Errorf("printed %q, want READY", l)
 	}
 	if err == nil {
-		err = waitStopped(p.pid, 10*time.Second)
+		err = testenv.WaitStopped(p.pid, 10*time.Second)
 	}
 	if err != nil {
 		err = fmt.Errorf("parent %s (pid %d): %v%s", name, p.pid, err, p.stderrNote())
@@ -215,38 +217,4 @@ func (p *parent) kill() {
 	_ = p.cmd.Wait()
 	p.out.f.Close()
 	p.errR.Close()
-}
-
-// procState returns the state letter of /proc/PID/stat.
-func procState(pid int) (byte, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		return 0, fmt.Errorf("cannot parse /proc/%d/stat", pid)
-	}
-	return b[i+2], nil
-}
-
-// waitStopped polls /proc/PID/stat until the process is stopped (state T).
-func waitStopped(pid int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := procState(pid)
-		if err != nil {
-			return fmt.Errorf("waiting for it to stop: %w", err)
-		}
-		switch st {
-		case 'T':
-			return nil
-		case 'Z', 'X':
-			return fmt.Errorf("exited (state %c) instead of stopping", st)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not stopped within %v (state %c)", timeout, st)
-		}
-		time.Sleep(100 * time.Microsecond)
-	}
 }

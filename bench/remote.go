@@ -21,6 +21,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"github.com/mitosis-fork/mitosis/bench/netlab"
 	"github.com/mitosis-fork/mitosis/client"
 )
@@ -149,7 +151,7 @@ func (rm *remote) prepare(p *parent, name string) (client.SeedInfo, error) {
 	if err != nil {
 		return s, fmt.Errorf("prepare pid %d on a: %w", p.pid, err)
 	}
-	if err := waitStopped(p.pid, 10*time.Second); err != nil {
+	if err := testenv.WaitStopped(p.pid, 10*time.Second); err != nil {
 		return s, fmt.Errorf("parent %d after prepare: %w", p.pid, err)
 	}
 	return s, p.checkQuiet()
@@ -351,7 +353,7 @@ func (rm *remote) startMethods(p *parent, warm string, localResult func() (time.
 			if err != nil {
 				return nil, fmt.Errorf("parent %d: %w%s", p.pid, err, p.stderrNote())
 			}
-			if err := waitStopped(p.pid, resultTimeout); err != nil {
+			if err := testenv.WaitStopped(p.pid, resultTimeout); err != nil {
 				return nil, err
 			}
 			return map[string]time.Duration{rcLocalFork: t.Sub(t0)}, nil

@@ -4,13 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"os"
-	"runtime"
 	"sort"
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 )
 
 // Report is the outcome of one benchmark run.
@@ -29,14 +27,9 @@ type Report struct {
 
 // Machine describes the host the benchmark ran on.
 type Machine struct {
-	NProc     int    `json:"nproc"`
-	Model     string `json:"model"`
-	Kernel    string `json:"kernel"`
-	MemTotal  string `json:"mem_total"`
-	LoadAvg   string `json:"loadavg_at_start"`
-	GoVersion string `json:"go"`
-	GCC       string `json:"gcc"`
-	Python    string `json:"python"`
+	testenv.Machine
+	GCC    string `json:"gcc"`
+	Python string `json:"python"`
 }
 
 // Group is a set of cases measured together (interleaved round-robin) and
@@ -237,34 +230,4 @@ func (r *Report) Failed() bool {
 	return false
 }
 
-func machineInfo() Machine {
-	m := Machine{NProc: runtime.NumCPU(), GoVersion: runtime.Version()}
-	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
-				m.Model = strings.TrimSpace(v)
-				break
-			}
-		}
-	}
-	var u unix.Utsname
-	if unix.Uname(&u) == nil {
-		m.Kernel = unix.ByteSliceToString(u.Release[:])
-	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "MemTotal:"); ok {
-				var kb int64
-				fmt.Sscan(strings.TrimSpace(v), &kb)
-				m.MemTotal = fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
-			}
-		}
-	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		f := strings.Fields(string(b))
-		if len(f) >= 3 {
-			m.LoadAvg = strings.Join(f[:3], " ")
-		}
-	}
-	return m
-}
+func machineInfo() Machine { return Machine{Machine: testenv.ReadMachine()} }

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"github.com/mitosis-fork/mitosis/engine"
 )
 
@@ -241,7 +243,7 @@ func (r *runner) prepareStopped(p *parent, name string) (*engine.Seed, error) {
 	if err != nil {
 		return nil, fmt.Errorf("engine Prepare(%d): %v", p.pid, err)
 	}
-	if err := waitStopped(p.pid, 10*time.Second); err != nil {
+	if err := testenv.WaitStopped(p.pid, 10*time.Second); err != nil {
 		err = fmt.Errorf("parent %d after Prepare: %v%s", p.pid, err, p.stderrNote())
 		return nil, errors.Join(err, r.removeSeed(seed))
 	}
@@ -305,7 +307,7 @@ func (r *runner) localFork(p *parent, sp *startSpec) (time.Duration, error) {
 	if err != nil {
 		return 0, fmt.Errorf("parent %d: %w%s", p.pid, err, p.stderrNote())
 	}
-	if err := waitStopped(p.pid, resultTimeout); err != nil {
+	if err := testenv.WaitStopped(p.pid, resultTimeout); err != nil {
 		return 0, fmt.Errorf("parent %d after its local fork: %w%s", p.pid, err, p.stderrNote())
 	}
 	return d, nil

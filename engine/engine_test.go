@@ -2,7 +2,6 @@ package engine
 
 import (
 	"bufio"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 
 	"golang.org/x/sys/unix"
 )

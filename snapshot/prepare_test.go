@@ -3,13 +3,14 @@ package snapshot
 import (
 	"bytes"
 	"errors"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 
 	"golang.org/x/sys/unix"
 

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"github.com/mitosis-fork/mitosis/engine"
 )
 
@@ -203,7 +205,7 @@ func (r *runner) prepareGroup() *PrepareGroup {
 				row.Wall.Start = append(row.Wall.Start, d)
 				row.Took.Start = append(row.Took.Start, seed.Took)
 			}
-			err = errors.Join(r.removeSeed(seed), waitStopped(p.pid, 10*time.Second))
+			err = errors.Join(r.removeSeed(seed), testenv.WaitStopped(p.pid, 10*time.Second))
 			if err != nil {
 				p.kill()
 				g.Error = fmt.Sprintf("%d MiB: %v", mb, err)
@@ -409,7 +411,7 @@ func (r *runner) memoryRow(wl, ap string, k int, p *parent, seed *engine.Seed, v
 				mu.Unlock()
 			}
 			if err == nil {
-				err = waitStopped(c.PID, resultTimeout)
+				err = testenv.WaitStopped(c.PID, resultTimeout)
 			}
 			if err != nil {
 				return fmt.Errorf("child %d: %w; engine error: %v%s", c.PID, err, c.Err(), r.stderrTail())
@@ -439,7 +441,7 @@ func (r *runner) memoryRow(wl, ap string, k int, p *parent, seed *engine.Seed, v
 				err = v.check("held warm instance", sv)
 			}
 			if err == nil {
-				err = waitStopped(pid, resultTimeout)
+				err = testenv.WaitStopped(pid, resultTimeout)
 			}
 			if err != nil {
 				return row, fmt.Errorf("warm instance %d: %w%s", pid, err, r.stderrTail())
@@ -470,7 +472,7 @@ func (r *runner) memoryRow(wl, ap string, k int, p *parent, seed *engine.Seed, v
 				mu.Unlock()
 			}
 			if err == nil {
-				err = waitStopped(cmd.Process.Pid, resultTimeout)
+				err = testenv.WaitStopped(cmd.Process.Pid, resultTimeout)
 			}
 			if err != nil {
 				return fmt.Errorf("cold instance %d: %w%s", cmd.Process.Pid, err, r.stderrTail())

@@ -9,8 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // lineReader reads lines a process writes to a pipe, with deadlines.
@@ -46,63 +44,6 @@ func (r *lineReader) readLine(deadline time.Time) (string, error) {
 		}
 		return "", err
 	}
-}
-
-// procState returns the state letter of /proc/PID/stat.
-func procState(pid int) (byte, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) {
-		return 0, fmt.Errorf("cannot parse /proc/%d/stat", pid)
-	}
-	return b[i+2], nil
-}
-
-// waitStopped polls until pid is in state T.
-func waitStopped(pid int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		st, err := procState(pid)
-		if err != nil {
-			return fmt.Errorf("pid %d: waiting for it to stop: %w", pid, err)
-		}
-		switch st {
-		case 'T':
-			return nil
-		case 'Z', 'X':
-			return fmt.Errorf("pid %d exited (state %c) instead of stopping", pid, st)
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("pid %d not stopped within %v (state %c)", pid, timeout, st)
-		}
-		time.Sleep(100 * time.Microsecond)
-	}
-}
-
-// cloexecInherited marks every fd >= 3 close-on-exec, so fds inherited
-// from whatever started the suite (a job runner's pipes) never reach a
-// parent (Prepare refuses pipes). Same as bench.Run does.
-func cloexecInherited() error {
-	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err == nil {
-		return nil
-	}
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		fd, err := strconv.Atoi(e.Name())
-		if err != nil || fd < 3 {
-			continue
-		}
-		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && err != unix.EBADF {
-			return fmt.Errorf("set close-on-exec on fd %d: %w", fd, err)
-		}
-	}
-	return nil
 }
 
 // Smaps is the memory accounting of one process from

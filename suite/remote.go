@@ -19,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"github.com/mitosis-fork/mitosis/bench/netlab"
 	"github.com/mitosis-fork/mitosis/client"
 )
@@ -122,7 +124,7 @@ func (lb *lab) prepare(p *parent) (client.SeedInfo, error) {
 	if err != nil {
 		return s, fmt.Errorf("daemon a: prepare pid %d: %w", p.pid, err)
 	}
-	if err := waitStopped(p.pid, 10*time.Second); err != nil {
+	if err := testenv.WaitStopped(p.pid, 10*time.Second); err != nil {
 		return s, errors.Join(fmt.Errorf("parent %d after daemon prepare: %w", p.pid, err), lb.removeSeed(s.ID))
 	}
 	return s, nil

@@ -6,13 +6,12 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 )
 
 // Memory approaches.
@@ -42,13 +41,8 @@ type Report struct {
 
 // Machine describes the host.
 type Machine struct {
-	NProc    int    `json:"nproc"`
-	Model    string `json:"model"`
-	Kernel   string `json:"kernel"`
-	MemTotal string `json:"mem_total"`
-	LoadAvg  string `json:"loadavg_at_start"`
-	Go       string `json:"go"`
-	Python   string `json:"python"`
+	testenv.Machine
+	Python string `json:"python"`
 }
 
 func (m Machine) String() string {
@@ -303,7 +297,7 @@ func (r *Report) Markdown() string {
 	fmt.Fprintf(&b, "- machine: %s; load average at start %s\n", m, m.LoadAvg)
 	fmt.Fprintf(&b, "- date: %s\n", r.Date.UTC().Format("2006-01-02 15:04:05 MST"))
 	fmt.Fprintf(&b, "- command: `%s`\n", r.CommandLine)
-	fmt.Fprintf(&b, "- toolchain: %s; %s\n", m.Go, m.Python)
+	fmt.Fprintf(&b, "- toolchain: %s; %s\n", m.GoVersion, m.Python)
 	warm := "after one discarded warm-up run"
 	if r.Quick {
 		warm = "QUICK MODE: no warm-up, numbers are not meaningful"
@@ -613,33 +607,4 @@ func caseVals(g *StartGroup, f func(*Case) float64) []float64 {
 	return v
 }
 
-func machineInfo() Machine {
-	m := Machine{NProc: runtime.NumCPU(), Go: runtime.Version()}
-	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
-				m.Model = strings.TrimSpace(v)
-				break
-			}
-		}
-	}
-	var u unix.Utsname
-	if unix.Uname(&u) == nil {
-		m.Kernel = unix.ByteSliceToString(u.Release[:])
-	}
-	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
-		for _, l := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(l, "MemTotal:"); ok {
-				var kb int64
-				fmt.Sscan(strings.TrimSpace(v), &kb)
-				m.MemTotal = fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
-			}
-		}
-	}
-	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
-		if f := strings.Fields(string(b)); len(f) >= 3 {
-			m.LoadAvg = strings.Join(f[:3], " ")
-		}
-	}
-	return m
-}
+func machineInfo() Machine { return Machine{Machine: testenv.ReadMachine()} }

@@ -34,6 +34,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
 	"github.com/mitosis-fork/mitosis/engine"
 )
 
@@ -217,7 +219,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	}
 	all := len(sel) == 0
 	want := func(n string) bool { return all || sel[n] }
-	if err := cloexecInherited(); err != nil {
+	if err := testenv.CloseInheritedFDs(); err != nil {
 		return nil, err
 	}
 	start := time.Now()
@@ -452,7 +454,7 @@ func (r *runner) startParent(wl string) (*parent, error) {
 		err = fmt.Errorf("printed %q, want READY", l)
 	}
 	if err == nil {
-		err = waitStopped(p.pid, 10*time.Second)
+		err = testenv.WaitStopped(p.pid, 10*time.Second)
 	}
 	if err != nil {
 		p.kill()
@@ -597,7 +599,7 @@ func (r *runner) localFork(p *parent) (served, error) {
 	if err != nil {
 		return s, fmt.Errorf("local fork of parent %d: %w%s", p.pid, err, r.stderrTail())
 	}
-	if err := waitStopped(p.pid, resultTimeout); err != nil {
+	if err := testenv.WaitStopped(p.pid, resultTimeout); err != nil {
 		return s, fmt.Errorf("parent after its local fork: %w%s", err, r.stderrTail())
 	}
 	return s, nil
@@ -628,11 +630,11 @@ func (r *runner) warmChildren(p *parent, n int) ([]int, error) {
 		pids = append(pids, pid)
 	}
 	for _, pid := range pids {
-		if err := waitStopped(pid, resultTimeout); err != nil {
+		if err := testenv.WaitStopped(pid, resultTimeout); err != nil {
 			return pids, err
 		}
 	}
-	return pids, waitStopped(p.pid, resultTimeout)
+	return pids, testenv.WaitStopped(p.pid, resultTimeout)
 }
 
 // reapWarm kills the given warm children and lets the parent reap them.
@@ -650,7 +652,7 @@ func (r *runner) reapWarm(p *parent, pids []int) error {
 	if err != nil || l != "D" {
 		return fmt.Errorf("parent %d reaping its warm children: %q %v%s", p.pid, l, err, r.stderrTail())
 	}
-	return waitStopped(p.pid, resultTimeout)
+	return testenv.WaitStopped(p.pid, resultTimeout)
 }
 
 // warmStart continues one stopped warm instance (forked untimed).
@@ -676,7 +678,7 @@ func (r *runner) prepare(p *parent) (*engine.Seed, error) {
 	if err != nil {
 		return nil, fmt.Errorf("engine Prepare(%d): %v", p.pid, err)
 	}
-	if err := waitStopped(p.pid, 10*time.Second); err != nil {
+	if err := testenv.WaitStopped(p.pid, 10*time.Second); err != nil {
 		return nil, errors.Join(fmt.Errorf("parent after Prepare: %w", err), r.removeSeed(seed))
 	}
 	return seed, nil

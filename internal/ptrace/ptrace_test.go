@@ -3,7 +3,6 @@ package ptrace
 import (
 	"bytes"
 	"errors"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"runtime"
@@ -12,6 +11,8 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 
 	"golang.org/x/sys/unix"
 

@@ -4,12 +4,13 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 
 	"golang.org/x/sys/unix"
 

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,9 +18,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/testenv"
+
+	"golang.org/x/sys/unix"
+
 	"github.com/mitosis-fork/mitosis/bench/netlab"
 	"github.com/mitosis-fork/mitosis/client"
-	"golang.org/x/sys/unix"
 )
 
 const pyExe = "/usr/bin/python3"

@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"net"
 	"os"
 	"os/exec"
@@ -16,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 )
 
 // Everything the tests share: built binaries, the daemon, temp dirs.
