@@ -596,7 +596,12 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 	if s.SourcePID == 0 {
 		return nil
 	}
-	return e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) })
+	return e.tracer.Do(func() error {
+		if err := snapshot.Release(s.SourcePID); err != nil {
+			return err
+		}
+		return snapshot.ReapInParent(s.ParentPID, s.SourcePID, s.Desc.VDSOSyscall)
+	})
 }
 
 // Close kills every child and frozen copy the engine owns and stops its
@@ -627,7 +632,12 @@ func (e *Engine) Close() error {
 		if s.SourcePID == 0 {
 			continue
 		}
-		if err := e.tracer.Do(func() error { return snapshot.Release(s.SourcePID) }); err != nil {
+		if err := e.tracer.Do(func() error {
+			if err := snapshot.Release(s.SourcePID); err != nil {
+				return err
+			}
+			return snapshot.ReapInParent(s.ParentPID, s.SourcePID, s.Desc.VDSOSyscall)
+		}); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -142,60 +142,81 @@ func findVDSOSyscall(pid int, maps []procfs.Mapping) (uint64, error) {
 	return 0, refuse("process has no [vdso] mapping")
 }
 
-// prepareLocked runs on the tracer thread.
-func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
-	if err := ptrace.Seize(pid, unix.PTRACE_O_TRACECLONE); err != nil {
+// stopped is a process seized and held in a ptrace-stop by the tracer.
+type stopped struct {
+	pid        int
+	wasStopped bool // in a group-stop before: gets SIGSTOP back at detach
+	pending    []syscall.Signal
+	attached   bool
+}
+
+// seizeStop seizes pid with options and waits for the PTRACE_INTERRUPT
+// trap-stop. Signal-delivery-stops that come first are recorded and
+// suppressed; detach re-delivers them.
+//
+// Precondition: runs on the tracer thread.
+func seizeStop(pid, options int, wasStopped bool) (*stopped, error) {
+	if err := ptrace.Seize(pid, options); err != nil {
 		if errors.Is(err, unix.ESRCH) {
 			return nil, fmt.Errorf("no such process")
 		}
 		return nil, err
 	}
-	stopAt := time.Now()
-	var pending []syscall.Signal
-	attached := true
-	detach := func() {
-		if attached {
-			var sig syscall.Signal
-			if wasStopped {
-				sig = syscall.SIGSTOP
-			} else if len(pending) > 0 {
-				sig = pending[0]
-				pending = pending[1:]
-			}
-			_ = ptrace.Detach(pid, sig)
-			for _, s := range pending {
-				_ = unix.Tgkill(pid, pid, s)
-			}
-			attached = false
-		}
-	}
-	defer detach()
+	s := &stopped{pid: pid, wasStopped: wasStopped, attached: true}
 	if err := ptrace.Interrupt(pid); err != nil {
+		s.detach()
 		return nil, err
 	}
-	// Wait for the interrupt's trap-stop. Signal-delivery-stops that come
-	// first are recorded and suppressed; they are re-delivered at detach.
 	for {
 		ws, err := ptrace.Wait(pid)
 		if err != nil {
+			s.detach()
 			return nil, err
 		}
 		if ws.Exited() || ws.Signaled() {
-			attached = false
+			s.attached = false
 			return nil, fmt.Errorf("process exited during prepare (status %#x)", uint32(ws))
 		}
 		if ptrace.Event(ws) == unix.PTRACE_EVENT_STOP {
-			break
+			return s, nil
 		}
-		pending = append(pending, ws.StopSignal())
+		s.pending = append(s.pending, ws.StopSignal())
 		if err := ptrace.Cont(pid, 0); err != nil {
+			s.detach()
 			return nil, err
 		}
 	}
-	// The layout is read while the parent is stopped, so it is exactly the
-	// layout the frozen copy gets (but for MADV_DONTFORK ranges, checked
-	// in describe), and unsupported mappings are refused before anything
-	// is created.
+}
+
+// detach lets the process go, re-delivering suppressed signals (and
+// SIGSTOP to a process that was stopped). Idempotent.
+func (s *stopped) detach() {
+	if !s.attached {
+		return
+	}
+	var sig syscall.Signal
+	pending := s.pending
+	if s.wasStopped {
+		sig = syscall.SIGSTOP
+	} else if len(pending) > 0 {
+		sig, pending = pending[0], pending[1:]
+	}
+	_ = ptrace.Detach(s.pid, sig)
+	for _, p := range pending {
+		_ = unix.Tgkill(s.pid, s.pid, p)
+	}
+	s.attached = false
+}
+
+// prepareLocked runs on the tracer thread.
+func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
+	st, err := seizeStop(pid, unix.PTRACE_O_TRACECLONE, wasStopped)
+	if err != nil {
+		return nil, err
+	}
+	stopAt := time.Now()
+	defer st.detach()
+	detach := st.detach
 	// While the parent is stopped its /proc state is stable: read it on
 	// another thread while this one reads the layout and registers and
 	// injects the clone.
@@ -242,7 +263,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	// Freeze: clone(flags=0) -> exit_signal 0, a full copy-on-write copy.
 	phase("s.beforeclone", stopAt)
 	tq := time.Now()
-	src, err := injectClone(pid, at, &regs, &pending)
+	src, err := injectClone(pid, at, &regs, &st.pending)
 	phase("s.clone", tq)
 	if err != nil {
 		<-filesc
@@ -640,4 +661,42 @@ func readProc(pid, channel int) (pi procInfo) {
 		pi.robustHead, pi.robustLen = head, hlen
 	}
 	return pi
+}
+
+// ReapInParent reaps the dead frozen copy src in its parent pid. The copy
+// is the parent's clone with exit signal 0, so only a wait with __WALL
+// reaps it, which the parent never does: without this, each removed seed
+// would leave a zombie in a long-lived parent. The parent is stopped for
+// one injected wait4. vdsoSyscall is the seed's VDSOSyscall.
+//
+// Precondition: runs on the tracer thread; src was released (Release).
+func ReapInParent(pid, src int, vdsoSyscall uint64) error {
+	st, err := procfs.ReadStat(src)
+	if err != nil || st.State != 'Z' || st.PPid != pid {
+		return nil // already reaped, or reparented to a reaper
+	}
+	ps, err := procfs.ReadStat(pid)
+	if err != nil {
+		return nil
+	}
+	s, err := seizeStop(pid, 0, ps.State == 'T')
+	if err != nil {
+		return fmt.Errorf("reap frozen copy %d in parent %d: %w", src, pid, err)
+	}
+	defer s.detach()
+	var regs unix.PtraceRegs
+	if err := ptrace.GetRegs(pid, &regs); err != nil {
+		return err
+	}
+	ret, err := ptrace.Inject(pid, vdsoSyscall, &regs, &s.pending, unix.SYS_WAIT4, uint64(src), 0, unix.WALL, 0)
+	if rerr := ptrace.SetRegs(pid, &regs); err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return fmt.Errorf("reap frozen copy %d in parent %d: %w", src, pid, err)
+	}
+	if e := ptrace.Errno(ret); e != nil {
+		return fmt.Errorf("reap frozen copy %d in parent %d: wait4: %w", src, pid, e)
+	}
+	return nil
 }

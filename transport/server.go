@@ -393,11 +393,13 @@ func (sc *serverConn) pages(id uint64, req *PagesRequest) error {
 		}
 		off += g.Len
 	}
+	// Counted before the answer goes out, so a client that has its pages
+	// never sees stats that do not include them.
+	sc.s.st.pages.Add(total / PageSize)
+	sc.s.st.bytes.Add(total)
 	if err := sc.write(TypePagesResp, id, buf); err != nil {
 		return err
 	}
-	sc.s.st.pages.Add(total / PageSize)
-	sc.s.st.bytes.Add(total)
 	return nil
 }
 

@@ -33,6 +33,18 @@ func Inject(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal
 		return 0, err
 	}
 	ws, err := WaitStop(pid, syscall.SIGTRAP, pending, func() error { return Step(pid) })
+	// A trap-stop left queued by PTRACE_INTERRUPT or a group-stop (e.g.
+	// seizing a SIGSTOPped process) can be reported before the step:
+	// step on past it.
+	for i := 0; err == nil && Event(ws) == unix.PTRACE_EVENT_STOP && i < 4; i++ {
+		if err = SetRegs(pid, &r); err != nil {
+			return 0, err
+		}
+		if err = Step(pid); err != nil {
+			return 0, err
+		}
+		ws, err = WaitStop(pid, syscall.SIGTRAP, pending, func() error { return Step(pid) })
+	}
 	if err != nil {
 		return 0, fmt.Errorf("inject syscall %d: %w", nr, err)
 	}

@@ -27,20 +27,37 @@ type Tracer struct {
 func NewTracer() *Tracer {
 	t := &Tracer{reqs: make(chan func()), done: make(chan struct{})}
 	started := make(chan struct{})
-	go func() {
-		// The thread stays locked for its whole life and is never
-		// returned to the scheduler: when the goroutine exits while
-		// locked, the runtime terminates the thread, which detaches
-		// (or, with PTRACE_O_EXITKILL, kills) any tracee left behind.
-		runtime.LockOSThread()
-		close(started)
-		for f := range t.reqs {
-			f()
-		}
-		close(t.done)
-	}()
+	go t.loop(started)
 	<-started
 	return t
+}
+
+// loop serves requests on one locked OS thread until Close.
+func (t *Tracer) loop(started chan struct{}) {
+	// The thread stays locked for its whole life and is never returned
+	// to the scheduler: when the goroutine exits while locked, the
+	// runtime terminates the thread, which detaches (or, with
+	// PTRACE_O_EXITKILL, kills) any tracee left behind.
+	runtime.LockOSThread()
+	if unix.Gettid() == unix.Getpid() {
+		// The main thread is never terminated (the runtime parks it
+		// instead), so a tracer there would never let its tracees go.
+		// Hold it while another goroutine, which therefore runs on
+		// another thread, becomes the tracer.
+		done := make(chan struct{})
+		go func() {
+			t.loop(started)
+			close(done)
+		}()
+		<-done
+		runtime.UnlockOSThread()
+		return
+	}
+	close(started)
+	for f := range t.reqs {
+		f()
+	}
+	close(t.done)
 }
 
 // Do runs f on the tracer thread and returns its error.
