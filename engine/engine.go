@@ -628,7 +628,6 @@ func (e *Engine) Close() error {
 	// reaper waits to see empty.
 	var errs []error
 	for _, s := range seeds {
-		s.closeCache()
 		if s.SourcePID == 0 {
 			continue
 		}
@@ -642,6 +641,10 @@ func (e *Engine) Close() error {
 		}
 	}
 	e.wg.Wait()
+	// Caches last: the pagers of children still dying may be filling them.
+	for _, s := range seeds {
+		s.closeCache()
+	}
 	e.tracer.Close()
 	for _, t := range e.restorers {
 		t.Close()

@@ -97,6 +97,9 @@ func (c *Cache) Ensure(src uint64, n int) (int, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.errClosed(); err != nil {
+		return 0, err
+	}
 	fetched := 0
 	for i := 0; i < n; {
 		pg := off/pageSize + uint64(i)
@@ -187,6 +190,9 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := c.errClosed(); err != nil {
+		return 0, err
+	}
 	// The missing pages, as runs with their cache offsets.
 	type piece struct {
 		run descriptor.Run
@@ -249,8 +255,18 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 // Close releases the cache. Children mapping it keep their mappings (the
 // memfd lives as long as they map it), but it is no longer filled.
 func (c *Cache) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.fd >= 0 {
 		unix.Close(c.fd)
 		c.fd = -1
 	}
+}
+
+// errClosed reports a fill after Close. Precondition: c.mu held.
+func (c *Cache) errClosed() error {
+	if c.fd < 0 {
+		return fmt.Errorf("page cache closed (the seed was removed)")
+	}
+	return nil
 }
