@@ -295,7 +295,7 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 		}
 	}
 	d.log.Info("fork", "seed", s.id, "child", id, "pid", child.PID, "source", sourceOf(s), "eager", req.Eager,
-		"prefetch", req.Prefetch, "attached", attached, "took", time.Since(start))
+		"prefetch", req.Prefetch, "attached", attached, "took", time.Since(start), "restore", child.Took)
 	return k, nil
 }
 
