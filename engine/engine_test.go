@@ -374,3 +374,91 @@ func TestMultiHop(t *testing.T) {
 		t.Fatalf("grandchild printed %q, its parent (the child) %q", got, want)
 	}
 }
+
+// credSrc reports the process state a child must inherit besides memory.
+const credSrc = `
+#include <stdio.h>
+#include <signal.h>
+#include <unistd.h>
+#include <grp.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+int main(void) {
+	struct rlimit rl = {123, 456};
+	setrlimit(RLIMIT_NOFILE, &rl);
+	umask(027);
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	getrlimit(RLIMIT_NOFILE, &rl);
+	mode_t m = umask(0);
+	char cwd[256];
+	getcwd(cwd, sizeof cwd);
+	gid_t groups[8];
+	int ng = getgroups(8, groups);
+	printf("uid %d/%d gid %d/%d groups %d nofile %ld/%ld umask %03o cwd %s\n",
+		getuid(), geteuid(), getgid(), getegid(), ng, (long)rl.rlim_cur, (long)rl.rlim_max, m, cwd);
+	return 0;
+}
+`
+
+// TestForkKeepsCredentials: a non-root parent's credentials, resource
+// limits, umask and cwd reach its children.
+func TestForkKeepsCredentials(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir, err := os.MkdirTemp("", "mitosis-cred-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(dir, "cred.c")
+	if err := os.WriteFile(src, []byte(credSrc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "cred")
+	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	cmd := exec.Command(bin)
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{65534}}}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	out := bufio.NewReader(stdout)
+	if line, err := out.ReadString('\n'); err != nil || !strings.HasPrefix(line, "READY") {
+		t.Fatalf("parent: %q %v", line, err)
+	}
+	waitStopped(t, cmd.Process.Pid)
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s, err := e.Prepare(cmd.Process.Pid, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, st := runChild(t, e, s, ForkOptions{})
+	if st.ExitStatus() != 0 {
+		t.Fatalf("child status %v output %q", st, got)
+	}
+	_ = unix.Kill(cmd.Process.Pid, unix.SIGCONT)
+	want, err := out.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want || !strings.Contains(want, "uid 65534/65534 gid 65534/65534 groups 1 nofile 123/456 umask 027 cwd "+dir) {
+		t.Fatalf("child printed %q, parent %q", got, want)
+	}
+}

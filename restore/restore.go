@@ -579,6 +579,21 @@ func (c *child) build(opts Options) error {
 	if d.Rseq.Addr != 0 {
 		b.Add("rseq", unix.SYS_RSEQ, d.Rseq.Addr, uint64(d.Rseq.Len), 0, uint64(d.Rseq.Sig))
 	}
+	// Resource limits, set by the child itself before it drops its
+	// credentials. Raising a hard limit needs CAP_SYS_RESOURCE, which a
+	// daemon may lack: a hard limit above the one the stub inherited from
+	// the daemon is capped at the daemon's.
+	for _, rl := range d.Rlimits {
+		var own unix.Rlimit
+		if err := unix.Getrlimit(int(rl.Resource), &own); err != nil {
+			continue
+		}
+		hard := min(rl.Max, own.Max)
+		lim := make([]byte, 16)
+		*(*uint64)(unsafe.Pointer(&lim[0])) = min(rl.Cur, hard)
+		*(*uint64)(unsafe.Pointer(&lim[8])) = hard
+		b.Add(fmt.Sprintf("prlimit64 %d", rl.Resource), unix.SYS_PRLIMIT64, 0, uint64(rl.Resource), b.Data(lim), 0)
+	}
 	cr := d.Creds
 	if cr.UID != 0 || cr.EUID != 0 || cr.GID != 0 || cr.EGID != 0 || len(cr.Groups) > 0 {
 		if len(cr.Groups) > 0 {
@@ -593,11 +608,6 @@ func (c *child) build(opts Options) error {
 	}
 	if _, err := c.run(b); err != nil {
 		return fmt.Errorf("restore task state: %w", err)
-	}
-	// Resource limits are set from outside; no injection needed.
-	for _, rl := range d.Rlimits {
-		l := unix.Rlimit{Cur: rl.Cur, Max: rl.Max}
-		_ = unix.Prlimit(c.pid, int(rl.Resource), &l, nil)
 	}
 
 	mark("batch3")

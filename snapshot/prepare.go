@@ -642,11 +642,14 @@ func readProc(pid, channel int) (pi procInfo) {
 	if pi.cwd, err = procfs.Cwd(pid); err != nil {
 		return fail(err)
 	}
-	for res := 0; res < 16; res++ {
-		var l unix.Rlimit
-		if err := unix.Prlimit(pid, res, nil, &l); err == nil {
-			pi.rlimits = append(pi.rlimits, descriptor.Rlimit{Resource: uint32(res), Cur: l.Cur, Max: l.Max})
-		}
+	// From /proc: prlimit(2) on a process with other credentials needs
+	// CAP_SYS_RESOURCE, which a daemon may lack.
+	lims, err := procfs.Limits(pid)
+	if err != nil {
+		return fail(err)
+	}
+	for _, l := range lims {
+		pi.rlimits = append(pi.rlimits, descriptor.Rlimit{Resource: uint32(l.Resource), Cur: l.Cur, Max: l.Max})
 	}
 	fds, err := procfs.FDs(pid)
 	if err != nil {

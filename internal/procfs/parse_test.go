@@ -2,6 +2,7 @@ package procfs
 
 import (
 	"fmt"
+	"os"
 	"reflect"
 	"strings"
 	"testing"
@@ -288,5 +289,39 @@ func TestFDKindString(t *testing.T) {
 		if got := fi.Describe(); got != want {
 			t.Errorf("Describe(%q) = %q, want %q", target, got, want)
 		}
+	}
+}
+
+func TestParseLimits(t *testing.T) {
+	data := "Limit                     Soft Limit           Hard Limit           Units     \n" +
+		"Max cpu time              unlimited            unlimited            seconds   \n" +
+		"Max file size             unlimited            unlimited            bytes     \n" +
+		"Max data size             unlimited            unlimited            bytes     \n" +
+		"Max stack size            8388608              unlimited            bytes     \n" +
+		"Max core file size        0                    unlimited            bytes     \n" +
+		"Max resident set          unlimited            unlimited            bytes     \n" +
+		"Max processes             94581                94581                processes \n" +
+		"Max open files            123                  456                  files     \n" +
+		"Max nice priority         0                    0                    \n"
+	ls, err := ParseLimits([]byte(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ls) != 9 || ls[7] != (Limit{Resource: 7, Cur: 123, Max: 456}) || ls[3].Cur != 8388608 || ls[3].Max != ^uint64(0) || ls[8] != (Limit{Resource: 8}) {
+		t.Fatalf("got %+v", ls)
+	}
+	for _, bad := range []string{"", "garbage\n", "Limit x\nMax open files            abc                  456                  files\n", "Limit x\nshort\n"} {
+		if _, err := ParseLimits([]byte(bad)); err == nil {
+			t.Errorf("ParseLimits(%q) accepted", bad)
+		}
+	}
+	self, err := Limits(os.Getpid())
+	if err != nil || len(self) < 16 {
+		t.Fatalf("Limits(self) = %d limits, %v", len(self), err)
+	}
+	var nofile unix.Rlimit
+	_ = unix.Getrlimit(unix.RLIMIT_NOFILE, &nofile)
+	if self[unix.RLIMIT_NOFILE].Cur != nofile.Cur || self[unix.RLIMIT_NOFILE].Max != nofile.Max {
+		t.Errorf("RLIMIT_NOFILE from /proc %+v, getrlimit %+v", self[unix.RLIMIT_NOFILE], nofile)
 	}
 }
