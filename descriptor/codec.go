@@ -24,6 +24,7 @@ import (
 //	     File file, Path str)
 //	Cwd str  Umask u32  Rlimits (list of: Resource u32, Cur Max u64)
 //	Creds (UID EUID SUID FSUID GID EGID SGID FSGID u32, Groups list of u32)
+//	Root str
 //
 // where file is Dev u64, Ino u64, Size u64, MtimeNsec u64. The encoding is
 // canonical: a valid encoding decodes and re-encodes to the same bytes.
@@ -152,6 +153,7 @@ func Encode(dst []byte, d *Descriptor) []byte {
 	for _, g := range c.Groups {
 		w.u32(g)
 	}
+	w.str(d.Root)
 	return w.b
 }
 
@@ -176,6 +178,7 @@ func encodedSize(d *Descriptor) int {
 	n += 4 + len(d.Cwd) + 4
 	n += 4 + len(d.Rlimits)*rlimitSize
 	n += 8*4 + 4 + len(d.Creds.Groups)*4
+	n += 4 + len(d.Root)
 	return n
 }
 
@@ -357,6 +360,7 @@ func Decode(b []byte) (*Descriptor, error) {
 			c.Groups[i] = f.u32()
 		}
 	}
+	d.Root = r.str("root")
 
 	if r.err != nil {
 		return nil, r.err

@@ -57,6 +57,7 @@ func fullDescriptor() *Descriptor {
 				File: FileID{Dev: 13, Ino: 14, Size: -15, MtimeNsec: -16}},
 		},
 		Cwd:     "/srv/app",
+		Root:    "/srv/images/py",
 		Umask:   0o022,
 		Rlimits: []Rlimit{{Resource: 7, Cur: 1024, Max: 4096}, {Resource: 3, Cur: 8 << 20, Max: ^uint64(0)}},
 		Creds: Creds{
@@ -204,7 +205,7 @@ func TestEncodeAppends(t *testing.T) {
 	if !bytes.HasPrefix(b, prefix) || !bytes.Equal(b[len(prefix):], Encode(nil, d)) {
 		t.Fatal("Encode did not append to dst")
 	}
-	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x01\x00")) {
+	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x02\x00")) {
 		t.Fatalf("header = %q", b[len(prefix):len(prefix)+6])
 	}
 }
@@ -295,13 +296,13 @@ func TestDecodeRejectsEncoding(t *testing.T) {
 		{"no version", func(*testing.T) []byte { return []byte("MTSD\x01") }, "descriptor: version: truncated"},
 		{"unknown version", func(*testing.T) []byte {
 			b := bytes.Clone(valid)
-			b[4] = 2
+			b[4] = 3
 			return b
-		}, "descriptor: version: unsupported version 2"},
+		}, "descriptor: version: unsupported version 3"},
 		{"version 0", func(*testing.T) []byte { return []byte("MTSD\x00\x00") }, "descriptor: version: unsupported version 0"},
-		{"header only", func(*testing.T) []byte { return []byte("MTSD\x01\x00") }, "descriptor: seed id: truncated"},
+		{"header only", func(*testing.T) []byte { return []byte("MTSD\x02\x00") }, "descriptor: seed id: truncated"},
 		{"truncated at end", func(*testing.T) []byte { return valid[:len(valid)-1] },
-			"descriptor: creds groups: length 4 exceeds remaining input (15 bytes)"},
+			"descriptor: root: length"},
 		{"truncated in regs", func(t *testing.T) []byte { return valid[:offsetOf(t, growXState)-5] },
 			"descriptor: regs: truncated input: need 8 bytes"},
 		{"truncated in vma path", func(t *testing.T) []byte {
@@ -364,8 +365,8 @@ func TestDecodeRejectsEncoding(t *testing.T) {
 			"descriptor: rlimits: length 64 exceeds remaining input"},
 		{"groups over limit", func(t *testing.T) []byte { return patched(t, addGroup, MaxGroups+1) },
 			"descriptor: creds groups: length 65537 exceeds limit 65536"},
-		{"groups over remaining", func(t *testing.T) []byte { return patched(t, addGroup, 5) },
-			"descriptor: creds groups: length 5 exceeds remaining input"},
+		{"groups over remaining", func(t *testing.T) []byte { return patched(t, addGroup, 1<<12) },
+			"descriptor: creds groups: length 4096 exceeds remaining input"},
 		{"invalid bool", func(t *testing.T) []byte {
 			b := bytes.Clone(valid)
 			b[offsetOf(t, func(d *Descriptor) { d.FDs[1].Cloexec = false })] = 2
@@ -502,7 +503,7 @@ func FuzzDecode(f *testing.F) {
 	for _, d := range []*Descriptor{{}, fullDescriptor(), unicodeDescriptor(), small} {
 		f.Add(Encode(nil, d))
 	}
-	f.Add([]byte("MTSD\x01\x00"))
+	f.Add([]byte("MTSD\x02\x00"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Decode(b)

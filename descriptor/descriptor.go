@@ -9,7 +9,7 @@
 package descriptor
 
 // Version is the current encoding version written by Encode.
-const Version = 1
+const Version = 2
 
 // CacheMemfdPrefix starts the name of every node page-cache memfd; a
 // private mapping of one is a mitosis child's own memory (see pager.Cache).
@@ -174,8 +174,12 @@ type Descriptor struct {
 	Rseq          Rseq
 
 	// Process resources.
-	FDs     []FD
-	Cwd     string
+	FDs []FD
+	Cwd string
+	// Root is the parent's root directory as its node sees it ("/" or
+	// "" normally; a container image directory for a chrooted parent).
+	// Paths in the descriptor (VMAs, Exe, Cwd, FDs) are relative to it.
+	Root    string
 	Umask   uint32
 	Rlimits []Rlimit
 	Creds   Creds

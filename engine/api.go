@@ -41,6 +41,14 @@ type ForkOptions struct {
 	// node's page cache what it does not hold yet, so the child takes
 	// fewer faults.
 	Prefetch bool
+	// Root, if set, runs the child in a container of its own: new mount,
+	// PID, UTS and IPC namespaces, chrooted to Root, which must hold the
+	// image the parent runs from (the parent's paths are resolved inside
+	// it; a mapped file that differs fails the fork, naming the file).
+	// The child is PID 1 of its PID namespace.
+	Root string
+	// Hostname is the child's hostname in its UTS namespace (with Root).
+	Hostname string
 	// NoCache pages the child by copying from the frozen copy
 	// (UFFDIO_COPY) instead of mapping the node's shared page cache. For
 	// comparisons; slower and uses more memory.

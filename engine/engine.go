@@ -186,7 +186,9 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		Cache:    cache,
 		Stdio:    stdio,
 		Channel:  opts.Channel,
-		OnUFFD: func(pid, ufd int) error {
+		Root:     opts.Root,
+		Hostname: opts.Hostname,
+		OnUFFD: func(pid, nsPID, ufd int) error {
 			c.PID = pid
 			sp, err := pg.Attach(ufd)
 			if err != nil {
@@ -195,7 +197,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			if opts.Eager {
 				return sp.PreloadAll()
 			}
-			if err := preloadHot(sp, d, pid); err != nil {
+			if err := preloadHot(sp, d, nsPID); err != nil {
 				return err
 			}
 			if opts.Prefetch {

@@ -18,7 +18,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 	"unsafe"
@@ -54,11 +57,19 @@ type Options struct {
 	// are mapped MAP_PRIVATE from it and registered for MISSING and MINOR
 	// faults.
 	Cache *pager.Cache
+	// Root, if set, makes the child a container of its own: new mount,
+	// PID, UTS and IPC namespaces, chrooted to Root (a directory holding
+	// the same image the parent runs in; the parent's paths resolve
+	// inside it). Hostname is set in its UTS namespace.
+	Root     string
+	Hostname string
+	// plainRoot: chroot to Root without new namespaces.
+	plainRoot bool
 	// OnUFFD is called with the child's pid and the daemon's copy of its
 	// userfaultfd (registered, API done) before the child runs any of its
 	// own code and before anything of the child touches lazy memory. It
 	// must start serving faults; it may copy pages eagerly. It owns ufd.
-	OnUFFD func(pid int, ufd int) error
+	OnUFFD func(pid, nsPID int, ufd int) error
 }
 
 // Result describes a restored, running child.
@@ -71,6 +82,11 @@ type Result struct {
 // that will own the child until it is detached.
 func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result, error) {
 	start := time.Now()
+	if opts.Root == "" && d.Root != "" && d.Root != "/" {
+		// The parent ran chrooted: so does the child, in the same image
+		// (but in the node's namespaces: no container was asked for).
+		opts.Root, opts.plainRoot = d.Root, true
+	}
 	phaseStart = start
 	files, closeFiles, err := openFDs(d, opts)
 	if err != nil {
@@ -123,7 +139,7 @@ func openFDs(d *descriptor.Descriptor, opts Options) ([]uintptr, func(), error) 
 			files[f.Num] = opts.Channel.Fd()
 		case descriptor.FDFile:
 			flags := int(f.Flags) &^ (unix.O_CREAT | unix.O_TRUNC | unix.O_EXCL | unix.O_CLOEXEC | unix.O_NOCTTY)
-			fh, err := os.OpenFile(f.Path, flags|unix.O_CLOEXEC, 0)
+			fh, err := os.OpenFile(filepath.Join("/", opts.Root, f.Path), flags|unix.O_CLOEXEC, 0)
 			if err != nil {
 				closeAll()
 				return nil, nil, fmt.Errorf("restore: reopen fd %d: %w", f.Num, err)
@@ -159,13 +175,23 @@ type child struct {
 }
 
 func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int, error) {
+	dir := d.Cwd
+	var cloneflags uintptr
+	if opts.Root != "" {
+		// The cwd is set after the chroot, in batch 1: chrooting before
+		// the exec would hide the stub image (/proc/<daemon>/fd/N).
+		dir = ""
+		if !opts.plainRoot {
+			cloneflags = syscall.CLONE_NEWNS | syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC
+		}
+	}
 	attr := &syscall.ProcAttr{
-		Dir:   d.Cwd,
+		Dir:   dir,
 		Files: files,
 		// Each child leads its own process group, so the engine can tell
 		// when a child's whole tree (processes it forked) has exited and
 		// end them all together.
-		Sys: &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL, Setpgid: true},
+		Sys: &syscall.SysProcAttr{Ptrace: true, Pdeathsig: syscall.SIGKILL, Setpgid: true, Cloneflags: cloneflags},
 	}
 	mark("openfds")
 	pid, err := syscall.ForkExec(opts.StubPath, []string{"mitosis-stub"}, attr)
@@ -331,6 +357,15 @@ func (c *child) build(opts Options) error {
 		maxfd = max(maxfd, int(f.Num))
 	}
 	b.Add("close leaked descriptors", unix.SYS_CLOSE_RANGE, uint64(maxfd+1), uint64(^uint32(0)), 0)
+	// The page cache is opened through /proc before any chroot hides it.
+	imageIdx := -1
+	if opts.Cache != nil {
+		imageIdx = b.Add("open page cache", unix.SYS_OPENAT, atFDCWD, b.String(opts.Cache.Path()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
+	if opts.Root != "" {
+		b.Add("chroot "+opts.Root, unix.SYS_CHROOT, b.String(opts.Root))
+		b.Add("chdir "+d.Cwd, unix.SYS_CHDIR, b.String(d.Cwd))
+	}
 	var specialsStub = map[string]procfs.Mapping{}
 	for _, m := range stubMaps {
 		switch m.Path {
@@ -408,10 +443,6 @@ func (c *child) build(opts Options) error {
 		idx := b.Add("open "+v.Path, unix.SYS_OPENAT, atFDCWD, b.String(v.Path), flags, 0)
 		opens[key] = &fileOpen{idx: idx, rw: rw, path: v.Path, id: v.File}
 		openOrder = append(openOrder, key)
-	}
-	imageIdx := -1
-	if opts.Cache != nil {
-		imageIdx = b.Add("open page cache", unix.SYS_OPENAT, atFDCWD, b.String(opts.Cache.Path()), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	}
 	exeIdx := -1
 	if d.Exe != "" {
@@ -520,7 +551,7 @@ func (c *child) build(opts Options) error {
 	}
 	mark("uffd register")
 	if opts.OnUFFD != nil {
-		if err := opts.OnUFFD(c.pid, ufd); err != nil {
+		if err := opts.OnUFFD(c.pid, nsPID(c.pid), ufd); err != nil {
 			return fmt.Errorf("start pager: %w", err)
 		}
 	} else {
@@ -569,6 +600,9 @@ func (c *child) build(opts Options) error {
 	}
 	if d.ClearTID != 0 {
 		b.Add("set_tid_address", unix.SYS_SET_TID_ADDRESS, d.ClearTID)
+	}
+	if opts.Hostname != "" {
+		b.Add("sethostname", unix.SYS_SETHOSTNAME, b.String(opts.Hostname), uint64(len(opts.Hostname)))
 	}
 	b.Add("umask", unix.SYS_UMASK, uint64(d.Umask))
 	for _, fd := range d.FDs {
@@ -699,6 +733,25 @@ func registerRanges(vmas []descriptor.VMA, c *pager.Cache) []regRange {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Start < out[j].Start })
 	return out
+}
+
+// nsPID returns pid as its own PID namespace sees it (the last NSpid of
+// /proc/PID/status), or pid if that cannot be read.
+func nsPID(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return pid
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "NSpid:"); ok {
+			if f := strings.Fields(v); len(f) > 0 {
+				if n, err := strconv.Atoi(f[len(f)-1]); err == nil {
+					return n
+				}
+			}
+		}
+	}
+	return pid
 }
 
 // statSize is sizeof(struct stat) on x86-64.

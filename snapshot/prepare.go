@@ -258,7 +258,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	if info.err != nil {
 		return nil, info.err
 	}
-	go func() { filesc <- statFiles(pmaps) }()
+	go func() { filesc <- statFiles(pmaps, "") }()
 
 	// Freeze: clone(flags=0) -> exit_signal 0, a full copy-on-write copy.
 	phase("s.beforeclone", stopAt)
@@ -428,6 +428,7 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		}
 		d.VMAs = vmas
 		d.Present = presentRuns(vmas, sr.regions)
+		relativize(d, pid)
 		return d, nil
 	}
 	drain := func(err error) (*descriptor.Descriptor, error) {
@@ -556,7 +557,7 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		if maps, err = procfs.Maps(src); err != nil {
 			return drain(err)
 		}
-		filesc <- statFiles(maps)
+		filesc <- statFiles(maps, "")
 	}
 	return finish()
 }
@@ -638,7 +639,7 @@ func readProc(pid, channel int) (pi procInfo) {
 	if pi.exe, err = procfs.Exe(pid); err != nil {
 		return fail(err)
 	}
-	pi.exeID, _ = fileID(pi.exe)
+	pi.exeID, _ = fileID(fmt.Sprintf("/proc/%d/exe", pid))
 	if pi.cwd, err = procfs.Cwd(pid); err != nil {
 		return fail(err)
 	}
@@ -702,4 +703,36 @@ func ReapInParent(pid, src int, vdsoSyscall uint64) error {
 		return fmt.Errorf("reap frozen copy %d in parent %d: wait4: %w", src, pid, e)
 	}
 	return nil
+}
+
+// relativize records the parent's root directory and makes the
+// descriptor's paths relative to it. /proc shows a chrooted (container)
+// process's paths as this node sees them (/images/py/usr/lib/...); a child
+// resolves them inside its own copy of the image.
+func relativize(d *descriptor.Descriptor, pid int) {
+	root, err := os.Readlink(fmt.Sprintf("/proc/%d/root", pid))
+	if err != nil || root == "/" {
+		return
+	}
+	d.Root = root
+	rel := func(p string) string {
+		if p == root {
+			return "/"
+		}
+		if r, ok := strings.CutPrefix(p, root); ok && strings.HasPrefix(r, "/") {
+			return r
+		}
+		return p
+	}
+	for i := range d.VMAs {
+		if d.VMAs[i].Kind == descriptor.KindFile || (d.VMAs[i].Kind == descriptor.KindFileDirty && strings.HasPrefix(d.VMAs[i].Path, "/")) {
+			d.VMAs[i].Path = rel(d.VMAs[i].Path)
+		}
+	}
+	d.Exe, d.Cwd = rel(d.Exe), rel(d.Cwd)
+	for i := range d.FDs {
+		if d.FDs[i].Kind == descriptor.FDFile {
+			d.FDs[i].Path = rel(d.FDs[i].Path)
+		}
+	}
 }

@@ -233,7 +233,7 @@ func TestStatFiles(t *testing.T) {
 		{Path: "", Inode: 0},
 		{Path: "/nonexistent/x", Inode: 5},
 	}
-	got := statFiles(maps)
+	got := statFiles(maps, "")
 	if len(got) != 2 || got[lib].err != nil || got[lib].id.Size != 1 || got["/nonexistent/x"].err == nil {
 		t.Errorf("statFiles = %+v", got)
 	}

@@ -23,15 +23,17 @@ func statFile(path string) fileStat {
 	return fileStat{id, err}
 }
 
-// statFiles stats every distinct mapped file.
-func statFiles(maps []procfs.Mapping) map[string]fileStat {
+// statFiles stats every distinct mapped file, resolving paths under root
+// ("/proc/PID/root" of the mapping process: its own root, which differs
+// from ours when it runs in a container).
+func statFiles(maps []procfs.Mapping, root string) map[string]fileStat {
 	out := map[string]fileStat{}
 	for _, m := range maps {
 		if m.Inode == 0 || strings.HasPrefix(m.Path, "[") || m.Deleted {
 			continue
 		}
 		if _, ok := out[m.Path]; !ok {
-			out[m.Path] = statFile(m.Path)
+			out[m.Path] = statFile(root + m.Path)
 		}
 	}
 	return out
