@@ -316,3 +316,24 @@ func (c *Client) Remove(id string, force bool) error {
 	_, err := c.roundTrip(Request{Op: OpRm, ID: id, Force: force}, nil)
 	return err
 }
+
+// RunRequest starts a process in a container (see `mitosis run`).
+type RunRequest struct {
+	Name   string
+	Rootfs string   // image directory (absolute)
+	Argv   []string // argv[0]: absolute path inside the image
+	Env    []string // KEY=VALUE; empty: a minimal default
+	Memory string   // e.g. "256M" ("" no limit)
+	CPUs   float64  // 0: no limit
+	Pids   int64    // 0: no limit
+}
+
+// Run starts a process in a container and returns its pid.
+func (c *Client) Run(req RunRequest) (int, error) {
+	resp, err := c.roundTrip(Request{Op: OpRun, Name: req.Name, Rootfs: req.Rootfs, Argv: req.Argv, Env: req.Env,
+		Memory: req.Memory, CPUs: req.CPUs, Pids: req.Pids}, nil)
+	if err != nil {
+		return 0, err
+	}
+	return resp.PID, nil
+}

@@ -26,6 +26,8 @@ const (
 	OpPS          = "ps"
 	OpRm          = "rm"
 	OpPing        = "ping"
+	// OpRun starts a process in a container (rootfs, namespaces, limits).
+	OpRun = "run"
 )
 
 // Roles returned by prepare-self.
@@ -43,6 +45,9 @@ const (
 	// be served (for example the seed's origin node died); ChildInfo.Error
 	// says why.
 	StateFailed = "failed"
+	// StateOOM is a child the kernel killed for exceeding its container's
+	// memory limit.
+	StateOOM = "oom-killed"
 )
 
 // SourceLocal is ChildInfo.Source for a child of a seed prepared on the
@@ -87,6 +92,14 @@ type Request struct {
 	// TTL is a Go duration ("90s", "1h") after which a prepared seed is
 	// removed (empty: never).
 	TTL string `json:"ttl,omitempty"`
+	// Run: the image directory, the command (argv[0] is a path inside
+	// the image), its environment (KEY=VALUE), and container limits.
+	Rootfs string   `json:"rootfs,omitempty"`
+	Argv   []string `json:"argv,omitempty"`
+	Env    []string `json:"env,omitempty"`
+	Memory string   `json:"memory,omitempty"`
+	CPUs   float64  `json:"cpus,omitempty"`
+	Pids   int64    `json:"pids,omitempty"`
 }
 
 // Response is one response line from the daemon. Seed is a SeedInfo object

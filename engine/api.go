@@ -42,13 +42,20 @@ type ForkOptions struct {
 	// fewer faults.
 	Prefetch bool
 	// Root, if set, runs the child in a container of its own: new mount,
+	// (A seed whose parent runs chrooted, in an image, gets containerized
+	// children in that image by default.)
 	// PID, UTS and IPC namespaces, chrooted to Root, which must hold the
 	// image the parent runs from (the parent's paths are resolved inside
 	// it; a mapped file that differs fails the fork, naming the file).
 	// The child is PID 1 of its PID namespace.
 	Root string
-	// Hostname is the child's hostname in its UTS namespace (with Root).
+	// Hostname is the child's hostname in its UTS namespace (with Root;
+	// default: the child's id).
 	Hostname string
+	// OnSpawn, if set, is called with the child's pid right after its
+	// process exists and before it runs any of the parent's code (e.g. to
+	// move it into a cgroup). An error fails the fork.
+	OnSpawn func(pid int) error
 	// NoCache pages the child by copying from the frozen copy
 	// (UFFDIO_COPY) instead of mapping the node's shared page cache. For
 	// comparisons; slower and uses more memory.

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -148,6 +147,10 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		}
 	}
 	c := &Child{ID: newID("c-"), Seed: s, done: make(chan struct{}), tree: make(chan struct{})}
+	hostname := opts.Hostname
+	if hostname == "" && (opts.Root != "" || (s.Desc.Root != "" && s.Desc.Root != "/")) {
+		hostname = c.ID
+	}
 	d := s.Desc
 	src := s.src
 	var cache *pager.Cache
@@ -187,7 +190,8 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		Stdio:    stdio,
 		Channel:  opts.Channel,
 		Root:     opts.Root,
-		Hostname: opts.Hostname,
+		Hostname: hostname,
+		OnSpawn:  opts.OnSpawn,
 		OnUFFD: func(pid, nsPID, ufd int) error {
 			c.PID = pid
 			sp, err := pg.Attach(ufd)
@@ -329,56 +333,6 @@ func groupAlive(pgid int) bool {
 	return false
 }
 
-// waitExit returns once pid has exited (it is then a zombie, or already
-// reaped), without consuming any other wait event. It waits on the pidfd
-// and, as a safety net, also checks with waitid(WEXITED|WNOWAIT).
-func waitExit(pidfd *os.File, pid int) {
-	rc, err := pidfd.SyscallConn()
-	if err != nil {
-		return
-	}
-	// The pidfd is edge-triggered in the netpoller; a wake-up that comes
-	// before the exit is complete can be missed, so the wait is also
-	// bounded, backing off from 5 ms to 200 ms between waitid checks.
-	wait := 5 * time.Millisecond
-	for {
-		_ = pidfd.SetReadDeadline(time.Now().Add(wait))
-		wait = min(2*wait, 200*time.Millisecond)
-		first := true
-		err := rc.Read(func(uintptr) bool {
-			if first {
-				first = false
-				return false // park until readable: the process exited
-			}
-			return true
-		})
-		if err == nil {
-			return
-		}
-		var info unix.Siginfo
-		if e := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil); e != nil {
-			return // ECHILD: reaped elsewhere
-		}
-		if pidOf(&info) == pid && (info.Code == cldExited || info.Code == cldKilled || info.Code == cldDumped) {
-			return
-		}
-	}
-}
-
-// si_code values of SIGCHLD.
-const (
-	cldExited = 1
-	cldKilled = 2
-	cldDumped = 3
-)
-
-// pidOf returns si_pid of a SIGCHLD siginfo.
-func pidOf(info *unix.Siginfo) int {
-	// si_pid is the first int of the union after the 16-byte header.
-	b := (*[128]byte)(unsafe.Pointer(info))
-	return int(int32(binary.LittleEndian.Uint32(b[16:])))
-}
-
 // clipRuns keeps the parts of runs that are source-present memory of d
 // (a peer's working set is not trusted beyond that).
 func clipRuns(runs []descriptor.Run, d *descriptor.Descriptor) []descriptor.Run {
@@ -515,22 +469,7 @@ func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 	// Wait for the exit through the pidfd, not wait4: while the child is
 	// being prepared as a seed (multi-hop) it is our tracee too, and a
 	// wait4 from this thread would consume its ptrace stops.
-	if pidfd != nil {
-		waitExit(pidfd, c.PID)
-		pidfd.Close()
-	}
-	var ws unix.WaitStatus
-	for {
-		_, err := unix.Wait4(c.PID, &ws, 0, nil)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			// Reaped by the tracer (it died while being prepared).
-			ws = unix.WaitStatus(unix.SIGKILL)
-		}
-		break
-	}
+	ws := ptrace.ReapExit(c.PID, pidfd)
 	c.status = syscall.WaitStatus(ws)
 	close(c.done)
 	// Processes the child forked (same process group) may outlive it and

@@ -12,10 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/descriptor"
 	"github.com/mitosis-fork/mitosis/transport"
-	"golang.org/x/sys/unix"
 )
 
 func TestMain(m *testing.M) {

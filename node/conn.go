@@ -173,6 +173,12 @@ func (c *conn) handle(m incoming) bool {
 			return c.reply(errResp(err))
 		}
 		return c.reply(roleReply{OK: true, Role: client.RoleParent, Seed: info.ID})
+	case client.OpRun:
+		pid, err := d.run(req)
+		if err != nil {
+			return c.reply(errResp(err))
+		}
+		return c.reply(client.Response{OK: true, PID: pid})
 	case client.OpRm:
 		if err := d.remove(req.ID, req.Force); err != nil {
 			return c.reply(errResp(err))

@@ -4,6 +4,8 @@
 package node
 
 import (
+	"syscall"
+
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -18,13 +20,15 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/container"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/engine"
 	"github.com/mitosis-fork/mitosis/transport"
-	"golang.org/x/sys/unix"
 )
 
 // Version is the daemon's version, reported by the ping op.
@@ -101,12 +105,13 @@ type Daemon struct {
 	metricsAddr string
 	leaseWG     sync.WaitGroup // lease releases in flight
 
-	mu       sync.Mutex
-	seeds    map[string]*seedRec
-	children map[string]*childRec
-	order    []string // child ids in fork order, for ps
-	conns    map[*net.UnixConn]struct{}
-	closing  bool
+	mu         sync.Mutex
+	seeds      map[string]*seedRec
+	children   map[string]*childRec
+	containers map[int]*containerRec // `mitosis run` processes, by pid
+	order      []string              // child ids in fork order, for ps
+	conns      map[*net.UnixConn]struct{}
+	closing    bool
 
 	handlers sync.WaitGroup
 
@@ -127,6 +132,9 @@ type seedRec struct {
 	allow    []string       // peers that may fetch it (empty: all)
 	leases   map[string]int // children on other nodes paging from it, by node
 	expires  time.Time      // TTL expiry (zero: none)
+	// pool of cgroups for the children of a seed prepared from a `run`
+	// container with limits (nil otherwise).
+	pool *container.Pool
 }
 
 // childRec is a child in the registry.
@@ -141,6 +149,8 @@ type childRec struct {
 	stats    engine.ChildStats // final stats, after exit
 	err      error             // why the engine ended it (paging failed)
 	ended    time.Time
+	group    *container.Group // its cgroup (containerized seeds with limits)
+	oom      bool             // killed by the OOM killer
 }
 
 // New checks that no other daemon serves cfg.Socket, creates the state
@@ -188,14 +198,15 @@ func New(cfg Config) (*Daemon, error) {
 		}
 	}
 	d := &Daemon{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		pidFile:  filepath.Join(cfg.StateDir, "mitosis.pid"),
-		uid:      os.Getuid(),
-		seeds:    map[string]*seedRec{},
-		children: map[string]*childRec{},
-		conns:    map[*net.UnixConn]struct{}{},
-		node:     cfg.Node,
+		cfg:        cfg,
+		log:        cfg.Logger,
+		pidFile:    filepath.Join(cfg.StateDir, "mitosis.pid"),
+		uid:        os.Getuid(),
+		seeds:      map[string]*seedRec{},
+		children:   map[string]*childRec{},
+		containers: map[int]*containerRec{},
+		conns:      map[*net.UnixConn]struct{}{},
+		node:       cfg.Node,
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.metrics = newMetrics(d)
@@ -409,6 +420,21 @@ func (d *Daemon) close() error {
 	var errs []error
 	if err := d.eng.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close engine: %w", err))
+	}
+	d.mu.Lock()
+	for _, s := range d.seeds {
+		if s.pool != nil {
+			_ = s.pool.Close()
+		}
+	}
+	runs := make([]*containerRec, 0, len(d.containers))
+	for _, c := range d.containers {
+		runs = append(runs, c)
+	}
+	d.mu.Unlock()
+	for _, c := range runs {
+		_ = syscall.Kill(c.pid, syscall.SIGKILL)
+		d.dropGroup(c)
 	}
 	if err := os.Remove(d.cfg.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove socket: %w", err))

@@ -13,8 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mitosis-fork/mitosis/client"
 	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/client"
 )
 
 // startDaemon runs an in-process daemon on a temp socket until the test ends.

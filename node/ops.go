@@ -12,9 +12,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/mitosis-fork/mitosis/client"
-	"github.com/mitosis-fork/mitosis/engine"
 	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/container"
+	"github.com/mitosis-fork/mitosis/engine"
 )
 
 // prepareOpts are the sharing and expiry options of a prepare request.
@@ -64,6 +66,10 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 	}
 	d.mu.Lock()
 	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0, allow: po.allow}
+	if c := d.containers[pid]; c != nil && c.limits != (container.Limits{}) {
+		// Children of a container get containers with its limits.
+		rec.pool = container.NewPool("seed-"+rec.id, c.limits, 2)
+	}
 	if po.ttl > 0 {
 		rec.expires = s.Created.Add(po.ttl)
 	}
@@ -233,6 +239,12 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 		closers = append(closers, mine, theirs)
 		opts.Channel = theirs
 	}
+	if g, onSpawn, err := d.childGroup(s); err != nil {
+		d.dropLog(k)
+		return nil, fmt.Errorf("fork seed %s: %w", s.id, err)
+	} else if g != nil {
+		k.group, opts.OnSpawn = g, onSpawn
+	}
 	start := time.Now()
 	if s.origin != "" {
 		// The origin keeps the seed while this child tree pages from it.
@@ -244,6 +256,9 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 	}
 	child, err := d.eng.Fork(s.seed, opts)
 	if err != nil {
+		if k.group != nil {
+			_ = k.group.Delete()
+		}
 		d.dropLog(k)
 		if s.origin != "" {
 			d.leaseWG.Add(1)
@@ -316,10 +331,22 @@ func (d *Daemon) reap(k *childRec) {
 	}
 	stats := k.child.Stats()
 	cerr := k.child.Err()
+	oom := false
+	if k.group != nil {
+		if n, err := k.group.OOMKills(); err == nil && n > 0 && ws.Signaled() {
+			oom = true
+			cerr = fmt.Errorf("killed by the OOM killer: the container's memory limit was exceeded")
+		}
+		go func(g *container.Group) {
+			<-k.child.TreeDone()
+			_ = g.Delete()
+		}(k.group)
+	}
 	if cerr != nil {
 		exit.Error = cerr.Error()
 	}
 	d.mu.Lock()
+	k.oom = oom
 	k.exit = exit
 	k.stats = stats
 	k.err = cerr
@@ -422,6 +449,9 @@ func (d *Daemon) remove(key string, force bool) error {
 	d.mu.Lock()
 	delete(d.seeds, s.id)
 	d.mu.Unlock()
+	if s.pool != nil {
+		_ = s.pool.Close()
+	}
 	d.log.Info("rm", "seed", s.id, "name", s.name, "origin", s.origin, "killed", len(running),
 		"remote_children", leases, "remote_nodes", leaseNodes, "took", time.Since(start))
 	return nil
@@ -520,6 +550,9 @@ func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 		}
 		if cerr != nil {
 			info.State, info.Error = client.StateFailed, cerr.Error()
+		}
+		if k.oom {
+			info.State = client.StateOOM
 		}
 	} else {
 		st = k.child.Stats()

@@ -8,8 +8,9 @@ import (
 	"net"
 	"strings"
 
-	"github.com/mitosis-fork/mitosis/client"
 	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/client"
 )
 
 // errLineTooLong reports a request line longer than client.MaxLine; the rest
@@ -218,9 +219,16 @@ func decodeRequest(line []byte) (client.Request, error) {
 		if req.ID == "" {
 			return req, errors.New(`rm: "id" (a seed id or name, or a child id) is required`)
 		}
+	case client.OpRun:
+		if req.Rootfs == "" || len(req.Argv) == 0 {
+			return req, errors.New(`run: "rootfs" and "argv" are required`)
+		}
+		if req.CPUs < 0 || req.Pids < 0 {
+			return req, errors.New("run: limits must not be negative")
+		}
 	case client.OpSeeds, client.OpPS, client.OpPing:
 	default:
-		return req, fmt.Errorf("unknown op %q (one of prepare, prepare-self, fork, seeds, ps, rm, ping)", req.Op)
+		return req, fmt.Errorf("unknown op %q (one of prepare, prepare-self, fork, run, seeds, ps, rm, ping)", req.Op)
 	}
 	return req, nil
 }

@@ -63,8 +63,8 @@ type Options struct {
 	// inside it). Hostname is set in its UTS namespace.
 	Root     string
 	Hostname string
-	// plainRoot: chroot to Root without new namespaces.
-	plainRoot bool
+	// OnSpawn is called with the stub's pid before it runs anything.
+	OnSpawn func(pid int) error
 	// OnUFFD is called with the child's pid and the daemon's copy of its
 	// userfaultfd (registered, API done) before the child runs any of its
 	// own code and before anything of the child touches lazy memory. It
@@ -83,9 +83,9 @@ type Result struct {
 func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result, error) {
 	start := time.Now()
 	if opts.Root == "" && d.Root != "" && d.Root != "/" {
-		// The parent ran chrooted: so does the child, in the same image
-		// (but in the node's namespaces: no container was asked for).
-		opts.Root, opts.plainRoot = d.Root, true
+		// The parent runs in an image: its children run in containers
+		// of their own in the same image.
+		opts.Root = d.Root
 	}
 	phaseStart = start
 	files, closeFiles, err := openFDs(d, opts)
@@ -181,9 +181,7 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 		// The cwd is set after the chroot, in batch 1: chrooting before
 		// the exec would hide the stub image (/proc/<daemon>/fd/N).
 		dir = ""
-		if !opts.plainRoot {
-			cloneflags = syscall.CLONE_NEWNS | syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC
-		}
+		cloneflags = syscall.CLONE_NEWNS | syscall.CLONE_NEWPID | syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC
 	}
 	attr := &syscall.ProcAttr{
 		Dir:   dir,
@@ -219,6 +217,11 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	}
 	if err := ptrace.SetOptions(pid, unix.PTRACE_O_EXITKILL); err != nil {
 		return 0, err
+	}
+	if opts.OnSpawn != nil {
+		if err := opts.OnSpawn(pid); err != nil {
+			return 0, fmt.Errorf("set up child %d: %w", pid, err)
+		}
 	}
 	if err := ptrace.GetRegs(pid, &c.regs); err != nil {
 		return 0, err

@@ -13,8 +13,9 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/mitosis-fork/mitosis/client"
 	"github.com/spf13/cobra"
+
+	"github.com/mitosis-fork/mitosis/client"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -47,6 +48,7 @@ to it over its unix socket.`,
 	root.AddCommand(
 		newDaemonCmd(g),
 		newPrepareCmd(g),
+		newRunCmd(g),
 		newForkCmd(g),
 		newSeedsCmd(g),
 		newPSCmd(g),
@@ -113,6 +115,52 @@ them up to 10 s more and then goes ahead (remote children fail).`,
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the seed as JSON")
 	cmd.Flags().StringSliceVar(&allow, "allow", nil, "peer nodes that may fetch the seed (comma separated; default: every node of the cluster)")
 	cmd.Flags().DurationVar(&ttl, "ttl", 0, "remove the seed this long after prepare (e.g. 30m; default: never)")
+	return cmd
+}
+
+func newRunCmd(g *globals) *cobra.Command {
+	var req client.RunRequest
+	cmd := &cobra.Command{
+		Use:   "run --rootfs DIR [--name NAME] [--memory SIZE] [--cpus N] [--pids N] [--env K=V]... -- CMD [ARG...]",
+		Short: "Start a process in a container (an image directory, namespaces, limits)",
+		Long: `Start CMD inside the image directory DIR: chrooted to it, in new mount, UTS and
+IPC namespaces, in a cgroup with the given limits. CMD is a path inside the
+image. Its output goes to the daemon's STATE_DIR/children/run-*.log. The pid
+is the last word printed: prepare it like any process with ` + "`mitosis prepare --pid`" + `.
+
+Children of a seed prepared from it run in containers of their own from the
+same image: new mount, PID, UTS and IPC namespaces (each child is PID 1 and
+has its id as hostname), each in its own cgroup with the same limits. A child
+that exceeds the memory limit is killed; ` + "`mitosis ps`" + ` shows it as oom-killed.
+
+Without --env the process gets PATH, HOME=/ and OPENBLAS_NUM_THREADS=1 (and the
+OMP/MKL equivalents, so numpy stays single-threaded and preparable).`,
+		Example: `  mitosis run --rootfs /srv/images/py --memory 256M --cpus 1 -- /usr/bin/python3 /app/fn.py
+  pid=$(mitosis run --rootfs /srv/images/py -- /app/server | awk '{print $NF}')`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if req.Rootfs == "" || len(args) == 0 {
+				return errors.New("run: --rootfs DIR and a command (after --) are required")
+			}
+			req.Argv = args
+			c, err := g.dial()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			pid, err := c.Run(req)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "started %s in %s: %d\n", args[0], req.Rootfs, pid)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&req.Rootfs, "rootfs", "", "image directory (absolute path; required)")
+	cmd.Flags().StringVar(&req.Name, "name", "", "a name for the logs")
+	cmd.Flags().StringVar(&req.Memory, "memory", "", "memory limit, e.g. 256M or 1G (default: none)")
+	cmd.Flags().Float64Var(&req.CPUs, "cpus", 0, "CPU limit in CPUs, e.g. 0.5 (default: none)")
+	cmd.Flags().Int64Var(&req.Pids, "pids", 0, "limit on processes (default: none)")
+	cmd.Flags().StringArrayVar(&req.Env, "env", nil, "environment KEY=VALUE (repeatable; replaces the default)")
 	return cmd
 }
 

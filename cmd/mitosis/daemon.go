@@ -14,8 +14,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/mitosis-fork/mitosis/node"
 	"github.com/spf13/cobra"
+
+	"github.com/mitosis-fork/mitosis/node"
 )
 
 // daemonFlags are the flags of `mitosis daemon`.

@@ -16,8 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mitosis-fork/mitosis/client"
 	"golang.org/x/sys/unix"
+
+	"github.com/mitosis-fork/mitosis/client"
 )
 
 // bin is the mitosis binary built by TestMain.
