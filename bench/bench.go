@@ -87,7 +87,7 @@ type Config struct {
 
 // Names lists what Config.Only accepts.
 func Names() []string {
-	return append(append(slices.Clone(groupOrder), prepareSubjects...), GroupRemote)
+	return append(append(slices.Clone(groupOrder), prepareSubjects...), GroupRemote, GroupContainer)
 }
 
 type runner struct {
@@ -175,6 +175,13 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		}
 		rep.Groups = append(rep.Groups, g)
 	}
+	if groups[GroupContainer] && ctx.Err() == nil {
+		g := r.containerGroup()
+		if g.Error != "" {
+			fmt.Fprintf(r.log, "%s: FAILED: %s\n", g.Name, g.Error)
+		}
+		rep.Groups = append(rep.Groups, g)
+	}
 	if groups[GroupRemote] && ctx.Err() == nil {
 		gs, notes := r.remoteGroups()
 		rep.Groups = append(rep.Groups, gs...)
@@ -211,7 +218,7 @@ func selection(only []string) (map[string]bool, []string, error) {
 			if n == GroupPrepare {
 				allSubjects = true
 			}
-		case n == GroupRemote:
+		case n == GroupRemote, n == GroupContainer:
 			groups[n] = true
 		case slices.Contains(prepareSubjects, n):
 			groups[GroupPrepare] = true
