@@ -79,6 +79,10 @@ type Config struct {
 	// transport's, 1 s); a child whose page cannot be fetched in time
 	// fails.
 	PeerTimeout time.Duration
+	// CgroupPool is how many cgroups are kept pre-created for the children
+	// of each seed prepared from a `mitosis run` container with limits
+	// (default 2).
+	CgroupPool int
 }
 
 // Daemon is a running node daemon.

@@ -68,7 +68,11 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0, allow: po.allow}
 	if c := d.containers[pid]; c != nil && c.limits != (container.Limits{}) {
 		// Children of a container get containers with its limits.
-		rec.pool = container.NewPool("seed-"+rec.id, c.limits, 2)
+		n := d.cfg.CgroupPool
+		if n <= 0 {
+			n = 2
+		}
+		rec.pool = container.NewPool("seed-"+rec.id, c.limits, n)
 	}
 	if po.ttl > 0 {
 		rec.expires = s.Created.Add(po.ttl)

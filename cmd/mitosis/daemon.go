@@ -33,6 +33,7 @@ type daemonFlags struct {
 	tlsCA       string
 	metrics     string
 	peerTimeout time.Duration
+	cgroupPool  int
 }
 
 // envDefault returns $name, or def when it is unset.
@@ -103,6 +104,7 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.tlsKey, "tls-key", os.Getenv("MITOSIS_TLS_KEY"), "PEM private key of --tls-cert")
 	fl.StringVar(&f.tlsCA, "tls-ca", os.Getenv("MITOSIS_TLS_CA"), "PEM CA that signed every node's certificate (default: system roots)")
 	fl.StringVar(&f.metrics, "metrics", os.Getenv("MITOSIS_METRICS"), "IP:PORT to serve Prometheus metrics on, at /metrics (default $MITOSIS_METRICS)")
+	fl.IntVar(&f.cgroupPool, "cgroup-pool", 2, "cgroups kept pre-created for the children of each containerized seed (mitosis run with limits)")
 	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1s); a child whose page cannot be fetched in time fails")
 	return cmd
 }
@@ -117,6 +119,7 @@ func (f *daemonFlags) config(g *globals) (node.Config, error) {
 		Insecure:    f.insecure,
 		Metrics:     f.metrics,
 		PeerTimeout: f.peerTimeout,
+		CgroupPool:  f.cgroupPool,
 		Peers:       map[string]string{},
 	}
 	if f.peersFile != "" {

@@ -138,4 +138,22 @@ func TestContainer(t *testing.T) {
 	if r := mitosis(cliTimeout, "fork", seed); !r.ok() || !strings.Contains(r.stdout, digests[0]) {
 		t.Errorf("sibling after the OOM kill:\n%s", r)
 	}
+	// Removing the seed removes its children's cgroups and its pool.
+	if r := mitosis(cliTimeout, "rm", seed, "--force"); !r.ok() {
+		t.Fatalf("rm:\n%s", r)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		left, _ := filepath.Glob("/sys/fs/cgroup/*/*/*/seed-" + seed + "*")
+		more, _ := filepath.Glob("/sys/fs/cgroup/*/seed-" + seed + "*")
+		unified, _ := filepath.Glob("/sys/fs/cgroup/seed-" + seed + "*")
+		left = append(append(left, more...), unified...)
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cgroups left after rm: %v", left)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

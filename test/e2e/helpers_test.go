@@ -335,7 +335,7 @@ func adoptSeed(t *testing.T, id string) {
 	noteSeed(id)
 	t.Cleanup(func() {
 		r := mitosis(cliTimeout, "rm", id, "--force")
-		if !r.ok() {
+		if !r.ok() && !strings.Contains(r.stderr, "no seed or child") {
 			t.Errorf("removing seed %s:\n%s", id, r)
 		}
 	})
