@@ -13,6 +13,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/image"
+
 	"github.com/spf13/cobra"
 
 	"github.com/mitosis-fork/mitosis/client"
@@ -49,6 +51,7 @@ to it over its unix socket.`,
 		newDaemonCmd(g),
 		newPrepareCmd(g),
 		newRunCmd(g),
+		newImageCmd(),
 		newForkCmd(g),
 		newSeedsCmd(g),
 		newPSCmd(g),
@@ -162,6 +165,32 @@ OMP/MKL equivalents, so numpy stays single-threaded and preparable).`,
 	cmd.Flags().Int64Var(&req.Pids, "pids", 0, "limit on processes (default: none)")
 	cmd.Flags().StringArrayVar(&req.Env, "env", nil, "environment KEY=VALUE (repeatable; replaces the default)")
 	return cmd
+}
+
+func newImageCmd() *cobra.Command {
+	img := &cobra.Command{Use: "image", Short: "Prepare function images (root filesystem directories)"}
+	var ref string
+	unpack := &cobra.Command{
+		Use:   "unpack OCI_LAYOUT DIR [--ref NAME]",
+		Short: "Unpack an OCI image layout into an image directory for `mitosis run --rootfs`",
+		Long: `Apply the layers of an OCI image layout (index.json + blobs/) in order into the
+new directory DIR, honouring whiteouts; entries cannot escape DIR. --ref picks
+the manifest by its org.opencontainers.image.ref.name (default: the first).
+Runs locally, no daemon needed.`,
+		Example: `  mitosis image unpack ./py-layout /srv/images/py --ref 3.11
+  mitosis run --rootfs /srv/images/py -- /usr/bin/python3 /app/fn.py`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := image.UnpackOCI(args[0], ref, args[1]); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "unpacked %s into %s\n", args[0], args[1])
+			return nil
+		},
+	}
+	unpack.Flags().StringVar(&ref, "ref", "", "manifest reference name (default: the first manifest)")
+	img.AddCommand(unpack)
+	return img
 }
 
 func newForkCmd(g *globals) *cobra.Command {
