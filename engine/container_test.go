@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bufio"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,19 +96,8 @@ func TestForkIntoContainer(t *testing.T) {
 	cmd := exec.Command("/app/box", "/app/data")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}
 	cmd.Dir = "/"
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	out := bufio.NewReader(stdout)
-	if line, err := out.ReadString('\n'); err != nil || !strings.HasPrefix(line, "READY") {
-		t.Fatalf("parent: %q %v", line, err)
-	}
-	waitStopped(t, cmd.Process.Pid)
+	p := startCmd(t, cmd)
+	out := p.out
 	e, err := New(Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -83,7 +83,13 @@ func buildParent(t *testing.T) (bin, data string) {
 
 func startParent(t *testing.T, bin, data string) *parent {
 	t.Helper()
-	cmd := exec.Command(bin, data)
+	return startCmd(t, exec.Command(bin, data))
+}
+
+// startCmd starts cmd, waits for its READY line and for it to stop itself
+// at its prepare point; it is killed and reaped when the test ends.
+func startCmd(t *testing.T, cmd *exec.Cmd) *parent {
+	t.Helper()
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -427,19 +433,8 @@ func TestForkKeepsCredentials(t *testing.T) {
 	cmd := exec.Command(bin)
 	cmd.Dir = dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{65534}}}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	out := bufio.NewReader(stdout)
-	if line, err := out.ReadString('\n'); err != nil || !strings.HasPrefix(line, "READY") {
-		t.Fatalf("parent: %q %v", line, err)
-	}
-	waitStopped(t, cmd.Process.Pid)
+	p := startCmd(t, cmd)
+	out := p.out
 	e, err := New(Options{})
 	if err != nil {
 		t.Fatal(err)
