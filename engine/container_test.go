@@ -98,15 +98,7 @@ func TestForkIntoContainer(t *testing.T) {
 	cmd.Dir = "/"
 	p := startCmd(t, cmd)
 	out := p.out
-	e, err := New(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	s, err := e.Prepare(cmd.Process.Pid, PrepareOptions{ChannelFD: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := prepared(t, cmd.Process.Pid)
 	got, st := runChild(t, e, s, ForkOptions{Root: root, Hostname: "mitosis-box-1"})
 	if st.ExitStatus() != 0 || st.Signaled() {
 		t.Fatalf("child status %v output %q", st, got)

@@ -86,6 +86,21 @@ func startParent(t *testing.T, bin, data string) *parent {
 	return startCmd(t, exec.Command(bin, data))
 }
 
+// prepared starts an engine (closed when the test ends) and prepares pid.
+func prepared(t *testing.T, pid int) (*Engine, *Seed) {
+	t.Helper()
+	e, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	s, err := e.Prepare(pid, PrepareOptions{ChannelFD: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, s
+}
+
 // startCmd starts cmd, waits for its READY line and for it to stop itself
 // at its prepare point; it is killed and reaped when the test ends.
 func startCmd(t *testing.T, cmd *exec.Cmd) *parent {
@@ -167,15 +182,7 @@ func readAll(r *os.File) ([]byte, error) {
 func TestForkModesAgree(t *testing.T) {
 	bin, data := buildParent(t)
 	p := startParent(t, bin, data)
-	e, err := New(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	s, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := prepared(t, p.pid)
 	// The parent stays stopped and untraced after prepare (it re-enters
 	// its group-stop right after the detach).
 	waitStopped(t, p.pid)
@@ -229,22 +236,14 @@ func TestForkModesAgree(t *testing.T) {
 func TestForkRefusesChangedFile(t *testing.T) {
 	bin, data := buildParent(t)
 	p := startParent(t, bin, data)
-	e, err := New(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	s, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := prepared(t, p.pid)
 	// Rewrite the executable in place (new mtime): children must refuse to
 	// map it instead of running different code.
 	now := time.Now().Add(time.Hour)
 	if err := os.Chtimes(bin, now, now); err != nil {
 		t.Fatal(err)
 	}
-	_, err = e.Fork(s, ForkOptions{})
+	_, err := e.Fork(s, ForkOptions{})
 	if err == nil || !strings.Contains(err.Error(), bin) {
 		t.Fatalf("fork after the executable changed: %v (want an error naming %s)", err, bin)
 	}
@@ -341,15 +340,7 @@ func TestMultiHop(t *testing.T) {
 		t.Fatalf("gcc: %v\n%s", err, out)
 	}
 	p := startParent(t, bin, "")
-	e, err := New(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	s1, err := e.Prepare(p.pid, PrepareOptions{ChannelFD: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s1 := prepared(t, p.pid)
 	r, w, _ := os.Pipe()
 	defer r.Close()
 	c1, err := e.Fork(s1, ForkOptions{Stdio: [3]*os.File{nil, w, w}})
@@ -435,15 +426,7 @@ func TestForkKeepsCredentials(t *testing.T) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{65534}}}
 	p := startCmd(t, cmd)
 	out := p.out
-	e, err := New(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	s, err := e.Prepare(cmd.Process.Pid, PrepareOptions{ChannelFD: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
+	e, s := prepared(t, cmd.Process.Pid)
 	got, st := runChild(t, e, s, ForkOptions{})
 	if st.ExitStatus() != 0 {
 		t.Fatalf("child status %v output %q", st, got)
