@@ -165,6 +165,27 @@ func (c *Cache) Filled() []descriptor.Run {
 	return runs
 }
 
+// ReadAt fills b with the seed's pages at src (one slot, source-present),
+// filling the cache first with what it lacks. It returns how many pages it
+// fetched from the source.
+func (c *Cache) ReadAt(src uint64, b []byte) (int, error) {
+	n := len(b) / pageSize
+	f, err := c.Ensure(src, n)
+	if err != nil {
+		return f, err
+	}
+	off, _ := c.Offset(src)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.errClosed(); err != nil {
+		return f, err
+	}
+	if _, err := unix.Pread(c.fd, b, int64(off)); err != nil {
+		return f, fmt.Errorf("page cache read: %w", err)
+	}
+	return f, nil
+}
+
 // RunReader is a Source that can read many runs in one batched request
 // (a network transport); EnsureRuns uses it to fill a working set at once.
 type RunReader interface {

@@ -242,7 +242,7 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll 
 			}
 		default:
 			b := s.buffer(cnt)
-			if err := s.p.cfg.Source.ReadPages(s.srcOf(a), b); err != nil {
+			if err := s.read(a, b); err != nil {
 				return err
 			}
 			if patch != nil {
@@ -300,6 +300,20 @@ func (s *space) mapShared(a uint64, n int) error {
 		return err
 	}
 	return nil
+}
+
+// read fills b with the seed's pages for the child address a: from the
+// node's page cache when it backs them (filling it first), so a private
+// copy (a patched TCB, eager mode) costs no trip to a remote source once
+// the node holds the page; else straight from the source.
+func (s *space) read(a uint64, b []byte) error {
+	src := s.srcOf(a)
+	if c := s.p.cfg.Cache; c != nil && s.isImage(a) {
+		f, err := c.ReadAt(src, b)
+		s.p.fetched.Add(uint64(f))
+		return err
+	}
+	return s.p.cfg.Source.ReadPages(src, b)
 }
 
 func (s *space) isServed(a uint64) bool {
