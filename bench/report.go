@@ -106,31 +106,6 @@ func (r *Report) finish() {
 	}
 }
 
-// fmtDur prints a duration with three significant digits.
-func fmtDur(d time.Duration) string {
-	if d <= 0 {
-		return "-"
-	}
-	v := float64(d)
-	var unit string
-	switch {
-	case d >= time.Second:
-		v, unit = v/1e9, "s"
-	case d >= time.Millisecond:
-		v, unit = v/1e6, "ms"
-	default:
-		v, unit = v/1e3, "µs"
-	}
-	switch {
-	case v >= 100:
-		return fmt.Sprintf("%.0f %s", v, unit)
-	case v >= 10:
-		return fmt.Sprintf("%.1f %s", v, unit)
-	default:
-		return fmt.Sprintf("%.2f %s", v, unit)
-	}
-}
-
 // Markdown renders the report: a header describing the machine and the
 // method, one table per group, and the raw samples.
 func (r *Report) Markdown() string {
@@ -231,3 +206,5 @@ func (r *Report) Failed() bool {
 }
 
 func machineInfo() Machine { return Machine{Machine: testenv.ReadMachine()} }
+
+func fmtDur(d time.Duration) string { return testenv.FmtDur(d) }

@@ -238,30 +238,6 @@ func (r *Report) Failed() bool {
 		r.RemoteFanOut != nil && r.RemoteFanOut.Error != ""
 }
 
-func fmtDur(d time.Duration) string {
-	if d <= 0 {
-		return "-"
-	}
-	v := float64(d)
-	var unit string
-	switch {
-	case d >= time.Second:
-		v, unit = v/1e9, "s"
-	case d >= time.Millisecond:
-		v, unit = v/1e6, "ms"
-	default:
-		v, unit = v/1e3, "µs"
-	}
-	switch {
-	case v >= 100:
-		return fmt.Sprintf("%.0f %s", v, unit)
-	case v >= 10:
-		return fmt.Sprintf("%.1f %s", v, unit)
-	default:
-		return fmt.Sprintf("%.2f %s", v, unit)
-	}
-}
-
 func fmtBytes(b uint64) string {
 	switch {
 	case b >= 1<<30:
@@ -608,3 +584,5 @@ func caseVals(g *StartGroup, f func(*Case) float64) []float64 {
 }
 
 func machineInfo() Machine { return Machine{Machine: testenv.ReadMachine()} }
+
+func fmtDur(d time.Duration) string { return testenv.FmtDur(d) }

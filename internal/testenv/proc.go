@@ -87,3 +87,29 @@ func ReadMachine() Machine {
 	}
 	return m
 }
+
+// FmtDur prints a duration with three significant digits ("-" for none),
+// as the benchmark reports do.
+func FmtDur(d time.Duration) string {
+	if d <= 0 {
+		return "-"
+	}
+	v := float64(d)
+	var unit string
+	switch {
+	case d >= time.Second:
+		v, unit = v/1e9, "s"
+	case d >= time.Millisecond:
+		v, unit = v/1e6, "ms"
+	default:
+		v, unit = v/1e3, "µs"
+	}
+	switch {
+	case v >= 100:
+		return fmt.Sprintf("%.0f %s", v, unit)
+	case v >= 10:
+		return fmt.Sprintf("%.1f %s", v, unit)
+	default:
+		return fmt.Sprintf("%.2f %s", v, unit)
+	}
+}
