@@ -342,7 +342,7 @@ func (cc *clientConn) readLoop() {
 			return
 		}
 		switch fh.Type {
-		case TypeDescResp, TypePagesResp, TypeForkResp, TypeLeaseResp, TypePong, TypeError:
+		case TypeDescResp, TypePagesResp, TypeForkResp, TypeLeaseResp, TypePong, TypeError, TypeInvokeResp, TypeCallResp:
 		default:
 			cc.fail(fmt.Errorf("%w: unexpected frame type %d", ErrMalformed, fh.Type))
 			return
@@ -452,12 +452,17 @@ func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload, dst []b
 
 // do runs one request against the peer with the client's timeout.
 func (c *Client) do(ctx context.Context, op string, typ, want uint8, payload, dst []byte, idempotent bool) ([]byte, error) {
-	if c.closed.Load() {
-		return nil, fmt.Errorf("transport: %s: %w", op, ErrClosed)
-	}
 	timeout := c.cfg.Timeout
 	if typ == TypeForkReq {
 		timeout = c.cfg.ForkTimeout
+	}
+	return c.doTimeout(ctx, op, typ, want, payload, dst, idempotent, timeout)
+}
+
+// doTimeout is do with an explicit bound.
+func (c *Client) doTimeout(ctx context.Context, op string, typ, want uint8, payload, dst []byte, idempotent bool, timeout time.Duration) ([]byte, error) {
+	if c.closed.Load() {
+		return nil, fmt.Errorf("transport: %s: %w", op, ErrClosed)
 	}
 	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, timeout)

@@ -91,6 +91,10 @@ const (
 	minFrameLength  = 1 + 8
 	maxSmallFrame   = 64 << 10 // handshake, lease, ping, error frames
 	maxRequestFrame = 1<<20 + 64<<10
+	// maxRequestLength bounds any frame a server reads (an invocation
+	// with its body is the largest request); each type's own limit
+	// applies below it.
+	maxRequestLength = minFrameLength + 2*2 + 2*MaxSeedID + MaxNodeName + 1 + 4 + 4 + MaxInvokeMeta + 4 + MaxInvokeBody
 )
 
 // Error codes carried by Error frames.
@@ -154,6 +158,8 @@ func codeErr(code uint16) error {
 		return ErrUnsupported
 	case CodeShutdown:
 		return ErrShutdown
+	case CodeBusy:
+		return ErrBusy
 	}
 	return nil
 }
@@ -175,6 +181,8 @@ func errCode(err error) uint16 {
 		return CodeUnsupported
 	case errors.Is(err, ErrShutdown):
 		return CodeShutdown
+	case errors.Is(err, ErrBusy):
+		return CodeBusy
 	}
 	return CodeInternal
 }
@@ -190,6 +198,12 @@ func maxFrameLength(typ uint8) uint32 {
 		return minFrameLength + 4 + MaxForkCount*(2+MaxSeedID+16) + 2 + 2 + MaxMessage
 	case TypeForkReq, TypePagesReq, TypeDescReq:
 		return maxRequestFrame
+	case TypeInvokeReq:
+		return maxRequestLength
+	case TypeInvokeResp:
+		return minFrameLength + 2 + 1 + 16 + 3*2 + MaxSeedID + 256 + MaxMessage + 4 + MaxInvokeBody
+	case TypeCallReq, TypeCallResp:
+		return minFrameLength + 2 + MaxOpName + 4 + MaxCallBody
 	case TypeChallenge, TypeHello, TypeAuth, TypeLeaseReq, TypeLeaseResp,
 		TypePing, TypePong, TypeError:
 		return maxSmallFrame

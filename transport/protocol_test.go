@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"runtime"
 	"testing"
+	"time"
 )
 
 // seedFrames are valid frames of every type, for tests and fuzz seeds.
@@ -25,24 +26,30 @@ func seedFrames() map[string][]byte {
 	fr := ForkRequest{Seed: "a/s1", Count: 3, Eager: true, Payload: []byte(`{"x":1}`)}
 	lr := LeaseRequest{Seed: "a/s1", Delta: -1}
 	em := ErrorMsg{Code: CodeUnknownSeed, Msg: "unknown seed a/s9"}
+	ir := InvokeRequest{Function: "fn", Seed: "a/s1", Timeout: 1500 * time.Millisecond, Meta: []byte(`{"method":"POST"}`), Body: []byte("hello")}
+	iresp := InvokeResponse{Status: 200, Kind: KindFork, Start: 1200 * time.Microsecond, Run: 3 * time.Millisecond, Child: "c-1", ContentType: "text/plain", Body: []byte("world")}
 	return map[string][]byte{
-		"challenge": AppendFrame(nil, TypeChallenge, 0, ch.Encode()),
-		"hello":     AppendFrame(nil, TypeHello, 0, h.Encode()),
-		"auth":      AppendFrame(nil, TypeAuth, 0, a.Encode()),
-		"descreq":   AppendFrame(nil, TypeDescReq, 1, EncodeSeed("a/s1")),
-		"descresp":  AppendFrame(nil, TypeDescResp, 1, desc.Encode()),
-		"pagesreq":  AppendFrame(nil, TypePagesReq, 2, pr.Encode()),
-		"pagesresp": AppendFrame(nil, TypePagesResp, 2, bytes.Repeat([]byte{0xab}, 3*PageSize)),
-		"forkreq":   AppendFrame(nil, TypeForkReq, 3, fr.Encode()),
-		"forkresp":  AppendFrame(nil, TypeForkResp, 3, (&ForkResponse{Children: []ForkedChild{{"c1", 10, 300}, {"c2", 11, 310}}}).Encode()),
-		"leasereq":  AppendFrame(nil, TypeLeaseReq, 4, lr.Encode()),
-		"leaseresp": AppendFrame(nil, TypeLeaseResp, 4, nil),
-		"ping":      AppendFrame(nil, TypePing, 5, nil),
-		"pong":      AppendFrame(nil, TypePong, 5, nil),
-		"error":     AppendFrame(nil, TypeError, 6, em.Encode()),
-		"huge":      {0xff, 0xff, 0xff, 0xff, TypePagesResp, 1, 0, 0, 0, 0, 0, 0, 0},
-		"short":     {9, 0, 0, 0, TypePing},
-		"http":      []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+		"invokereq":  AppendFrame(nil, TypeInvokeReq, 7, ir.Encode()),
+		"invokeresp": AppendFrame(nil, TypeInvokeResp, 7, iresp.Encode()),
+		"callreq":    AppendFrame(nil, TypeCallReq, 8, EncodeCall("fn-deploy", []byte(`{"name":"fn"}`))),
+		"callresp":   AppendFrame(nil, TypeCallResp, 8, []byte{2, 0, 0, 0, '{', '}'}),
+		"challenge":  AppendFrame(nil, TypeChallenge, 0, ch.Encode()),
+		"hello":      AppendFrame(nil, TypeHello, 0, h.Encode()),
+		"auth":       AppendFrame(nil, TypeAuth, 0, a.Encode()),
+		"descreq":    AppendFrame(nil, TypeDescReq, 1, EncodeSeed("a/s1")),
+		"descresp":   AppendFrame(nil, TypeDescResp, 1, desc.Encode()),
+		"pagesreq":   AppendFrame(nil, TypePagesReq, 2, pr.Encode()),
+		"pagesresp":  AppendFrame(nil, TypePagesResp, 2, bytes.Repeat([]byte{0xab}, 3*PageSize)),
+		"forkreq":    AppendFrame(nil, TypeForkReq, 3, fr.Encode()),
+		"forkresp":   AppendFrame(nil, TypeForkResp, 3, (&ForkResponse{Children: []ForkedChild{{"c1", 10, 300}, {"c2", 11, 310}}}).Encode()),
+		"leasereq":   AppendFrame(nil, TypeLeaseReq, 4, lr.Encode()),
+		"leaseresp":  AppendFrame(nil, TypeLeaseResp, 4, nil),
+		"ping":       AppendFrame(nil, TypePing, 5, nil),
+		"pong":       AppendFrame(nil, TypePong, 5, nil),
+		"error":      AppendFrame(nil, TypeError, 6, em.Encode()),
+		"huge":       {0xff, 0xff, 0xff, 0xff, TypePagesResp, 1, 0, 0, 0, 0, 0, 0, 0},
+		"short":      {9, 0, 0, 0, TypePing},
+		"http":       []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
 	}
 }
 
@@ -261,6 +268,18 @@ var fuzzPayload = map[uint8]func([]byte) ([]byte, error){
 		v, err := DecodeError(p)
 		return v.Encode(), err
 	},
+	TypeInvokeReq: func(p []byte) ([]byte, error) {
+		v, err := DecodeInvokeRequest(p)
+		return v.Encode(), err
+	},
+	TypeInvokeResp: func(p []byte) ([]byte, error) {
+		v, err := DecodeInvokeResponse(p)
+		return v.Encode(), err
+	},
+	TypeCallReq: func(p []byte) ([]byte, error) {
+		op, body, err := DecodeCall(p)
+		return EncodeCall(op, body), err
+	},
 }
 
 // checkPayload decodes p as a payload of typ; a successful decode must
@@ -393,4 +412,32 @@ func TestWriteFuzzCorpus(t *testing.T) {
 	var c [4]byte
 	binary.LittleEndian.PutUint32(c[:], 0xffffffff)
 	write("FuzzDecodeForkResponse", "hugecount", c[:])
+	write("FuzzDecodeInvokeRequest", "valid", payloadOf(fs["invokereq"]))
+	write("FuzzDecodeInvokeResponse", "valid", payloadOf(fs["invokeresp"]))
+	e = encoder{}
+	e.str16("fn")
+	e.str16("")
+	e.u32(1)
+	e.u32(0)
+	e.u32(MaxInvokeBody + 1)
+	write("FuzzDecodeInvokeRequest", "hugebody", e.b)
+}
+
+func FuzzDecodeInvokeRequest(f *testing.F) {
+	f.Add(payloadOf(seedFrames()["invokereq"]))
+	f.Fuzz(func(t *testing.T, p []byte) {
+		r, err := DecodeInvokeRequest(p)
+		if err != nil {
+			return
+		}
+		if checkInvokeRequest(r) != nil {
+			t.Fatalf("decoded a request the sender would refuse: %+v", r)
+		}
+		checkPayload(t, TypeInvokeReq, p)
+	})
+}
+
+func FuzzDecodeInvokeResponse(f *testing.F) {
+	f.Add(payloadOf(seedFrames()["invokeresp"]))
+	f.Fuzz(func(t *testing.T, p []byte) { checkPayload(t, TypeInvokeResp, p) })
 }

@@ -35,7 +35,7 @@ type Server struct {
 
 type serverCounters struct {
 	conns, active, authFail, malformed, errors atomic.Uint64
-	byType                                     [16]atomic.Uint64
+	byType                                     [32]atomic.Uint64
 	pages, bytes                               atomic.Uint64
 }
 
@@ -233,7 +233,7 @@ func (sc *serverConn) serve() {
 	}()
 	sem := make(chan struct{}, MaxInFlight)
 	for {
-		f, err := ReadFrame(sc.br, maxRequestFrame)
+		f, err := ReadFrame(sc.br, maxRequestLength)
 		if err != nil {
 			if errors.Is(err, ErrMalformed) || errors.Is(err, ErrTooLarge) {
 				sc.malformed(err)
@@ -283,6 +283,20 @@ func (sc *serverConn) serve() {
 				}
 				return sc.write(TypeLeaseResp, f.ID, nil)
 			}
+		case TypeInvokeReq:
+			req, err := DecodeInvokeRequest(f.Payload)
+			if err != nil {
+				sc.malformed(err)
+				return
+			}
+			h = func() error { return sc.invoke(f.ID, req) }
+		case TypeCallReq:
+			op, body, err := DecodeCall(f.Payload)
+			if err != nil {
+				sc.malformed(err)
+				return
+			}
+			h = func() error { return sc.call(f.ID, op, body) }
 		case TypePing:
 			if len(f.Payload) != 0 {
 				sc.malformed(fmt.Errorf("%w: ping with %d byte payload", ErrMalformed, len(f.Payload)))

@@ -16,6 +16,7 @@ import (
 	"math/big"
 	mrand "math/rand/v2"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -378,6 +379,87 @@ func TestForkLeasePing(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkPattern(t, seedBase, buf)
+}
+
+// invokingProvider adds invocations and calls to fakeProvider.
+type invokingProvider struct {
+	fakeProvider
+	busy atomic.Bool
+}
+
+func (p *invokingProvider) Invoke(ctx context.Context, peer string, req InvokeRequest) (InvokeResponse, error) {
+	switch {
+	case p.busy.Load():
+		return InvokeResponse{}, fmt.Errorf("node full: %w", ErrBusy)
+	case req.Function == "slow":
+		select {
+		case <-time.After(req.Timeout):
+			return InvokeResponse{Status: 504, Error: "function timed out"}, nil
+		case <-ctx.Done():
+			return InvokeResponse{}, ctx.Err()
+		}
+	case req.Function != "echo":
+		return InvokeResponse{}, fmt.Errorf("no function %q", req.Function)
+	}
+	return InvokeResponse{Status: 200, Kind: KindFork, Start: time.Millisecond, Child: peer + "-c",
+		ContentType: "text/plain", Body: append(append([]byte(req.Seed+"|"), req.Meta...), req.Body...)}, nil
+}
+
+func (p *invokingProvider) Call(ctx context.Context, peer, op string, body []byte) ([]byte, error) {
+	if op != "echo" {
+		return nil, fmt.Errorf("unknown op %q", op)
+	}
+	return append([]byte(peer+":"), body...), nil
+}
+
+func TestInvokeAndCall(t *testing.T) {
+	p := &invokingProvider{}
+	_, addr := startServer(t, serverCfg(), p, "")
+	c := dial(t, addr, clientCfg())
+	ctx := context.Background()
+	big := bytes.Repeat([]byte("x"), 3<<20) // over the fork payload cap, under the body cap
+	r, err := c.Invoke(ctx, InvokeRequest{Function: "echo", Seed: "a/s1", Timeout: time.Second, Meta: []byte("{}"), Body: big})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := append([]byte("a/s1|{}"), big...)
+	if r.Status != 200 || r.Kind != KindFork || r.Child != "node-b-c" || r.Start != time.Millisecond || !bytes.Equal(r.Body, want) {
+		t.Fatalf("invoke: status %d kind %d child %q start %v body %d bytes", r.Status, r.Kind, r.Child, r.Start, len(r.Body))
+	}
+	if _, err := c.Invoke(ctx, InvokeRequest{Function: "nope", Timeout: time.Second}); err == nil || !strings.Contains(err.Error(), `no function "nope"`) {
+		t.Fatalf("unknown function: %v", err)
+	}
+	p.busy.Store(true)
+	if _, err := c.Invoke(ctx, InvokeRequest{Function: "echo", Timeout: time.Second}); !errors.Is(err, ErrBusy) {
+		t.Fatalf("busy node: %v, want ErrBusy", err)
+	}
+	p.busy.Store(false)
+	// A function timeout longer than the client's default request bound
+	// is honoured: the node answers 504, the transport does not give up.
+	start := time.Now()
+	r, err = c.Invoke(ctx, InvokeRequest{Function: "slow", Timeout: 1500 * time.Millisecond})
+	if err != nil || r.Status != 504 || time.Since(start) < 1500*time.Millisecond {
+		t.Fatalf("slow: %+v %v after %v", r, err, time.Since(start))
+	}
+	if _, err := c.Invoke(ctx, InvokeRequest{Function: "echo", Body: make([]byte, MaxInvokeBody+1)}); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("oversized body: %v", err)
+	}
+	out, err := c.Call(ctx, "echo", []byte(`{"a":1}`), 0)
+	if err != nil || string(out) != `node-b:{"a":1}` {
+		t.Fatalf("call: %q %v", out, err)
+	}
+	if _, err := c.Call(ctx, "nope", nil, 0); err == nil || !strings.Contains(err.Error(), "unknown op") {
+		t.Fatalf("unknown op: %v", err)
+	}
+	// A provider without functions refuses invocations, keeps serving.
+	_, addr2 := startServer(t, serverCfg(), &fakeProvider{}, "")
+	c2 := dial(t, addr2, clientCfg())
+	if _, err := c2.Invoke(ctx, InvokeRequest{Function: "echo", Timeout: time.Second}); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("plain provider: %v, want ErrUnsupported", err)
+	}
+	if _, err := c2.Ping(ctx); err != nil {
+		t.Fatalf("connection unusable after refusal: %v", err)
+	}
 }
 
 func TestWrongSecret(t *testing.T) {
