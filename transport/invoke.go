@@ -17,6 +17,7 @@ package transport
 
 import (
 	"context"
+	"math"
 	"fmt"
 	"time"
 )
@@ -142,8 +143,8 @@ func (r *InvokeResponse) Encode() []byte {
 	e := encoder{b: make([]byte, 0, 32+len(r.Child)+len(r.ContentType)+len(msg)+len(r.Body))}
 	e.u16(uint16(r.Status))
 	e.u8(r.Kind)
-	e.u64(uint64(r.Start.Microseconds()))
-	e.u64(uint64(r.Run.Microseconds()))
+	e.u64(uint64(max(r.Start, 0).Microseconds()))
+	e.u64(uint64(max(r.Run, 0).Microseconds()))
 	e.str16(r.Child)
 	e.str16(r.ContentType)
 	e.str16(msg)
@@ -160,13 +161,22 @@ func DecodeInvokeResponse(p []byte) (InvokeResponse, error) {
 		d.fail("status %d", r.Status)
 	}
 	r.Kind = d.u8("kind")
-	r.Start = time.Duration(int64(d.u64("start"))) * time.Microsecond
-	r.Run = time.Duration(int64(d.u64("run"))) * time.Microsecond
+	r.Start = d.micros("start")
+	r.Run = d.micros("run")
 	r.Child = d.str16("child", MaxSeedID)
 	r.ContentType = d.str16("content type", 256)
 	r.Error = d.str16("error", MaxMessage)
 	r.Body = d.blob32("body", MaxInvokeBody)
 	return r, d.done("invoke response")
+}
+
+// micros decodes a non-negative duration in microseconds.
+func (d *decoder) micros(what string) time.Duration {
+	v := d.u64(what)
+	if d.err == nil && v > math.MaxInt64/1000 {
+		d.fail("%s of %d µs out of range", what, v)
+	}
+	return time.Duration(v) * time.Microsecond
 }
 
 // EncodeCall encodes a call request payload.
