@@ -493,7 +493,7 @@ func (r *runner) memoryRow(wl, ap string, k int, p *parent, seed *engine.Seed, v
 			return row, err
 		}
 		per = append(per, s)
-		row.Sum.add(s)
+		row.Sum.Add(s)
 	}
 	row.Median = medianSmaps(per)
 	switch ap {
