@@ -337,3 +337,36 @@ func (c *Client) Run(req RunRequest) (int, error) {
 	}
 	return resp.PID, nil
 }
+
+// Call runs a function-runtime op (OpFnDeploy, OpFnRm, OpFnList,
+// OpNodeStats, OpInvoke) with args encoded as JSON, decoding its result
+// into out (if not nil).
+func (c *Client) Call(op string, args, out any) error {
+	var raw json.RawMessage
+	if args != nil {
+		b, err := json.Marshal(args)
+		if err != nil {
+			return fmt.Errorf("%s: encode args: %w", op, err)
+		}
+		raw = b
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	resp, err := c.roundTrip(Request{Op: op, Args: raw}, nil)
+	if err != nil {
+		return err
+	}
+	if out != nil {
+		if err := json.Unmarshal(resp.Result, out); err != nil {
+			return fmt.Errorf("%s: malformed result: %w", op, err)
+		}
+	}
+	return nil
+}
+
+// Invoke runs one invocation of a function deployed on the daemon's node.
+func (c *Client) Invoke(args InvokeArgs) (InvokeResult, error) {
+	var r InvokeResult
+	err := c.Call(OpInvoke, args, &r)
+	return r, err
+}

@@ -28,6 +28,15 @@ const (
 	OpPing        = "ping"
 	// OpRun starts a process in a container (rootfs, namespaces, limits).
 	OpRun = "run"
+	// Function runtime (see docs/PROTOCOL.md, "Functions"): the request's
+	// "args" carries the op's JSON body, the response's "result" its
+	// answer.
+	OpFnDeploy  = "fn-deploy"
+	OpFnRm      = "fn-rm"
+	OpFnList    = "fn-ls"
+	OpNodeStats = "node-stats"
+	// OpInvoke runs one invocation of a deployed function.
+	OpInvoke = "invoke"
 )
 
 // Roles returned by prepare-self.
@@ -100,6 +109,8 @@ type Request struct {
 	Memory string   `json:"memory,omitempty"`
 	CPUs   float64  `json:"cpus,omitempty"`
 	Pids   int64    `json:"pids,omitempty"`
+	// Args is the JSON body of a function-runtime op.
+	Args json.RawMessage `json:"args,omitempty"`
 }
 
 // Response is one response line from the daemon. Seed is a SeedInfo object
@@ -117,6 +128,33 @@ type Response struct {
 	Version  string          `json:"version,omitempty"`
 	// Node is the daemon's node name (ping).
 	Node string `json:"node,omitempty"`
+	// Result is the answer of a function-runtime op.
+	Result json.RawMessage `json:"result,omitempty"`
+}
+
+// InvokeArgs are the args of OpInvoke.
+type InvokeArgs struct {
+	Function string `json:"function"`
+	// Seed is NODE/SEED to fork from (fork policies); empty: the node's
+	// own seed of the function.
+	Seed string `json:"seed,omitempty"`
+	// Body is the request body (base64 in JSON).
+	Body []byte `json:"body,omitempty"`
+	// Timeout bounds the invocation (Go duration; empty: the function's).
+	Timeout string `json:"timeout,omitempty"`
+}
+
+// InvokeResult is the answer of OpInvoke: the function's status, body
+// and error (the traceback's last line), and how the instance was had.
+type InvokeResult struct {
+	Status      int     `json:"status"`
+	Body        []byte  `json:"body,omitempty"`
+	ContentType string  `json:"content_type,omitempty"`
+	Error       string  `json:"error,omitempty"`
+	Kind        string  `json:"kind"` // fork, warm or cold
+	Instance    string  `json:"instance,omitempty"`
+	StartMS     float64 `json:"start_ms"`
+	RunMS       float64 `json:"run_ms"`
 }
 
 // SeedInfo describes one seed held by the daemon.

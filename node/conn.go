@@ -179,6 +179,18 @@ func (c *conn) handle(m incoming) bool {
 			return c.reply(errResp(err))
 		}
 		return c.reply(client.Response{OK: true, PID: pid})
+	case client.OpFnDeploy, client.OpFnRm, client.OpFnList, client.OpNodeStats:
+		v, err := d.fn.call(d.ctx, req.Op, req.Args)
+		if err != nil {
+			return c.reply(errResp(err))
+		}
+		return c.reply(resultReply{OK: true, Result: v})
+	case client.OpInvoke:
+		r, err := d.invokeLocal(req.Args)
+		if err != nil {
+			return c.reply(errResp(err))
+		}
+		return c.reply(resultReply{OK: true, Result: r})
 	case client.OpRm:
 		if err := d.remove(req.ID, req.Force); err != nil {
 			return c.reply(errResp(err))
@@ -226,6 +238,12 @@ type roleReply struct {
 	Seed    string          `json:"seed"`
 	Child   string          `json:"child,omitempty"`
 	Payload json.RawMessage `json:"payload,omitempty"`
+}
+
+// resultReply carries the answer of a function-runtime op.
+type resultReply struct {
+	OK     bool `json:"ok"`
+	Result any  `json:"result"`
 }
 
 type childrenReply struct {

@@ -83,6 +83,19 @@ type Config struct {
 	// of each seed prepared from a `mitosis run` container with limits
 	// (default 2).
 	CgroupPool int
+
+	// MaxConcurrency is how many function invocations may run on this
+	// node at once (default 16 per CPU); more are refused as busy.
+	MaxConcurrency int
+	// MaxMemory is how much memory function instances may reserve on
+	// this node (default 80% of RAM): each running or warm instance
+	// reserves its function's memory limit (128 MiB without one).
+	MaxMemory int64
+	// Etcd lists the endpoints of the cluster directory (etcd) the node
+	// registers in; empty: no directory.
+	Etcd []string
+	// EtcdPrefix is the directory's key prefix (default "/mitosis/").
+	EtcdPrefix string
 }
 
 // Daemon is a running node daemon.
@@ -118,6 +131,9 @@ type Daemon struct {
 	closing    bool
 
 	handlers sync.WaitGroup
+
+	fn  *fnRegistry // the function runtime
+	dir *dirMember  // membership in the cluster directory (nil without one)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -155,6 +171,7 @@ type childRec struct {
 	ended    time.Time
 	group    *container.Group // its cgroup (containerized seeds with limits)
 	oom      bool             // killed by the OOM killer
+	invoke   bool             // forked for a function invocation
 }
 
 // New checks that no other daemon serves cfg.Socket, creates the state
@@ -213,6 +230,7 @@ func New(cfg Config) (*Daemon, error) {
 		node:       cfg.Node,
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.fn = newFnRegistry(d)
 	d.metrics = newMetrics(d)
 	if err := clearStaleSocket(cfg.Socket); err != nil {
 		return nil, err
@@ -402,6 +420,10 @@ func (d *Daemon) close() error {
 	d.closing = true
 	d.mu.Unlock()
 	_ = d.ln.Close()
+	if d.dir != nil {
+		d.dir.close() // out of placement first
+	}
+	d.fn.closeAll()
 	killed := d.killAll(10 * time.Second)
 	// Attached handlers have sent their exit lines; cut everyone off.
 	d.mu.Lock()

@@ -29,6 +29,9 @@ type metrics struct {
 	bytesFetched prometheus.Counter
 	fetchLatency prometheus.Histogram
 	restore      prometheus.Histogram
+
+	invocations   *prometheus.CounterVec   // by instance kind and status class
+	instanceStart *prometheus.HistogramVec // time to get an instance, by kind
 }
 
 func newMetrics(d *Daemon) *metrics {
@@ -42,6 +45,15 @@ func newMetrics(d *Daemon) *metrics {
 	for _, mode := range []string{"lazy", "eager"} {
 		m.forks.WithLabelValues(mode)
 	}
+	m.invocations = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_invocations_total", Help: "Function invocations run on this node, by instance kind (fork, warm, cold) and status class.",
+	}, []string{"kind", "status"})
+	f(m.invocations)
+	m.instanceStart = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "mitosis_instance_start_seconds", Help: "Time to get an instance for an invocation (fork restore, warm resume or cold start), by kind.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+	}, []string{"kind"})
+	f(m.instanceStart)
 	m.prepares = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "mitosis_prepares_total", Help: "Seeds prepared on this node.",
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -80,6 +81,7 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 	d.seeds[rec.id] = rec
 	info := d.seedInfoLocked(rec)
 	d.mu.Unlock()
+	d.fn.preparedSeed(pid, rec)
 	d.metrics.prepares.Inc()
 	if po.ttl > 0 {
 		time.AfterFunc(time.Until(rec.expires), func() { d.expire(rec) })
@@ -155,7 +157,7 @@ func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File
 		return nil, fmt.Errorf("fork: %w", err)
 	}
 	if req.Count <= 1 {
-		k, err := d.forkOne(ctx, s, req, stdio, attached)
+		k, err := d.forkOne(ctx, s, req, stdio, attached, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -190,7 +192,7 @@ func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File
 					mu.Unlock()
 					return
 				}
-				k, err := d.forkOne(ctx, s, req, stdio, attached)
+				k, err := d.forkOne(ctx, s, req, stdio, attached, nil)
 				mu.Lock()
 				if err != nil {
 					if first == nil {
@@ -207,8 +209,12 @@ func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File
 	return kids, first
 }
 
-func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, stdio [3]*os.File, attached bool) (*childRec, error) {
-	k := &childRec{seed: s, attached: attached, exited: make(chan struct{})}
+// forkOne forks one child of s. With inv (a function invocation), the
+// child's stdout and stderr go to inv.log, its payload is inv.payload, and
+// the daemon's end of its channel is handed over in inv.channel instead of
+// being closed.
+func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, stdio [3]*os.File, attached bool, inv *invocation) (*childRec, error) {
+	k := &childRec{seed: s, attached: attached, exited: make(chan struct{}), invoke: inv != nil}
 	opts := engine.ForkOptions{Stdio: stdio, Eager: req.Eager, Prefetch: req.Prefetch}
 	var closers []*os.File
 	defer func() {
@@ -216,7 +222,13 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 			_ = f.Close()
 		}
 	}()
-	if !attached {
+	if inv != nil {
+		if !s.self {
+			return nil, fmt.Errorf("fork seed %s: an invocation needs a seed made by prepare-self", s.id)
+		}
+		opts.Stdio = [3]*os.File{nil, inv.log, inv.log}
+		req.Payload = inv.payload
+	} else if !attached {
 		null, err := os.Open(os.DevNull)
 		if err != nil {
 			return nil, fmt.Errorf("fork: open %s: %w", os.DevNull, err)
@@ -232,15 +244,28 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 		opts.Stdio = [3]*os.File{null, logf, logf}
 	}
 	var mine *os.File
+	if inv != nil {
+		defer func() {
+			if inv.channel == nil && mine != nil { // the fork failed
+				_ = mine.Close()
+			}
+		}()
+	}
 	if s.self {
 		pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			d.dropLog(k)
 			return nil, fmt.Errorf("fork: channel socketpair: %w", err)
 		}
+		// Our end is non-blocking, so reads of an invocation's reply
+		// honour deadlines; the child's stays blocking for plain read().
+		_ = unix.SetNonblock(pair[0], true)
 		mine = os.NewFile(uintptr(pair[0]), "channel-daemon")
 		theirs := os.NewFile(uintptr(pair[1]), "channel-child")
-		closers = append(closers, mine, theirs)
+		closers = append(closers, theirs)
+		if inv == nil {
+			closers = append(closers, mine)
+		}
 		opts.Channel = theirs
 	}
 	if g, onSpawn, err := d.childGroup(s); err != nil {
@@ -312,8 +337,15 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 		if !writeLine(mine, reply) {
 			d.log.Warn("could not write the child's reply on its channel", "child", id)
 		}
+		if inv != nil {
+			inv.channel = mine
+		}
 	}
-	d.log.Info("fork", "seed", s.id, "child", id, "pid", child.PID, "source", sourceOf(s), "eager", req.Eager,
+	lvl := slog.LevelInfo
+	if inv != nil {
+		lvl = slog.LevelDebug // one per invocation
+	}
+	d.log.Log(ctx, lvl, "fork", "seed", s.id, "child", id, "pid", child.PID, "source", sourceOf(s), "eager", req.Eager,
 		"prefetch", req.Prefetch, "attached", attached, "took", time.Since(start), "restore", child.Took)
 	return k, nil
 }
@@ -369,6 +401,14 @@ func (d *Daemon) reap(k *childRec) {
 		m.childFailures.Inc()
 		d.log.Error("child failed", "child", k.id, "seed", k.seed.id, "source", sourceOf(k.seed), "pid", k.child.PID,
 			"ran", ran, "faults", stats.Faults, "pages_fetched", stats.PagesFetched, "err", cerr)
+		return
+	}
+	if k.invoke {
+		// Invocation children leave no history: the invocation's
+		// outcome went to its caller.
+		d.mu.Lock()
+		d.dropChildLocked(k.id)
+		d.mu.Unlock()
 		return
 	}
 	d.log.Info("exit", "child", k.id, "seed", k.seed.id, "pid", k.child.PID, "code", exit.Code,

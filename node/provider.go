@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"slices"
@@ -101,6 +102,26 @@ func (p provider) Fork(ctx context.Context, peer string, req transport.ForkReque
 		return out, fmt.Errorf("node %s: %w", d.node, err)
 	}
 	return out, nil
+}
+
+// Invoke implements transport.Invoker: one invocation of a function
+// deployed on this node.
+func (p provider) Invoke(ctx context.Context, peer string, req transport.InvokeRequest) (transport.InvokeResponse, error) {
+	resp, err := p.d.fn.invoke(ctx, req)
+	if err != nil {
+		return resp, fmt.Errorf("node %s: %w", p.d.node, err)
+	}
+	return resp, nil
+}
+
+// Call implements transport.Caller: the function runtime's control calls
+// (deploy, remove, list, stats) with JSON bodies.
+func (p provider) Call(ctx context.Context, peer, op string, body []byte) ([]byte, error) {
+	v, err := p.d.fn.call(ctx, op, body)
+	if err != nil {
+		return nil, fmt.Errorf("node %s: %w", p.d.node, err)
+	}
+	return json.Marshal(v)
 }
 
 // Lease implements transport.Provider.

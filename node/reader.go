@@ -227,8 +227,13 @@ func decodeRequest(line []byte) (client.Request, error) {
 			return req, errors.New("run: limits must not be negative")
 		}
 	case client.OpSeeds, client.OpPS, client.OpPing:
+	case client.OpFnDeploy, client.OpFnRm, client.OpInvoke:
+		if len(req.Args) == 0 || req.Args[0] != '{' {
+			return req, fmt.Errorf(`%s: "args" (a JSON object) is required`, req.Op)
+		}
+	case client.OpFnList, client.OpNodeStats:
 	default:
-		return req, fmt.Errorf("unknown op %q (one of prepare, prepare-self, fork, run, seeds, ps, rm, ping)", req.Op)
+		return req, fmt.Errorf("unknown op %q (one of prepare, prepare-self, fork, run, seeds, ps, rm, ping, fn-deploy, fn-rm, fn-ls, node-stats, invoke)", req.Op)
 	}
 	return req, nil
 }

@@ -75,3 +75,24 @@ func ParseSmaps(pid int, b []byte) (Smaps, error) {
 	}
 	return s, nil
 }
+
+// ReadMemTotal returns the machine's RAM (MemTotal of /proc/meminfo) in
+// bytes.
+func ReadMemTotal() (uint64, error) {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+			f := strings.Fields(v)
+			if len(f) > 0 {
+				kb, err := strconv.ParseUint(f[0], 10, 64)
+				if err == nil {
+					return kb << 10, nil
+				}
+			}
+		}
+	}
+	return 0, fmt.Errorf("/proc/meminfo: no MemTotal")
+}
