@@ -6,5 +6,5 @@ import "time"
 type dirMember struct{}
 
 func (m *dirMember) putSeed(function string, s *seedRec, generation int64, took time.Duration) {}
-func (m *dirMember) deleteSeed(function string)                                                 {}
-func (m *dirMember) close()                                                                     {}
+func (m *dirMember) deleteSeed(function string)                                                {}
+func (m *dirMember) close()                                                                    {}

@@ -17,8 +17,8 @@ package transport
 
 import (
 	"context"
-	"math"
 	"fmt"
+	"math"
 	"time"
 )
 
