@@ -249,7 +249,21 @@ func HandlerPath(dir string) string {
 // Environ is the function process's environment: a minimal base, then
 // Spec.Env in a stable order.
 func (s *Spec) Environ(extra ...string) []string {
-	env := []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1"}
+	env := []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1",
+		// One BLAS/OpenMP thread unless the function asks for more:
+		// seeds are prepared single-threaded (see README, what it
+		// refuses), and every policy runs the same way.
+		"OPENBLAS_NUM_THREADS=1", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1"}
+	// The function's own values win over the base (getenv takes the
+	// first match, so the base entries they override are left out).
+	base := env[:0]
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if _, over := s.Env[k]; !over {
+			base = append(base, kv)
+		}
+	}
+	env = base
 	keys := make([]string, 0, len(s.Env))
 	for k := range s.Env {
 		keys = append(keys, k)

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/plot"
 	"github.com/mitosis-fork/mitosis/internal/testenv"
 )
 
@@ -459,8 +460,8 @@ func (r *Report) Write(dir string) error {
 	if len(r.Start) > 0 {
 		var wls []string
 		cases := r.startCases()
-		ratios := make([]Series, len(cases))
-		starts := make([]Series, len(cases))
+		ratios := make([]plot.Series, len(cases))
+		starts := make([]plot.Series, len(cases))
 		for i, n := range cases {
 			ratios[i].Name, starts[i].Name = n, n
 		}
@@ -479,32 +480,32 @@ func (r *Report) Write(dir string) error {
 			for _, c := range g.Cases {
 				names = append(names, c.Name)
 			}
-			files["start-"+g.Workload+".svg"] = BarChart(chart{Title: g.Workload + ": start latency and start+exec (median, ms, log scale)", YLabel: "ms", Footer: ft, LogY: true},
-				names, []Series{{Name: "start latency", Values: caseVals(g, func(c *Case) float64 { return ms(c.S.Median) })},
+			files["start-"+g.Workload+".svg"] = plot.BarChart(plot.Chart{Title: g.Workload + ": start latency and start+exec (median, ms, log scale)", YLabel: "ms", Footer: ft, LogY: true},
+				names, []plot.Series{{Name: "start latency", Values: caseVals(g, func(c *Case) float64 { return ms(c.S.Median) })},
 					{Name: "start + exec", Values: caseVals(g, func(c *Case) float64 { return ms(c.T.Median) })},
 					{Name: "start + exec p99", Values: caseVals(g, func(c *Case) float64 { return ms(c.T.P99) })}})
 		}
-		files["overview-ratio.svg"] = BarChart(chart{Title: "start + exec, median, ratio to local fork (log scale)", YLabel: "× local fork", Footer: ft, LogY: true}, wls, ratios)
-		files["overview-start.svg"] = BarChart(chart{Title: "start latency, median (ms, log scale)", YLabel: "ms", Footer: ft, LogY: true}, wls, starts)
+		files["overview-ratio.svg"] = plot.BarChart(plot.Chart{Title: "start + exec, median, ratio to local fork (log scale)", YLabel: "× local fork", Footer: ft, LogY: true}, wls, ratios)
+		files["overview-start.svg"] = plot.BarChart(plot.Chart{Title: "start latency, median (ms, log scale)", YLabel: "ms", Footer: ft, LogY: true}, wls, starts)
 	}
 	if p := r.Prepare; p != nil && len(p.Rows) > 0 {
-		med, p99, took := Series{Name: "Prepare median"}, Series{Name: "Prepare p99"}, Series{Name: "Seed.Took median"}
+		med, p99, took := plot.Series{Name: "Prepare median"}, plot.Series{Name: "Prepare p99"}, plot.Series{Name: "Seed.Took median"}
 		for _, row := range p.Rows {
 			x := mib(row.ParentRSS)
 			med.X, med.Values = append(med.X, x), append(med.Values, ms(row.Wall.S.Median))
 			p99.X, p99.Values = append(p99.X, x), append(p99.Values, ms(row.Wall.S.P99))
 			took.X, took.Values = append(took.X, x), append(took.Values, ms(row.Took.S.Median))
 		}
-		files["prepare.svg"] = LineChart(chart{Title: "Prepare time vs parent RSS (Python parent, log-log)", XLabel: "parent RSS (MiB)", YLabel: "ms", Footer: ft, LogX: true, LogY: true}, []Series{med, p99, took})
+		files["prepare.svg"] = plot.LineChart(plot.Chart{Title: "Prepare time vs parent RSS (Python parent, log-log)", XLabel: "parent RSS (MiB)", YLabel: "ms", Footer: ft, LogX: true, LogY: true}, []plot.Series{med, p99, took})
 	}
 	if f := r.FanOut; f != nil && len(f.Rows) > 0 {
 		var cats []string
-		rate := Series{Name: "children/s"}
-		var cdf []Series
+		rate := plot.Series{Name: "children/s"}
+		var cdf []plot.Series
 		for _, row := range f.Rows {
 			cats = append(cats, fmt.Sprintf("%d in flight", row.Conc))
 			rate.Values = append(rate.Values, row.rate())
-			s := Series{Name: fmt.Sprintf("%d in flight", row.Conc)}
+			s := plot.Series{Name: fmt.Sprintf("%d in flight", row.Conc)}
 			lat := append([]time.Duration(nil), row.Lat.Total...)
 			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 			for i, d := range lat {
@@ -513,18 +514,18 @@ func (r *Report) Write(dir string) error {
 			}
 			cdf = append(cdf, s)
 		}
-		files["fanout.svg"] = BarChart(chart{Title: fmt.Sprintf("fan-out: %s children per second from one seed", f.Workload), YLabel: "children / s", Footer: ft}, cats, []Series{rate})
-		files["fanout-latency.svg"] = LineChart(chart{Title: "fan-out: CDF of request → result latency", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
+		files["fanout.svg"] = plot.BarChart(plot.Chart{Title: fmt.Sprintf("fan-out: %s children per second from one seed", f.Workload), YLabel: "children / s", Footer: ft}, cats, []plot.Series{rate})
+		files["fanout-latency.svg"] = plot.LineChart(plot.Chart{Title: "fan-out: CDF of request → result latency", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
 	}
 	if f := r.RemoteFanOut; f != nil && len(f.Rows) > 0 {
 		var cats []string
-		rate := Series{Name: "children/s"}
-		var cdf []Series
+		rate := plot.Series{Name: "children/s"}
+		var cdf []plot.Series
 		for _, row := range f.Rows {
 			name := strings.Join(row.Nodes, ", ")
 			cats = append(cats, name)
 			rate.Values = append(rate.Values, row.rate())
-			s := Series{Name: name}
+			s := plot.Series{Name: name}
 			lat := append([]time.Duration(nil), row.Lat.Total...)
 			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 			for i, d := range lat {
@@ -533,8 +534,8 @@ func (r *Report) Write(dir string) error {
 			}
 			cdf = append(cdf, s)
 		}
-		files["remote-fanout.svg"] = BarChart(chart{Title: fmt.Sprintf("remote fan-out: %s children per second from one parent onto 1..3 nodes", f.Workload), YLabel: "children / s", Footer: ft}, cats, []Series{rate})
-		files["remote-fanout-latency.svg"] = LineChart(chart{Title: "remote fan-out: CDF of request → result latency under load", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
+		files["remote-fanout.svg"] = plot.BarChart(plot.Chart{Title: fmt.Sprintf("remote fan-out: %s children per second from one parent onto 1..3 nodes", f.Workload), YLabel: "children / s", Footer: ft}, cats, []plot.Series{rate})
+		files["remote-fanout-latency.svg"] = plot.LineChart(plot.Chart{Title: "remote fan-out: CDF of request → result latency under load", XLabel: "ms", YLabel: "fraction of children", Footer: ft}, cdf)
 	}
 	for _, g := range r.Memory {
 		var cats []string
@@ -545,9 +546,9 @@ func (r *Report) Write(dir string) error {
 				cats = append(cats, fmt.Sprintf("N=%d", row.N))
 			}
 		}
-		var ss []Series
+		var ss []plot.Series
 		for _, ap := range []string{MemMitosis, MemWarm, MemCold} {
-			s := Series{Name: ap}
+			s := plot.Series{Name: ap}
 			for _, row := range g.Rows {
 				if row.Approach == ap {
 					s.Values = append(s.Values, mib(row.Total()))
@@ -555,7 +556,7 @@ func (r *Report) Write(dir string) error {
 			}
 			ss = append(ss, s)
 		}
-		files["memory-"+g.Workload+".svg"] = BarChart(chart{Title: g.Workload + ": total memory of N instances (MiB, log scale)", YLabel: "MiB", Footer: ft, LogY: true}, cats, ss)
+		files["memory-"+g.Workload+".svg"] = plot.BarChart(plot.Chart{Title: g.Workload + ": total memory of N instances (MiB, log scale)", YLabel: "MiB", Footer: ft, LogY: true}, cats, ss)
 	}
 	r.Files = nil
 	for name, svg := range files {

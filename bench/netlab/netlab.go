@@ -57,6 +57,11 @@ type NodeSpec struct {
 	// Peers restricts the --peer flags to these nodes (default: every
 	// other node of the lab).
 	Peers []string
+	// Args are extra daemon arguments.
+	Args []string
+	// NoDaemon makes a plain host (e.g. for a gateway started with
+	// Command): no other daemon lists it as a peer.
+	NoDaemon bool
 }
 
 // Config configures New.
@@ -256,11 +261,12 @@ func (n *Node) Command(argv ...string) *exec.Cmd {
 func (n *Node) DaemonArgs() []string {
 	args := []string{"--node", n.Name, "--listen", n.Addr, "--secret-file", n.SecretFile,
 		"--socket", n.Sock, "--state-dir", n.StateDir, "--metrics", n.MetricsAddr}
+	args = append(args, n.Spec.Args...)
 	if n.Spec.NoPeers {
 		return args
 	}
 	for _, o := range n.lab.Nodes {
-		if o == n || (len(n.Spec.Peers) > 0 && !contains(n.Spec.Peers, o.Name)) {
+		if o == n || o.Spec.NoDaemon || (len(n.Spec.Peers) > 0 && !contains(n.Spec.Peers, o.Name)) {
 			continue
 		}
 		args = append(args, "--peer", o.Name+"="+o.Addr)

@@ -1,4 +1,7 @@
-package suite
+// Package plot draws the benchmarks' charts as hand-written SVG: grouped
+// bar charts and line charts, each with a title, axis labels and a footer
+// naming the machine, date and command.
+package plot
 
 import (
 	"fmt"
@@ -6,9 +9,6 @@ import (
 	"math"
 	"strings"
 )
-
-// Hand-written SVG charts: grouped bar charts and line charts, each with a
-// title, axis labels and a footer naming the machine, date and command.
 
 var palette = []string{"#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"}
 
@@ -19,8 +19,8 @@ type Series struct {
 	Values []float64
 }
 
-// chart holds what both chart kinds share.
-type chart struct {
+// Chart holds what both chart kinds share.
+type Chart struct {
 	Title, YLabel, XLabel, Footer string
 	LogY, LogX                    bool
 }
@@ -34,7 +34,7 @@ const (
 
 func esc(s string) string { return html.EscapeString(s) }
 
-func (c chart) header(b *strings.Builder) {
+func (c Chart) header(b *strings.Builder) {
 	fmt.Fprintf(b, `<svg xmlns="http://www.w3.org/2000/svg" width="%.0f" height="%.0f" viewBox="0 0 %.0f %.0f">`+"\n", svgW, svgH, svgW, svgH)
 	fmt.Fprintf(b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	fmt.Fprintf(b, `<text x="%.0f" y="28" font-size="17" font-weight="bold" %s>%s</text>`+"\n", padL, fontAttr, esc(c.Title))
@@ -131,7 +131,7 @@ func fmtTick(v float64) string {
 	}
 }
 
-func (c chart) yAxis(b *strings.Builder, s scale) {
+func (c Chart) yAxis(b *strings.Builder, s scale) {
 	for _, t := range s.ticks() {
 		y := padT + plotH - s.pos(t)*plotH
 		fmt.Fprintf(b, `<line x1="%.1f" x2="%.1f" y1="%.1f" y2="%.1f" stroke="#ddd"/>`+"\n", padL, padL+plotW, y, y)
@@ -155,7 +155,7 @@ func legend(b *strings.Builder, names []string, line bool) {
 }
 
 // BarChart draws one group of bars per category, one bar per series.
-func BarChart(c chart, categories []string, series []Series) string {
+func BarChart(c Chart, categories []string, series []Series) string {
 	var b strings.Builder
 	c.header(&b)
 	var all []float64
@@ -190,7 +190,7 @@ func BarChart(c chart, categories []string, series []Series) string {
 }
 
 // LineChart draws each series as a polyline with point markers.
-func LineChart(c chart, series []Series) string {
+func LineChart(c Chart, series []Series) string {
 	var b strings.Builder
 	c.header(&b)
 	var xs, ys []float64
