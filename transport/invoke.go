@@ -17,6 +17,7 @@ package transport
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"time"
@@ -49,15 +50,19 @@ const (
 	KindCold uint8 = 3 // a process started for this invocation
 )
 
-// CodeBusy is the Error code of a node that has no capacity left.
-const CodeBusy uint16 = 9
+// Error codes of invocations.
+const (
+	// CodeBusy: the node has no capacity left.
+	CodeBusy uint16 = 9
+	// CodeNotDeployed: the function is not deployed on the node.
+	CodeNotDeployed uint16 = 10
+)
 
-// ErrBusy matches a node's refusal for lack of capacity.
-var ErrBusy = errBusy{}
-
-type errBusy struct{}
-
-func (errBusy) Error() string { return "node at capacity" }
+// Errors of invocations (remote errors match them with errors.Is).
+var (
+	ErrBusy        = errors.New("node at capacity")
+	ErrNotDeployed = errors.New("function not deployed on this node")
+)
 
 // InvokeRequest asks a node to run one invocation of a function deployed
 // on it.

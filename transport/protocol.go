@@ -160,6 +160,8 @@ func codeErr(code uint16) error {
 		return ErrShutdown
 	case CodeBusy:
 		return ErrBusy
+	case CodeNotDeployed:
+		return ErrNotDeployed
 	}
 	return nil
 }
@@ -183,6 +185,8 @@ func errCode(err error) uint16 {
 		return CodeShutdown
 	case errors.Is(err, ErrBusy):
 		return CodeBusy
+	case errors.Is(err, ErrNotDeployed):
+		return CodeNotDeployed
 	}
 	return CodeInternal
 }
