@@ -410,3 +410,80 @@ func (g *Group) Delete() error {
 	g.done = true
 	return nil
 }
+
+// RemoveTree removes the group name (relative to the daemon's cgroup, as
+// in New) and every group below it, deepest first, SIGKILLing the
+// processes found in them. It is how a daemon clears what an earlier
+// instance of itself left after a crash: name must be a directory only
+// that daemon creates groups under. It returns the pids killed; a missing
+// group is not an error.
+func RemoveTree(name string) ([]int, error) {
+	if err := base(); err != nil {
+		return nil, err
+	}
+	clean := filepath.Clean("/" + name)
+	if name == "" || clean == "/" || clean != "/"+strings.Trim(name, "/") {
+		return nil, fmt.Errorf("container: bad group name %q", name)
+	}
+	var roots []string
+	if unified {
+		roots = []string{filepath.Join(v2Mount, baseV2, clean)}
+	} else {
+		for _, c := range v1Controllers {
+			p, err := baseV1(c)
+			if err != nil {
+				return nil, fmt.Errorf("container: own %s cgroup: %w", c, err)
+			}
+			roots = append(roots, filepath.Join(v1Root, string(c), p, clean))
+		}
+	}
+	var killed []int
+	seen := map[int]bool{}
+	var errs []error
+	for _, root := range roots {
+		var dirs []string
+		err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("container: remove %s: %w", root, err))
+			continue
+		}
+		// Deepest first: a cgroup can only be removed once its children are.
+		for i := len(dirs) - 1; i >= 0; i-- {
+			d := dirs[i]
+			deadline := time.Now().Add(killWait)
+			for {
+				pids, err := readProcs(d)
+				if err != nil || len(pids) == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					errs = append(errs, fmt.Errorf("container: remove %s: processes %v did not exit", d, pids))
+					break
+				}
+				for _, p := range pids {
+					if !seen[p] {
+						seen[p] = true
+						killed = append(killed, p)
+					}
+					_ = syscall.Kill(p, syscall.SIGKILL)
+				}
+				time.Sleep(time.Millisecond)
+			}
+			if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+				errs = append(errs, fmt.Errorf("container: remove %s: %w", d, err))
+			}
+		}
+	}
+	return killed, errors.Join(errs...)
+}

@@ -369,3 +369,54 @@ func TestV2NoControllers(t *testing.T) {
 		t.Fatal("sleep not killed by Delete")
 	}
 }
+
+// TestRemoveTree: what a crashed daemon left (nested groups, one with a
+// live process) is cleared by the next one: the process killed, every
+// directory removed; a missing tree is not an error.
+func TestRemoveTree(t *testing.T) {
+	needCgroups(t)
+	root := fmt.Sprintf("rmtree-%d", os.Getpid())
+	g, err := New(root+"/inner/fn-1", Limits{MemoryBytes: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	if err := g.Add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		t.Fatal(err)
+	}
+	if _, err := New(root+"/empty", Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	killed, err := RemoveTree(root)
+	if err != nil {
+		t.Fatalf("RemoveTree: %v", err)
+	}
+	if len(killed) != 1 || killed[0] != cmd.Process.Pid {
+		t.Errorf("killed %v, want [%d]", killed, cmd.Process.Pid)
+	}
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("the process in the tree is still running")
+	}
+	for _, d := range g.Paths() {
+		for p := d; p != filepath.Dir(p) && strings.Contains(p, root); p = filepath.Dir(p) {
+			if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s still exists (%v)", p, err)
+			}
+		}
+	}
+	if k, err := RemoveTree(root); err != nil || len(k) != 0 {
+		t.Errorf("RemoveTree of a missing tree: %v, %v", k, err)
+	}
+	if _, err := RemoveTree("../x"); err == nil {
+		t.Error("RemoveTree(\"../x\") succeeded")
+	}
+}

@@ -96,6 +96,9 @@ type Config struct {
 	Etcd []string
 	// EtcdPrefix is the directory's key prefix (default "/mitosis/").
 	EtcdPrefix string
+	// Advertise is the peer address registered in the directory
+	// (default: the Listen address, which must then be a specific IP).
+	Advertise string
 }
 
 // Daemon is a running node daemon.
@@ -247,6 +250,9 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	ln.SetUnlinkOnClose(false) // Close removes it, after the children are gone
 	d.ln = ln
+	// We hold the socket: no other daemon of this state serves. Clear what
+	// a killed predecessor left.
+	d.sweepCgroups("start")
 	if err := os.Chmod(cfg.Socket, 0o600); err != nil {
 		d.closeListener()
 		return nil, fmt.Errorf("chmod socket %s: %w", cfg.Socket, err)
@@ -270,8 +276,17 @@ func New(cfg Config) (*Daemon, error) {
 			return nil, err
 		}
 	}
+	if len(cfg.Etcd) > 0 {
+		if err := d.joinDirectory(); err != nil {
+			d.closePeers()
+			_ = eng.Close()
+			d.closeListener()
+			return nil, err
+		}
+	}
 	if cfg.Metrics != "" {
 		if err := d.serveMetrics(cfg.Metrics); err != nil {
+			d.leaveDirectory()
 			d.closePeers()
 			_ = eng.Close()
 			d.closeListener()
@@ -279,6 +294,7 @@ func New(cfg Config) (*Daemon, error) {
 		}
 	}
 	if err := os.WriteFile(d.pidFile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o600); err != nil {
+		d.leaveDirectory()
 		d.closePeers()
 		d.closeMetrics()
 		_ = eng.Close()
@@ -420,9 +436,7 @@ func (d *Daemon) close() error {
 	d.closing = true
 	d.mu.Unlock()
 	_ = d.ln.Close()
-	if d.dir != nil {
-		d.dir.close() // out of placement first
-	}
+	d.leaveDirectory() // out of placement first
 	d.fn.closeAll()
 	killed := d.killAll(10 * time.Second)
 	// Attached handlers have sent their exit lines; cut everyone off.
@@ -462,6 +476,7 @@ func (d *Daemon) close() error {
 		_ = syscall.Kill(c.pid, syscall.SIGKILL)
 		d.dropGroup(c)
 	}
+	d.sweepCgroups("shutdown")
 	if err := os.Remove(d.cfg.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove socket: %w", err))
 	}

@@ -39,9 +39,9 @@ const (
 const DefaultInstanceMemory = 128 << 20
 
 // errNotDeployed is wrapped by invocations of a function this node does not
-// have; it maps to the transport's unknown-seed code so a gateway can tell
-// it from a failure of the function.
-var errNotDeployed = transport.ErrUnknownSeed
+// have (or of a fork function it holds no seed of, without a seed named):
+// a gateway deploys it and tries again.
+var errNotDeployed = transport.ErrNotDeployed
 
 // DeployRequest deploys a function on a node (CallFnDeploy).
 type DeployRequest struct {
@@ -322,7 +322,7 @@ func (f *fnRegistry) makeSeed(ctx context.Context, fn *fnRec) (*seedRec, *functi
 	lim := f.limits(spec)
 	var group *container.Group
 	if lim != (container.Limits{}) {
-		if group, err = container.New(fmt.Sprintf("fn-%s-%d", spec.Name, time.Now().UnixNano()), lim); err != nil {
+		if group, err = container.New(d.cgroupName(fmt.Sprintf("fn-%s-%d", spec.Name, time.Now().UnixNano())), lim); err != nil {
 			return nil, nil, function.Status{}, 0, fmt.Errorf("seed cgroup: %w", err)
 		}
 	}
@@ -495,6 +495,9 @@ func (f *fnRegistry) closeAll() {
 	for _, n := range names {
 		_ = f.remove(n)
 	}
+	// The bootstrap (written at the first deploy, by this daemon or a
+	// killed predecessor) goes with the daemon: the runtime dir is ours.
+	_ = os.RemoveAll(filepath.Join(f.d.cfg.StateDir, "runtime"))
 }
 
 // admit takes one invocation slot and res bytes of memory, evicting idle
@@ -666,7 +669,7 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 	d.mu.Lock()
 	if s.pool == nil && lim != (container.Limits{}) {
 		// Children of an imported seed get the function's limits too.
-		s.pool = container.NewPool("seed-"+s.id, lim, max(d.cfg.CgroupPool, 2))
+		s.pool = container.NewPool(d.cgroupName("seed-"+s.id), lim, max(d.cfg.CgroupPool, 2))
 	}
 	d.mu.Unlock()
 	payload, err := json.Marshal(freq)
@@ -784,7 +787,7 @@ func (f *fnRegistry) startInstance(ctx context.Context, fn *fnRec) (*warmInst, e
 	}
 	w := &warmInst{}
 	if lim := f.limits(&fn.spec); lim != (container.Limits{}) {
-		if w.group, err = container.New(fmt.Sprintf("fn-%s-%d", fn.spec.Name, time.Now().UnixNano()), lim); err != nil {
+		if w.group, err = container.New(f.d.cgroupName(fmt.Sprintf("fn-%s-%d", fn.spec.Name, time.Now().UnixNano())), lim); err != nil {
 			return nil, fmt.Errorf("instance cgroup: %w", err)
 		}
 	}

@@ -55,7 +55,7 @@ func (d *Daemon) run(req client.Request) (int, error) {
 	}
 	rec := &containerRec{name: req.Name, rootfs: req.Rootfs, limits: lim}
 	if lim != (container.Limits{}) {
-		g, err := container.New(fmt.Sprintf("run-%d", time.Now().UnixNano()), lim)
+		g, err := container.New(d.cgroupName(fmt.Sprintf("run-%d", time.Now().UnixNano())), lim)
 		if err != nil {
 			return 0, fmt.Errorf("run: cgroup: %w", err)
 		}

@@ -2,7 +2,7 @@
 // one network namespace per node, each with a veth whose other end is
 // attached to a bridge that lives in a separate hub namespace, and one
 // `mitosis daemon` per node started inside its namespace with
-// `ip netns exec`. Only the network differs between the nodes: the process
+// nsenter (network namespace only). Only the network differs between the nodes: the process
 // tree and the filesystem are shared, so every node's socket, state dir and
 // child logs are plain paths of the lab's directory.
 //
@@ -249,10 +249,14 @@ func (l *Lab) Env() []string {
 	return append(os.Environ(), l.cfg.Env...)
 }
 
-// Command returns argv to be run inside node's namespace
-// (`ip netns exec NS argv...`) with the lab's environment.
+// Command returns argv to be run inside node's network namespace with the
+// lab's environment. It enters only the network namespace
+// (`nsenter --net=/run/netns/NS`, which execs argv: the pid is argv's):
+// `ip netns exec` would also unshare the mount namespace and remount /sys,
+// hiding the host's cgroup v1 hierarchies under /sys/fs/cgroup from the
+// daemon, which puts every function instance in a cgroup.
 func (n *Node) Command(argv ...string) *exec.Cmd {
-	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS}, argv...)...)
+	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.NS, "--"}, argv...)...)
 	cmd.Env = n.lab.Env()
 	return cmd
 }

@@ -56,6 +56,9 @@ to it over its unix socket.`,
 		newSeedsCmd(g),
 		newPSCmd(g),
 		newRmCmd(g),
+		newFnCmd(g),
+		newInvokeCmd(g),
+		newGatewayCmd(),
 		newVersionCmd(),
 	)
 	return root

@@ -16,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/mitosis-fork/mitosis/container"
 	"github.com/mitosis-fork/mitosis/node"
 )
 
@@ -34,6 +35,12 @@ type daemonFlags struct {
 	metrics     string
 	peerTimeout time.Duration
 	cgroupPool  int
+
+	etcd           []string
+	etcdPrefix     string
+	advertise      string
+	maxConcurrency int
+	maxMemory      string
 }
 
 // envDefault returns $name, or def when it is unset.
@@ -63,7 +70,11 @@ listen without one unless --insecure. --tls-cert/--tls-key (and --tls-ca)
 add TLS to peer traffic in both directions. --metrics serves Prometheus
 metrics on http://IP:PORT/metrics.
 
-Environment: MITOSIS_NODE, MITOSIS_LISTEN, MITOSIS_PEERS (NAME=IP:PORT,...),
+Functions: with --etcd-endpoints the node joins a cluster directory (the
+one a gateway serves from; see mitosis gateway) and runs function
+invocations within --max-concurrency and --max-memory.
+
+Environment: MITOSIS_NODE, MITOSIS_LISTEN, MITOSIS_ETCD_ENDPOINTS, MITOSIS_ADVERTISE, MITOSIS_PEERS (NAME=IP:PORT,...),
 MITOSIS_PEERS_FILE, MITOSIS_SECRET_FILE, MITOSIS_TLS_CERT, MITOSIS_TLS_KEY,
 MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 		Example: `  mitosis daemon
@@ -106,6 +117,15 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.metrics, "metrics", os.Getenv("MITOSIS_METRICS"), "IP:PORT to serve Prometheus metrics on, at /metrics (default $MITOSIS_METRICS)")
 	fl.IntVar(&f.cgroupPool, "cgroup-pool", 2, "cgroups kept pre-created for the children of each containerized seed (mitosis run with limits)")
 	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1s); a child whose page cannot be fetched in time fails")
+	var envEtcd []string
+	if v := os.Getenv("MITOSIS_ETCD_ENDPOINTS"); v != "" {
+		envEtcd = strings.Split(v, ",")
+	}
+	fl.StringSliceVar(&f.etcd, "etcd-endpoints", envEtcd, "etcd endpoints of the cluster directory to register in (comma separated; the gateway's embedded etcd by default has http://127.0.0.1:2379); needs --listen")
+	fl.StringVar(&f.etcdPrefix, "etcd-prefix", "", "key prefix of the cluster directory (default /mitosis/)")
+	fl.StringVar(&f.advertise, "advertise", os.Getenv("MITOSIS_ADVERTISE"), "IP:PORT other nodes and the gateway reach this node's --listen at (default: --listen)")
+	fl.IntVar(&f.maxConcurrency, "max-concurrency", 0, "function invocations this node runs at once (default 16 per CPU); more are refused as busy")
+	fl.StringVar(&f.maxMemory, "max-memory", "", "memory function instances may reserve on this node, e.g. 16G (default 80% of RAM)")
 	return cmd
 }
 
@@ -121,6 +141,18 @@ func (f *daemonFlags) config(g *globals) (node.Config, error) {
 		PeerTimeout: f.peerTimeout,
 		CgroupPool:  f.cgroupPool,
 		Peers:       map[string]string{},
+
+		Etcd:           f.etcd,
+		EtcdPrefix:     f.etcdPrefix,
+		Advertise:      f.advertise,
+		MaxConcurrency: f.maxConcurrency,
+	}
+	if f.maxMemory != "" {
+		m, err := container.ParseMemory(f.maxMemory)
+		if err != nil {
+			return cfg, fmt.Errorf("--max-memory: %w", err)
+		}
+		cfg.MaxMemory = m
 	}
 	if f.peersFile != "" {
 		peers, err := readPeersFile(f.peersFile)

@@ -1,0 +1,218 @@
+package directory
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// startEtcd runs an embedded etcd on free loopback ports for one test and
+// opens a client to it.
+func startEtcd(t *testing.T) (*Embedded, *Client) {
+	t.Helper()
+	ctx := context.Background()
+	emb, err := StartEmbedded(ctx, EmbedConfig{Dir: t.TempDir(), ClientURL: "http://127.0.0.1:0", PeerURL: "http://127.0.0.1:0"})
+	if err != nil {
+		t.Fatalf("StartEmbedded: %v", err)
+	}
+	t.Cleanup(emb.Close)
+	if eps := emb.Endpoints(); len(eps) != 1 || strings.HasSuffix(eps[0], ":0") {
+		t.Fatalf("Endpoints = %v, want one URL with the bound port", eps)
+	}
+	c, err := Open(ctx, emb.Endpoints(), Options{Prefix: "/test"})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return emb, c
+}
+
+func waitFor(t *testing.T, what string, d time.Duration, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			t.Fatalf("%s: not within %s", what, d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func TestOpenUnreachable(t *testing.T) {
+	start := time.Now()
+	_, err := Open(context.Background(), []string{"http://127.0.0.1:1"}, Options{DialTimeout: 500 * time.Millisecond})
+	if err == nil {
+		t.Fatal("Open of a closed port succeeded")
+	}
+	if !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Errorf("error %q does not name the endpoint", err)
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Errorf("Open took %s to fail, want about the dial timeout", el)
+	}
+	if _, err := Open(context.Background(), nil, Options{}); err == nil {
+		t.Error("Open with no endpoints succeeded")
+	}
+}
+
+func TestEmbedBadConfig(t *testing.T) {
+	for _, c := range []EmbedConfig{
+		{},
+		{Dir: t.TempDir(), ClientURL: "127.0.0.1:2379"},
+		{Dir: t.TempDir(), ClientURL: "http://127.0.0.1:0", PeerURL: "ftp://x"},
+	} {
+		if e, err := StartEmbedded(context.Background(), c); err == nil {
+			e.Close()
+			t.Errorf("StartEmbedded(%+v) succeeded", c)
+		}
+	}
+}
+
+func TestFunctionsCRUD(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	spec := []byte(`{"image":"/fn/a","policy":"fork"}`)
+	f, err := c.CreateFunction(ctx, "a", spec)
+	if err != nil {
+		t.Fatalf("CreateFunction: %v", err)
+	}
+	if f.Name != "a" || f.Revision == 0 || f.Created.IsZero() {
+		t.Errorf("created %+v", f)
+	}
+	if _, err := c.CreateFunction(ctx, "a", spec); !errors.Is(err, ErrExists) {
+		t.Errorf("second CreateFunction: %v, want ErrExists", err)
+	}
+	if _, err := c.UpdateFunction(ctx, "nope", spec); !errors.Is(err, ErrNotFound) {
+		t.Errorf("UpdateFunction of a missing function: %v, want ErrNotFound", err)
+	}
+	u, err := c.UpdateFunction(ctx, "a", []byte(`{"image":"/fn/b"}`))
+	if err != nil {
+		t.Fatalf("UpdateFunction: %v", err)
+	}
+	if u.Revision <= f.Revision || !u.Created.Equal(f.Created) {
+		t.Errorf("update: revision %d -> %d, created %v -> %v", f.Revision, u.Revision, f.Created, u.Created)
+	}
+	g, err := c.GetFunction(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]string
+	if err := json.Unmarshal(g.Spec, &got); err != nil || got["image"] != "/fn/b" {
+		t.Errorf("GetFunction spec %s (%v)", g.Spec, err)
+	}
+	if _, err := c.CreateFunction(ctx, "b", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	fns, err := c.Functions(ctx)
+	if err != nil || len(fns) != 2 || fns[0].Name != "a" || fns[1].Name != "b" {
+		t.Errorf("Functions = %+v, %v", fns, err)
+	}
+	if err := c.DeleteFunction(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.DeleteFunction(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("second DeleteFunction: %v, want ErrNotFound", err)
+	}
+	if _, err := c.GetFunction(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("GetFunction after delete: %v", err)
+	}
+	for _, bad := range []struct{ name, spec string }{
+		{"", "{}"}, {"a/b", "{}"}, {"a b", "{}"}, {"..", "{}"}, {strings.Repeat("x", MaxNameLen+1), "{}"}, {"ok", "{not json"},
+	} {
+		if _, err := c.CreateFunction(ctx, bad.name, []byte(bad.spec)); err == nil {
+			t.Errorf("CreateFunction(%q, %q) succeeded", bad.name, bad.spec)
+		}
+	}
+}
+
+func TestRegisterLivenessAndSeeds(t *testing.T) {
+	emb, c := startEtcd(t)
+	ctx := context.Background()
+	v, err := c.NewView(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+
+	info := NodeInfo{Name: "n1", PeerAddr: "10.0.0.1:7070", Capacity: Capacity{Concurrency: 8, MemoryBytes: 1 << 30}}
+	r, err := c.Register(ctx, info, 2*time.Second)
+	if err != nil {
+		t.Fatalf("Register: %v", err)
+	}
+	waitFor(t, "view lists n1", 2*time.Second, func() bool { _, ok := v.Node("n1"); return ok })
+
+	// A second live process may not take the name.
+	c2, err := Open(ctx, emb.Endpoints(), Options{Prefix: "/test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if _, err := c2.Register(ctx, info, 2*time.Second); !errors.Is(err, ErrNodeExists) {
+		t.Errorf("Register of a held name: %v, want ErrNodeExists", err)
+	}
+	for _, bad := range []NodeInfo{{Name: "x/y", PeerAddr: "1.2.3.4:5"}, {Name: "ok", PeerAddr: "nohost"}} {
+		if _, err := c2.Register(ctx, bad, 2*time.Second); err == nil {
+			t.Errorf("Register(%+v) succeeded", bad)
+		}
+	}
+
+	if err := r.UpdateLoad(ctx, Load{Running: 3, MemoryBytes: 42}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "view sees load", 2*time.Second, func() bool { n, _ := v.Node("n1"); return n.Load.Running == 3 })
+
+	if err := r.PutSeed(ctx, SeedRecord{Function: "f", SeedID: "fn.f", Generation: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.PutSeed(ctx, SeedRecord{Function: "f", Node: "other", SeedID: "x"}); err == nil {
+		t.Error("PutSeed for another node succeeded")
+	}
+	waitFor(t, "view sees seed", 2*time.Second, func() bool { return len(v.Seeds("f")) == 1 })
+	if s := v.Seeds("f")[0]; s.Node != "n1" || s.SeedID != "fn.f" {
+		t.Errorf("seed %+v", s)
+	}
+
+	// A node whose process dies (keepalive stops without revoking) leaves
+	// the directory, with its seeds, within TTL + etcd's expiry check.
+	cDead, err := Open(ctx, emb.Endpoints(), Options{Prefix: "/test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rd, err := cDead.Register(ctx, NodeInfo{Name: "n2", PeerAddr: "10.0.0.2:7070"}, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rd.PutSeed(ctx, SeedRecord{Function: "g", SeedID: "fn.g"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "view lists n2", 2*time.Second, func() bool { _, ok := v.Node("n2"); return ok && len(v.Seeds("g")) == 1 })
+	cDead.Close()
+	gone := waitFor(t, "dead n2 expires", 5*time.Second, func() bool { _, ok := v.Node("n2"); return !ok })
+	if len(v.Seeds("g")) != 0 {
+		t.Errorf("seed of the dead node still listed: %+v", v.Seeds("g"))
+	}
+	t.Logf("dead node left the view after %s (ttl %s)", gone, rd.TTL())
+
+	// A clean Close removes the node at once.
+	if err := r.DeleteSeed(ctx, "f"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "closed n1 leaves", time.Second, func() bool { _, ok := v.Node("n1"); return !ok })
+	nodes, err := c.Nodes(ctx)
+	if err != nil || len(nodes) != 0 {
+		t.Errorf("Nodes after close = %+v, %v", nodes, err)
+	}
+	// The name is free again.
+	r3, err := c2.Register(ctx, info, 2*time.Second)
+	if err != nil {
+		t.Fatalf("Register after the holder closed: %v", err)
+	}
+	r3.Close(ctx)
+}

@@ -1,0 +1,270 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/directory"
+	"github.com/mitosis-fork/mitosis/node"
+)
+
+// Version is reported by /system/info.
+var Version = "dev"
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func (g *Gateway) info(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]any{
+		"provider":      map[string]any{"provider": "mitosis", "orchestration": "mitosis", "version": map[string]string{"release": Version}},
+		"version":       map[string]string{"release": Version},
+		"arch":          "x86_64",
+		"orchestration": "mitosis",
+	})
+}
+
+// readDeployment decodes a deployment body.
+func (g *Gateway) readDeployment(w http.ResponseWriter, r *http.Request) (FunctionDeployment, []byte, bool) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+	if err != nil {
+		httpError(w, http.StatusRequestEntityTooLarge, "deployment body too large (limit 1 MiB)")
+		return FunctionDeployment{}, nil, false
+	}
+	var d FunctionDeployment
+	if err := decodeJSON(b, &d); err != nil {
+		httpError(w, http.StatusBadRequest, "malformed deployment: "+err.Error())
+		return FunctionDeployment{}, nil, false
+	}
+	spec, err := specOf(&d, g.cfg.DefaultPolicy)
+	if err != nil {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("deploy %s: %v", d.Service, err))
+		return FunctionDeployment{}, nil, false
+	}
+	rec, err := json.Marshal(stored{Deployment: d, Spec: spec})
+	if err != nil {
+		httpError(w, http.StatusInternalServerError, err.Error())
+		return FunctionDeployment{}, nil, false
+	}
+	return d, rec, true
+}
+
+// deployFunction: POST /system/functions. The function is stored in the
+// directory and deployed on the nodes; the answer waits for its seed (fork
+// policies), so an initialization error reaches the deployer: 500 with the
+// traceback's last line (the function stays deployed, broken, until it is
+// updated or deleted).
+func (g *Gateway) deployFunction(w http.ResponseWriter, r *http.Request) {
+	g.putFunction(w, r, false)
+}
+
+// updateFunction: PUT /system/functions (a new generation replaces every
+// instance and seed of the old one).
+func (g *Gateway) updateFunction(w http.ResponseWriter, r *http.Request) {
+	g.putFunction(w, r, true)
+}
+
+func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update bool) {
+	d, rec, ok := g.readDeployment(w, r)
+	if !ok {
+		return
+	}
+	g.deployMu.Lock()
+	var f directory.Function
+	var err error
+	if update {
+		f, err = g.dir.UpdateFunction(r.Context(), d.Service, rec)
+	} else {
+		f, err = g.dir.CreateFunction(r.Context(), d.Service, rec)
+	}
+	g.deployMu.Unlock()
+	switch {
+	case errors.Is(err, directory.ErrExists):
+		httpError(w, http.StatusConflict, fmt.Sprintf("function %q already exists; update it with PUT /system/functions", d.Service))
+		return
+	case errors.Is(err, directory.ErrNotFound):
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", d.Service))
+		return
+	case err != nil:
+		httpError(w, http.StatusInternalServerError, "store function: "+err.Error())
+		return
+	}
+	fr, err := decodeRecord(f)
+	if err != nil {
+		httpError(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), deployTimeout)
+	defer cancel()
+	start := time.Now()
+	if err := g.rec.ensure(ctx, fr.Spec); err != nil {
+		g.log.Warn("deploy: initialization failed", "function", d.Service, "err", err)
+		httpError(w, http.StatusInternalServerError, fmt.Sprintf("function %s deployed, but its initialization failed: %v", d.Service, err))
+		return
+	}
+	g.log.Info("deploy", "function", d.Service, "policy", fr.Spec.Policy, "generation", fr.Spec.Generation, "update", update, "took", time.Since(start))
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// deleteFunction: DELETE /system/functions {"functionName": NAME}.
+func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	if err != nil {
+		httpError(w, http.StatusBadRequest, "read body: "+err.Error())
+		return
+	}
+	var req DeleteFunctionRequest
+	if err := decodeJSON(b, &req); err != nil || req.FunctionName == "" {
+		httpError(w, http.StatusBadRequest, `malformed delete request: want {"functionName": "NAME"}`)
+		return
+	}
+	g.deployMu.Lock()
+	err = g.dir.DeleteFunction(r.Context(), req.FunctionName)
+	g.deployMu.Unlock()
+	if errors.Is(err, directory.ErrNotFound) {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", req.FunctionName))
+		return
+	}
+	if err != nil {
+		httpError(w, http.StatusInternalServerError, "delete function: "+err.Error())
+		return
+	}
+	// Remove it from the nodes now rather than on the next round.
+	ctx, cancel := context.WithTimeout(r.Context(), removeTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, n := range g.view.Nodes() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g.rec.removeOn(ctx, n, req.FunctionName)
+		}()
+	}
+	wg.Wait()
+	g.log.Info("delete", "function", req.FunctionName)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// nodeFunctions asks every live node for its functions (bounded).
+func (g *Gateway) nodeFunctions(ctx context.Context, op string) map[string][]node.FunctionInfo {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var mu sync.Mutex
+	out := map[string][]node.FunctionInfo{}
+	var wg sync.WaitGroup
+	for _, n := range g.view.Nodes() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
+			if err != nil {
+				return
+			}
+			b, err := cl.Call(ctx, op, nil, 2*time.Second)
+			if err != nil {
+				return
+			}
+			var fns []node.FunctionInfo
+			if op == node.CallNodeStats {
+				var st node.NodeStats
+				if json.Unmarshal(b, &st) != nil {
+					return
+				}
+				fns = st.Functions
+			} else if json.Unmarshal(b, &fns) != nil {
+				return
+			}
+			mu.Lock()
+			out[n.Name] = fns
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// status builds a function's OpenFaaS status from its record and what the
+// nodes report.
+func status(fr functionRecord, perNode map[string][]node.FunctionInfo) FunctionStatus {
+	d := fr.Deployment
+	st := FunctionStatus{Name: d.Service, Image: d.Image, Namespace: Namespace, EnvProcess: d.EnvProcess,
+		EnvVars: d.EnvVars, Constraints: d.Constraints, Labels: d.Labels, Annotations: d.Annotations,
+		Limits: d.Limits, Requests: d.Requests, ReadOnlyRootFilesystem: d.ReadOnlyRootFilesystem, CreatedAt: fr.Created}
+	seeds := uint64(0)
+	for _, fns := range perNode {
+		for _, in := range fns {
+			if in.Name != d.Service || in.Generation != fr.Spec.Generation {
+				continue
+			}
+			st.InvocationCount += float64(in.Invocations)
+			st.Replicas += uint64(in.Running + in.Warm)
+			if in.Seed != "" {
+				seeds++
+			}
+		}
+	}
+	// A seeded function is available while a seed is (one seed serves any
+	// number of invocations); warm and cold ones have their instances.
+	st.AvailableReplicas = st.Replicas
+	if fr.Spec.Policy.Seeded() {
+		st.AvailableReplicas = seeds
+		if st.Replicas < seeds {
+			st.Replicas = seeds
+		}
+	} else if st.Replicas == 0 {
+		st.Replicas, st.AvailableReplicas = 1, 1 // started on demand
+	}
+	return st
+}
+
+func (g *Gateway) listFunctions(w http.ResponseWriter, r *http.Request) {
+	perNode := g.nodeFunctions(r.Context(), node.CallFnList)
+	out := []FunctionStatus{}
+	for _, f := range g.view.Functions() {
+		fr, err := decodeRecord(f)
+		if err != nil {
+			continue
+		}
+		out = append(out, status(fr, perNode))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (g *Gateway) getFunction(w http.ResponseWriter, r *http.Request) {
+	fr, ok := g.function(r.PathValue("name"))
+	if !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", r.PathValue("name")))
+		return
+	}
+	writeJSON(w, http.StatusOK, status(fr, g.nodeFunctions(r.Context(), node.CallFnList)))
+}
+
+// NodeStatus is an element of GET /system/nodes (a mitosis extension).
+type NodeStatus struct {
+	directory.NodeInfo
+	Inflight int  `json:"inflight"` // invocations from this gateway
+	Down     bool `json:"down"`     // left out of placement after a failure
+}
+
+func (g *Gateway) listNodes(w http.ResponseWriter, r *http.Request) {
+	out := []NodeStatus{}
+	now := time.Now()
+	for _, n := range g.sched.snapshot() {
+		g.sched.mu.Lock()
+		ns := NodeStatus{NodeInfo: n.info, Inflight: n.inflight, Down: now.Before(n.downUntil)}
+		g.sched.mu.Unlock()
+		out = append(out, ns)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	writeJSON(w, http.StatusOK, out)
+}

@@ -1,0 +1,399 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/function"
+	"github.com/mitosis-fork/mitosis/transport"
+)
+
+// call is one invocation on its way to a node.
+type call struct {
+	fn    string
+	meta  []byte
+	body  []byte
+	start time.Time
+}
+
+// outcome is what a call produced.
+type outcome struct {
+	resp   transport.InvokeResponse
+	node   string
+	queued time.Duration
+	status int    // HTTP status to answer
+	msg    string // error text when the gateway (not the function) failed
+	retry  bool   // 429/503: set Retry-After
+}
+
+// readBody reads a request body within the limit (413 beyond).
+func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if r.ContentLength > g.cfg.MaxBody {
+		httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body of %d bytes exceeds the limit of %d", r.ContentLength, g.cfg.MaxBody))
+		return nil, false
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBody))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body exceeds the limit of %d bytes", g.cfg.MaxBody))
+		} else {
+			httpError(w, http.StatusBadRequest, "read request body: "+err.Error())
+		}
+		return nil, false
+	}
+	return b, true
+}
+
+// newCall builds the call of an HTTP request to fn.
+func newCall(r *http.Request, fn string, body []byte) (*call, error) {
+	hdr := map[string]string{}
+	for k, v := range r.Header {
+		if k == "Authorization" || len(v) == 0 {
+			continue
+		}
+		hdr[k] = v[0]
+	}
+	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr}
+	meta, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	if len(meta) > transport.MaxInvokeMeta {
+		return nil, fmt.Errorf("request headers of %d bytes exceed the limit of %d", len(meta), transport.MaxInvokeMeta)
+	}
+	return &call{fn: fn, meta: meta, body: body, start: time.Now()}, nil
+}
+
+func (g *Gateway) invokeSync(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if _, ok := g.function(name); !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", name))
+		return
+	}
+	body, ok := g.readBody(w, r)
+	if !ok {
+		return
+	}
+	c, err := newCall(r, name, body)
+	if err != nil {
+		httpError(w, http.StatusRequestHeaderFieldsTooLarge, err.Error())
+		return
+	}
+	o := g.run(r.Context(), c)
+	g.respond(w, c, o)
+}
+
+// respond writes an outcome as the HTTP response (the function's status
+// and body; its error's text for a 5xx without a body).
+func (g *Gateway) respond(w http.ResponseWriter, c *call, o outcome) {
+	h := w.Header()
+	h.Set("X-Duration-Seconds", strconv.FormatFloat(time.Since(c.start).Seconds(), 'f', 6, 64))
+	if o.node != "" {
+		h.Set("X-Mitosis-Node", o.node)
+	}
+	if o.msg != "" {
+		if o.retry {
+			h.Set("Retry-After", "1")
+		}
+		httpError(w, o.status, o.msg)
+		return
+	}
+	h.Set("X-Mitosis-Instance", instanceKind(o.resp.Kind))
+	h.Set("X-Mitosis-Start-Seconds", strconv.FormatFloat(o.resp.Start.Seconds(), 'f', 6, 64))
+	if o.resp.Status >= 500 && len(o.resp.Body) == 0 {
+		httpError(w, o.resp.Status, o.resp.Error)
+		return
+	}
+	if ct := o.resp.ContentType; ct != "" {
+		h.Set("Content-Type", ct)
+	}
+	w.WriteHeader(o.resp.Status)
+	_, _ = w.Write(o.resp.Body)
+}
+
+func instanceKind(k uint8) string {
+	switch k {
+	case transport.KindFork:
+		return "fork"
+	case transport.KindWarm:
+		return "warm"
+	case transport.KindCold:
+		return "cold"
+	}
+	return "none"
+}
+
+// run places and runs one call, retrying on other nodes when a node
+// refuses it (busy, or the function not deployed there yet), and records
+// its metrics.
+func (g *Gateway) run(ctx context.Context, c *call) outcome {
+	o := g.place(ctx, c)
+	code := o.status
+	if o.msg == "" {
+		code = o.resp.Status
+	}
+	g.m.observe(c.fn, code, time.Since(c.start), o)
+	return o
+}
+
+func (g *Gateway) place(ctx context.Context, c *call) outcome {
+	fr, ok := g.function(c.fn)
+	if !ok {
+		return outcome{status: http.StatusNotFound, msg: fmt.Sprintf("function %q not found", c.fn)}
+	}
+	spec := fr.Spec
+	avoid := map[string]bool{}
+	var queued time.Duration
+	var last outcome
+	for attempt := 0; attempt < maxAttempts; attempt++ {
+		seed := ""
+		if spec.Policy == function.PolicyFork {
+			ref, err := g.waitSeed(ctx, spec)
+			if errors.Is(err, function.ErrInit) {
+				return outcome{status: http.StatusInternalServerError, msg: err.Error()}
+			}
+			if err != nil {
+				return outcome{status: http.StatusServiceUnavailable, retry: true, msg: err.Error()}
+			}
+			seed = ref
+		}
+		qctx, cancel := context.WithTimeout(ctx, g.cfg.QueueTimeout)
+		g.m.queued.Inc()
+		n, q, err := g.sched.acquire(qctx, c.fn, avoid)
+		g.m.queued.Dec()
+		cancel()
+		queued += q
+		g.m.queueDelay.WithLabelValues(c.fn).Observe(q.Seconds())
+		switch {
+		case errors.Is(err, errQueueFull):
+			return outcome{status: http.StatusTooManyRequests, retry: true, queued: queued, msg: "cluster at capacity: " + err.Error()}
+		case errors.Is(err, errNoNodes):
+			return outcome{status: http.StatusServiceUnavailable, retry: true, msg: err.Error()}
+		case err != nil && ctx.Err() != nil:
+			return outcome{status: 499, queued: queued, msg: "client went away while queued"}
+		case err != nil:
+			return outcome{status: http.StatusTooManyRequests, retry: true, queued: queued,
+				msg: fmt.Sprintf("cluster at capacity: no free slot within %v", g.cfg.QueueTimeout)}
+		}
+		o := g.invokeOn(ctx, n, c, spec, seed)
+		g.sched.release(n)
+		o.queued = queued
+		if o.msg == "" {
+			if spec.Policy == function.PolicyKeepAlive {
+				if o.resp.Kind == transport.KindWarm {
+					g.sched.noteIdle(n, c.fn, -1)
+				}
+				if o.resp.Status < 500 {
+					g.sched.noteIdle(n, c.fn, +1)
+				}
+			}
+			return o
+		}
+		last = o
+		if !o.retry {
+			return o
+		}
+		avoid[n.info.Name] = true
+	}
+	return last
+}
+
+// invokeOn runs the call on node n. A refusal worth retrying elsewhere
+// comes back with retry set.
+func (g *Gateway) invokeOn(ctx context.Context, n *nodeState, c *call, spec function.Spec, seed string) outcome {
+	node := n.info.Name
+	cl, err := g.peers.client(ctx, node, n.info.PeerAddr)
+	if err != nil {
+		g.sched.markDown(n)
+		return outcome{node: node, status: http.StatusBadGateway, retry: true, msg: err.Error()}
+	}
+	req := transport.InvokeRequest{Function: c.fn, Seed: seed, Timeout: spec.ExecTimeout(), Meta: c.meta, Body: c.body}
+	resp, err := cl.Invoke(ctx, req)
+	if err == nil {
+		return outcome{resp: resp, node: node}
+	}
+	var re *transport.RemoteError
+	switch {
+	case errors.Is(err, transport.ErrBusy):
+		return outcome{node: node, status: http.StatusTooManyRequests, retry: true, msg: err.Error()}
+	case errors.Is(err, transport.ErrNotDeployed):
+		// The node does not know the function (yet): deploy it there
+		// and let the next attempt use it.
+		g.rec.deployOn(ctx, n.info, spec)
+		return outcome{node: node, status: http.StatusServiceUnavailable, retry: true, msg: err.Error()}
+	case errors.As(err, &re):
+		// The node answered: the invocation failed there (e.g. the
+		// seed's node is unreachable from it).
+		return outcome{node: node, status: http.StatusBadGateway, msg: fmt.Sprintf("node %s: %s", node, re.Msg)}
+	case ctx.Err() != nil:
+		return outcome{node: node, status: 499, msg: "client went away"}
+	}
+	// No answer: the node died or is unreachable. The invocation may have
+	// run; it is not retried (invocations are not assumed idempotent).
+	g.sched.markDown(n)
+	g.log.Warn("node failed during an invocation", "node", node, "function", c.fn, "err", err)
+	return outcome{node: node, status: http.StatusBadGateway, msg: fmt.Sprintf("node %s failed during the invocation: %v", node, err)}
+}
+
+// waitSeed returns NODE/SEED of a live seed of the current generation of a
+// fork function, waiting (bounded) while the reconciler makes one.
+func (g *Gateway) waitSeed(ctx context.Context, spec function.Spec) (string, error) {
+	deadline := time.NewTimer(seedWait)
+	defer deadline.Stop()
+	for {
+		ch := g.view.Changed()
+		ref, initErr := g.seedRef(spec)
+		if ref != "" {
+			return ref, nil
+		}
+		if initErr != "" {
+			return "", fmt.Errorf("function %s: %w: %s", spec.Name, function.ErrInit, initErr)
+		}
+		g.rec.kick()
+		select {
+		case <-ch:
+		case <-time.After(100 * time.Millisecond):
+		case <-deadline.C:
+			return "", fmt.Errorf("function %s has no live seed (its initialization is still running, or no node could make one)", spec.Name)
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+	}
+}
+
+// seedRef picks the seed of a fork function: the oldest live seed record of
+// its generation.
+func (g *Gateway) seedRef(spec function.Spec) (ref, initErr string) {
+	var best *seedCandidate
+	for _, s := range g.view.Seeds(spec.Name) {
+		if s.Generation != spec.Generation {
+			continue
+		}
+		n := g.sched.node(s.Node)
+		if n == nil || time.Now().Before(n.downUntil) {
+			continue
+		}
+		if best == nil || s.Created.Before(best.created) {
+			best = &seedCandidate{ref: s.Node + "/" + s.SeedID, created: s.Created}
+		}
+	}
+	if best != nil {
+		return best.ref, ""
+	}
+	return "", g.rec.initError(spec.Name, spec.Generation)
+}
+
+type seedCandidate struct {
+	ref     string
+	created time.Time
+}
+
+// ---- async ----
+
+// asyncCall is a queued async invocation.
+type asyncCall struct {
+	c        *call
+	id       string
+	callback string
+}
+
+func callID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if _, ok := g.function(name); !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", name))
+		return
+	}
+	body, ok := g.readBody(w, r)
+	if !ok {
+		return
+	}
+	cb := r.Header.Get("X-Callback-Url")
+	if cb != "" && !strings.HasPrefix(cb, "http://") && !strings.HasPrefix(cb, "https://") {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Callback-Url %q is not an http(s) URL", cb))
+		return
+	}
+	c, err := newCall(r, name, body)
+	if err != nil {
+		httpError(w, http.StatusRequestHeaderFieldsTooLarge, err.Error())
+		return
+	}
+	id := r.Header.Get("X-Call-Id")
+	if id == "" {
+		id = callID()
+	}
+	select {
+	case g.async <- asyncCall{c: c, id: id, callback: cb}:
+	default:
+		w.Header().Set("Retry-After", "1")
+		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("async queue full (%d invocations waiting)", cap(g.async)))
+		return
+	}
+	g.m.asyncQueued.Inc()
+	w.Header().Set("X-Call-Id", id)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+func (g *Gateway) asyncWorker() {
+	defer g.wg.Done()
+	hc := &http.Client{Timeout: 30 * time.Second}
+	for {
+		select {
+		case <-g.ctx.Done():
+			return
+		case a := <-g.async:
+			g.m.asyncQueued.Dec()
+			o := g.run(g.ctx, a.c)
+			if a.callback != "" {
+				g.callback(hc, a, o)
+			}
+		}
+	}
+}
+
+// callback posts an async invocation's result to its X-Callback-Url, with
+// the OpenFaaS queue worker's headers.
+func (g *Gateway) callback(hc *http.Client, a asyncCall, o outcome) {
+	status := o.status
+	body := []byte(o.msg)
+	if o.msg == "" {
+		status, body = o.resp.Status, o.resp.Body
+		if status >= 500 && len(body) == 0 {
+			body = []byte(o.resp.Error)
+		}
+	}
+	req, err := http.NewRequestWithContext(g.ctx, http.MethodPost, a.callback, strings.NewReader(string(body)))
+	if err != nil {
+		g.log.Warn("async callback", "function", a.c.fn, "call_id", a.id, "url", a.callback, "err", err)
+		return
+	}
+	req.Header.Set("X-Call-Id", a.id)
+	req.Header.Set("X-Function-Name", a.c.fn)
+	req.Header.Set("X-Function-Status", strconv.Itoa(status))
+	req.Header.Set("X-Duration-Seconds", strconv.FormatFloat(time.Since(a.c.start).Seconds(), 'f', 6, 64))
+	req.Header.Set("X-Start-Time", strconv.FormatInt(a.c.start.UnixNano(), 10))
+	resp, err := hc.Do(req)
+	if err != nil {
+		g.m.callbacks.WithLabelValues("error").Inc()
+		g.log.Warn("async callback", "function", a.c.fn, "call_id", a.id, "url", a.callback, "err", err)
+		return
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	g.m.callbacks.WithLabelValues(strconv.Itoa(resp.StatusCode / 100 * 100)).Inc()
+}
