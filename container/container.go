@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // Limits of one container. Zero means "no limit".
@@ -369,13 +370,62 @@ func readProcs(dir string) ([]int, error) {
 // cgroup.procs, until none remain or a few seconds pass) and removes the
 // group's directories. It is idempotent; a group already removed is not
 // an error.
+//
+// It is on every child's exit path, so it reads each directory's
+// cgroup.procs and rmdirs it directly (a cgroup directory's files need no
+// removal); only a group that has grown sub-groups (EBUSY) takes the slow
+// path that walks the tree.
 func (g *Group) Delete() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.done {
 		return nil
 	}
+	dirs := g.Paths()
 	deadline := time.Now().Add(killWait)
+	for {
+		var pids []int
+		for _, d := range dirs {
+			p, err := readProcsFile(d)
+			if err != nil {
+				return fmt.Errorf("container: delete %s: %w", g.name, err)
+			}
+			pids = append(pids, p...)
+		}
+		if len(pids) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("container: delete %s: processes %v did not exit", g.name, pids)
+		}
+		for _, p := range pids {
+			_ = syscall.Kill(p, syscall.SIGKILL)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	nested := false
+	for _, d := range dirs {
+		switch err := unix.Rmdir(d); {
+		case err == nil, errors.Is(err, unix.ENOENT):
+		case errors.Is(err, unix.EBUSY):
+			nested = true
+		default:
+			return fmt.Errorf("container: delete %s: rmdir %s: %w", g.name, d, err)
+		}
+	}
+	if nested {
+		if err := g.removeNested(deadline); err != nil {
+			return err
+		}
+	}
+	g.done = true
+	return nil
+}
+
+// removeNested kills the processes of the group's sub-groups and removes
+// the group with everything below it through the cgroup library (the
+// slow, walking path).
+func (g *Group) removeNested(deadline time.Time) error {
 	for {
 		pids, err := g.Procs()
 		if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -407,8 +457,27 @@ func (g *Group) Delete() error {
 	if err != nil {
 		return fmt.Errorf("container: delete %s: %w", g.name, err)
 	}
-	g.done = true
 	return nil
+}
+
+// readProcsFile returns the pids in dir/cgroup.procs (none if dir is gone).
+func readProcsFile(dir string) ([]int, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []int
+	for _, f := range strings.Fields(string(b)) {
+		n, err := strconv.Atoi(f)
+		if err != nil {
+			return nil, fmt.Errorf("%s/cgroup.procs: %w", dir, err)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // RemoveTree removes the group name (relative to the daemon's cgroup, as

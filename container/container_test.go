@@ -420,3 +420,44 @@ func TestRemoveTree(t *testing.T) {
 		t.Error("RemoveTree(\"../x\") succeeded")
 	}
 }
+
+// TestDeleteNested: a group that grew a sub-group (with a process in it)
+// is still deleted whole, through the slow path.
+func TestDeleteNested(t *testing.T) {
+	needCgroups(t)
+	name := fmt.Sprintf("nested-%d", os.Getpid())
+	g, err := New(name, Limits{MemoryBytes: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner, err := New(name+"/sub", Limits{})
+	if err != nil {
+		g.Delete()
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	if err := inner.Add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		t.Fatal(err)
+	}
+	if err := g.Delete(); err != nil {
+		cmd.Process.Kill()
+		t.Fatalf("Delete: %v", err)
+	}
+	select {
+	case <-waited:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("the sub-group's process was not killed")
+	}
+	for _, d := range append(g.Paths(), inner.Paths()...) {
+		if _, err := os.Stat(d); !os.IsNotExist(err) {
+			t.Errorf("%s still exists (%v)", d, err)
+		}
+	}
+}

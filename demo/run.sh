@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The mitosis demo: prepare a Python function (numpy + pandas + a 1e6-row
 # frame) once, fork children from it, and compare their start latency with
-# a cold start of the same program. Needs root (ptrace, userfaultfd).
+# a cold start of the same program; then the same kind of function served
+# through the gateway (demo/platform.sh): a burst of requests under fork
+# and under keep-alive. Needs root (ptrace, userfaultfd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin
@@ -51,3 +53,10 @@ done
 echo "== mitosis ps (START = daemon-side restore until the child runs)"
 "$work/mitosis" ps
 echo "(start_ms of a fork includes the 'mitosis fork' CLI start-up; cold start_ms is exec + imports + data load)"
+
+# Stop this half's daemon and parent before the platform half starts its own.
+cleanup
+trap - EXIT
+echo
+echo "== the platform: the gateway in front of a node, a pandas function under fork and keep-alive"
+exec bash demo/platform.sh

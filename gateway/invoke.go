@@ -110,6 +110,8 @@ func (g *Gateway) respond(w http.ResponseWriter, c *call, o outcome) {
 	}
 	h.Set("X-Mitosis-Instance", instanceKind(o.resp.Kind))
 	h.Set("X-Mitosis-Start-Seconds", strconv.FormatFloat(o.resp.Start.Seconds(), 'f', 6, 64))
+	h.Set("X-Mitosis-Run-Seconds", strconv.FormatFloat(o.resp.Run.Seconds(), 'f', 6, 64))
+	h.Set("X-Mitosis-Queue-Seconds", strconv.FormatFloat(o.queued.Seconds(), 'f', 6, 64))
 	if o.resp.Status >= 500 && len(o.resp.Body) == 0 {
 		httpError(w, o.resp.Status, o.resp.Error)
 		return

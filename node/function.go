@@ -337,7 +337,7 @@ func (f *fnRegistry) makeSeed(ctx context.Context, fn *fnRec) (*seedRec, *functi
 			// A seed of a process with limits gets a pool of cgroups
 			// for its children (see prepare).
 			d.mu.Lock()
-			d.containers[pid] = &containerRec{pid: pid, name: spec.Name, limits: lim, group: group}
+			d.containers[pid] = &containerRec{pid: pid, name: spec.Name, limits: lim, group: group, pool: fnCgroupPool}
 			d.mu.Unlock()
 			if group != nil {
 				return group.Add(pid)
@@ -502,33 +502,47 @@ func (f *fnRegistry) closeAll() {
 
 // admit takes one invocation slot and res bytes of memory, evicting idle
 // warm instances (least recently used first) to make room; ErrBusy if the
-// node is full.
-func (f *fnRegistry) admit(res int64) error {
+// node is full. With warm, an idle instance of fn, if there is one, is
+// taken out of its pool in the same step and returned: its reservation
+// becomes the invocation's, so reusing it never evicts another instance.
+func (f *fnRegistry) admit(fn *fnRec, res int64, warm bool) (*warmInst, error) {
 	d := f.d
 	maxC, maxM := d.maxConcurrency(), d.maxMemory()
 	var evict []*warmInst
 	f.mu.Lock()
 	if f.running >= maxC {
 		f.mu.Unlock()
-		return fmt.Errorf("node %s runs %d invocations (its limit): %w", d.node, maxC, transport.ErrBusy)
+		return nil, fmt.Errorf("node %s runs %d invocations (its limit): %w", d.node, maxC, transport.ErrBusy)
 	}
-	for f.reserved+res > maxM {
-		w := f.oldestIdleLocked()
-		if w == nil {
-			f.mu.Unlock()
-			return fmt.Errorf("node %s has %d of %d bytes reserved, %d more needed: %w", d.node, f.reserved, maxM, res, transport.ErrBusy)
-		}
-		evict = append(evict, w)
+	var w *warmInst
+	if n := len(fn.warm); warm && n > 0 {
+		w = fn.warm[n-1] // the most recently used: its pages are the likeliest resident
+		fn.warm = fn.warm[:n-1]
+		w.timer.Stop()
+		fn.busy[w] = struct{}{}
 		f.reserved -= w.reserved
 		w.reserved = 0
+	}
+	for f.reserved+res > maxM {
+		v := f.oldestIdleLocked()
+		if v == nil {
+			if w != nil { // cannot happen: w's own reservation was at least res
+				break
+			}
+			f.mu.Unlock()
+			return nil, fmt.Errorf("node %s has %d of %d bytes reserved, %d more needed: %w", d.node, f.reserved, maxM, res, transport.ErrBusy)
+		}
+		evict = append(evict, v)
+		f.reserved -= v.reserved
+		v.reserved = 0
 	}
 	f.running++
 	f.reserved += res
 	f.mu.Unlock()
-	for _, w := range evict {
-		f.killInst(w)
+	for _, v := range evict {
+		f.killInst(v)
 	}
-	return nil
+	return w, nil
 }
 
 func (f *fnRegistry) release(res int64) {
@@ -582,24 +596,22 @@ func (f *fnRegistry) invoke(ctx context.Context, req transport.InvokeRequest) (t
 		timeout = spec.ExecTimeout()
 	}
 	res := reservation(&spec)
-	if err := f.admit(res); err != nil {
+	w, err := f.admit(fn, res, spec.Policy == function.PolicyKeepAlive)
+	if err != nil {
 		return transport.InvokeResponse{}, err
 	}
 	defer f.release(res)
 	f.mu.Lock()
 	fn.running++
 	f.mu.Unlock()
-	var (
-		resp transport.InvokeResponse
-		err  error
-	)
+	var resp transport.InvokeResponse
 	switch spec.Policy {
 	case function.PolicyFork, function.PolicyLocalFork:
 		resp, err = f.invokeFork(ctx, fn, req.Seed, freq, timeout)
 	case function.PolicyKeepAlive:
-		resp, err = f.invokeWarm(ctx, fn, freq, timeout, true)
+		resp, err = f.invokeWarm(ctx, fn, w, freq, timeout, true)
 	default:
-		resp, err = f.invokeWarm(ctx, fn, freq, timeout, false)
+		resp, err = f.invokeWarm(ctx, fn, nil, freq, timeout, false)
 	}
 	f.mu.Lock()
 	fn.running--
@@ -669,7 +681,7 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 	d.mu.Lock()
 	if s.pool == nil && lim != (container.Limits{}) {
 		// Children of an imported seed get the function's limits too.
-		s.pool = container.NewPool(d.cgroupName("seed-"+s.id), lim, max(d.cfg.CgroupPool, 2))
+		s.pool = container.NewPool(d.cgroupName("seed-"+s.id), lim, max(d.cfg.CgroupPool, fnCgroupPool))
 	}
 	d.mu.Unlock()
 	payload, err := json.Marshal(freq)
@@ -719,26 +731,13 @@ func exitString(e client.ExitInfo) string {
 	return fmt.Sprintf("exit code %d", e.Code)
 }
 
-// invokeWarm serves an invocation with a warm instance (keep: the
-// keep-alive policy, idle instances are kept stopped for the TTL) or a cold
-// one (a process started for this invocation and ended after it).
-func (f *fnRegistry) invokeWarm(ctx context.Context, fn *fnRec, freq function.Request, timeout time.Duration, keep bool) (transport.InvokeResponse, error) {
+// invokeWarm serves an invocation with w, a warm instance admit took from
+// the pool (keep: the keep-alive policy, idle instances are kept stopped
+// for the TTL), or without one with a cold instance (a process started for
+// this invocation, kept afterwards only under keep-alive).
+func (f *fnRegistry) invokeWarm(ctx context.Context, fn *fnRec, w *warmInst, freq function.Request, timeout time.Duration, keep bool) (transport.InvokeResponse, error) {
 	start := time.Now()
 	kind := transport.KindCold
-	var w *warmInst
-	if keep {
-		f.mu.Lock()
-		if n := len(fn.warm); n > 0 {
-			w = fn.warm[n-1]
-			fn.warm = fn.warm[:n-1]
-			w.timer.Stop()
-			fn.busy[w] = struct{}{}
-			// In use, it lives on the invocation's reservation.
-			f.reserved -= w.reserved
-			w.reserved = 0
-		}
-		f.mu.Unlock()
-	}
 	if w != nil {
 		kind = transport.KindWarm
 		if err := w.p.Continue(); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -140,7 +141,9 @@ func (d *Daemon) cacheBytes() uint64 {
 	return n
 }
 
-// serveMetrics serves /metrics on addr.
+// serveMetrics serves /metrics on addr, and the Go profiler under
+// /debug/pprof/ (the address is an operator's private one, like etcd's and
+// containerd's debug endpoints).
 func (d *Daemon) serveMetrics(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -148,6 +151,10 @@ func (d *Daemon) serveMetrics(addr string) error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	d.metricsSrv = srv
 	d.metricsAddr = ln.Addr().String()

@@ -73,6 +73,7 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 		if n <= 0 {
 			n = 2
 		}
+		n = max(n, c.pool)
 		rec.pool = container.NewPool(d.cgroupName("seed-"+rec.id), c.limits, n)
 	}
 	if po.ttl > 0 {

@@ -23,7 +23,15 @@ type containerRec struct {
 	limits container.Limits
 	group  *container.Group // nil without limits
 	log    string
+	// pool is the size of its seed's cgroup pool (0: the daemon's
+	// CgroupPool); a function's seed serves bursts and keeps more.
+	pool int
 }
+
+// fnCgroupPool is the cgroup pool of a function's seed: enough that a
+// burst of invocations does not create groups on the fork path while the
+// background refill catches up.
+const fnCgroupPool = 16
 
 // run starts req.Argv inside req.Rootfs: new mount, UTS and IPC
 // namespaces, chrooted to the image, in a cgroup with the limits. (No PID

@@ -77,16 +77,27 @@ type Config struct {
 	// HelloRuns is the number of sequential hello invocations per case
 	// (0: skip the hello section); HeyRequests the throughput run's size.
 	HelloRuns, HeyRequests, HeyConcurrency int
+	// CommandLine reproduces the run (printed in the report).
+	CommandLine string
+	// Rows is the spike function's frame size (default 1e6).
+	Rows int
 }
 
-// TraceConfig shapes the generated trace: Minutes of trace, a Poisson base
-// rate per minute, and Spikes minutes carrying SpikeSize invocations each,
-// fired within BurstSeconds (trace time) of the minute's start.
+// TraceConfig shapes the generated trace (trace.GenerateSpiky): Minutes of
+// trace at a Poisson base rate per minute, and Spikes minutes carrying
+// SpikeSize invocations each, the first at minute FirstSpike, then every
+// Gap minutes. A spike minute's invocations are fired within its first
+// BurstSeconds (trace time), the other minutes' evenly over the minute
+// (trace.Spiky). With the Gap longer than the keep-alive TTL
+// (10 minutes), every spike finds the warm pool shrunk to the base rate's
+// needs: the case the MITOSIS paper replays.
 type TraceConfig struct {
 	Minutes      int
 	BaseRate     float64
 	Spikes       int
 	SpikeSize    int
+	FirstSpike   int
+	Gap          int
 	BurstSeconds float64
 	Seed         int64
 }
@@ -96,7 +107,7 @@ func (c *Config) defaults() {
 		c.Log = io.Discard
 	}
 	if c.Compression <= 0 {
-		c.Compression = 30
+		c.Compression = 60
 	}
 	if len(c.Policies) == 0 {
 		c.Policies = function.Policies
@@ -118,22 +129,31 @@ func (c *Config) defaults() {
 	}
 	t := &c.Trace
 	if t.Minutes <= 0 {
-		t.Minutes = 10
+		t.Minutes = 45
 	}
 	if t.BaseRate <= 0 {
-		t.BaseRate = 30
+		t.BaseRate = 6
 	}
 	if t.Spikes <= 0 {
 		t.Spikes = 3
 	}
 	if t.SpikeSize <= 0 {
-		t.SpikeSize = 240
+		t.SpikeSize = 100
+	}
+	if t.FirstSpike <= 0 {
+		t.FirstSpike = 3
+	}
+	if t.Gap <= 0 {
+		t.Gap = 15
 	}
 	if t.BurstSeconds <= 0 {
-		t.BurstSeconds = 30
+		t.BurstSeconds = 2
 	}
 	if t.Seed == 0 {
 		t.Seed = 660323
+	}
+	if c.Rows <= 0 {
+		c.Rows = 1000000
 	}
 	if c.HeyConcurrency <= 0 {
 		c.HeyConcurrency = 32
@@ -168,10 +188,10 @@ func setup(cfg Config) (*env, error) {
 			return nil, fmt.Errorf("build mitosis (run from inside the module or give the binary): %v\n%s", err, out)
 		}
 	}
-	// gw is the fourth host of the lab: 198.20.0.4.
-	etcd := fmt.Sprintf("http://198.20.0.4:%d", netlab.EtcdPort)
+	// gw is the fourth host of the lab: 198.19.20.4.
+	etcd := fmt.Sprintf("http://198.19.20.4:%d", netlab.EtcdPort)
 	args := []string{"--etcd-endpoints", etcd, "--max-concurrency", strconv.Itoa(cfg.NodeConcurrency), "--max-memory", cfg.NodeMemory}
-	lab, err := netlab.New(netlab.Config{Bin: bin, Dir: filepath.Join(e.dir, "cluster"), Subnet: "198.20.0",
+	lab, err := netlab.New(netlab.Config{Bin: bin, Dir: filepath.Join(e.dir, "cluster"), Subnet: "198.19.20",
 		Nodes: []netlab.NodeSpec{{Name: "a", Args: args}, {Name: "b", Args: args}, {Name: "c", Args: args}, {Name: "gw", NoDaemon: true}}})
 	if err != nil {
 		return nil, err
@@ -261,6 +281,7 @@ func (e *env) writeFn(name string, src []byte) (string, error) {
 // deploy deploys a function and waits for it (and its seed).
 func (e *env) deploy(name, dir string, pol function.Policy) (time.Duration, error) {
 	d := map[string]any{"service": name, "image": dir, "limits": map[string]string{"memory": e.cfg.FnMemory},
+		"envVars":     map[string]string{"ROWS": strconv.Itoa(e.cfg.Rows)},
 		"annotations": map[string]string{"com.mitosis.policy": string(pol), "com.mitosis.keep-alive": e.cfg.KeepAlive.String()}}
 	b, _ := json.Marshal(d)
 	start := time.Now()
@@ -269,7 +290,13 @@ func (e *env) deploy(name, dir string, pol function.Policy) (time.Duration, erro
 		return 0, err
 	}
 	if code != http.StatusAccepted {
-		return 0, fmt.Errorf("deploy %s: %d %s", name, code, body)
+		err := fmt.Errorf("deploy %s: %d %s", name, code, body)
+		if code == http.StatusInternalServerError { // deployed, but its init failed: take it down again
+			if rerr := e.remove(name); rerr != nil {
+				err = fmt.Errorf("%w (and removing it: %v)", err, rerr)
+			}
+		}
+		return 0, err
 	}
 	return time.Since(start), nil
 }
@@ -351,20 +378,40 @@ func (e *env) sampler(start time.Time, stop <-chan struct{}) <-chan []Sample {
 }
 
 // invoke sends one invocation and reports its status and latency.
-func (e *env) invoke(ctx context.Context, fn string, body string) (int, time.Duration, error) {
+func (e *env) invoke(ctx context.Context, fn string, body string) (invocation, error) {
 	req, err := http.NewRequestWithContext(ctx, "POST", e.gw.URL+"/function/"+fn, strings.NewReader(body))
 	if err != nil {
-		return 0, 0, err
+		return invocation{}, err
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	start := time.Now()
 	resp, err := e.http.Do(req)
 	if err != nil {
-		return 0, time.Since(start), err
+		return invocation{took: time.Since(start)}, err
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
-	return resp.StatusCode, time.Since(start), nil
+	took := time.Since(start)
+	sec := func(h string) float64 {
+		v, _ := strconv.ParseFloat(resp.Header.Get(h), 64)
+		return v * 1000
+	}
+	return invocation{code: resp.StatusCode, took: took, kind: resp.Header.Get("X-Mitosis-Instance"),
+		queueMS: sec("X-Mitosis-Queue-Seconds"), startMS: sec("X-Mitosis-Start-Seconds"), runMS: sec("X-Mitosis-Run-Seconds"),
+		node: resp.Header.Get("X-Mitosis-Node")}, nil
+}
+
+// invocation is one request's outcome: status, latency and the kind of
+// instance that served it (the gateway's X-Mitosis-Instance: fork, warm,
+// cold).
+type invocation struct {
+	code int
+	took time.Duration
+	kind string
+	node string
+	// The gateway's breakdown: queueing for a slot, the instance's start
+	// (fork, SIGCONT or cold start) and its run to the reply, in ms.
+	queueMS, startMS, runMS float64
 }
 
 // ---- statistics ----
@@ -437,18 +484,45 @@ type recorder struct {
 	mu    sync.Mutex
 	lat   []time.Duration
 	codes map[string]int
+	kinds map[string]int
+	reqs  []Request
 }
 
-func (r *recorder) add(code int, d time.Duration, err error) {
+// Request is one replayed request: when it was sent (seconds since the
+// replay began), how long it took (ms), its status and serving instance.
+type Request struct {
+	T       float64 `json:"t"`
+	MS      float64 `json:"ms"`
+	Code    int     `json:"code"`
+	Kind    string  `json:"kind,omitempty"`
+	Node    string  `json:"node,omitempty"`
+	QueueMS float64 `json:"queue_ms"`
+	StartMS float64 `json:"start_ms"`
+	RunMS   float64 `json:"run_ms"`
+}
+
+// addAt records iv like add, and as a Request sent at t.
+func (r *recorder) addAt(t float64, iv invocation, err error) {
+	r.add(iv, err)
+	r.mu.Lock()
+	r.reqs = append(r.reqs, Request{T: t, MS: float64(iv.took.Microseconds()) / 1000, Code: iv.code, Kind: iv.kind,
+		Node: iv.node, QueueMS: iv.queueMS, StartMS: iv.startMS, RunMS: iv.runMS})
+	r.mu.Unlock()
+}
+
+func (r *recorder) add(iv invocation, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.codes == nil {
-		r.codes = map[string]int{}
+		r.codes, r.kinds = map[string]int{}, map[string]int{}
 	}
-	k := strconv.Itoa(code)
+	k := strconv.Itoa(iv.code)
 	if err != nil {
 		k = "error"
 	}
 	r.codes[k]++
-	r.lat = append(r.lat, d)
+	if iv.kind != "" {
+		r.kinds[iv.kind]++
+	}
+	r.lat = append(r.lat, iv.took)
 }

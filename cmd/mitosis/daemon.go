@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/container"
 	"github.com/mitosis-fork/mitosis/node"
@@ -83,6 +84,14 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
       --secret-file /etc/mitosis/secret --metrics 127.0.0.1:9090`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// Descriptors the daemon inherited without O_CLOEXEC (a
+			// shell's or job server's pipes) would otherwise pass into
+			// every function process and child it starts, where a pipe
+			// makes the process unpreparable. Everything the Go runtime
+			// and the daemon open is close-on-exec already.
+			if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
+				return fmt.Errorf("daemon: mark inherited descriptors close-on-exec: %w", err)
+			}
 			cfg, err := f.config(g)
 			if err != nil {
 				return err
