@@ -59,6 +59,7 @@ to it over its unix socket.`,
 		newFnCmd(g),
 		newInvokeCmd(g),
 		newGatewayCmd(),
+		newWorkflowCmd(),
 		newVersionCmd(),
 	)
 	return root

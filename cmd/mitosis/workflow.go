@@ -1,0 +1,227 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mitosis-fork/mitosis/workflow"
+)
+
+type workflowFlags struct {
+	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
+	timeout                                                                time.Duration
+	jsonOut                                                                bool
+}
+
+func newWorkflowCmd() *cobra.Command {
+	f := &workflowFlags{}
+	wf := &cobra.Command{
+		Use:   "workflow",
+		Short: "Run workflows (DAGs of Python steps) on a gateway, state passed by fork or storage",
+		Long: `A workflow is a JSON definition naming a directory with workflow.py and its
+steps:
+
+  {"name": "finra", "dir": "/srv/wf/finra", "steps": [
+     {"name": "fetch-portfolio"}, {"name": "fetch-market-data"}, {"name": "list-rules"},
+     {"name": "audit", "after": ["fetch-portfolio", "fetch-market-data"], "map": "list-rules"},
+     {"name": "merge", "after": ["audit"]}]}
+
+Steps without "after" are sources and get the run's input; "map" runs a step
+once per element of a source step's list result, concurrently, over the
+cluster's nodes. Under --transfer fork (the default) the sources run once in
+the initialization of the run's seed and every later step is a child forked
+from it that reads their results in place; under --transfer storage each
+source pickles its result into Redis (--redis-socket) and each later step
+loads and unpickles it. The run's function, seed and keys are removed when
+it ends, also when a step fails (the step's error is the run's).`,
+	}
+	pf := wf.PersistentFlags()
+	pf.StringVar(&f.gateway, "gateway", "http://127.0.0.1:8080", "the gateway's URL")
+	pf.StringVar(&f.tokenFile, "token-file", "", "file whose first line is a bearer token of the gateway")
+	pf.StringVar(&f.user, "user", "admin", "basic auth user (with --password-file)")
+	pf.StringVar(&f.passwordFile, "password-file", "", "basic auth password file (e.g. /var/lib/mitosis/gateway/basic-auth-password)")
+	pf.StringVar(&f.runsDir, "runs-dir", "/var/lib/mitosis/workflow-runs", "where run records are written (and listed from)")
+
+	run := &cobra.Command{
+		Use:   "run SPEC.json",
+		Short: "Run a workflow and print its steps' timings",
+		Example: `  mitosis workflow run examples/finra/finra.json --input '{"trades": 1000000, "rules": 8}' \
+      --password-file /var/lib/mitosis/gateway/basic-auth-password
+  mitosis workflow run finra.json --transfer storage --redis-socket /run/redis/redis.sock`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec, err := workflow.ReadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			var tr workflow.Transfer
+			if f.transfer != "" {
+				if tr, err = workflow.ParseTransfer(f.transfer); err != nil {
+					return fmt.Errorf("--transfer: %w", err)
+				}
+			}
+			if f.input != "" && !json.Valid([]byte(f.input)) {
+				return fmt.Errorf("--input %q is not JSON", f.input)
+			}
+			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout}
+			if err := f.auth(rn); err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			r, runErr := rn.Run(ctx, spec, json.RawMessage(f.input), tr)
+			if r == nil {
+				return runErr
+			}
+			if err := saveRun(f.runsDir, r); err != nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "mitosis: record run: %v\n", err)
+			}
+			if f.jsonOut {
+				b, _ := json.MarshalIndent(r, "", "  ")
+				fmt.Fprintln(cmd.OutOrStdout(), string(b))
+			} else {
+				printRun(cmd, r)
+			}
+			return runErr
+		},
+	}
+	run.Flags().StringVar(&f.input, "input", "", "the run's input (JSON), given to the source steps")
+	run.Flags().StringVar(&f.transfer, "transfer", "", "fork or storage (default: the definition's, else fork)")
+	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
+	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
+	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
+
+	validate := &cobra.Command{
+		Use:   "validate SPEC.json",
+		Short: "Check a workflow definition",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			s, err := workflow.ReadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "workflow %s: %d steps, module %s/%s.py, transfer %s\n", s.Name, len(s.Steps), s.Dir, s.Module, s.Transfer)
+			return nil
+		},
+	}
+	ls := &cobra.Command{
+		Use:   "ls",
+		Short: "List recorded runs, newest first",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			runs, err := loadRuns(f.runsDir)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "RUN\tTRANSFER\tSTARTED\tMS\tSTEPS\tERROR")
+			for _, r := range runs {
+				var st []string
+				for _, s := range r.Steps {
+					st = append(st, fmt.Sprintf("%s=%.0f", s.Name, s.MS))
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%s\t%s\n", r.ID, r.Transfer, r.Started.Format(time.RFC3339), r.MS, strings.Join(st, " "), r.Error)
+			}
+			return tw.Flush()
+		},
+	}
+	wf.AddCommand(run, validate, ls)
+	return wf
+}
+
+func (f *workflowFlags) auth(rn *workflow.Runner) error {
+	if f.tokenFile != "" {
+		b, err := os.ReadFile(f.tokenFile)
+		if err != nil {
+			return fmt.Errorf("--token-file: %w", err)
+		}
+		rn.Token = strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+		if rn.Token == "" {
+			return fmt.Errorf("--token-file %s is empty", f.tokenFile)
+		}
+		return nil
+	}
+	if f.passwordFile != "" {
+		b, err := os.ReadFile(f.passwordFile)
+		if err != nil {
+			return fmt.Errorf("--password-file: %w", err)
+		}
+		rn.User, rn.Password = f.user, strings.TrimSpace(string(b))
+	}
+	return nil
+}
+
+func printRun(cmd *cobra.Command, r *workflow.Run) {
+	w := cmd.OutOrStdout()
+	fmt.Fprintf(w, "run %s (%s): %.1f ms end to end, deploy %.1f ms\n", r.ID, r.Transfer, r.MS, r.DeployMS)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "STEP\tINSTANCES\tNODES\tMS\tTRANSFER MS\tERROR")
+	for _, s := range r.Steps {
+		n := len(s.Instances)
+		where := strings.Join(s.Nodes, ",")
+		if s.InInit {
+			n, where = 1, "(seed init)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%s\n", s.Name, n, where, s.MS, s.TransferMS(), s.Error)
+	}
+	tw.Flush()
+	if len(r.Result) > 0 {
+		res := string(r.Result)
+		if len(res) > 400 {
+			res = res[:400] + "…"
+		}
+		fmt.Fprintf(w, "result: %s\n", res)
+	}
+	if r.Error != "" {
+		fmt.Fprintf(w, "error: %s\n", r.Error)
+	}
+}
+
+func saveRun(dir string, r *workflow.Run) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, r.ID+".json"), b, 0o600)
+}
+
+func loadRuns(dir string) ([]*workflow.Run, error) {
+	ents, err := os.ReadDir(dir)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var runs []*workflow.Run
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			return nil, err
+		}
+		var r workflow.Run
+		if err := json.Unmarshal(b, &r); err != nil {
+			return nil, fmt.Errorf("%s: %w", e.Name(), err)
+		}
+		runs = append(runs, &r)
+	}
+	sort.Slice(runs, func(i, j int) bool { return runs[i].Started.After(runs[j].Started) })
+	return runs, nil
+}

@@ -1,0 +1,221 @@
+package cluster
+
+// Workflows on the platform: the FINRA-style audit (examples/finra) on three
+// network-namespace nodes, with state passed by fork and through a real
+// Redis server, checked against a single-process reference run.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/mitosis-fork/mitosis/workflow"
+)
+
+// startRedis starts redis-server on a unix socket under dir (no TCP, no
+// persistence) and stops it when the test ends.
+func startRedis(t *testing.T, dir string) (string, *redis.Client) {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		t.Fatal("redis-server not installed (.ci/deps installs it)")
+	}
+	sock := filepath.Join(dir, "redis.sock")
+	cmd := exec.Command(bin, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "777",
+		"--save", "", "--appendonly", "no", "--dir", dir, "--proto-max-bulk-len", "1gb")
+	cmd.Stdout, cmd.Stderr = nil, nil
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_, _ = cmd.Process.Wait()
+		if _, err := os.Stat(sock); err == nil {
+			_ = os.Remove(sock)
+		}
+	})
+	rdb := redis.NewClient(&redis.Options{Network: "unix", Addr: sock})
+	t.Cleanup(func() { rdb.Close() })
+	deadline := time.Now().Add(10 * time.Second)
+	for rdb.Ping(context.Background()).Err() != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("redis-server did not answer on its socket within 10 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return sock, rdb
+}
+
+func reference(t *testing.T, spec, input string) map[string]any {
+	t.Helper()
+	cmd := exec.Command(pyExe, filepath.Join(repoRoot, "examples", "reference.py"), spec, input)
+	cmd.Env = append(os.Environ(), "OPENBLAS_NUM_THREADS=1")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("reference run: %v", err)
+	}
+	var v map[string]any
+	if err := json.Unmarshal(out, &v); err != nil {
+		t.Fatalf("reference output %q: %v", out, err)
+	}
+	return v
+}
+
+func TestWorkflowFINRA(t *testing.T) {
+	p := startPlatform(t)
+	sock, rdb := startRedis(t, p.dir)
+	specPath := filepath.Join(repoRoot, "examples", "finra", "finra.json")
+	spec, err := workflow.ReadSpec(specPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const input = `{"trades": 200000, "rules": 8}`
+	want := reference(t, specPath, input)
+	rn := &workflow.Runner{Gateway: p.url, Token: platformToken, HTTP: p.gwy.Client(5 * time.Minute),
+		RedisSocket: sock, WorkDir: p.dir, Timeout: 2 * time.Minute}
+	ctx := context.Background()
+	pythons := func() []string { return pgrepFull(t, "mitosis-bootstrap.py") }
+	before := len(pythons())
+
+	for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+		t.Run(string(tr), func(t *testing.T) {
+			run, err := rn.Run(ctx, spec, json.RawMessage(input), tr)
+			if err != nil {
+				t.Fatalf("run: %v", err)
+			}
+			var got map[string]any
+			if err := json.Unmarshal(run.Result, &got); err != nil {
+				t.Fatalf("result %s: %v", run.Result, err)
+			}
+			if got["digest"] != want["digest"] || got["flagged"] != want["flagged"] {
+				t.Fatalf("verdicts differ from the reference: got digest %v flagged %v, want %v %v",
+					got["digest"], got["flagged"], want["digest"], want["flagged"])
+			}
+			audit, ok := run.Step("audit")
+			if !ok || len(audit.Instances) != 8 {
+				t.Fatalf("audit step: %+v", audit)
+			}
+			if len(audit.Nodes) < 2 {
+				t.Errorf("the 8 rules ran on %v only; want more than one node", audit.Nodes)
+			}
+			var transfer float64
+			for _, in := range audit.Instances {
+				transfer += in.LoadMS + in.DeserMS
+			}
+			switch tr {
+			case workflow.TransferFork:
+				if transfer != 0 {
+					t.Errorf("fork run spent %.1f ms loading state from storage", transfer)
+				}
+				if st, _ := run.Step("fetch-portfolio"); !st.InInit {
+					t.Errorf("fork: fetch-portfolio did not run in the seed's init: %+v", st)
+				}
+			case workflow.TransferStorage:
+				for _, in := range audit.Instances {
+					if in.BytesIn < 5<<20 {
+						t.Errorf("storage: a rule loaded only %d bytes of state", in.BytesIn)
+					}
+				}
+			}
+			t.Logf("%s: %.0f ms end to end (deploy %.0f ms), audit on %v, %.1f ms in GET+unpickle",
+				tr, run.MS, run.DeployMS, audit.Nodes, transfer)
+			assertRunGone(t, p, rdb, run)
+		})
+	}
+
+	t.Run("wordcount", func(t *testing.T) {
+		wcPath := filepath.Join(repoRoot, "examples", "wordcount", "wordcount.json")
+		wc, err := workflow.ReadSpec(wcPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const in = `{"docs": 20000, "shards": 6}`
+		want := reference(t, wcPath, in)
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, wc, json.RawMessage(in), tr)
+			if err != nil {
+				t.Fatalf("%s: %v", tr, err)
+			}
+			var got map[string]any
+			_ = json.Unmarshal(run.Result, &got)
+			if g, w := mustJSON(got), mustJSON(want); g != w {
+				t.Fatalf("%s: word counts differ from the reference:\n got %s\nwant %s", tr, g, w)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+	})
+
+	t.Run("failing rule", func(t *testing.T) {
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, spec, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 2}`), tr)
+			if err == nil {
+				t.Fatalf("%s: the run succeeded with a raising rule", tr)
+			}
+			var se *workflow.StepError
+			if !errors.As(err, &se) || se.Step != "audit" {
+				t.Fatalf("%s: error %v is not the audit step's", tr, err)
+			}
+			if !strings.Contains(err.Error(), "ValueError: audit rule 2: market data for symbol 2 is inconsistent") {
+				t.Fatalf("%s: error does not carry the rule's message: %v", tr, err)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+	})
+	// The step runtime's processes (seeds, frozen copies, children) are gone.
+	deadline := time.Now().Add(10 * time.Second)
+	for len(pythons()) > before && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := len(pythons()); n > before {
+		t.Errorf("%d step processes left: %v", n-before, pythons())
+	}
+}
+
+// assertRunGone checks that a finished run left no seed on any node, no
+// function in the gateway and no Redis key.
+func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.Run) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var left []string
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				left = append(left, n.Name+":"+s.Name)
+			}
+		}
+		if len(left) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("run %s left seeds %v", run.ID, left)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if code, _, body := p.request("GET", "/system/functions", "", true); code != 200 || strings.Contains(body, run.ID) {
+		t.Errorf("the run's function is still listed: %d %s", code, body)
+	}
+	if n, err := rdb.DBSize(context.Background()).Result(); err != nil || n != 0 {
+		t.Errorf("redis holds %d keys after run %s (%v)", n, run.ID, err)
+	}
+	if run.Cleanup != "" {
+		t.Errorf("cleanup: %s", run.Cleanup)
+	}
+}
+
+func mustJSON(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
+
+func pgrepFull(t *testing.T, pattern string) []string {
+	out, _ := exec.Command("pgrep", "-f", pattern).Output()
+	return strings.Fields(string(out))
+}

@@ -1,0 +1,556 @@
+package workflow
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	_ "embed"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+//go:embed shim.py
+var shim []byte
+
+// Runner runs workflows through a mitosis gateway.
+type Runner struct {
+	// Gateway is the gateway's base URL, e.g. http://127.0.0.1:8080.
+	Gateway string
+	// Token (bearer) or User and Password (basic auth) authenticate.
+	Token, User, Password string
+	// HTTP is the client (default: one with a 10-minute timeout).
+	HTTP *http.Client
+	// RedisSocket is the unix socket of the Redis server of the storage
+	// transfer (every node must reach it at that path).
+	RedisSocket string
+	// WorkDir holds each run's generated function directory (default
+	// os.TempDir()); every node must see it at the same path.
+	WorkDir string
+	// Timeout bounds one step instance (default 5 minutes).
+	Timeout time.Duration
+}
+
+// Instance is one step instance's outcome.
+type Instance struct {
+	Node    string  `json:"node"`
+	MS      float64 `json:"ms"`       // request to response, at the runner
+	StartMS float64 `json:"start_ms"` // the fork, as the gateway reports it
+	RunMS   float64 `json:"run_ms"`   // the child's run to its reply
+	// The step runtime's own timings: the step function, and the
+	// storage transfer's GET, unpickle, pickle and SET.
+	CallMS   float64 `json:"call_ms"`
+	LoadMS   float64 `json:"load_ms"`
+	DeserMS  float64 `json:"deser_ms"`
+	SerMS    float64 `json:"ser_ms"`
+	StoreMS  float64 `json:"store_ms"`
+	BytesIn  int64   `json:"bytes_in"`
+	BytesOut int64   `json:"bytes_out"`
+}
+
+// StepResult is one step of a run.
+type StepResult struct {
+	Name      string     `json:"name"`
+	MS        float64    `json:"ms"` // wall time of the step (all its instances)
+	InInit    bool       `json:"in_init,omitempty"`
+	Instances []Instance `json:"instances,omitempty"`
+	Nodes     []string   `json:"nodes,omitempty"`
+	Error     string     `json:"error,omitempty"`
+}
+
+// TransferMS returns the step's time in (de)serialization and storage
+// round trips, summed over its instances.
+func (s StepResult) TransferMS() float64 {
+	t := 0.0
+	for _, in := range s.Instances {
+		t += in.LoadMS + in.DeserMS + in.SerMS + in.StoreMS
+	}
+	return t
+}
+
+// Run is one workflow run.
+type Run struct {
+	ID       string       `json:"id"`
+	Workflow string       `json:"workflow"`
+	Transfer Transfer     `json:"transfer"`
+	Started  time.Time    `json:"started"`
+	MS       float64      `json:"ms"`        // end to end
+	DeployMS float64      `json:"deploy_ms"` // the run's function: init (fork: the source steps) and prepare
+	Steps    []StepResult `json:"steps"`
+	// Result is the sink step's result (JSON).
+	Result json.RawMessage `json:"result,omitempty"`
+	Error  string          `json:"error,omitempty"`
+	// Cleanup is the error of removing the run's function, seed and
+	// storage keys, if any.
+	Cleanup string `json:"cleanup,omitempty"`
+}
+
+// Step returns the named step's result.
+func (r *Run) Step(name string) (StepResult, bool) {
+	for _, s := range r.Steps {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return StepResult{}, false
+}
+
+// StepError is a step that failed (its instance's HTTP error, e.g. the
+// Python exception's last line).
+type StepError struct {
+	Step string
+	Err  error
+}
+
+func (e *StepError) Error() string { return fmt.Sprintf("step %s: %v", e.Step, e.Err) }
+func (e *StepError) Unwrap() error { return e.Err }
+
+// Run executes spec with input (JSON; nil is null) under transfer (""
+// is the spec's). It returns the run record (also on error, with the
+// failing step) and removes everything the run made: its function and
+// seed on every node and, under storage, its Redis keys.
+func (rn *Runner) Run(ctx context.Context, spec *Spec, input json.RawMessage, transfer Transfer) (*Run, error) {
+	if transfer == "" {
+		transfer = spec.Transfer
+	}
+	if _, err := ParseTransfer(string(transfer)); err != nil {
+		return nil, err
+	}
+	if transfer == TransferStorage && rn.RedisSocket == "" {
+		return nil, errors.New("workflow: the storage transfer needs a Redis server (RedisSocket)")
+	}
+	if len(input) == 0 {
+		input = json.RawMessage("null")
+	}
+	order, err := spec.order()
+	if err != nil {
+		return nil, err
+	}
+	var idb [4]byte
+	_, _ = rand.Read(idb[:])
+	run := &Run{ID: spec.Name + "-" + hex.EncodeToString(idb[:]), Workflow: spec.Name, Transfer: transfer, Started: time.Now().UTC()}
+	x := &execution{rn: rn, spec: spec, run: run, results: map[string]json.RawMessage{}, keys: map[string]string{}}
+	if transfer == TransferStorage {
+		x.rdb = redis.NewClient(&redis.Options{Network: "unix", Addr: rn.RedisSocket})
+		defer x.rdb.Close()
+	}
+	err = x.execute(ctx, order, input)
+	run.MS = ms(time.Since(run.Started))
+	if err != nil {
+		run.Error = err.Error()
+	}
+	if cerr := x.cleanup(); cerr != nil {
+		run.Cleanup = cerr.Error()
+		if err == nil {
+			err = fmt.Errorf("workflow run %s: cleanup: %w", run.ID, cerr)
+		}
+	}
+	return run, err
+}
+
+// execution is one run in progress.
+type execution struct {
+	rn       *Runner
+	spec     *Spec
+	run      *Run
+	fn       string // the run's function
+	dir      string // its generated directory
+	deployed bool
+	rdb      *redis.Client
+	mu       sync.Mutex
+	results  map[string]json.RawMessage // non-source step -> result
+	keys     map[string]string          // source step -> storage key
+}
+
+func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMessage) error {
+	rn, spec, run := x.rn, x.spec, x.run
+	x.fn = "wf-" + run.ID
+	work := rn.WorkDir
+	if work == "" {
+		work = os.TempDir()
+	}
+	x.dir = filepath.Join(work, "mitosis-"+x.fn)
+	if err := os.MkdirAll(x.dir, 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(x.dir, "handler.py"), shim, 0o644); err != nil {
+		return err
+	}
+	var sources []*Step
+	for _, st := range order {
+		if len(st.After) == 0 {
+			sources = append(sources, st)
+		}
+	}
+	type initStep struct {
+		Name  string   `json:"name"`
+		Call  string   `json:"call"`
+		After []string `json:"after,omitempty"`
+	}
+	init := []initStep{}
+	if run.Transfer == TransferFork {
+		for _, st := range sources {
+			init = append(init, initStep{Name: st.Name, Call: st.Call})
+		}
+	}
+	initJSON, _ := json.Marshal(init)
+	env := map[string]string{
+		"MITOSIS_WF_DIR": spec.Dir, "MITOSIS_WF_MODULE": spec.Module,
+		"MITOSIS_WF_INIT": string(initJSON), "MITOSIS_WF_INPUT": string(input),
+		"exec_timeout": rn.timeout().String(),
+	}
+	if rn.RedisSocket != "" {
+		env["MITOSIS_WF_REDIS"] = rn.RedisSocket
+	}
+	for k, v := range spec.Env {
+		env[k] = v
+	}
+	t0 := time.Now()
+	dep := map[string]any{"service": x.fn, "image": x.dir, "envVars": env,
+		"limits":      map[string]string{"memory": spec.Memory},
+		"annotations": map[string]string{"com.mitosis.policy": "fork", "com.mitosis.workflow-run": run.ID}}
+	b, _ := json.Marshal(dep)
+	code, body, err := rn.do(ctx, "POST", "/system/functions", b)
+	if err != nil {
+		return fmt.Errorf("deploy the run's function: %w", err)
+	}
+	if code != http.StatusConflict {
+		x.deployed = true
+	}
+	run.DeployMS = ms(time.Since(t0))
+	if code != http.StatusAccepted {
+		msg := strings.TrimSpace(string(body))
+		if run.Transfer == TransferFork && code == http.StatusInternalServerError {
+			// A source step raised during the init.
+			return &StepError{Step: strings.Join(names(sources), ","), Err: errors.New(msg)}
+		}
+		return fmt.Errorf("deploy the run's function: HTTP %d: %s", code, msg)
+	}
+	for _, st := range sources {
+		if run.Transfer == TransferFork {
+			run.Steps = append(run.Steps, StepResult{Name: st.Name, InInit: true, MS: run.DeployMS})
+		}
+	}
+	if run.Transfer == TransferStorage {
+		// The source steps run concurrently, each storing its result.
+		res := make([]StepResult, len(sources))
+		errs := make([]error, len(sources))
+		var wg sync.WaitGroup
+		for i, st := range sources {
+			key := "mitosis:wf:" + run.ID + ":" + st.Name
+			x.keys[st.Name] = key
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				t := time.Now()
+				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "store": key})
+				res[i] = StepResult{Name: st.Name, MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
+				errs[i] = err
+			}()
+		}
+		wg.Wait()
+		for i, st := range sources {
+			if errs[i] != nil {
+				res[i].Error = errs[i].Error()
+				run.Steps = append(run.Steps, res[i])
+				return &StepError{Step: st.Name, Err: errs[i]}
+			}
+			run.Steps = append(run.Steps, res[i])
+		}
+	}
+	var last json.RawMessage
+	for _, st := range order {
+		if len(st.After) == 0 {
+			continue
+		}
+		r, err := x.step(ctx, st)
+		run.Steps = append(run.Steps, r)
+		if err != nil {
+			return &StepError{Step: st.Name, Err: err}
+		}
+		last = x.results[st.Name]
+	}
+	if sinks := spec.sinks(); len(sinks) == 1 {
+		if v, ok := x.results[sinks[0]]; ok {
+			last = v
+		} else if v, err := x.sourceResult(ctx, sinks[0]); err == nil {
+			last = v
+		}
+	}
+	run.Result = last
+	return nil
+}
+
+// step runs one non-source step: one instance, or one per element of its
+// Map step's list, all at once.
+func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
+	t0 := time.Now()
+	res := StepResult{Name: st.Name}
+	base := map[string]any{"call": st.Call}
+	var after []string
+	load := map[string]string{}
+	for _, a := range st.After {
+		if up := x.stepByName(a); len(up.After) == 0 {
+			after = append(after, a)
+			if k, ok := x.keys[a]; ok {
+				load[a] = k
+			}
+		} else {
+			base["inputs"] = x.results[a]
+		}
+	}
+	base["after"] = after
+	if len(load) > 0 {
+		base["load"] = load
+	}
+	var items []json.RawMessage
+	if st.Map != "" {
+		v, err := x.sourceResult(ctx, st.Map)
+		if err != nil {
+			return res, fmt.Errorf("read the list of %s to map over: %w", st.Map, err)
+		}
+		if err := json.Unmarshal(v, &items); err != nil {
+			return res, fmt.Errorf("step %s maps over %s, whose result is not a JSON list: %s", st.Name, st.Map, abbrev(v))
+		}
+	}
+	n := 1
+	if st.Map != "" {
+		n = len(items)
+	}
+	ins := make([]Instance, n)
+	outs := make([]json.RawMessage, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		req := map[string]any{}
+		for k, v := range base {
+			req[k] = v
+		}
+		if st.Map != "" {
+			req["item"] = items[i]
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ins[i], outs[i], errs[i] = x.invoke(ctx, req)
+		}()
+	}
+	wg.Wait()
+	res.MS = ms(time.Since(t0))
+	res.Instances = ins
+	res.Nodes = nodes(ins)
+	for i, err := range errs {
+		if err != nil {
+			if n > 1 {
+				err = fmt.Errorf("instance %d (item %s): %w", i, abbrev(items[i]), err)
+			}
+			res.Error = err.Error()
+			return res, err
+		}
+	}
+	var out json.RawMessage
+	if st.Map != "" {
+		b, _ := json.Marshal(outs)
+		out = b
+	} else {
+		out = outs[0]
+	}
+	x.mu.Lock()
+	x.results[st.Name] = out
+	x.mu.Unlock()
+	return res, nil
+}
+
+// sourceResult reads a source step's result as JSON (through a child:
+// in place under fork, from storage otherwise).
+func (x *execution) sourceResult(ctx context.Context, name string) (json.RawMessage, error) {
+	req := map[string]any{"result_of": name}
+	if k, ok := x.keys[name]; ok {
+		req["load"] = map[string]string{name: k}
+	}
+	_, out, err := x.invoke(ctx, req)
+	return out, err
+}
+
+func (x *execution) stepByName(name string) *Step {
+	for i := range x.spec.Steps {
+		if x.spec.Steps[i].Name == name {
+			return &x.spec.Steps[i]
+		}
+	}
+	return nil
+}
+
+// reply is the step runtime's answer.
+type reply struct {
+	Result json.RawMessage `json:"result"`
+	Stored string          `json:"stored"`
+	Bytes  int64           `json:"bytes"`
+	T      struct {
+		LoadMS  float64 `json:"load_ms"`
+		DeserMS float64 `json:"deser_ms"`
+		SerMS   float64 `json:"ser_ms"`
+		StoreMS float64 `json:"store_ms"`
+		RunMS   float64 `json:"run_ms"`
+		BytesIn int64   `json:"bytes_in"`
+	} `json:"t"`
+}
+
+// invoke runs one step instance through the gateway.
+func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, json.RawMessage, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return Instance{}, nil, err
+	}
+	t0 := time.Now()
+	hreq, err := http.NewRequestWithContext(ctx, "POST", x.rn.Gateway+"/function/"+x.fn, bytes.NewReader(b))
+	if err != nil {
+		return Instance{}, nil, err
+	}
+	x.rn.auth(hreq)
+	resp, err := x.rn.client().Do(hreq)
+	if err != nil {
+		return Instance{}, nil, err
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	in := Instance{Node: resp.Header.Get("X-Mitosis-Node"), MS: ms(time.Since(t0)),
+		StartMS: hdrMS(resp.Header, "X-Mitosis-Start-Seconds"), RunMS: hdrMS(resp.Header, "X-Mitosis-Run-Seconds")}
+	if err != nil {
+		return in, nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return in, nil, fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	var r reply
+	if err := json.Unmarshal(body, &r); err != nil {
+		return in, nil, fmt.Errorf("malformed step reply %s: %w", abbrev(body), err)
+	}
+	in.CallMS, in.LoadMS, in.DeserMS, in.SerMS, in.StoreMS = r.T.RunMS, r.T.LoadMS, r.T.DeserMS, r.T.SerMS, r.T.StoreMS
+	in.BytesIn, in.BytesOut = r.T.BytesIn, r.Bytes
+	return in, r.Result, nil
+}
+
+// cleanup removes the run's function (its seed and children on every
+// node), its storage keys and its generated directory.
+func (x *execution) cleanup() error {
+	var errs []error
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if x.deployed {
+		b, _ := json.Marshal(map[string]string{"functionName": x.fn})
+		code, body, err := x.rn.do(ctx, "DELETE", "/system/functions", b)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("delete function %s: %w", x.fn, err))
+		} else if code != http.StatusAccepted && code != http.StatusNotFound {
+			errs = append(errs, fmt.Errorf("delete function %s: HTTP %d: %s", x.fn, code, strings.TrimSpace(string(body))))
+		}
+	}
+	if x.rdb != nil {
+		// Every key of the run, including those of instances that
+		// stored before a sibling failed.
+		var keys []string
+		iter := x.rdb.Scan(ctx, 0, "mitosis:wf:"+x.run.ID+":*", 1000).Iterator()
+		for iter.Next(ctx) {
+			keys = append(keys, iter.Val())
+		}
+		if err := iter.Err(); err != nil {
+			errs = append(errs, fmt.Errorf("list storage keys: %w", err))
+		} else if len(keys) > 0 {
+			if err := x.rdb.Del(ctx, keys...).Err(); err != nil {
+				errs = append(errs, fmt.Errorf("delete storage keys: %w", err))
+			}
+		}
+	}
+	if x.dir != "" {
+		if err := os.RemoveAll(x.dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (rn *Runner) timeout() time.Duration {
+	if rn.Timeout > 0 {
+		return rn.Timeout
+	}
+	return 5 * time.Minute
+}
+
+func (rn *Runner) client() *http.Client {
+	if rn.HTTP != nil {
+		return rn.HTTP
+	}
+	return &http.Client{Timeout: 10 * time.Minute}
+}
+
+func (rn *Runner) auth(r *http.Request) {
+	switch {
+	case rn.Token != "":
+		r.Header.Set("Authorization", "Bearer "+rn.Token)
+	case rn.User != "":
+		r.SetBasicAuth(rn.User, rn.Password)
+	}
+}
+
+func (rn *Runner) do(ctx context.Context, method, path string, body []byte) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, method, rn.Gateway+path, bytes.NewReader(body))
+	if err != nil {
+		return 0, nil, err
+	}
+	rn.auth(req)
+	resp, err := rn.client().Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
+}
+
+func hdrMS(h http.Header, k string) float64 {
+	v, _ := strconv.ParseFloat(h.Get(k), 64)
+	return v * 1000
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func nodes(ins []Instance) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, in := range ins {
+		if in.Node != "" && !seen[in.Node] {
+			seen[in.Node] = true
+			out = append(out, in.Node)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func names(steps []*Step) []string {
+	var out []string
+	for _, s := range steps {
+		out = append(out, s.Name)
+	}
+	return out
+}
+
+func abbrev(b []byte) string {
+	if len(b) > 120 {
+		return string(b[:120]) + "…"
+	}
+	return string(b)
+}

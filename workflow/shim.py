@@ -1,0 +1,111 @@
+"""mitosis workflow step runtime: the handler.py of a workflow run's function.
+
+The workflow runner (package workflow) deploys this file as a function
+(OpenFaaS classic template: module-level code is the init, handle(req)
+serves one request) with the environment
+
+    MITOSIS_WF_DIR      directory of the user's workflow module
+    MITOSIS_WF_MODULE   its name (default "workflow")
+    MITOSIS_WF_INIT     JSON list of steps to run at init, in order:
+                        [{"name": N, "call": F, "after": [UPSTREAM...]}]
+                        (the fork transfer: their results stay in this
+                        process, which becomes the run's seed)
+    MITOSIS_WF_INPUT    JSON input of the workflow (source steps get it)
+    MITOSIS_WF_REDIS    unix socket path of the Redis server (storage)
+
+A request is one step instance, JSON:
+
+    {"call": F, "item": X?, "after": [UPSTREAM...], "inputs": [...]?,
+     "load": {UPSTREAM: KEY}?, "store": KEY?, "source": true?}
+
+or {"result_of": STEP, "load": {...}?}, which returns that step's result.
+
+Arguments, in order: the workflow input (source steps), the map item (a
+fan-out step), each upstream's result (taken in place from this process
+under fork, or GET + unpickled from Redis under storage), then "inputs" (a
+fan-in step's list of its upstream instances' results). With "store" the
+result is pickled and SET under KEY instead of returned. The reply is JSON:
+{"result": R} or {"stored": KEY, "bytes": N}, with "t": timings in ms.
+"""
+
+import importlib
+import json
+import os
+import pickle
+import sys
+import time
+
+sys.path.insert(0, os.environ["MITOSIS_WF_DIR"])
+_wf = importlib.import_module(os.environ.get("MITOSIS_WF_MODULE") or "workflow")
+_INPUT = json.loads(os.environ.get("MITOSIS_WF_INPUT") or "null")
+_STATE = {}  # step name -> result, for the steps run at init (fork transfer)
+_INIT_MS = {}
+
+for _st in json.loads(os.environ.get("MITOSIS_WF_INIT") or "[]"):
+    _t0 = time.perf_counter()
+    _args = [_INPUT] if not _st.get("after") else [_STATE[a] for a in _st["after"]]
+    _STATE[_st["name"]] = getattr(_wf, _st["call"])(*_args)
+    _INIT_MS[_st["name"]] = (time.perf_counter() - _t0) * 1000
+
+
+def _ms(t0):
+    return (time.perf_counter() - t0) * 1000
+
+
+_redis = None
+
+
+def _store():
+    global _redis
+    if _redis is None:
+        import redis  # lazily: a socket opened at init could not be forked
+
+        _redis = redis.Redis(unix_socket_path=os.environ["MITOSIS_WF_REDIS"])
+    return _redis
+
+
+def _upstream(name, load, t):
+    if name in _STATE:
+        return _STATE[name]
+    if name not in load:
+        raise KeyError("upstream step %r: not in this instance and no storage key given" % name)
+    t0 = time.perf_counter()
+    blob = _store().get(load[name])
+    t["load_ms"] += _ms(t0)
+    if blob is None:
+        raise KeyError("upstream step %r: storage key %s is missing" % (name, load[name]))
+    t["bytes_in"] += len(blob)
+    t0 = time.perf_counter()
+    obj = pickle.loads(blob)
+    t["deser_ms"] += _ms(t0)
+    return obj
+
+
+def handle(req):
+    r = json.loads(req)
+    t = {"load_ms": 0.0, "deser_ms": 0.0, "ser_ms": 0.0, "store_ms": 0.0, "bytes_in": 0}
+    args = []
+    if r.get("source"):
+        args.append(_INPUT)
+    if "item" in r:
+        args.append(r["item"])
+    load = r.get("load") or {}
+    if r.get("result_of"):  # the runner reads a step's (list) result to fan out over it
+        return json.dumps({"result": _upstream(r["result_of"], load, t), "t": t})
+    for name in r.get("after") or []:
+        args.append(_upstream(name, load, t))
+    if "inputs" in r:
+        args.append(r["inputs"])
+    t0 = time.perf_counter()
+    out = getattr(_wf, r["call"])(*args)
+    t["run_ms"] = _ms(t0)
+    key = r.get("store")
+    if key:
+        t0 = time.perf_counter()
+        blob = pickle.dumps(out, protocol=5)
+        t["ser_ms"] = _ms(t0)
+        t0 = time.perf_counter()
+        _store().set(key, blob)
+        t["store_ms"] = _ms(t0)
+        return json.dumps({"stored": key, "bytes": len(blob), "t": t})
+    return json.dumps({"result": out, "t": t, "init_ms": _INIT_MS})

@@ -1,0 +1,270 @@
+// Package workflow runs serverless workflows (DAGs of Python step
+// functions) on a mitosis gateway, passing state between steps either by
+// fork or through storage.
+//
+// Under TransferFork the workflow's source steps (the ones with no
+// upstream) run once, in the initialization of the run's function; that
+// process is prepared as the run's seed, and every later step instance is
+// a child forked from it on whichever node the gateway picks: it reads the
+// upstream results as the Python objects they are, in place, paging in only
+// what it touches. Under TransferStorage (the baseline platforms use today)
+// every step instance is a child of a seed that holds only the imported
+// module: source steps pickle their results into Redis and downstream
+// steps GET and unpickle them.
+//
+// A later step takes, in order: the map item (a fan-out step, one instance
+// per element of its Map step's list result), every source upstream's
+// result, and the result of its one non-source upstream if it has one (a
+// list, one element per instance, when that upstream fanned out). Those
+// non-source results travel as JSON in the request under both transfers:
+// they are the small verdicts and counts of the fan-in, not the state.
+package workflow
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+)
+
+// Transfer is how state passes between steps.
+type Transfer string
+
+const (
+	// TransferFork forks downstream steps from the process that ran the
+	// upstream steps.
+	TransferFork Transfer = "fork"
+	// TransferStorage pickles results into Redis and unpickles them.
+	TransferStorage Transfer = "storage"
+)
+
+// ParseTransfer parses "fork" or "storage".
+func ParseTransfer(s string) (Transfer, error) {
+	switch t := Transfer(s); t {
+	case TransferFork, TransferStorage:
+		return t, nil
+	}
+	return "", fmt.Errorf("unknown transfer %q: want fork or storage", s)
+}
+
+// Spec is a workflow definition (JSON).
+type Spec struct {
+	// Name names the workflow: lowercase letters, digits and '-'.
+	Name string `json:"name"`
+	// Dir is the absolute path of the directory holding the step
+	// functions' module; every node must see it at that path.
+	Dir string `json:"dir"`
+	// Module is the Python module in Dir (default "workflow").
+	Module string `json:"module,omitempty"`
+	// Transfer is the default transfer (default fork).
+	Transfer Transfer `json:"transfer,omitempty"`
+	// Memory is the memory limit of each step instance (default 1Gi).
+	Memory string `json:"memory,omitempty"`
+	// Env is added to the step instances' environment.
+	Env   map[string]string `json:"env,omitempty"`
+	Steps []Step            `json:"steps"`
+}
+
+// Step is one node of the DAG.
+type Step struct {
+	// Name is unique in the workflow.
+	Name string `json:"name"`
+	// Call is the Python function in the module (default Name).
+	Call string `json:"call,omitempty"`
+	// After lists the upstream steps; a step without any is a source and
+	// gets the workflow's input.
+	After []string `json:"after,omitempty"`
+	// Map names a source step whose result is a list: the step runs once
+	// per element, concurrently, spread over the nodes.
+	Map string `json:"map,omitempty"`
+}
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
+var identRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// ReadSpec reads and validates a workflow definition file.
+func ReadSpec(path string) (*Spec, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	s, err := ParseSpec(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if s.Dir != "" && !filepath.IsAbs(s.Dir) {
+		// Relative to the definition file.
+		if s.Dir, err = filepath.Abs(filepath.Join(filepath.Dir(path), s.Dir)); err != nil {
+			return nil, err
+		}
+	}
+	return s, s.Validate()
+}
+
+// ParseSpec decodes a workflow definition (unknown fields are errors) and
+// validates it, except that a relative Dir is left to the caller.
+func ParseSpec(b []byte) (*Spec, error) {
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	var s Spec
+	if err := dec.Decode(&s); err != nil {
+		return nil, fmt.Errorf("workflow definition: %w", err)
+	}
+	if s.Module == "" {
+		s.Module = "workflow"
+	}
+	if s.Transfer == "" {
+		s.Transfer = TransferFork
+	}
+	if s.Memory == "" {
+		s.Memory = "1Gi"
+	}
+	for i := range s.Steps {
+		if s.Steps[i].Call == "" {
+			s.Steps[i].Call = strings.ReplaceAll(s.Steps[i].Name, "-", "_")
+		}
+	}
+	if err := s.validateGraph(); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// Validate checks the definition: names, the module directory, and the
+// graph (see ParseSpec).
+func (s *Spec) Validate() error {
+	if !filepath.IsAbs(s.Dir) {
+		return fmt.Errorf("workflow %s: dir %q must be an absolute path", s.Name, s.Dir)
+	}
+	if _, err := os.Stat(filepath.Join(s.Dir, s.Module+".py")); err != nil {
+		return fmt.Errorf("workflow %s: module %s.py: %w", s.Name, s.Module, err)
+	}
+	return s.validateGraph()
+}
+
+func (s *Spec) validateGraph() error {
+	if !nameRE.MatchString(s.Name) {
+		return fmt.Errorf("workflow name %q: want 1-40 lowercase letters, digits and '-'", s.Name)
+	}
+	if !identRE.MatchString(s.Module) {
+		return fmt.Errorf("workflow %s: module %q is not a Python identifier", s.Name, s.Module)
+	}
+	if _, err := ParseTransfer(string(s.Transfer)); err != nil {
+		return fmt.Errorf("workflow %s: %w", s.Name, err)
+	}
+	if len(s.Steps) == 0 {
+		return fmt.Errorf("workflow %s: no steps", s.Name)
+	}
+	byName := map[string]*Step{}
+	for i := range s.Steps {
+		st := &s.Steps[i]
+		if !nameRE.MatchString(st.Name) {
+			return fmt.Errorf("workflow %s: step name %q: want lowercase letters, digits and '-'", s.Name, st.Name)
+		}
+		if byName[st.Name] != nil {
+			return fmt.Errorf("workflow %s: two steps named %s", s.Name, st.Name)
+		}
+		if !identRE.MatchString(st.Call) || strings.HasPrefix(st.Call, "_") {
+			return fmt.Errorf("workflow %s: step %s calls %q: want a public Python function name", s.Name, st.Name, st.Call)
+		}
+		byName[st.Name] = st
+	}
+	for i := range s.Steps {
+		st := &s.Steps[i]
+		nonSource := 0
+		for _, a := range st.After {
+			up := byName[a]
+			if up == nil {
+				return fmt.Errorf("workflow %s: step %s runs after %q, which is not a step", s.Name, st.Name, a)
+			}
+			if a == st.Name {
+				return fmt.Errorf("workflow %s: step %s runs after itself", s.Name, st.Name)
+			}
+			if len(up.After) > 0 {
+				nonSource++
+			}
+		}
+		if nonSource > 1 {
+			return fmt.Errorf("workflow %s: step %s has %d non-source upstream steps; at most one is supported (its results arrive as the last argument)", s.Name, st.Name, nonSource)
+		}
+		if st.Map != "" {
+			m := byName[st.Map]
+			switch {
+			case len(st.After) == 0:
+				return fmt.Errorf("workflow %s: step %s maps over %s but has no upstream: a source step cannot fan out", s.Name, st.Name, st.Map)
+			case m == nil:
+				return fmt.Errorf("workflow %s: step %s maps over %q, which is not a step", s.Name, st.Name, st.Map)
+			case len(m.After) > 0:
+				return fmt.Errorf("workflow %s: step %s maps over %s, which is not a source step", s.Name, st.Name, st.Map)
+			}
+		}
+	}
+	if _, err := s.order(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// order returns the steps in a topological order (sources first, in
+// definition order), or an error naming a cycle.
+func (s *Spec) order() ([]*Step, error) {
+	state := map[string]int{} // 0 new, 1 visiting, 2 done
+	byName := map[string]*Step{}
+	for i := range s.Steps {
+		byName[s.Steps[i].Name] = &s.Steps[i]
+	}
+	var out []*Step
+	var visit func(st *Step, path []string) error
+	visit = func(st *Step, path []string) error {
+		switch state[st.Name] {
+		case 1:
+			return fmt.Errorf("workflow %s: cycle %s", s.Name, strings.Join(append(path, st.Name), " -> "))
+		case 2:
+			return nil
+		}
+		state[st.Name] = 1
+		for _, a := range st.After {
+			if err := visit(byName[a], append(path, st.Name)); err != nil {
+				return err
+			}
+		}
+		state[st.Name] = 2
+		out = append(out, st)
+		return nil
+	}
+	for i := range s.Steps {
+		if len(s.Steps[i].After) == 0 {
+			if err := visit(&s.Steps[i], nil); err != nil {
+				return nil, err
+			}
+		}
+	}
+	for i := range s.Steps {
+		if err := visit(&s.Steps[i], nil); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// sinks returns the steps no other step runs after.
+func (s *Spec) sinks() []string {
+	used := map[string]bool{}
+	for _, st := range s.Steps {
+		for _, a := range st.After {
+			used[a] = true
+		}
+		if st.Map != "" {
+			used[st.Map] = true
+		}
+	}
+	var out []string
+	for _, st := range s.Steps {
+		if !used[st.Name] {
+			out = append(out, st.Name)
+		}
+	}
+	return out
+}

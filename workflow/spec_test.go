@@ -1,0 +1,98 @@
+package workflow
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseSpecErrors(t *testing.T) {
+	tests := []struct{ name, in, want string }{
+		{"not json", `{`, "workflow definition"},
+		{"unknown field", `{"name":"w","stepz":[]}`, "unknown field"},
+		{"bad name", `{"name":"W!","steps":[{"name":"a"}]}`, "workflow name"},
+		{"no steps", `{"name":"w"}`, "no steps"},
+		{"dup step", `{"name":"w","steps":[{"name":"a"},{"name":"a"}]}`, "two steps named a"},
+		{"unknown upstream", `{"name":"w","steps":[{"name":"a","after":["b"]}]}`, `"b", which is not a step`},
+		{"self", `{"name":"w","steps":[{"name":"a","after":["a"]}]}`, "after itself"},
+		{"cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`, "cycle a -> b -> a"},
+		{"pure cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["b"]},{"name":"b","after":["a"]}]}`, "cycle"},
+		{"two non-sources", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},{"name":"c","after":["a","b"]}]}`, "at most one"},
+		{"map a non-source", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"],"map":"a"}]}`, "not a source step"},
+		{"source map", `{"name":"w","steps":[{"name":"s"},{"name":"a","map":"s"}]}`, "cannot fan out"},
+		{"private call", `{"name":"w","steps":[{"name":"a","call":"_x"}]}`, "public Python function"},
+		{"transfer", `{"name":"w","transfer":"pickle","steps":[{"name":"a"}]}`, "unknown transfer"},
+		{"module", `{"name":"w","module":"a.b","steps":[{"name":"a"}]}`, "not a Python identifier"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseSpec([]byte(tt.in))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestSpecOrderAndDefaults(t *testing.T) {
+	s, err := ParseSpec([]byte(`{"name":"finra","steps":[
+		{"name":"merge","after":["audit"]},
+		{"name":"audit","after":["fetch-portfolio","market"],"map":"rules"},
+		{"name":"fetch-portfolio"},{"name":"market","call":"fetch_market"},{"name":"rules"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Transfer != TransferFork || s.Module != "workflow" || s.Memory != "1Gi" {
+		t.Errorf("defaults: %+v", s)
+	}
+	if s.Steps[2].Call != "fetch_portfolio" || s.Steps[3].Call != "fetch_market" {
+		t.Errorf("calls: %q %q", s.Steps[2].Call, s.Steps[3].Call)
+	}
+	order, err := s.order()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pos := map[string]int{}
+	for i, st := range order {
+		pos[st.Name] = i
+	}
+	if len(order) != 5 || pos["audit"] < pos["fetch-portfolio"] || pos["audit"] < pos["market"] || pos["merge"] < pos["audit"] {
+		t.Errorf("order %v", names(order))
+	}
+	if got := s.sinks(); len(got) != 1 || got[0] != "merge" {
+		t.Errorf("sinks %v (a map's list step is not a sink)", got)
+	}
+}
+
+func TestReadSpecRelativeDir(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte("def a(x):\n    return x\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "w.json")
+	if err := os.WriteFile(p, []byte(`{"name":"w","dir":".","steps":[{"name":"a"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := ReadSpec(p)
+	if err != nil || s.Dir != dir {
+		t.Fatalf("ReadSpec: %v, dir %q", err, s.Dir)
+	}
+	if err := os.WriteFile(p, []byte(`{"name":"w","dir":".","module":"other","steps":[{"name":"a"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadSpec(p); err == nil || !strings.Contains(err.Error(), "other.py") {
+		t.Fatalf("missing module: %v", err)
+	}
+}
+
+func TestParseTransfer(t *testing.T) {
+	for _, s := range []string{"fork", "storage"} {
+		if tr, err := ParseTransfer(s); err != nil || string(tr) != s {
+			t.Errorf("%s: %v %v", s, tr, err)
+		}
+	}
+	if _, err := ParseTransfer("redis"); err == nil {
+		t.Error("no error")
+	}
+}
