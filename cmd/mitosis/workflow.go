@@ -20,8 +20,8 @@ import (
 
 type workflowFlags struct {
 	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
-	timeout                                                                time.Duration
-	jsonOut                                                                bool
+	timeout                                                                 time.Duration
+	jsonOut                                                                 bool
 }
 
 func newWorkflowCmd() *cobra.Command {
