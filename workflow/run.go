@@ -415,22 +415,42 @@ func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, j
 		return Instance{}, nil, err
 	}
 	t0 := time.Now()
-	hreq, err := http.NewRequestWithContext(ctx, "POST", x.rn.Gateway+"/function/"+x.fn, bytes.NewReader(b))
-	if err != nil {
-		return Instance{}, nil, err
+	deadline := t0.Add(x.rn.timeout())
+	var (
+		resp *http.Response
+		body []byte
+	)
+	for {
+		hreq, err := http.NewRequestWithContext(ctx, "POST", x.rn.Gateway+"/function/"+x.fn, bytes.NewReader(b))
+		if err != nil {
+			return Instance{}, nil, err
+		}
+		x.rn.auth(hreq)
+		if resp, err = x.rn.client().Do(hreq); err != nil {
+			return Instance{}, nil, err
+		}
+		body, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return Instance{}, nil, err
+		}
+		// 429: the cluster is at capacity for now; a workflow waits
+		// its turn rather than failing (until the step's bound).
+		if resp.StatusCode != http.StatusTooManyRequests || time.Now().After(deadline) {
+			break
+		}
+		wait := 200 * time.Millisecond
+		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s > 0 {
+			wait = min(time.Duration(s)*time.Second, time.Until(deadline))
+		}
+		select {
+		case <-ctx.Done():
+			return Instance{}, nil, ctx.Err()
+		case <-time.After(wait):
+		}
 	}
-	x.rn.auth(hreq)
-	resp, err := x.rn.client().Do(hreq)
-	if err != nil {
-		return Instance{}, nil, err
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
 	in := Instance{Node: resp.Header.Get("X-Mitosis-Node"), MS: ms(time.Since(t0)),
 		StartMS: hdrMS(resp.Header, "X-Mitosis-Start-Seconds"), RunMS: hdrMS(resp.Header, "X-Mitosis-Run-Seconds")}
-	if err != nil {
-		return in, nil, err
-	}
 	if resp.StatusCode != http.StatusOK {
 		return in, nil, fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
 	}

@@ -1,0 +1,217 @@
+package platform
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/internal/plot"
+	"github.com/mitosis-fork/mitosis/workflow"
+)
+
+// WorkflowConfig is the workflow benchmark: the FINRA audit
+// (examples/finra) for each trade count and rule count, under fork and
+// storage, Runs times each, interleaved.
+type WorkflowConfig struct {
+	Spec     string // path of finra.json
+	Trades   []int
+	Rules    []int
+	Runs     int
+	Window   int // 0: every rule checks every trade; >0: a window of that many
+	Mitosis  string
+	Log      *os.File
+	Command  string
+	NodeMem  string // each node's function memory (default 16G: 8 instances of 2Gi)
+	NodeConc int    // each node's invocation limit (default 8)
+}
+
+// WorkflowCell is the medians of one (trades, rules, transfer) cell.
+type WorkflowCell struct {
+	Trades     int               `json:"trades"`
+	StateMB    float64           `json:"state_mb"` // pickled size of the two sources
+	Rules      int               `json:"rules"`
+	Transfer   workflow.Transfer `json:"transfer"`
+	Runs       int               `json:"runs"`
+	MS         float64           `json:"ms_median"`      // end to end
+	SourcesMS  float64           `json:"sources_ms"`     // deploy (fork: sources in init) + storage's source steps
+	AuditMS    float64           `json:"audit_ms"`       // the fan-out step's wall time
+	TransferMS float64           `json:"transfer_ms"`    // Σ over the run of pickle, SET, GET, unpickle
+	RuleXferMS float64           `json:"rule_xfer_ms"`   // per rule instance: GET + unpickle
+	RuleMS     float64           `json:"rule_ms"`        // per rule instance: request to reply
+	RuleFaults float64           `json:"rule_start_ms"`  // per rule instance: the fork (start) as the gateway saw it
+	All        []float64         `json:"ms_all"`
+	Nodes      int               `json:"nodes_used_max"` // nodes the rules ran on
+}
+
+// RunWorkflows builds the three-node cluster with a Redis server and runs
+// the grid.
+func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error) {
+	if wc.Runs <= 0 {
+		wc.Runs = 5
+	}
+	if wc.NodeMem == "" {
+		wc.NodeMem = "16G"
+	}
+	if wc.NodeConc <= 0 {
+		wc.NodeConc = 8
+	}
+	dir, err := os.MkdirTemp("", "mitosis-wfbench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	cfg := Config{Dir: dir, Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem}
+	cfg.defaults()
+	cfg.NodeMemory, cfg.NodeConcurrency = wc.NodeMem, wc.NodeConc
+	e, err := setup(cfg)
+	if e != nil {
+		defer e.close()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("platform setup: %w", err)
+	}
+	sock := filepath.Join(dir, "redis.sock")
+	redis := exec.Command("redis-server", "--port", "0", "--unixsocket", sock, "--unixsocketperm", "777",
+		"--save", "", "--appendonly", "no", "--dir", dir, "--proto-max-bulk-len", "2gb")
+	if err := redis.Start(); err != nil {
+		return nil, fmt.Errorf("redis-server: %w", err)
+	}
+	defer func() { _ = redis.Process.Kill(); _, _ = redis.Process.Wait() }()
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	spec, err := workflow.ReadSpec(wc.Spec)
+	if err != nil {
+		return nil, err
+	}
+	spec.Memory = "2Gi"
+	rn := &workflow.Runner{Gateway: e.gw.URL, Token: token, HTTP: e.http, RedisSocket: sock, WorkDir: dir, Timeout: 10 * time.Minute}
+	var cells []WorkflowCell
+	for _, n := range wc.Trades {
+		for _, m := range wc.Rules {
+			input, _ := json.Marshal(map[string]int{"trades": n, "rules": m, "window": wc.Window})
+			var runs [2][]*workflow.Run
+			for i := 0; i < wc.Runs; i++ {
+				for k, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+					if ctx.Err() != nil {
+						return cells, ctx.Err()
+					}
+					r, err := rn.Run(ctx, spec, input, tr)
+					if err != nil {
+						return cells, fmt.Errorf("trades %d rules %d %s: %w", n, m, tr, err)
+					}
+					runs[k] = append(runs[k], r)
+				}
+			}
+			var digest [2]string
+			for k, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+				c := summarizeRuns(runs[k])
+				c.Trades, c.Rules, c.Transfer = n, m, tr
+				var res struct{ Digest string }
+				_ = json.Unmarshal(runs[k][0].Result, &res)
+				digest[k] = res.Digest
+				cells = append(cells, c)
+			}
+			if digest[0] != digest[1] || digest[0] == "" {
+				return cells, fmt.Errorf("trades %d rules %d: fork and storage verdicts differ (%q vs %q)", n, m, digest[0], digest[1])
+			}
+			sm := cells[len(cells)-1].StateMB
+			cells[len(cells)-2].StateMB = sm
+			f, s := cells[len(cells)-2], cells[len(cells)-1]
+			e.logf("workflow trades %d (%.0f MB pickled) rules %d: fork %.0f ms, storage %.0f ms (%.0f%% faster); per rule: fork %.1f ms, storage %.1f ms of which GET+unpickle %.1f ms",
+				n, sm, m, f.MS, s.MS, 100*(1-f.MS/s.MS), f.RuleMS, s.RuleMS, s.RuleXferMS)
+		}
+	}
+	return cells, nil
+}
+
+func summarizeRuns(runs []*workflow.Run) WorkflowCell {
+	c := WorkflowCell{Runs: len(runs)}
+	var src, audit, xfer, rx, rms, rst []float64
+	for _, r := range runs {
+		c.All = append(c.All, r.MS)
+		s := r.DeployMS
+		var bytes int64
+		t := 0.0
+		for _, st := range r.Steps {
+			t += st.TransferMS()
+			if st.Name == "fetch-portfolio" || st.Name == "fetch-market-data" {
+				if !st.InInit {
+					s += st.MS
+				}
+				for _, in := range st.Instances {
+					bytes += in.BytesOut
+				}
+			}
+			if st.Name == "audit" {
+				audit = append(audit, st.MS)
+				c.Nodes = max(c.Nodes, len(st.Nodes))
+				for _, in := range st.Instances {
+					rx = append(rx, in.LoadMS+in.DeserMS)
+					rms = append(rms, in.MS)
+					rst = append(rst, in.StartMS)
+				}
+			}
+		}
+		if bytes > 0 {
+			c.StateMB = float64(bytes) / 1e6
+		}
+		src = append(src, s)
+		xfer = append(xfer, t)
+	}
+	c.MS = median(c.All)
+	c.SourcesMS, c.AuditMS, c.TransferMS = median(src), median(audit), median(xfer)
+	c.RuleXferMS, c.RuleMS, c.RuleFaults = median(rx), median(rms), median(rst)
+	return c
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// WorkflowMarkdown renders the cells as a table with the target check.
+func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, fork and storage interleaved.\n\n", wc.Command, wc.Runs)
+	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for i, c := range cells {
+		faster := ""
+		if c.Transfer == workflow.TransferFork && i+1 < len(cells) {
+			faster = fmt.Sprintf("%.0f%%", 100*(1-c.MS/cells[i+1].MS))
+		}
+		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %s |\n",
+			c.Trades, c.StateMB, c.Rules, c.Transfer, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, faster)
+	}
+	return b.String()
+}
+
+// WorkflowChart renders end-to-end time per cell, fork vs storage.
+func WorkflowChart(cells []WorkflowCell) string {
+	var cats []string
+	fork := plot.Series{Name: "fork"}
+	stor := plot.Series{Name: "storage"}
+	for _, c := range cells {
+		if c.Transfer == workflow.TransferFork {
+			cats = append(cats, fmt.Sprintf("%dk trades, M=%d", c.Trades/1000, c.Rules))
+			fork.Values = append(fork.Values, c.MS)
+		} else {
+			stor.Values = append(stor.Values, c.MS)
+		}
+	}
+	return plot.BarChart(plot.Chart{Title: "FINRA workflow end to end: fork-based state transfer vs pickle through Redis", YLabel: "ms (log)", LogY: true,
+		Footer: "3 network-namespace nodes; medians; examples/finra"}, cats, []plot.Series{fork, stor})
+}

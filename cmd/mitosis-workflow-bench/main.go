@@ -1,0 +1,82 @@
+// Command mitosis-workflow-bench is the workflow benchmark: the FINRA
+// audit (examples/finra) on three network-namespace nodes behind a gateway,
+// for several trade counts and rule counts, with state passed by fork and
+// through a real Redis server (pickle), interleaved. It prints a markdown
+// table and, with -out-dir, writes workflow.md, workflow.json and
+// workflow.svg. It must run as root.
+//
+//	go run ./cmd/mitosis-workflow-bench -out-dir results/workflow
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/mitosis-fork/mitosis/bench/platform"
+)
+
+func ints(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("%q: want positive integers separated by commas", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func main() {
+	var wc platform.WorkflowConfig
+	trades := flag.String("trades", "200000,1000000,4000000", "portfolio sizes (trades; ~33 bytes each in the frame)")
+	rules := flag.String("rules", "1,8,32", "rule counts M")
+	flag.IntVar(&wc.Runs, "runs", 5, "runs per cell and transfer")
+	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
+	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
+	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis)")
+	flag.StringVar(&wc.NodeMem, "node-memory", "16G", "each node's function memory")
+	outDir := flag.String("out-dir", "", "write workflow.md, workflow.json, workflow.svg here")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: must run as root")
+		os.Exit(2)
+	}
+	var err error
+	if wc.Trades, err = ints(*trades); err == nil {
+		wc.Rules, err = ints(*rules)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
+		os.Exit(2)
+	}
+	wc.Log = os.Stderr
+	wc.Command = strings.Join(append([]string{"go run ./cmd/mitosis-workflow-bench"}, os.Args[1:]...), " ")
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cells, err := platform.RunWorkflows(ctx, wc)
+	md := platform.WorkflowMarkdown(wc, cells)
+	fmt.Print(md)
+	if *outDir != "" && len(cells) > 0 {
+		b, _ := json.MarshalIndent(cells, "", "  ")
+		_ = os.MkdirAll(*outDir, 0o755)
+		for name, data := range map[string][]byte{"workflow.md": []byte(md), "workflow.json": b, "workflow.svg": []byte(platform.WorkflowChart(cells))} {
+			if werr := os.WriteFile(filepath.Join(*outDir, name), data, 0o644); werr != nil {
+				fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", werr)
+			}
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
+		stop()
+		os.Exit(1)
+	}
+}
