@@ -38,13 +38,13 @@ type WorkflowCell struct {
 	Rules      int               `json:"rules"`
 	Transfer   workflow.Transfer `json:"transfer"`
 	Runs       int               `json:"runs"`
-	MS         float64           `json:"ms_median"`      // end to end
-	SourcesMS  float64           `json:"sources_ms"`     // deploy (fork: sources in init) + storage's source steps
-	AuditMS    float64           `json:"audit_ms"`       // the fan-out step's wall time
-	TransferMS float64           `json:"transfer_ms"`    // Σ over the run of pickle, SET, GET, unpickle
-	RuleXferMS float64           `json:"rule_xfer_ms"`   // per rule instance: GET + unpickle
-	RuleMS     float64           `json:"rule_ms"`        // per rule instance: request to reply
-	RuleFaults float64           `json:"rule_start_ms"`  // per rule instance: the fork (start) as the gateway saw it
+	MS         float64           `json:"ms_median"`     // end to end
+	SourcesMS  float64           `json:"sources_ms"`    // deploy (fork: sources in init) + storage's source steps
+	AuditMS    float64           `json:"audit_ms"`      // the fan-out step's wall time
+	TransferMS float64           `json:"transfer_ms"`   // Σ over the run of pickle, SET, GET, unpickle
+	RuleXferMS float64           `json:"rule_xfer_ms"`  // per rule instance: GET + unpickle
+	RuleMS     float64           `json:"rule_ms"`       // per rule instance: request to reply
+	RuleFaults float64           `json:"rule_start_ms"` // per rule instance: the fork (start) as the gateway saw it
 	All        []float64         `json:"ms_all"`
 	Nodes      int               `json:"nodes_used_max"` // nodes the rules ran on
 }
