@@ -398,6 +398,7 @@ func (d *Daemon) reap(k *childRec) {
 	m.pagesFetched.Add(float64(stats.PagesFetched))
 	m.pagesEager.Add(float64(stats.Eager))
 	ran := k.ended.Sub(k.child.Started).Round(time.Millisecond)
+	defer d.trimHistory()
 	if cerr != nil {
 		m.childFailures.Inc()
 		d.log.Error("child failed", "child", k.id, "seed", k.seed.id, "source", sourceOf(k.seed), "pid", k.child.PID,
@@ -518,6 +519,40 @@ func (d *Daemon) runningLocked(s *seedRec) []*childRec {
 		}
 	}
 	return out
+}
+
+// MaxHistory is how many ended children `ps` keeps (with their logs);
+// older ones are forgotten and their logs removed, so a daemon that forks
+// millions of children holds a bounded record of them.
+const MaxHistory = 1000
+
+// trimHistory forgets the oldest ended children beyond MaxHistory.
+func (d *Daemon) trimHistory() {
+	var logs []string
+	d.mu.Lock()
+	ended := 0
+	for _, id := range d.order {
+		if k := d.children[id]; k != nil && k.hasExited() {
+			ended++
+		}
+	}
+	for i := 0; ended > MaxHistory && i < len(d.order); {
+		k := d.children[d.order[i]]
+		if k == nil || !k.hasExited() {
+			i++
+			continue
+		}
+		if k.logPath != "" {
+			logs = append(logs, k.logPath)
+		}
+		delete(d.children, k.id)
+		d.order = append(d.order[:i], d.order[i+1:]...)
+		ended--
+	}
+	d.mu.Unlock()
+	for _, l := range logs {
+		_ = os.Remove(l)
+	}
 }
 
 func (d *Daemon) dropChildLocked(id string) {
