@@ -350,17 +350,11 @@ func readProcs(dir string) ([]int, error) {
 		if !d.IsDir() {
 			return nil
 		}
-		b, err := os.ReadFile(filepath.Join(p, "cgroup.procs"))
+		pids, err := readProcsFile(p)
 		if err != nil {
 			return err
 		}
-		for _, f := range strings.Fields(string(b)) {
-			n, err := strconv.Atoi(f)
-			if err != nil {
-				return fmt.Errorf("container: %s/cgroup.procs: %w", p, err)
-			}
-			out = append(out, n)
-		}
+		out = append(out, pids...)
 		return nil
 	})
 	return out, err
@@ -383,25 +377,18 @@ func (g *Group) Delete() error {
 	}
 	dirs := g.Paths()
 	deadline := time.Now().Add(killWait)
-	for {
+	if err := g.killAll(deadline, func() ([]int, error) {
 		var pids []int
 		for _, d := range dirs {
 			p, err := readProcsFile(d)
 			if err != nil {
-				return fmt.Errorf("container: delete %s: %w", g.name, err)
+				return nil, err
 			}
 			pids = append(pids, p...)
 		}
-		if len(pids) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("container: delete %s: processes %v did not exit", g.name, pids)
-		}
-		for _, p := range pids {
-			_ = syscall.Kill(p, syscall.SIGKILL)
-		}
-		time.Sleep(time.Millisecond)
+		return pids, nil
+	}); err != nil {
+		return err
 	}
 	nested := false
 	for _, d := range dirs {
@@ -426,21 +413,14 @@ func (g *Group) Delete() error {
 // the group with everything below it through the cgroup library (the
 // slow, walking path).
 func (g *Group) removeNested(deadline time.Time) error {
-	for {
+	if err := g.killAll(deadline, func() ([]int, error) {
 		pids, err := g.Procs()
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("container: delete %s: %w", g.name, err)
+		if errors.Is(err, os.ErrNotExist) {
+			err = nil
 		}
-		if len(pids) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("container: delete %s: processes %v did not exit", g.name, pids)
-		}
-		for _, p := range pids {
-			_ = syscall.Kill(p, syscall.SIGKILL)
-		}
-		time.Sleep(time.Millisecond)
+		return pids, err
+	}); err != nil {
+		return err
 	}
 	var err error
 	if g.v2 != nil {
@@ -458,6 +438,27 @@ func (g *Group) removeNested(deadline time.Time) error {
 		return fmt.Errorf("container: delete %s: %w", g.name, err)
 	}
 	return nil
+}
+
+// killAll SIGKILLs the pids list returns until it returns none, or fails
+// once deadline has passed.
+func (g *Group) killAll(deadline time.Time, list func() ([]int, error)) error {
+	for {
+		pids, err := list()
+		if err != nil {
+			return fmt.Errorf("container: delete %s: %w", g.name, err)
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("container: delete %s: processes %v did not exit", g.name, pids)
+		}
+		for _, p := range pids {
+			_ = syscall.Kill(p, syscall.SIGKILL)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // readProcsFile returns the pids in dir/cgroup.procs (none if dir is gone).

@@ -380,16 +380,7 @@ func TestRemoveTree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("sleep", "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	if err := g.Add(cmd.Process.Pid); err != nil {
-		cmd.Process.Kill()
-		t.Fatal(err)
-	}
+	cmd, waited := sleepIn(t, g)
 	if _, err := New(root+"/empty", Limits{}); err != nil {
 		t.Fatal(err)
 	}
@@ -435,16 +426,7 @@ func TestDeleteNested(t *testing.T) {
 		g.Delete()
 		t.Fatal(err)
 	}
-	cmd := exec.Command("sleep", "60")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-	if err := inner.Add(cmd.Process.Pid); err != nil {
-		cmd.Process.Kill()
-		t.Fatal(err)
-	}
+	cmd, waited := sleepIn(t, inner)
 	if err := g.Delete(); err != nil {
 		cmd.Process.Kill()
 		t.Fatalf("Delete: %v", err)
@@ -460,4 +442,20 @@ func TestDeleteNested(t *testing.T) {
 			t.Errorf("%s still exists (%v)", d, err)
 		}
 	}
+}
+
+// sleepIn starts a sleep(1) in g; waited receives its exit.
+func sleepIn(t *testing.T, g *Group) (*exec.Cmd, chan error) {
+	t.Helper()
+	cmd := exec.Command("sleep", "60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	if err := g.Add(cmd.Process.Pid); err != nil {
+		cmd.Process.Kill()
+		t.Fatal(err)
+	}
+	return cmd, waited
 }

@@ -530,6 +530,10 @@ const MaxHistory = 1000
 func (d *Daemon) trimHistory() {
 	var logs []string
 	d.mu.Lock()
+	if len(d.order) <= MaxHistory { // the common case on every exit: nothing to count
+		d.mu.Unlock()
+		return
+	}
 	ended := 0
 	for _, id := range d.order {
 		if k := d.children[id]; k != nil && k.hasExited() {

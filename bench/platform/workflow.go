@@ -68,7 +68,6 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 	defer os.RemoveAll(dir)
 	cfg := Config{Dir: dir, Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem}
 	cfg.defaults()
-	cfg.NodeMemory, cfg.NodeConcurrency = wc.NodeMem, wc.NodeConc
 	e, err := setup(cfg)
 	if e != nil {
 		defer e.close()
