@@ -47,6 +47,10 @@ type startSpec struct {
 	// (without its newline) when line is set.
 	want string
 	line bool
+	// after, if set, is a line the child prints after its result, read
+	// and compared once the result was timed (mitosis children only: a
+	// check the child makes of itself that the latency must not include).
+	after string
 }
 
 func (r *runner) helloSpec() startSpec {
@@ -124,6 +128,18 @@ func (sp *startSpec) check(rd *pipeReader, deadline time.Time) error {
 	}
 	if string(b) != sp.want {
 		return fmt.Errorf("WRONG RESULT: child wrote %q, want %q", b, sp.want)
+	}
+	return nil
+}
+
+// checkLine reads the next line from rd and compares it with want.
+func checkLine(rd *pipeReader, want string, deadline time.Time) error {
+	l, err := rd.readLine(deadline)
+	if err != nil {
+		return fmt.Errorf("reading the line after the result (want %q): %w", want, err)
+	}
+	if l != want {
+		return fmt.Errorf("WRONG RESULT: child printed %q after its result, want %q", l, want)
 	}
 	return nil
 }
@@ -330,8 +346,12 @@ func (r *runner) mitosisFork(seed *engine.Seed, opts engine.ForkOptions, sp *sta
 	if err != nil {
 		return 0, 0, st, fmt.Errorf("engine Fork(Eager=%v, NoCache=%v): %v", opts.Eager, opts.NoCache, err)
 	}
-	cerr := sp.check(&pipeReader{f: pr}, time.Now().Add(resultTimeout))
+	rd := &pipeReader{f: pr}
+	cerr := sp.check(rd, time.Now().Add(resultTimeout))
 	d := time.Since(t0)
+	if cerr == nil && sp.after != "" {
+		cerr = checkLine(rd, sp.after, time.Now().Add(resultTimeout))
+	}
 	if cerr != nil {
 		_ = syscall.Kill(c.PID, syscall.SIGKILL)
 	}

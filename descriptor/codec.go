@@ -5,7 +5,7 @@ import (
 	"fmt"
 )
 
-// Binary format (version 1). All integers are little-endian and fixed width;
+// Binary format (version 3). All integers are little-endian and fixed width;
 // signed integers are stored as their two's-complement bit pattern. Strings
 // and byte slices are a u32 length followed by the bytes; lists are a u32
 // count followed by the elements. Fields appear in exactly this order:
@@ -25,6 +25,10 @@ import (
 //	Cwd str  Umask u32  Rlimits (list of: Resource u32, Cur Max u64)
 //	Creds (UID EUID SUID FSUID GID EGID SGID FSGID u32, Groups list of u32)
 //	Root str
+//	Threads (list of: TID u32, Regs 27×u64, SigMask u64, TIDAddr u64,
+//	         AltStackSP u64, AltStackFlags u32, AltStackSize u64,
+//	         RobustHead u64, RobustLen u64, Rseq (Addr u64, Len Sig Flags u32),
+//	         XState bytes)
 //
 // where file is Dev u64, Ino u64, Size u64, MtimeNsec u64. The encoding is
 // canonical: a valid encoding decodes and re-encodes to the same bytes.
@@ -43,6 +47,7 @@ const (
 	MaxGroups     = 65536    // entries in Creds.Groups (NGROUPS_MAX)
 	MaxSigActions = 64       // entries in SigActions (_NSIG)
 	MaxRlimits    = 64       // entries in Rlimits
+	MaxThreads    = 4096     // entries in Threads
 )
 
 // Encoded sizes of fixed-size parts, used for pre-sizing buffers and for
@@ -57,6 +62,8 @@ const (
 	fdFixedSize   = 4 + 4 + 4 + 8 + 1 + fileIDSize
 	fdMinSize     = fdFixedSize + 4 // + path
 	rlimitSize    = 4 + 8 + 8
+	threadFixed   = 4 + 27*8 + 8 + 8 + 8 + 4 + 8 + 8 + 8 + (8 + 4 + 4 + 4)
+	threadMinSize = threadFixed + 4 // + xstate
 )
 
 // Encode appends the descriptor in the versioned binary format to dst and
@@ -154,6 +161,26 @@ func Encode(dst []byte, d *Descriptor) []byte {
 		w.u32(g)
 	}
 	w.str(d.Root)
+	w.u32(uint32(len(d.Threads)))
+	for i := range d.Threads {
+		th := &d.Threads[i]
+		w.u32(uint32(th.TID))
+		for _, r := range th.Regs {
+			w.u64(r)
+		}
+		w.u64(th.SigMask)
+		w.u64(th.TIDAddr)
+		w.u64(th.AltStackSP)
+		w.u32(th.AltStackFlags)
+		w.u64(th.AltStackSize)
+		w.u64(th.RobustHead)
+		w.u64(th.RobustLen)
+		w.u64(th.Rseq.Addr)
+		w.u32(th.Rseq.Len)
+		w.u32(th.Rseq.Sig)
+		w.u32(th.Rseq.Flags)
+		w.bytes(th.XState)
+	}
 	return w.b
 }
 
@@ -179,6 +206,10 @@ func encodedSize(d *Descriptor) int {
 	n += 4 + len(d.Rlimits)*rlimitSize
 	n += 8*4 + 4 + len(d.Creds.Groups)*4
 	n += 4 + len(d.Root)
+	n += 4 + len(d.Threads)*threadMinSize
+	for i := range d.Threads {
+		n += len(d.Threads[i].XState)
+	}
 	return n
 }
 
@@ -361,6 +392,35 @@ func Decode(b []byte) (*Descriptor, error) {
 		}
 	}
 	d.Root = r.str("root")
+	if n := r.length("threads", MaxThreads, threadMinSize); n > 0 {
+		d.Threads = make([]Thread, n)
+		r.sect = "thread"
+		for i := range d.Threads {
+			r.idx = i
+			f := r.fixed("fields", threadFixed)
+			if f == nil {
+				break
+			}
+			th := &d.Threads[i]
+			th.TID = int32(f.u32())
+			for j := range th.Regs {
+				th.Regs[j] = f.u64()
+			}
+			th.SigMask = f.u64()
+			th.TIDAddr = f.u64()
+			th.AltStackSP = f.u64()
+			th.AltStackFlags = f.u32()
+			th.AltStackSize = f.u64()
+			th.RobustHead = f.u64()
+			th.RobustLen = f.u64()
+			th.Rseq.Addr = f.u64()
+			th.Rseq.Len = f.u32()
+			th.Rseq.Sig = f.u32()
+			th.Rseq.Flags = f.u32()
+			th.XState = r.bytes("xstate", MaxXState)
+		}
+		r.sect, r.idx = "", -1
+	}
 
 	if r.err != nil {
 		return nil, r.err
@@ -557,6 +617,14 @@ func (d *Descriptor) Validate() error {
 	}
 	if err := checkLen("creds groups", len(d.Creds.Groups), MaxGroups); err != nil {
 		return err
+	}
+	if err := checkLen("threads", len(d.Threads), MaxThreads); err != nil {
+		return err
+	}
+	for i := range d.Threads {
+		if err := checkLen(fmt.Sprintf("thread %d: xstate", i), len(d.Threads[i].XState), MaxXState); err != nil {
+			return err
+		}
 	}
 
 	for i := range d.VMAs {

@@ -65,9 +65,17 @@ func fullDescriptor() *Descriptor {
 			GID: 2000, EGID: 2001, SGID: 2002, FSGID: 2003,
 			Groups: []uint32{4, 24, 27, 1000},
 		},
+		Threads: []Thread{
+			{TID: 4243, XState: []byte("thread-xstate\x07"), SigMask: 1 << 10, TIDAddr: 0x7fff_f700_09d0,
+				AltStackSP: 0x7fff_0001_0000, AltStackFlags: 2, AltStackSize: 4096,
+				RobustHead: 0x7fff_f700_09e0, RobustLen: 24,
+				Rseq: Rseq{Addr: 0x7fff_f700_0fe0, Len: 32, Sig: 0x53053053, Flags: 2}},
+			{TID: 4250, XState: []byte{1}, SigMask: 1},
+		},
 	}
 	for i := range d.Regs {
 		d.Regs[i] = uint64(i+1) * 0x0101_0101_0101_0101
+		d.Threads[0].Regs[i] = uint64(i+7) * 0x0202_0202_0202_0202
 	}
 	return d
 }
@@ -205,7 +213,7 @@ func TestEncodeAppends(t *testing.T) {
 	if !bytes.HasPrefix(b, prefix) || !bytes.Equal(b[len(prefix):], Encode(nil, d)) {
 		t.Fatal("Encode did not append to dst")
 	}
-	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x02\x00")) {
+	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x03\x00")) {
 		t.Fatalf("header = %q", b[len(prefix):len(prefix)+6])
 	}
 }
@@ -296,13 +304,13 @@ func TestDecodeRejectsEncoding(t *testing.T) {
 		{"no version", func(*testing.T) []byte { return []byte("MTSD\x01") }, "descriptor: version: truncated"},
 		{"unknown version", func(*testing.T) []byte {
 			b := bytes.Clone(valid)
-			b[4] = 3
+			b[4] = 4
 			return b
-		}, "descriptor: version: unsupported version 3"},
+		}, "descriptor: version: unsupported version 4"},
 		{"version 0", func(*testing.T) []byte { return []byte("MTSD\x00\x00") }, "descriptor: version: unsupported version 0"},
-		{"header only", func(*testing.T) []byte { return []byte("MTSD\x02\x00") }, "descriptor: seed id: truncated"},
+		{"header only", func(*testing.T) []byte { return []byte("MTSD\x03\x00") }, "descriptor: seed id: truncated"},
 		{"truncated at end", func(*testing.T) []byte { return valid[:len(valid)-1] },
-			"descriptor: root: length"},
+			"descriptor: thread 1: xstate: length"},
 		{"truncated in regs", func(t *testing.T) []byte { return valid[:offsetOf(t, growXState)-5] },
 			"descriptor: regs: truncated input: need 8 bytes"},
 		{"truncated in vma path", func(t *testing.T) []byte {
@@ -503,7 +511,7 @@ func FuzzDecode(f *testing.F) {
 	for _, d := range []*Descriptor{{}, fullDescriptor(), unicodeDescriptor(), small} {
 		f.Add(Encode(nil, d))
 	}
-	f.Add([]byte("MTSD\x02\x00"))
+	f.Add([]byte("MTSD\x03\x00"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Decode(b)

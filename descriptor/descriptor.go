@@ -9,7 +9,7 @@
 package descriptor
 
 // Version is the current encoding version written by Encode.
-const Version = 2
+const Version = 3
 
 // CacheMemfdPrefix starts the name of every node page-cache memfd; a
 // private mapping of one is a mitosis child's own memory (see pager.Cache).
@@ -139,6 +139,28 @@ type Rseq struct {
 	Flags uint32
 }
 
+// Thread is the state of one thread of the parent other than the one the
+// child is rebuilt on (the thread group leader, whose state is the
+// Descriptor's own Regs, XState, SigMask, ... fields). The restore
+// recreates it inside the child with clone(CLONE_THREAD) and loads this
+// state before any thread of the child runs.
+type Thread struct {
+	TID     int32      // the parent's tid (informational)
+	Regs    [27]uint64 // struct user_regs_struct, x86-64 order
+	XState  []byte     // NT_X86_XSTATE regset
+	SigMask uint64
+	// TIDAddr is the address of glibc's cached tid in this thread's TCB
+	// (struct pthread.tid), which is also its clear_child_tid pointer
+	// (pthread_join waits on it), or 0 when the thread has none.
+	TIDAddr       uint64
+	AltStackSP    uint64
+	AltStackFlags uint32
+	AltStackSize  uint64
+	RobustHead    uint64
+	RobustLen     uint64
+	Rseq          Rseq
+}
+
 // Descriptor is a complete seed descriptor.
 type Descriptor struct {
 	// Identity.
@@ -172,6 +194,9 @@ type Descriptor struct {
 	RobustHead    uint64
 	RobustLen     uint64
 	Rseq          Rseq
+	// Threads are the parent's other threads (empty for a
+	// single-threaded parent), in the order of their tids.
+	Threads []Thread
 
 	// Process resources.
 	FDs []FD

@@ -17,6 +17,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -293,7 +294,7 @@ func (s *space) mapShared(a uint64, n int) error {
 			continue
 		}
 		if errors.Is(err, unix.EEXIST) {
-			s.setServed(a+uint64(done)*pageSize, 1, true)
+			s.present(a + uint64(done)*pageSize)
 			done++
 			continue
 		}
@@ -314,6 +315,19 @@ func (s *space) read(a uint64, b []byte) error {
 		return err
 	}
 	return s.p.cfg.Source.ReadPages(src, b)
+}
+
+// present records that the page at a is already mapped in the child (an
+// install met EEXIST) and wakes the threads waiting on it. The wake is not
+// redundant: with several threads, one can fault on a page while another
+// thread's write copies it on write (the PTE is cleared and set again under
+// the PTE lock, but the fault path reads it without the lock). The late
+// fault finds no PTE, queues a message and sleeps; when the copy's PTE is
+// in place our install meets EEXIST, which wakes no one, so the thread would
+// sleep forever.
+func (s *space) present(a uint64) {
+	s.setServed(a, 1, true)
+	_ = uffd.Wake(s.fd, a, pageSize)
 }
 
 func (s *space) isServed(a uint64) bool {
@@ -367,8 +381,7 @@ func (s *space) copy(a uint64, b []byte) (int, error) {
 			continue
 		}
 		if errors.Is(err, unix.EEXIST) {
-			// Already installed (e.g. by a racing fault): skip it.
-			s.setServed(a+uint64(done), 1, true)
+			s.present(a + uint64(done))
 			done += pageSize
 			continue
 		}
@@ -393,7 +406,7 @@ func (s *space) zero(a uint64, n int) (int, error) {
 			continue
 		}
 		if errors.Is(err, unix.EEXIST) {
-			s.setServed(a+uint64(done)*pageSize, 1, true)
+			s.present(a + uint64(done)*pageSize)
 			done++
 			continue
 		}
@@ -410,8 +423,27 @@ func (s *space) serve() {
 		s.p.mu.Unlock()
 	}()
 	raw := make([]byte, 64*uffd.MsgSize)
+	deadline := false
 	for {
+		// A fault that met EAGAIN waits for a non-cooperative event
+		// (REMOVE, REMAP, ...) to complete, which can happen after its
+		// message was read (the task that madvised or mremapped has to
+		// run again first) with no further message to wake this loop:
+		// poll for the retry instead of blocking in read.
+		s.mu.Lock()
+		waitRetry := len(s.retry) > 0
+		s.mu.Unlock()
+		if waitRetry {
+			_ = s.f.SetReadDeadline(time.Now().Add(retryPoll))
+			deadline = true
+		} else if deadline {
+			_ = s.f.SetReadDeadline(time.Time{})
+			deadline = false
+		}
 		n, err := s.f.Read(raw)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			n, err = 0, nil
+		}
 		if err != nil {
 			if errors.Is(err, os.ErrClosed) {
 				return
@@ -450,6 +482,9 @@ func (s *space) serve() {
 }
 
 func (s *space) handle(m uffd.Msg) error {
+	if debugFaults && m.Event != uffd.EventPagefault {
+		println("event", s.fd, m.Event, m.Start, m.End, m.From, m.To)
+	}
 	switch m.Event {
 	case uffd.EventPagefault:
 		s.p.faults.Add(1)
@@ -558,7 +593,11 @@ func (s *space) fault(a uint64) error {
 	}
 	s.lastStart, s.lastEnd = start, end
 	if debugFaults {
-		println("fault", a, n, zero, s.dir)
+		es := "ok"
+		if err != nil {
+			es = err.Error()
+		}
+		println("fault", s.fd, a, start, n, zero, s.dir, es)
 	}
 	switch {
 	case err == nil:
@@ -661,3 +700,7 @@ func (s *space) remap(from, to, length uint64) {
 }
 
 var debugFaults = os.Getenv("MITOSIS_DEBUG_FAULTS") != ""
+
+// retryPoll is how long the fault loop waits for new messages before it
+// retries faults that met EAGAIN.
+const retryPoll = 50 * time.Microsecond

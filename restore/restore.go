@@ -172,6 +172,7 @@ type child struct {
 	gadget  uint64
 	gsize   uint64
 	pending []syscall.Signal
+	threads []*thread // recreated other threads, stopped until released
 }
 
 func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int, error) {
@@ -204,6 +205,7 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	defer func() {
 		if !ok {
 			_ = unix.Kill(pid, unix.SIGKILL)
+			reapThreads(c.threads)
 			for {
 				ws, err := ptrace.Wait(pid)
 				if err != nil || ws.Exited() || ws.Signaled() {
@@ -215,7 +217,13 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	if _, err := ptrace.WaitStop(pid, syscall.SIGTRAP, &c.pending, func() error { return ptrace.Cont(pid, 0) }); err != nil {
 		return 0, fmt.Errorf("stub exec stop: %w", err)
 	}
-	if err := ptrace.SetOptions(pid, unix.PTRACE_O_EXITKILL); err != nil {
+	options := unix.PTRACE_O_EXITKILL
+	if len(d.Threads) > 0 {
+		// The other threads are cloned from the leader and must come up
+		// attached (and stopped).
+		options |= unix.PTRACE_O_TRACECLONE
+	}
+	if err := ptrace.SetOptions(pid, options); err != nil {
 		return 0, err
 	}
 	if opts.OnSpawn != nil {
@@ -648,6 +656,16 @@ func (c *child) build(opts Options) error {
 	}
 
 	mark("batch3")
+	if len(d.Threads) > 0 {
+		// After the shared task state (credentials, limits, signal
+		// handlers), which the new threads share or inherit.
+		var err error
+		c.threads, err = c.makeThreads()
+		if err != nil {
+			return fmt.Errorf("restore threads: %w", err)
+		}
+		mark("threads")
+	}
 	// Unmap the gadget from a syscall instruction in the (moved) vDSO.
 	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
 		return fmt.Errorf("unmap gadget: %w", err)
@@ -669,6 +687,10 @@ func (c *child) build(opts Options) error {
 		sig = c.pending[0]
 	}
 	mark("final regs")
+	// Every thread is complete: let them all run, the leader last.
+	if err := releaseThreads(c, c.threads); err != nil {
+		return err
+	}
 	if err := ptrace.Detach(c.pid, sig); err != nil {
 		return err
 	}

@@ -72,7 +72,7 @@ func refuse(format string, a ...any) error {
 
 const taskSize = 0x7ffffffff000
 
-// Prepare snapshots the single-threaded process pid. On success the frozen
+// Prepare snapshots the process pid (all its threads). On success the frozen
 // copy stays stopped under t; the caller must eventually kill it and reap it
 // on t (see Release). On failure the parent is left running (or stopped, if
 // it was stopped) and untraced.
@@ -87,9 +87,6 @@ func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
 			return nil, fmt.Errorf("prepare %d: no such process (check the pid with `ps -p %d`)", pid, pid)
 		}
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
-	}
-	if st.Threads > 1 {
-		return nil, refuse("process %d has %d threads; mitosis supports single-threaded processes only (for Python with numpy set OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1)", pid, st.Threads)
 	}
 	if st.TracerPid != 0 {
 		return nil, fmt.Errorf("prepare %d: process is already traced by pid %d (a debugger?)", pid, st.TracerPid)
@@ -144,7 +141,8 @@ func findVDSOSyscall(pid int, maps []procfs.Mapping) (uint64, error) {
 
 // stopped is a process seized and held in a ptrace-stop by the tracer.
 type stopped struct {
-	pid        int
+	pid        int // tid of the thread
+	tgid       int // its process (0: pid)
 	wasStopped bool // in a group-stop before: gets SIGSTOP back at detach
 	pending    []syscall.Signal
 	attached   bool
@@ -202,21 +200,26 @@ func (s *stopped) detach() {
 		sig, pending = pending[0], pending[1:]
 	}
 	_ = ptrace.Detach(s.pid, sig)
+	tgid := s.tgid
+	if tgid == 0 {
+		tgid = s.pid
+	}
 	for _, p := range pending {
-		_ = unix.Tgkill(s.pid, s.pid, p)
+		_ = unix.Tgkill(tgid, s.pid, p)
 	}
 	s.attached = false
 }
 
 // prepareLocked runs on the tracer thread.
 func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
-	st, err := seizeStop(pid, unix.PTRACE_O_TRACECLONE, wasStopped)
+	g, err := seizeGroup(pid, unix.PTRACE_O_TRACECLONE, wasStopped)
 	if err != nil {
 		return nil, err
 	}
+	st := g.leader
 	stopAt := time.Now()
-	defer st.detach()
-	detach := st.detach
+	defer g.detach()
+	detach := g.detach
 	// While the parent is stopped its /proc state is stable: read it on
 	// another thread while this one reads the layout and registers and
 	// injects the clone.
@@ -254,6 +257,13 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		waitInfo()
 		return nil, err
 	}
+	threads := make([]threadState, len(g.threads))
+	for i, s := range g.threads {
+		if threads[i], err = readThread(s.pid); err != nil {
+			waitInfo()
+			return nil, err
+		}
+	}
 	info := waitInfo()
 	if info.err != nil {
 		return nil, info.err
@@ -278,6 +288,18 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		killSrc()
 		return nil, err
 	}
+	// The other threads' alternate signal stacks, asked of each thread
+	// now that the frozen copy exists (the query writes below its rsp).
+	alts := make([][3]uint64, len(g.threads))
+	for i, s := range g.threads {
+		sp, fl, sz, err := threadAltStack(s, at, &threads[i].regs)
+		if err != nil {
+			<-filesc
+			killSrc()
+			return nil, err
+		}
+		alts[i] = [3]uint64{sp, uint64(fl), sz}
+	}
 	// A parent that was stopped gets SIGSTOP back with the detach: it
 	// re-enters its group-stop before running any of its own code (it may
 	// show state R for that moment).
@@ -292,6 +314,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		return nil, err
 	}
 	phase("describe", t1)
+	d.Threads = describeThreads(src, threads, alts)
 	d.XState = xstate
 	d.SigMask = sigmask
 	d.Rseq = descriptor.Rseq{Addr: rseq.Addr, Len: rseq.Size, Sig: rseq.Sig, Flags: rseq.Flags}
@@ -301,52 +324,9 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 // injectClone makes pid clone itself and returns the new, stopped and
 // auto-attached copy.
 func injectClone(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal) (int, error) {
-	r := *base
-	r.Rip = at
-	r.Rax = unix.SYS_CLONE
-	r.Orig_rax = ^uint64(0)
-	r.Rdi, r.Rsi, r.Rdx, r.R10, r.R8 = 0, 0, 0, 0, 0
-	r.Eflags &^= 0x100
-	if err := ptrace.SetRegs(pid, &r); err != nil {
+	child, err := ptrace.InjectClone(pid, at, base, pending)
+	if err != nil {
 		return 0, err
-	}
-	if err := ptrace.Step(pid); err != nil {
-		return 0, err
-	}
-	child := 0
-	for {
-		ws, err := ptrace.WaitStop(pid, syscall.SIGTRAP, pending, func() error { return ptrace.Step(pid) })
-		if err != nil {
-			return 0, fmt.Errorf("inject clone: %w", err)
-		}
-		if ptrace.Event(ws) == unix.PTRACE_EVENT_CLONE {
-			m, err := ptrace.EventMsg(pid)
-			if err != nil {
-				return 0, err
-			}
-			child = int(m)
-			if err := ptrace.Step(pid); err != nil {
-				return 0, err
-			}
-			continue
-		}
-		if ptrace.Event(ws) > 0 {
-			if err := ptrace.Step(pid); err != nil {
-				return 0, err
-			}
-			continue
-		}
-		break
-	}
-	var out unix.PtraceRegs
-	if err := ptrace.GetRegs(pid, &out); err != nil {
-		return 0, err
-	}
-	if e := ptrace.Errno(out.Rax); e != nil {
-		return 0, fmt.Errorf("inject clone: %w", e)
-	}
-	if child == 0 || int(out.Rax) != child {
-		return 0, fmt.Errorf("inject clone: got pid %d from event, %d from rax", child, int64(out.Rax))
 	}
 	// The copy starts with a ptrace stop (auto-attached).
 	if _, err := ptrace.WaitStop(child, 0, nil, nil); err != nil {

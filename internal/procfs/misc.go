@@ -3,6 +3,7 @@ package procfs
 import (
 	"fmt"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -115,4 +116,20 @@ func ParseLimits(data []byte) ([]Limit, error) {
 		out = append(out, Limit{Resource: i, Cur: cur, Max: max})
 	}
 	return out, nil
+}
+
+// Tasks returns the thread ids of process pid (/proc/PID/task), sorted.
+func Tasks(pid int) ([]int, error) {
+	ents, err := os.ReadDir(procPath(pid, "task"))
+	if err != nil {
+		return nil, fmt.Errorf("list threads of %d: %w", pid, err)
+	}
+	tids := make([]int, 0, len(ents))
+	for _, e := range ents {
+		if tid, err := strconv.Atoi(e.Name()); err == nil {
+			tids = append(tids, tid)
+		}
+	}
+	sort.Ints(tids)
+	return tids, nil
 }

@@ -113,3 +113,64 @@ func ReadU64(pid int, addr uint64) (uint64, error) {
 	err := ReadMem(pid, addr, b)
 	return v, err
 }
+
+// InjectClone runs a clone(2) (flags and args as for the raw syscall:
+// flags, newsp, parent_tid, child_tid, tls) inside a stopped tracee that has
+// PTRACE_O_TRACECLONE (or TRACEFORK for a plain fork-like clone) set, and
+// returns the new task's id. The new task is attached to the tracer and
+// starts in a ptrace-stop of its own, which the caller must wait for. The
+// PTRACE_EVENT_CLONE/FORK stop on the way is consumed here.
+//
+// Precondition: runs on the tracer thread; pid is in a ptrace-stop.
+func InjectClone(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal, args ...uint64) (int, error) {
+	r := *base
+	r.Rip = at
+	r.Rax = unix.SYS_CLONE
+	r.Orig_rax = ^uint64(0)
+	dst := []*uint64{&r.Rdi, &r.Rsi, &r.Rdx, &r.R10, &r.R8}
+	for i := range dst {
+		*dst[i] = 0
+		if i < len(args) {
+			*dst[i] = args[i]
+		}
+	}
+	r.Eflags &^= 0x100
+	if err := SetRegs(pid, &r); err != nil {
+		return 0, err
+	}
+	if err := Step(pid); err != nil {
+		return 0, err
+	}
+	child := 0
+	for {
+		ws, err := WaitStop(pid, syscall.SIGTRAP, pending, func() error { return Step(pid) })
+		if err != nil {
+			return 0, fmt.Errorf("inject clone: %w", err)
+		}
+		ev := Event(ws)
+		if ev == 0 {
+			break
+		}
+		if ev == unix.PTRACE_EVENT_CLONE || ev == unix.PTRACE_EVENT_FORK {
+			m, err := EventMsg(pid)
+			if err != nil {
+				return 0, err
+			}
+			child = int(m)
+		}
+		if err := Step(pid); err != nil {
+			return 0, err
+		}
+	}
+	var out unix.PtraceRegs
+	if err := GetRegs(pid, &out); err != nil {
+		return 0, err
+	}
+	if e := Errno(out.Rax); e != nil {
+		return 0, fmt.Errorf("inject clone: %w", e)
+	}
+	if child == 0 {
+		return 0, fmt.Errorf("inject clone: no clone event (rax %d): is PTRACE_O_TRACECLONE set?", int64(out.Rax))
+	}
+	return child, nil
+}

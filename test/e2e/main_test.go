@@ -37,7 +37,8 @@ var (
 	mitosisBin    string
 	parentStatic  string
 	parentDynamic string
-	threadsBin    string
+	mthreadsBin   string
+	mtParentPy    string
 	parentPy      string
 	sockParentPy  string
 
@@ -187,11 +188,11 @@ func setup() error {
 	td := filepath.Join(repoRoot, "test", "e2e", "testdata")
 	parentStatic = filepath.Join(binDir, "parent-static")
 	parentDynamic = filepath.Join(binDir, "parent-dynamic")
-	threadsBin = filepath.Join(binDir, "threads")
+	mthreadsBin = filepath.Join(binDir, "mthreads")
 	builds := [][]string{
 		{"gcc", "-O1", "-Wall", "-static", "-pthread", "-o", parentStatic, filepath.Join(td, "parent.c")},
 		{"gcc", "-O1", "-Wall", "-pthread", "-o", parentDynamic, filepath.Join(td, "parent.c")},
-		{"gcc", "-O1", "-Wall", "-pthread", "-o", threadsBin, filepath.Join(td, "threads.c")},
+		{"gcc", "-O1", "-Wall", "-pthread", "-o", mthreadsBin, filepath.Join(td, "mthreads.c")},
 	}
 	for _, b := range builds {
 		if out, err := runTimeout(2*time.Minute, td, b[0], b[1:]...); err != nil {
@@ -202,7 +203,8 @@ func setup() error {
 	// command line names tmpRoot.
 	parentPy = filepath.Join(binDir, "parent.py")
 	sockParentPy = filepath.Join(binDir, "sockparent.py")
-	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy} {
+	mtParentPy = filepath.Join(binDir, "mtparent.py")
+	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy, "mtparent.py": mtParentPy} {
 		b, err := os.ReadFile(filepath.Join(td, src))
 		if err != nil {
 			return err

@@ -55,17 +55,6 @@ func TestRefuse(t *testing.T) {
 		}
 	}
 
-	t.Run("threads", func(t *testing.T) {
-		p := startProc(t, "threads", threadsBin)
-		ready(t, p)
-		if n, err := procInt(p.pid, "Threads"); err != nil || n < 2 {
-			t.Fatalf("the threaded parent has %d threads (%v), want 2", n, err)
-		}
-		refused(t, p.pid, "refuse-threads", "thread")
-		assertHealthy(t, p)
-		responds(t, p)
-	})
-
 	t.Run("socket", func(t *testing.T) {
 		p := startProc(t, "sockparent.py", pyExe, sockParentPy)
 		ready(t, p)
