@@ -142,5 +142,3 @@ func reapThreads(ts []*thread) {
 		}
 	}
 }
-
-

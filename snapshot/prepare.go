@@ -141,8 +141,8 @@ func findVDSOSyscall(pid int, maps []procfs.Mapping) (uint64, error) {
 
 // stopped is a process seized and held in a ptrace-stop by the tracer.
 type stopped struct {
-	pid        int // tid of the thread
-	tgid       int // its process (0: pid)
+	pid        int  // tid of the thread
+	tgid       int  // its process (0: pid)
 	wasStopped bool // in a group-stop before: gets SIGSTOP back at detach
 	pending    []syscall.Signal
 	attached   bool
