@@ -3,7 +3,8 @@
 // ones built with gcc at startup), prepares them into seeds and measures
 // Prepare, the start latency of forked children and start+execution of a
 // memory-bound child against local fork(2) and exec-from-scratch baselines,
-// all on one host in one run. cmd/mitosis-bench is its command line.
+// and the cost of a multi-threaded parent's threads (threads.go), all on one
+// host in one run. cmd/mitosis-bench is its command line.
 //
 // Every group runs one discarded warm-up iteration and then Config.Runs
 // measured iterations; within an iteration the group's cases run
@@ -57,7 +58,7 @@ const (
 )
 
 // groupOrder is the order groups run and are reported in.
-var groupOrder = []string{GroupPrepare, GroupHello, GroupArray, GroupArrayNumpy}
+var groupOrder = []string{GroupPrepare, GroupHello, GroupArray, GroupArrayNumpy, GroupThreads}
 
 // prepareSubjects are the parents of the prepare group; each name is also
 // accepted by Config.Only to run only that parent.
@@ -68,9 +69,10 @@ type Config struct {
 	// Runs is the number of measured runs per case (a warm-up run is added
 	// and discarded).
 	Runs int
-	// Only restricts the run to these groups (GroupPrepare, ...) or prepare
-	// cases (prepare-16mb, prepare-64mb, prepare-256mb, prepare-pandas).
-	// Empty means everything.
+	// Only restricts the run to these groups (GroupPrepare, ...,
+	// GroupThreads, GroupContainer, GroupRemote) or prepare cases
+	// (prepare-16mb, prepare-64mb, prepare-256mb, prepare-pandas). Empty
+	// means every group but GroupContainer and GroupRemote.
 	Only []string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
@@ -169,6 +171,8 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 			g = r.startGroup(r.arraySpec())
 		case GroupArrayNumpy:
 			g = r.startGroup(r.numpySpec())
+		case GroupThreads:
+			g = r.threadsGroup()
 		}
 		if g.Error != "" {
 			fmt.Fprintf(r.log, "%s: FAILED: %s\n", g.Name, g.Error)
@@ -252,8 +256,12 @@ func (r *runner) setup(m *Machine) error {
 	if err != nil {
 		return fmt.Errorf("write workloads: %w", err)
 	}
-	for _, name := range []string{"alloc", "array"} {
-		out, err := exec.Command("gcc", "-O2", "-o", filepath.Join(r.dir, name), filepath.Join(r.dir, name+".c")).CombinedOutput()
+	for _, name := range []string{"alloc", "array", "threads"} {
+		args := []string{"-O2", "-o", filepath.Join(r.dir, name), filepath.Join(r.dir, name+".c")}
+		if name == "threads" {
+			args = append(args, "-pthread")
+		}
+		out, err := exec.Command("gcc", args...).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("gcc %s.c: %v\n%s", name, err, out)
 		}
@@ -285,8 +293,14 @@ func (r *runner) setup(m *Machine) error {
 // startParent starts a parent program and remembers it for the final
 // cleanup.
 func (r *runner) startParent(name string, argv ...string) (*parent, error) {
+	return r.startParentEnv(name, r.env, argv...)
+}
+
+// startParentEnv is startParent with the environment env instead of the
+// harness's (which limits the BLAS thread pools to one thread).
+func (r *runner) startParentEnv(name string, env []string, argv ...string) (*parent, error) {
 	fmt.Fprintf(r.log, "starting parent %s: %s\n", name, strings.Join(argv, " "))
-	p, err := startParent(name, argv, r.env, r.dir, readyTimeout)
+	p, err := startParent(name, argv, env, r.dir, readyTimeout)
 	if err != nil {
 		return nil, err
 	}

@@ -27,7 +27,8 @@ cleanup() {
 trap cleanup EXIT
 go build -o "$work/mitosis" ./cmd/mitosis
 export MITOSIS_SOCKET=$work/mitosis.sock MITOSIS_STATE_DIR=$work/state
-# numpy's OpenBLAS threads would make the parent multi-threaded.
+# One BLAS thread: multi-threaded parents fork too, but each extra thread
+# adds to every child's start.
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 "$work/mitosis" daemon 2>"$work/daemon.log" &
 daemon_pid=$!

@@ -21,7 +21,8 @@ import (
 //	SigMask u64  AltStackSP u64  AltStackFlags u32  AltStackSize u64
 //	RobustHead u64  RobustLen u64  Rseq (Addr u64, Len Sig Flags u32)
 //	FDs (list of: Num u32, Kind u32, Flags u32, Pos u64, Cloexec u8 (0 or 1),
-//	     File file, Path str)
+//	     File file, Path str, Group u64, Count u64, Data bytes,
+//	     Watches (list of: TFD u32, Events u32, Data u64))
 //	Cwd str  Umask u32  Rlimits (list of: Resource u32, Cur Max u64)
 //	Creds (UID EUID SUID FSUID GID EGID SGID FSGID u32, Groups list of u32)
 //	Root str
@@ -48,6 +49,8 @@ const (
 	MaxSigActions = 64       // entries in SigActions (_NSIG)
 	MaxRlimits    = 64       // entries in Rlimits
 	MaxThreads    = 4096     // entries in Threads
+	MaxPipeData   = 1 << 20  // bytes in one FD's Data (the largest pipe buffer by default)
+	MaxWatches    = 65536    // entries in one FD's Watches
 )
 
 // Encoded sizes of fixed-size parts, used for pre-sizing buffers and for
@@ -60,7 +63,8 @@ const (
 	runSize       = 8 + 8
 	sigActionSize = 4 + 4*8
 	fdFixedSize   = 4 + 4 + 4 + 8 + 1 + fileIDSize
-	fdMinSize     = fdFixedSize + 4 // + path
+	fdMinSize     = fdFixedSize + 4 + 8 + 8 + 4 + 4 // + path, data, watches
+	watchSize     = 4 + 4 + 8
 	rlimitSize    = 4 + 8 + 8
 	threadFixed   = 4 + 27*8 + 8 + 8 + 8 + 4 + 8 + 8 + 8 + (8 + 4 + 4 + 4)
 	threadMinSize = threadFixed + 4 // + xstate
@@ -143,6 +147,15 @@ func Encode(dst []byte, d *Descriptor) []byte {
 		w.bool(f.Cloexec)
 		w.file(f.File)
 		w.str(f.Path)
+		w.u64(f.Group)
+		w.u64(f.Count)
+		w.bytes(f.Data)
+		w.u32(uint32(len(f.Watches)))
+		for _, e := range f.Watches {
+			w.u32(uint32(e.TFD))
+			w.u32(e.Events)
+			w.u64(e.Data)
+		}
 	}
 	w.str(d.Cwd)
 	w.u32(d.Umask)
@@ -200,7 +213,7 @@ func encodedSize(d *Descriptor) int {
 	n += 8 + 8 + 4 + 8 + 8 + 8 + (8 + 4 + 4 + 4)
 	n += 4 + len(d.FDs)*fdMinSize
 	for i := range d.FDs {
-		n += len(d.FDs[i].Path)
+		n += len(d.FDs[i].Path) + len(d.FDs[i].Data) + len(d.FDs[i].Watches)*watchSize
 	}
 	n += 4 + len(d.Cwd) + 4
 	n += 4 + len(d.Rlimits)*rlimitSize
@@ -368,6 +381,19 @@ func Decode(b []byte) (*Descriptor, error) {
 			}
 			fd.File = f.file()
 			fd.Path = r.str("path")
+			fd.Group = r.u64("group")
+			fd.Count = r.u64("count")
+			fd.Data = r.bytes("data", MaxPipeData)
+			if n := r.length("watches", MaxWatches, watchSize); n > 0 {
+				w := r.fixed("watches", n*watchSize)
+				if w == nil {
+					break
+				}
+				fd.Watches = make([]EpollWatch, n)
+				for j := range fd.Watches {
+					fd.Watches[j] = EpollWatch{TFD: int32(w.u32()), Events: w.u32(), Data: w.u64()}
+				}
+			}
 		}
 		r.sect, r.idx = "", -1
 	}
@@ -666,8 +692,19 @@ func (d *Descriptor) Validate() error {
 		if f.Num < 0 {
 			return fmt.Errorf("descriptor: fd %d: negative num %d", i, f.Num)
 		}
-		if f.Kind > FDChannel {
+		if f.Kind > FDKindMax {
 			return fmt.Errorf("descriptor: fd %d: invalid kind %d", i, f.Kind)
+		}
+		if len(f.Data) > MaxPipeData {
+			return fmt.Errorf("descriptor: fd %d: data: length %d exceeds limit %d", i, len(f.Data), MaxPipeData)
+		}
+		if err := checkLen(fmt.Sprintf("fd %d: watches", i), len(f.Watches), MaxWatches); err != nil {
+			return err
+		}
+		for j, e := range f.Watches {
+			if e.TFD < 0 {
+				return fmt.Errorf("descriptor: fd %d: watch %d: negative fd %d", i, j, e.TFD)
+			}
 		}
 		if len(f.Path) > MaxString {
 			return fmt.Errorf("descriptor: fd %d: path: length %d exceeds limit %d", i, len(f.Path), MaxString)

@@ -55,6 +55,9 @@ func fullDescriptor() *Descriptor {
 				File: FileID{Dev: 9, Ino: 10, Size: 11, MtimeNsec: 12}},
 			{Num: 7, Kind: FDChannel, Path: "channel", Flags: 2, Pos: -1, Cloexec: true,
 				File: FileID{Dev: 13, Ino: 14, Size: -15, MtimeNsec: -16}},
+			{Num: 8, Kind: FDPipe, Group: 1 << 50, Data: []byte("wake\x00\xff")},
+			{Num: 9, Kind: FDEventfd, Group: 3, Count: 1<<64 - 2, Pos: EventfdSemaphore},
+			{Num: 10, Kind: FDEpoll, Watches: []EpollWatch{{TFD: 8, Events: 1<<31 | 0x19, Data: 1<<63 | 8}, {TFD: 9, Events: 1, Data: 9}}},
 		},
 		Cwd:     "/srv/app",
 		Root:    "/srv/images/py",
@@ -429,7 +432,9 @@ func TestDecodeRejectsInvalid(t *testing.T) {
 				d.SigActions[i].Signo = uint32(i + 1)
 			}
 		}, "descriptor: sigactions: length 65 exceeds limit 64"},
-		{"fd kind", func(d *Descriptor) { d.FDs[1].Kind = 2 }, "descriptor: fd 1: invalid kind 2"},
+		{"fd kind", func(d *Descriptor) { d.FDs[1].Kind = FDKindMax + 1 }, "descriptor: fd 1: invalid kind 5"},
+		{"fd data long", func(d *Descriptor) { d.FDs[2].Data = make([]byte, MaxPipeData+1) }, "descriptor: fd 2: data: length 1048577 exceeds limit 1048576"},
+		{"fd watch negative", func(d *Descriptor) { d.FDs[4].Watches[1].TFD = -1 }, "descriptor: fd 4: watch 1: negative fd -1"},
 		{"fd negative", func(d *Descriptor) { d.FDs[0].Num = -3 }, "descriptor: fd 0: negative num -3"},
 		{"fd path long", func(d *Descriptor) { d.FDs[1].Path = long }, "descriptor: fd 1: path: length 4098 exceeds limit 4096"},
 		{"too many fds", func(d *Descriptor) { d.FDs = make([]FD, MaxFDs+1) }, "descriptor: fds: length 65537 exceeds limit 65536"},

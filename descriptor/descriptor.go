@@ -104,7 +104,34 @@ const (
 	// FDChannel is the client's connection to its node daemon: every child
 	// gets a fresh connection at the same number (see client semantics).
 	FDChannel = 1
+	// FDPipe is one end of a pipe whose both ends are open in the parent
+	// (a self-pipe, as event loops use for wake-ups): each child gets a new
+	// pipe, with the bytes that were buffered at prepare (Data, on one FD
+	// of the pipe). FDs of one pipe share Group (the pipe's inode); the
+	// access mode in Flags says which end an FD is.
+	FDPipe = 2
+	// FDEventfd is an eventfd: each child gets a new one with the counter
+	// (Count) at prepare; Group tells dup'ed descriptors of one eventfd.
+	FDEventfd = 3
+	// FDEpoll is an epoll instance: each child gets a new one watching the
+	// child's descriptors of the same numbers (Watches).
+	FDEpoll = 4
+	// FDKindMax is the largest FD kind.
+	FDKindMax = FDEpoll
 )
+
+// EventfdSemaphore is the value of an FDEventfd's Pos (otherwise unused for
+// an eventfd) that marks one created with EFD_SEMAPHORE.
+const EventfdSemaphore = 1
+
+// EpollWatch is one descriptor an epoll instance watches, as epoll_ctl(2)
+// added it: the watched descriptor's number, the event mask (with EPOLLET,
+// EPOLLONESHOT...) and the user data.
+type EpollWatch struct {
+	TFD    int32
+	Events uint32
+	Data   uint64
+}
 
 // FD is one open file descriptor of the parent (other than stdin, stdout and
 // stderr, which each child gets from its caller).
@@ -116,6 +143,15 @@ type FD struct {
 	Pos     int64
 	Cloexec bool
 	File    FileID
+	// Group identifies the pipe (its inode) or eventfd (its id) an
+	// FDPipe or FDEventfd descriptor belongs to.
+	Group uint64
+	// Count is an eventfd's counter.
+	Count uint64
+	// Data is a pipe's buffered content at prepare (on one FD of the pipe).
+	Data []byte
+	// Watches are an epoll instance's watched descriptors.
+	Watches []EpollWatch
 }
 
 // Rlimit is one resource limit.

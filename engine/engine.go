@@ -97,8 +97,8 @@ func newID(prefix string) string {
 	return prefix + hex.EncodeToString(b[:])
 }
 
-// Prepare snapshots the single-threaded process pid into a seed. The process
-// keeps running (or stays stopped if it was stopped).
+// Prepare snapshots the process pid, every thread of it, into a seed. The
+// process keeps running (or stays stopped if it was stopped).
 func (e *Engine) Prepare(pid int, opts PrepareOptions) (*Seed, error) {
 	e.mu.Lock()
 	if e.closed {

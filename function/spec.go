@@ -251,8 +251,9 @@ func HandlerPath(dir string) string {
 func (s *Spec) Environ(extra ...string) []string {
 	env := []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/tmp", "LANG=C.UTF-8", "PYTHONDONTWRITEBYTECODE=1",
 		// One BLAS/OpenMP thread unless the function asks for more:
-		// seeds are prepared single-threaded (see README, what it
-		// refuses), and every policy runs the same way.
+		// every extra thread of a seed adds to each child's start
+		// (BENCHMARKS.md, multi-threaded parents), and every policy
+		// runs the same way.
 		"OPENBLAS_NUM_THREADS=1", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1"}
 	// The function's own values win over the base (getenv takes the
 	// first match, so the base entries they override are left out).

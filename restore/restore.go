@@ -129,6 +129,82 @@ func openFDs(d *descriptor.Descriptor, opts Options) ([]uintptr, func(), error) 
 		}
 		files[i] = opts.Stdio[i].Fd()
 	}
+	// One new pipe per parent pipe, one eventfd per parent eventfd
+	// (descriptors of one share Group).
+	pipes := map[uint64][2]int{}
+	eventfds := map[uint64]int{}
+	own := func(fd int, what string) {
+		opened = append(opened, os.NewFile(uintptr(fd), what))
+	}
+	for _, f := range d.FDs {
+		switch f.Kind {
+		case descriptor.FDPipe:
+			p, ok := pipes[f.Group]
+			if !ok {
+				var err error
+				if p, err = newPipe(d, f.Group); err != nil {
+					closeAll()
+					return nil, nil, fmt.Errorf("restore: fd %d: %w", f.Num, err)
+				}
+				own(p[0], "pipe")
+				own(p[1], "pipe")
+				pipes[f.Group] = p
+			}
+			end := p[0]
+			if f.Flags&unix.O_ACCMODE == unix.O_WRONLY {
+				end = p[1]
+			}
+			if f.Flags&unix.O_NONBLOCK != 0 {
+				if err := unix.SetNonblock(end, true); err != nil {
+					closeAll()
+					return nil, nil, fmt.Errorf("restore: fd %d (pipe): %w", f.Num, err)
+				}
+			}
+			files[f.Num] = uintptr(end)
+			continue
+		case descriptor.FDEventfd:
+			e, ok := eventfds[f.Group]
+			if !ok {
+				flags := unix.EFD_CLOEXEC
+				if f.Flags&unix.O_NONBLOCK != 0 {
+					flags |= unix.EFD_NONBLOCK
+				}
+				if f.Pos == descriptor.EventfdSemaphore {
+					flags |= unix.EFD_SEMAPHORE
+				}
+				// eventfd2 takes an unsigned int: a larger counter is
+				// added with a write.
+				var err error
+				if e, err = unix.Eventfd(0, flags); err != nil {
+					closeAll()
+					return nil, nil, fmt.Errorf("restore: fd %d (eventfd): %w", f.Num, err)
+				}
+				own(e, "eventfd")
+				if f.Count != 0 {
+					var b [8]byte
+					*(*uint64)(unsafe.Pointer(&b[0])) = f.Count
+					if _, err := unix.Write(e, b[:]); err != nil {
+						closeAll()
+						return nil, nil, fmt.Errorf("restore: fd %d (eventfd): set counter %d: %w", f.Num, f.Count, err)
+					}
+				}
+				eventfds[f.Group] = e
+			}
+			files[f.Num] = uintptr(e)
+			continue
+		case descriptor.FDEpoll:
+			// Created empty here; the child adds its watches itself
+			// (epoll keys a watch by the watcher's descriptor number).
+			e, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+			if err != nil {
+				closeAll()
+				return nil, nil, fmt.Errorf("restore: fd %d (epoll): %w", f.Num, err)
+			}
+			own(e, "epoll")
+			files[f.Num] = uintptr(e)
+			continue
+		}
+	}
 	for _, f := range d.FDs {
 		switch f.Kind {
 		case descriptor.FDChannel:
@@ -162,6 +238,44 @@ func openFDs(d *descriptor.Descriptor, opts Options) ([]uintptr, func(), error) 
 		}
 	}
 	return files, closeAll, nil
+}
+
+// newPipe makes the child's copy of the parent pipe group: a pipe holding
+// the bytes buffered in the parent's at prepare.
+func newPipe(d *descriptor.Descriptor, group uint64) ([2]int, error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return p, fmt.Errorf("pipe: %w", err)
+	}
+	var data []byte
+	for _, f := range d.FDs {
+		if f.Kind == descriptor.FDPipe && f.Group == group && len(f.Data) > 0 {
+			data = f.Data
+		}
+	}
+	if len(data) > 0 {
+		err := func() error {
+			if len(data) > 64<<10 {
+				if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, len(data)); err != nil {
+					return fmt.Errorf("size the pipe for %d buffered bytes: %w", len(data), err)
+				}
+			}
+			for off := 0; off < len(data); {
+				n, err := unix.Write(p[1], data[off:])
+				if err != nil {
+					return fmt.Errorf("refill the pipe: %w", err)
+				}
+				off += n
+			}
+			return nil
+		}()
+		if err != nil {
+			unix.Close(p[0])
+			unix.Close(p[1])
+			return p, err
+		}
+	}
+	return p, nil
 }
 
 // child is the state of one restore on the tracer thread.
@@ -619,6 +733,13 @@ func (c *child) build(opts Options) error {
 	for _, fd := range d.FDs {
 		if fd.Cloexec {
 			b.Add(fmt.Sprintf("fcntl FD_CLOEXEC %d", fd.Num), unix.SYS_FCNTL, uint64(fd.Num), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+		for _, w := range fd.Watches {
+			// struct epoll_event is packed on x86-64: events u32, data u64.
+			ev := make([]byte, 12)
+			*(*uint32)(unsafe.Pointer(&ev[0])) = w.Events
+			*(*uint64)(unsafe.Pointer(&ev[4])) = w.Data
+			b.Add(fmt.Sprintf("epoll_ctl %d ADD %d", fd.Num, w.TFD), unix.SYS_EPOLL_CTL, uint64(fd.Num), unix.EPOLL_CTL_ADD, uint64(w.TFD), b.Data(ev))
 		}
 	}
 	if d.Rseq.Addr != 0 {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"unsafe"
@@ -290,5 +291,51 @@ func TestOpenFDs(t *testing.T) {
 	gone.FDs = []descriptor.FD{{Num: 4, Kind: descriptor.FDFile, Path: filepath.Join(dir, "missing")}}
 	if _, _, err := openFDs(&gone, Options{Stdio: stdio}); err == nil || !strings.Contains(err.Error(), "reopen fd 4") {
 		t.Errorf("missing file: %v", err)
+	}
+}
+
+// TestOpenFDsEventLoop: a parent's self-pipe (with buffered bytes), eventfd
+// and epoll instance get new kernel objects of the same kinds and state.
+func TestOpenFDsEventLoop(t *testing.T) {
+	null, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	d := &descriptor.Descriptor{FDs: []descriptor.FD{
+		{Num: 3, Kind: descriptor.FDPipe, Flags: unix.O_RDONLY | unix.O_NONBLOCK, Group: 50, Data: []byte("xy")},
+		{Num: 4, Kind: descriptor.FDPipe, Flags: unix.O_WRONLY, Group: 50},
+		{Num: 5, Kind: descriptor.FDEventfd, Flags: unix.O_RDWR | unix.O_NONBLOCK, Group: 3, Count: 1<<40 + 7},
+		{Num: 6, Kind: descriptor.FDEventfd, Flags: unix.O_RDWR, Group: 3},
+		{Num: 7, Kind: descriptor.FDEpoll, Watches: []descriptor.EpollWatch{{TFD: 3, Events: unix.EPOLLIN, Data: 3}}},
+	}}
+	files, closeAll, err := openFDs(d, Options{Stdio: [3]*os.File{null, null, null}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeAll()
+	r, w, e5, e6, ep := int(files[3]), int(files[4]), int(files[5]), int(files[6]), int(files[7])
+	if fl, _ := unix.FcntlInt(uintptr(r), unix.F_GETFL, 0); fl&unix.O_NONBLOCK == 0 || fl&unix.O_ACCMODE != unix.O_RDONLY {
+		t.Errorf("pipe read end flags %#o", fl)
+	}
+	if _, err := unix.Write(w, []byte("z")); err != nil {
+		t.Fatalf("write end: %v", err)
+	}
+	buf := make([]byte, 8)
+	if n, err := unix.Read(r, buf); err != nil || string(buf[:n]) != "xyz" {
+		t.Errorf("pipe content %q (%v), want the buffered \"xy\" then \"z\"", buf[:n], err)
+	}
+	if e5 != e6 {
+		t.Errorf("fds 5 and 6 of one eventfd got two eventfds (%d, %d)", e5, e6)
+	}
+	if n, err := unix.Read(e5, buf); err != nil || n != 8 || *(*uint64)(unsafe.Pointer(&buf[0])) != 1<<40+7 {
+		t.Errorf("eventfd counter: %d bytes %x (%v), want %d", n, buf, err, uint64(1<<40+7))
+	}
+	if target, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(ep)); target != "anon_inode:[eventpoll]" {
+		t.Errorf("fd 7 is %q, want an epoll instance", target)
+	}
+	// Empty: the child adds the watches itself, at its own fd numbers.
+	if n, err := unix.EpollWait(ep, make([]unix.EpollEvent, 1), 0); n != 0 || err != nil {
+		t.Errorf("epoll_wait on the new instance = %d, %v, want 0 events", n, err)
 	}
 }

@@ -279,6 +279,12 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		<-filesc
 		return nil, err
 	}
+	if src, err = carryDontfork(pid, src, at, &regs, &st.pending, pmaps); err != nil {
+		<-filesc
+		_ = ptrace.SetRegs(pid, &regs)
+		return nil, err
+	}
+	phase("s.dontfork", tq)
 	killSrc := func() {
 		_ = unix.Kill(src, unix.SIGKILL)
 		_, _ = ptrace.Wait(src)
@@ -637,6 +643,9 @@ func readProc(pid, channel int) (pi procInfo) {
 		return fail(err)
 	}
 	if pi.fds, _, err = checkFDs(fds, channel); err != nil {
+		return fail(err)
+	}
+	if err := capturePipes(pid, pi.fds); err != nil {
 		return fail(err)
 	}
 	// The robust futex list (a clone does not inherit it).

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"unsafe"
@@ -316,7 +317,9 @@ func TestCheckFDs(t *testing.T) {
 	}{
 		{procfs.FDInfo{Num: 7, Kind: procfs.FDSocket, Target: "socket:[5]"}, []string{"fd 7", "socket"}},
 		{procfs.FDInfo{Num: 8, Kind: procfs.FDPipe, Target: "pipe:[6]"}, []string{"fd 8", "pipe"}},
-		{procfs.FDInfo{Num: 11, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventfd]"}, []string{"fd 11", "anon_inode:[eventfd]"}},
+		{procfs.FDInfo{Num: 11, Kind: procfs.FDAnonInode, Target: "anon_inode:[signalfd]"}, []string{"fd 11", "signalfd"}},
+		{procfs.FDInfo{Num: 16, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventpoll]", Epoll: []procfs.EpollTarget{{TFD: 40}}}, []string{"epoll fd 16", "fd 40", "not open"}},
+		{procfs.FDInfo{Num: 17, Kind: procfs.FDPipe, Target: "pipe:[9]", Flags: unix.O_WRONLY, File: procfs.FileID{Ino: 9}}, []string{"fd 17", "write end", "other end"}},
 		{procfs.FDInfo{Num: 12, Kind: procfs.FDMemfd, Target: "/memfd:x (deleted)"}, []string{"fd 12", "memfd"}},
 		{procfs.FDInfo{Num: 13, Kind: procfs.FDDeleted, Target: "/tmp/x (deleted)"}, []string{"fd 13", "deleted"}},
 		{procfs.FDInfo{Num: 14, Kind: procfs.FDRegular, Target: "relative"}, []string{"fd 14", "no path"}},
@@ -334,6 +337,23 @@ func TestCheckFDs(t *testing.T) {
 			}
 		}
 	}
+	// A self-pipe, an eventfd and an epoll instance watching them.
+	loop := []procfs.FDInfo{
+		{Num: 3, Kind: procfs.FDPipe, Target: "pipe:[50]", Flags: unix.O_RDONLY | unix.O_NONBLOCK, File: procfs.FileID{Ino: 50}},
+		{Num: 4, Kind: procfs.FDPipe, Target: "pipe:[50]", Flags: unix.O_WRONLY, File: procfs.FileID{Ino: 50}, Cloexec: true},
+		{Num: 5, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventfd]", Eventfd: procfs.EventfdState{Count: 7, ID: 3, Semaphore: true}},
+		{Num: 6, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventpoll]", Epoll: []procfs.EpollTarget{{TFD: 3, Events: 0x19, Data: 3}, {TFD: 5, Events: 1 << 31, Data: 1 << 40}}},
+	}
+	got, _, err = checkFDs(loop, -1)
+	wantLoop := []descriptor.FD{
+		{Num: 3, Kind: descriptor.FDPipe, Flags: unix.O_RDONLY | unix.O_NONBLOCK, Group: 50},
+		{Num: 4, Kind: descriptor.FDPipe, Flags: unix.O_WRONLY, Group: 50, Cloexec: true},
+		{Num: 5, Kind: descriptor.FDEventfd, Group: 3, Count: 7, Pos: descriptor.EventfdSemaphore},
+		{Num: 6, Kind: descriptor.FDEpoll, Watches: []descriptor.EpollWatch{{TFD: 3, Events: 0x19, Data: 3}, {TFD: 5, Events: 1 << 31, Data: 1 << 40}}},
+	}
+	if err != nil || !reflect.DeepEqual(got, wantLoop) {
+		t.Errorf("event loop fds: %v\n%+v\nwant\n%+v", err, got, wantLoop)
+	}
 	// A socket at fd <= 2 is the caller's business.
 	if _, _, err := checkFDs(fds[:3], -1); err != nil {
 		t.Errorf("stdio sockets/pipes refused: %v", err)
@@ -347,9 +367,62 @@ func TestCheckFDs(t *testing.T) {
 	}
 }
 
+func TestMissingRuns(t *testing.T) {
+	m := func(s, e uint64) procfs.Mapping { return procfs.Mapping{Start: s << 12, End: e << 12} }
+	r := func(s, e uint64) [2]uint64 { return [2]uint64{s << 12, e << 12} }
+	tests := []struct {
+		name         string
+		parent, copy []procfs.Mapping
+		want         [][2]uint64
+	}{
+		{"none missing", []procfs.Mapping{m(1, 2), m(3, 5)}, []procfs.Mapping{m(1, 2), m(3, 5)}, nil},
+		{"one", []procfs.Mapping{m(1, 2), m(3, 5), m(6, 7)}, []procfs.Mapping{m(1, 2), m(6, 7)}, [][2]uint64{r(3, 5)}},
+		{"adjacent merged", []procfs.Mapping{m(1, 2), m(2, 4), m(4, 5), m(9, 10)}, []procfs.Mapping{m(1, 2), m(9, 10)}, [][2]uint64{r(2, 5)}},
+		{"separate", []procfs.Mapping{m(1, 2), m(3, 4), m(5, 6), m(7, 8)}, []procfs.Mapping{m(3, 4), m(7, 8)}, [][2]uint64{r(1, 2), r(5, 6)}},
+		{"last", []procfs.Mapping{m(1, 2), m(3, 4)}, []procfs.Mapping{m(1, 2)}, [][2]uint64{r(3, 4)}},
+		{"vsyscall ignored", []procfs.Mapping{m(1, 2), {Start: 0xff600000, End: 0xff601000, Path: "[vsyscall]"}}, []procfs.Mapping{m(1, 2)}, nil},
+	}
+	for _, tc := range tests {
+		if got := missingRuns(tc.parent, tc.copy); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: missingRuns = %x, want %x", tc.name, got, tc.want)
+		}
+	}
+}
+
 func TestRefuse(t *testing.T) {
 	err := refuse("fd %d is bad", 4)
 	if !errors.Is(err, ErrRefused) || err.Error() != "unsupported process: fd 4 is bad" {
 		t.Errorf("refuse = %q", err)
+	}
+}
+
+// TestPeekPipe: the content of a real pipe is read through its /proc link
+// and stays in the pipe.
+func TestPeekPipe(t *testing.T) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	path := "/proc/self/fd/" + strconv.Itoa(p[0])
+	if b, err := peekPipe(path); err != nil || len(b) != 0 {
+		t.Fatalf("empty pipe: %q, %v", b, err)
+	}
+	msg := []byte("wake-up\x00\xff")
+	if _, err := unix.Write(p[1], msg); err != nil {
+		t.Fatal(err)
+	}
+	b, err := peekPipe(path)
+	if err != nil || string(b) != string(msg) {
+		t.Fatalf("peekPipe = %q, %v, want %q", b, err, msg)
+	}
+	got := make([]byte, 64)
+	n, err := unix.Read(p[0], got)
+	if err != nil || string(got[:n]) != string(msg) {
+		t.Fatalf("the pipe lost its content: read %q, %v", got[:n], err)
+	}
+	if _, err := peekPipe("/proc/self/fd/99999"); err == nil {
+		t.Errorf("peekPipe of a closed fd: want an error")
 	}
 }

@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"unsafe"
@@ -176,11 +177,19 @@ func presentRuns(vmas []descriptor.VMA, regions []procfs.PageRegion) []descripto
 	return runs
 }
 
-// checkFDs records the fds a child must reopen and refuses those that cannot
-// be carried. Stdin, stdout and stderr are supplied by each child's caller.
+// checkFDs records the fds a child must reopen or recreate and refuses
+// those that cannot be carried. Stdin, stdout and stderr are supplied by
+// each child's caller. Pipes are carried when both ends are open in the
+// process (self-pipes); their content is added by capturePipes.
 func checkFDs(fds []procfs.FDInfo, channel int) ([]descriptor.FD, bool, error) {
 	var out []descriptor.FD
 	sawChannel := false
+	type ends struct{ r, w, first int }
+	pipes := map[uint64]*ends{}
+	open := map[int]bool{}
+	for _, f := range fds {
+		open[f.Num] = true
+	}
 	for _, f := range fds {
 		if f.Num <= 2 {
 			continue
@@ -193,23 +202,116 @@ func checkFDs(fds []procfs.FDInfo, channel int) ([]descriptor.FD, bool, error) {
 			out = append(out, descriptor.FD{Num: int32(f.Num), Kind: descriptor.FDChannel, Cloexec: f.Cloexec})
 			continue
 		}
-		switch f.Kind {
-		case procfs.FDRegular, procfs.FDDir, procfs.FDCharDev:
+		base := descriptor.FD{Num: int32(f.Num), Flags: f.Flags, Cloexec: f.Cloexec}
+		switch {
+		case f.Kind == procfs.FDRegular || f.Kind == procfs.FDDir || f.Kind == procfs.FDCharDev:
 			if !strings.HasPrefix(f.Target, "/") {
 				return nil, false, refuse("fd %d (%s) has no path to reopen", f.Num, f.Target)
 			}
-			out = append(out, descriptor.FD{
-				Num: int32(f.Num), Kind: descriptor.FDFile, Path: f.Target,
-				Flags: f.Flags, Pos: f.Pos, Cloexec: f.Cloexec,
-				File: descriptor.FileID{Dev: f.File.Dev, Ino: f.File.Ino, Size: f.File.Size, MtimeNsec: f.File.MtimeNsec},
-			})
+			base.Kind, base.Path, base.Pos = descriptor.FDFile, f.Target, f.Pos
+			base.File = descriptor.FileID{Dev: f.File.Dev, Ino: f.File.Ino, Size: f.File.Size, MtimeNsec: f.File.MtimeNsec}
+		case f.Kind == procfs.FDPipe && strings.HasPrefix(f.Target, "pipe:["):
+			e := pipes[f.File.Ino]
+			if e == nil {
+				e = &ends{r: -1, w: -1, first: f.Num}
+				pipes[f.File.Ino] = e
+			}
+			switch f.Flags & unix.O_ACCMODE {
+			case unix.O_RDONLY:
+				e.r = f.Num
+			case unix.O_WRONLY:
+				e.w = f.Num
+			}
+			base.Kind, base.Group = descriptor.FDPipe, f.File.Ino
+		case f.AnonType() == "eventfd":
+			base.Kind, base.Group, base.Count = descriptor.FDEventfd, f.Eventfd.ID, f.Eventfd.Count
+			if f.Eventfd.ID == 0 {
+				base.Group = uint64(1)<<63 | uint64(f.Num) // no id: not shared
+			}
+			if f.Eventfd.Semaphore {
+				base.Pos = descriptor.EventfdSemaphore
+			}
+		case f.AnonType() == "eventpoll":
+			base.Kind = descriptor.FDEpoll
+			for _, w := range f.Epoll {
+				if !open[w.TFD] {
+					return nil, false, refuse("epoll fd %d watches fd %d, which is not open in the process (closed while another descriptor keeps it alive): mitosis cannot recreate that watch", f.Num, w.TFD)
+				}
+				base.Watches = append(base.Watches, descriptor.EpollWatch{TFD: int32(w.TFD), Events: w.Events, Data: w.Data})
+			}
 		default:
-			return nil, false, refuse("fd %d is a %s (%s): mitosis cannot carry %ss across a fork; close it before prepare", f.Num, f.Kind, f.Target, f.Kind)
+			return nil, false, refuse("fd %d is a %s (%s): mitosis cannot carry %ss across a fork; close it before prepare", f.Num, f.Describe(), f.Target, f.Describe())
+		}
+		out = append(out, base)
+	}
+	for _, e := range pipes {
+		if e.r < 0 || e.w < 0 {
+			end := "read"
+			if e.r < 0 {
+				end = "write"
+			}
+			return nil, false, refuse("fd %d is the %s end of a pipe whose other end is not open in the process (a pipe to another process): mitosis cannot carry it across a fork; close it before prepare", e.first, end)
 		}
 	}
 	if channel >= 0 && !sawChannel {
 		return nil, false, fmt.Errorf("channel fd %d is not open in the process", channel)
 	}
-	_ = unix.O_RDONLY
 	return out, sawChannel, nil
+}
+
+// capturePipes reads, without consuming it, the content buffered in each
+// pipe of fds (FDPipe) of the stopped process pid and stores it in Data of
+// the pipe's read end: the daemon opens the read end through
+// /proc/PID/fd/N (a new reader of the same pipe) and tee(2)s it into a pipe
+// of its own.
+func capturePipes(pid int, fds []descriptor.FD) error {
+	done := map[uint64]bool{}
+	for i := range fds {
+		f := &fds[i]
+		if f.Kind != descriptor.FDPipe || f.Flags&unix.O_ACCMODE != unix.O_RDONLY || done[f.Group] {
+			continue
+		}
+		done[f.Group] = true
+		b, err := peekPipe(fmt.Sprintf("/proc/%d/fd/%d", pid, f.Num))
+		if err != nil {
+			return fmt.Errorf("fd %d (pipe): %w", f.Num, err)
+		}
+		f.Data = b
+	}
+	return nil
+}
+
+// peekPipe returns the bytes buffered in the pipe at path (a /proc fd
+// link), leaving them in the pipe.
+func peekPipe(path string) ([]byte, error) {
+	src, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	defer unix.Close(src)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return nil, err
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	if _, err := unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, descriptor.MaxPipeData); err != nil {
+		return nil, fmt.Errorf("size the capture pipe: %w", err)
+	}
+	n, err := unix.Tee(src, p[1], descriptor.MaxPipeData, unix.SPLICE_F_NONBLOCK)
+	if errors.Is(err, unix.EAGAIN) || n == 0 {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("tee: %w", err)
+	}
+	out := make([]byte, n)
+	for got := 0; got < len(out); {
+		m, err := unix.Read(p[0], out[got:])
+		if err != nil || m <= 0 {
+			return nil, fmt.Errorf("read the captured pipe content: %d bytes of %d (%v)", got, n, err)
+		}
+		got += m
+	}
+	return out, nil
 }

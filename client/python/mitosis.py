@@ -16,8 +16,9 @@ connection. The parent returns once the seed exists; every child forked from
 the seed resumes inside that same read, on a fresh connection installed at the
 same fd number, and returns with role "child".
 
-The process must be single-threaded when it calls prepare(). Standard library
-only.
+The process may have other threads (numpy's and pandas' pools, a
+concurrent.futures pool): children get them all, each resuming where it was.
+Standard library only.
 """
 
 import json

@@ -2,7 +2,9 @@
 // time against parent size and for a pandas parent, the start latency of a
 // Python child, and start+execution of children that read a 64 MiB array
 // (C and numpy), each against local fork(2) and exec-from-scratch baselines
-// measured in the same run. It must run as root.
+// measured in the same run, and (group "threads", issue #10) Prepare and
+// start latency of C parents with 1, 4, 16 and 64 threads and of a numpy
+// parent with its default BLAS thread pool. It must run as root.
 //
 // With -remote (the same as -only remote) it measures remote forks instead,
 // on a three-node cluster it builds in network namespaces on this host and

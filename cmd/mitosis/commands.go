@@ -76,7 +76,7 @@ func newPrepareCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "prepare --pid PID [--name NAME] [--allow NODE,...] [--ttl DURATION]",
 		Short: "Prepare a running process into a seed",
-		Long: `Snapshot the running single-threaded process PID into a seed that children can
+		Long: `Snapshot the running process PID, all its threads, into a seed that children can
 be forked from. The process keeps running. The seed id is the last word
 printed.
 
@@ -141,7 +141,8 @@ has its id as hostname), each in its own cgroup with the same limits. A child
 that exceeds the memory limit is killed; ` + "`mitosis ps`" + ` shows it as oom-killed.
 
 Without --env the process gets PATH, HOME=/ and OPENBLAS_NUM_THREADS=1 (and the
-OMP/MKL equivalents, so numpy stays single-threaded and preparable).`,
+OMP/MKL equivalents: multi-threaded processes can be prepared, but every
+extra thread adds to each child's start; pass --env to keep numpy's pool).`,
 		Example: `  mitosis run --rootfs /srv/images/py --memory 256M --cpus 1 -- /usr/bin/python3 /app/fn.py
   pid=$(mitosis run --rootfs /srv/images/py -- /app/server | awk '{print $NF}')`,
 		RunE: func(cmd *cobra.Command, args []string) error {

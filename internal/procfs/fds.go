@@ -86,6 +86,28 @@ type FDInfo struct {
 	File FileID
 	// SocketInode is the N of "socket:[N]" for sockets, else 0.
 	SocketInode uint64
+	// Eventfd is the state of an eventfd ("eventfd-*" lines of fdinfo).
+	Eventfd EventfdState
+	// Epoll are the descriptors an epoll instance watches ("tfd:" lines
+	// of fdinfo), in fdinfo order.
+	Epoll []EpollTarget
+}
+
+// EventfdState is an eventfd's counter, id and mode.
+type EventfdState struct {
+	Count     uint64
+	ID        uint64
+	Semaphore bool
+}
+
+// EpollTarget is one "tfd:" line of an epoll instance's fdinfo: the watched
+// descriptor number, its event mask and user data, and the inode of the
+// watched file.
+type EpollTarget struct {
+	TFD    int
+	Events uint32
+	Data   uint64
+	Ino    uint64
 }
 
 // AnonType returns the type of an anonymous inode descriptor as named by
@@ -160,7 +182,91 @@ func readFD(pid, n int) (FDInfo, error) {
 	}
 	fi.Cloexec = fi.Flags&unix.O_CLOEXEC != 0
 	fi.Kind, fi.SocketInode = classifyFD(fi.Target, st.Mode)
+	switch fi.AnonType() {
+	case "eventfd":
+		if fi.Eventfd, err = parseEventfd(info); err != nil {
+			return fi, fmt.Errorf("fd %d of %d: %w", n, pid, err)
+		}
+	case "eventpoll":
+		if fi.Epoll, err = parseEpoll(info); err != nil {
+			return fi, fmt.Errorf("fd %d of %d: %w", n, pid, err)
+		}
+	}
 	return fi, nil
+}
+
+// parseEventfd extracts the "eventfd-count:" (hex), "eventfd-id:" and
+// "eventfd-semaphore:" lines of an eventfd's fdinfo.
+func parseEventfd(data []byte) (EventfdState, error) {
+	var e EventfdState
+	haveCount := false
+	for _, line := range strings.Split(string(data), "\n") {
+		key, val, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		val = strings.TrimSpace(val)
+		var err error
+		switch key {
+		case "eventfd-count":
+			e.Count, err = strconv.ParseUint(val, 16, 64)
+			haveCount = true
+		case "eventfd-id":
+			e.ID, err = strconv.ParseUint(val, 10, 64)
+		case "eventfd-semaphore":
+			e.Semaphore = val == "1"
+		}
+		if err != nil {
+			return e, fmt.Errorf("fdinfo %s %q: %w", key, val, err)
+		}
+	}
+	if !haveCount {
+		return e, fmt.Errorf("eventfd fdinfo without eventfd-count")
+	}
+	return e, nil
+}
+
+// parseEpoll extracts the "tfd:" lines of an epoll instance's fdinfo:
+// "tfd: %8d events: %8x data: %16llx  pos:%lli ino:%lx sdev:%x".
+func parseEpoll(data []byte) ([]EpollTarget, error) {
+	var out []EpollTarget
+	for _, line := range strings.Split(string(data), "\n") {
+		if !strings.HasPrefix(line, "tfd:") {
+			continue
+		}
+		f := strings.Fields(line)
+		var t EpollTarget
+		have := 0
+		for i := 0; i+1 < len(f); i++ {
+			var err error
+			switch f[i] {
+			case "tfd:":
+				var v int64
+				v, err = strconv.ParseInt(f[i+1], 10, 32)
+				t.TFD = int(v)
+				have++
+			case "events:":
+				var v uint64
+				v, err = strconv.ParseUint(f[i+1], 16, 32)
+				t.Events = uint32(v)
+				have++
+			case "data:":
+				t.Data, err = strconv.ParseUint(f[i+1], 16, 64)
+				have++
+			}
+			if err != nil {
+				return nil, fmt.Errorf("epoll fdinfo %q: %w", line, err)
+			}
+			if v, ok := strings.CutPrefix(f[i], "ino:"); ok {
+				t.Ino, _ = strconv.ParseUint(v, 16, 64)
+			}
+		}
+		if have != 3 || t.TFD < 0 {
+			return nil, fmt.Errorf("epoll fdinfo: malformed line %q", line)
+		}
+		out = append(out, t)
+	}
+	return out, nil
 }
 
 // parseFDInfo extracts the decimal "pos:" and octal "flags:" lines of a

@@ -19,7 +19,8 @@ parent: import + init, print READY, then loop stopping itself with SIGSTOP
                     instances; SIGCONT one to serve a request), print "W pids"
           reap      wait for every warm child (they exited or were killed),
                     print "D"
-Numeric libraries must stay single-threaded (OPENBLAS_NUM_THREADS=1 etc.).
+Numeric libraries run single-threaded (OPENBLAS_NUM_THREADS=1 etc.), so that
+every policy of the suite measures the same work.
 """
 import hashlib
 import importlib

@@ -39,6 +39,7 @@ var (
 	parentDynamic string
 	mthreadsBin   string
 	mtParentPy    string
+	mtParentJS    string
 	parentPy      string
 	sockParentPy  string
 
@@ -204,7 +205,8 @@ func setup() error {
 	parentPy = filepath.Join(binDir, "parent.py")
 	sockParentPy = filepath.Join(binDir, "sockparent.py")
 	mtParentPy = filepath.Join(binDir, "mtparent.py")
-	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy, "mtparent.py": mtParentPy} {
+	mtParentJS = filepath.Join(binDir, "mtparent.js")
+	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy, "mtparent.py": mtParentPy, "mtparent.js": mtParentJS} {
 		b, err := os.ReadFile(filepath.Join(td, src))
 		if err != nil {
 			return err

@@ -278,3 +278,46 @@ func TestThreadsPython(t *testing.T) {
 		t.Errorf("parent exit %d (%v), want 0\n%s", code, err, p.output())
 	}
 }
+
+// nodeExe is the Node.js interpreter (Debian's nodejs package).
+const nodeExe = "/usr/bin/node"
+
+// TestThreadsNode: a Node.js parent that has required modules, built a Map
+// of 200k entries and started a worker thread (plus libuv's pool and V8's
+// platform threads, and their event loops: epoll instances, eventfds and
+// self-pipes) stops itself and is prepared; 8 children (4 at a time) run a
+// timer, a job on libuv's pool and a round trip to the worker, and print the
+// parent's digest of the Map, the job and the worker's state.
+func TestThreadsNode(t *testing.T) {
+	requireSetup(t)
+	if _, err := os.Stat(nodeExe); err != nil {
+		t.Fatalf("%s: %v (.ci/deps installs Debian's nodejs)", nodeExe, err)
+	}
+	checks := []string{"timer", "pool", "worker"}
+	p := startProc(t, "mtparent.js", nodeExe, mtParentJS)
+	l, err := p.waitLine("READY ", readyTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(strings.TrimPrefix(l, "READY ")); got != strconv.Itoa(p.pid) {
+		t.Fatalf("mtparent.js printed %q, want READY %d", l, p.pid)
+	}
+	if err := waitState(p.pid, "T", 10*time.Second); err != nil {
+		t.Fatalf("mtparent.js did not stop itself at the prepare point: %v", err)
+	}
+	n, err := procInt(p.pid, "Threads")
+	if err != nil || n < 3 {
+		t.Fatalf("node has %d threads (%v), want main, the worker and more", n, err)
+	}
+	seed := prepareSeed(t, p.pid, "threads-node")
+	assertPreparedParent(t, p)
+	start := time.Now()
+	res := forkMany(t, seed, 8, 4, mtVerdict(p.pid, "", checks))
+	t.Logf("8 children of a %d-thread Node.js parent (4 at a time) in %v", n, time.Since(start).Round(time.Millisecond))
+	want := finishParent(t, p, syscall.SIGCONT, checks)
+	for _, r := range res {
+		if r != nil && r.out.digest() != want {
+			t.Errorf("child %d: DIGEST %s, parent's %s", r.idx, r.out.digest(), want)
+		}
+	}
+}
