@@ -235,8 +235,8 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 
 // preloadHot installs the pages the child touches first, before it runs:
 // the TCB (with the cached tid rewritten to the child's) and the stack page
-// at rsp, so the kernel-side accesses at resume (rseq, signal frames) find
-// them present.
+// at rsp of every thread, so the kernel-side accesses at resume (rseq,
+// signal frames, the tid written at clone) find them present.
 func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	regs := snapshot.RegsFromArray(d.Regs)
 	if regs.Fs_base != 0 {
@@ -253,7 +253,35 @@ func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	if err := sp.Preload((regs.Rsp&^4095)-4096, 2, nil); err != nil {
 		return fmt.Errorf("preload stack: %w", err)
 	}
+	// The other threads' too: the kernel writes each TCB's cached tid at
+	// clone (CLONE_CHILD_SETTID) and every thread touches its stack first.
+	// A thread's TCB sits at the top of its stack mapping: each range is
+	// clipped to the mapping it starts in.
+	for i := range d.Threads {
+		tr := snapshot.RegsFromArray(d.Threads[i].Regs)
+		for _, r := range [][2]uint64{{d.Threads[i].TIDAddr &^ 4095, 1}, {(tr.Rsp &^ 4095) - 4096, 2}} {
+			if n := pagesIn(d, r[0], int(r[1])); n > 0 {
+				if err := sp.Preload(r[0], n, nil); err != nil {
+					return fmt.Errorf("preload thread %d at %#x: %w", i+1, r[0], err)
+				}
+			}
+		}
+	}
 	return nil
+}
+
+// pagesIn returns how many of the n pages at addr lie in one accessible
+// mapping of d (0 if addr is in none).
+func pagesIn(d *descriptor.Descriptor, addr uint64, n int) int {
+	for _, v := range d.VMAs {
+		if addr >= v.Start && addr < v.End {
+			if v.Prot == 0 {
+				return 0
+			}
+			return min(n, int((v.End-addr)/descriptor.PageSize))
+		}
+	}
+	return 0
 }
 
 // ImportSeed registers a seed prepared on another node: d is its descriptor

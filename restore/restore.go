@@ -332,11 +332,6 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 		return 0, fmt.Errorf("stub exec stop: %w", err)
 	}
 	options := unix.PTRACE_O_EXITKILL
-	if len(d.Threads) > 0 {
-		// The other threads are cloned from the leader and must come up
-		// attached (and stopped).
-		options |= unix.PTRACE_O_TRACECLONE
-	}
 	if err := ptrace.SetOptions(pid, options); err != nil {
 		return 0, err
 	}
@@ -367,32 +362,52 @@ func (c *child) inject(at uint64, nr uint64, args ...uint64) (uint64, error) {
 // run executes a batch in the child from the gadget and returns the
 // results, or an error naming the first call that failed.
 func (c *child) run(b *stub.Batch) ([]uint64, error) {
+	return c.runOn(c.pid, b, 0, &c.regs, &c.pending)
+}
+
+// runOn runs batch b on task tid (the leader or one of its threads) with
+// the gadget code at offset off (Runner or Cloner) and returns the results.
+func (c *child) runOn(tid int, b *stub.Batch, off uint64, base *unix.PtraceRegs, pending *[]syscall.Signal) ([]uint64, error) {
+	if err := c.startOn(tid, b, off, base); err != nil {
+		return nil, err
+	}
+	return c.finishOn(tid, b, pending)
+}
+
+// startOn writes b to the gadget and lets task tid run it from the code at
+// offset off; finishOn waits for the end. Between the two, other tasks can
+// run batches of their own at other addresses.
+func (c *child) startOn(tid int, b *stub.Batch, off uint64, base *unix.PtraceRegs) error {
 	table := b.TableBytes()
 	arenaAddr, arena := b.Arena()
 	if arenaAddr+uint64(len(arena)) > c.gadget+c.gsize || b.Addr+uint64(len(table)) > arenaAddr {
-		return nil, fmt.Errorf("batch of %d calls does not fit the gadget", len(b.Calls))
+		return fmt.Errorf("batch of %d calls does not fit the gadget", len(b.Calls))
 	}
 	if err := ptrace.WriteMem(c.pid, b.Addr, table); err != nil {
-		return nil, err
+		return err
 	}
 	if err := ptrace.WriteMem(c.pid, arenaAddr, arena); err != nil {
-		return nil, err
+		return err
 	}
-	r := c.regs
-	r.Rip = c.gadget
+	r := *base
+	r.Rip = c.gadget + off
 	r.Rbx = b.Addr
 	r.R12 = uint64(len(b.Calls))
 	r.Orig_rax = ^uint64(0)
 	r.Eflags &^= 0x100
-	if err := ptrace.SetRegs(c.pid, &r); err != nil {
-		return nil, err
+	if err := ptrace.SetRegs(tid, &r); err != nil {
+		return err
 	}
-	if err := ptrace.Cont(c.pid, 0); err != nil {
-		return nil, err
-	}
-	if _, err := ptrace.WaitStop(c.pid, syscall.SIGTRAP, &c.pending, func() error { return ptrace.Cont(c.pid, 0) }); err != nil {
+	return ptrace.Cont(tid, 0)
+}
+
+// finishOn waits for task tid to stop at the end of batch b (started by
+// startOn) and returns the results, or the first call that failed.
+func (c *child) finishOn(tid int, b *stub.Batch, pending *[]syscall.Signal) ([]uint64, error) {
+	if _, err := ptrace.WaitStop(tid, syscall.SIGTRAP, pending, func() error { return ptrace.Cont(tid, 0) }); err != nil {
 		return nil, fmt.Errorf("batch: %w", err)
 	}
+	table := make([]byte, len(b.Calls)*stub.EntrySize)
 	if err := ptrace.ReadMem(c.pid, b.Addr, table); err != nil {
 		return nil, err
 	}
@@ -448,6 +463,7 @@ func (c *child) build(opts Options) error {
 	}
 	// Gadget: code page + table + arena.
 	nTable := uint64(len(d.VMAs)*2+len(d.SigActions)+len(d.FDs)+64) * stub.EntrySize
+	nTable = max(nTable, threadTables(len(d.Threads)))
 	arenaSize := uint64(64 << 10)
 	for _, v := range d.VMAs {
 		arenaSize += uint64(len(v.Path)) + 8

@@ -3,11 +3,14 @@ package restore
 import (
 	"fmt"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mitosis-fork/mitosis/internal/procfs"
 	"github.com/mitosis-fork/mitosis/internal/ptrace"
+	"github.com/mitosis-fork/mitosis/internal/stub"
 	"github.com/mitosis-fork/mitosis/snapshot"
 )
 
@@ -22,91 +25,210 @@ type thread struct {
 	pending []syscall.Signal
 }
 
-// makeThreads recreates the seed's other threads inside the child: each is
-// cloned from the leader (CLONE_THREAD, so it shares everything the
-// parent's threads shared), starts in a ptrace-stop before running a single
-// instruction, and gets its own kernel-side state (robust list, rseq,
-// alternate stack: all per thread and not inherited by clone) by injection,
-// then its registers, XSTATE and signal mask. Nothing runs until the caller
-// releases them (releaseThreads), after every thread is restored.
+// threadSlot is the size of one thread's own table in the Cloner's arena:
+// a count, up to threadCalls Runner entries (set_robust_list, rseq,
+// sigaltstack) and the stack_t sigaltstack reads.
+const (
+	threadCalls = 3
+	threadSlot  = 8 + threadCalls*stub.EntrySize + 56
+)
+
+// threadTables is the gadget table space makeThreads needs for n threads:
+// the Cloner's table plus one slot per thread.
+func threadTables(n int) uint64 { return uint64(n) * (stub.EntrySize + threadSlot) }
+
+// makeThreads recreates the seed's other threads inside the child, in a
+// few stops whatever their number:
+//
+//  1. the leader runs the Cloner once: one clone(2) per thread
+//     (CLONE_THREAD, so each shares everything the parent's threads
+//     shared); each new thread at once sets what is per thread and not
+//     inherited (robust futex list, rseq, alternate signal stack) from its
+//     own table, then parks in pause(2), on its own stack;
+//  2. once every thread has done its table, the tracer seizes and
+//     interrupts them all, then waits for them all;
+//  3. each gets its registers, XSTATE and signal mask.
+//
+// Nothing runs the parent's code until the caller releases them
+// (releaseThreads), after every thread is restored; the leader's signals
+// are blocked meanwhile (new threads inherit that), so a parked thread
+// runs no handler.
 //
 // The kernel writes each new thread's tid into its TCB (CLONE_CHILD_SETTID
 // at the thread's cached-tid address, in the child's PID namespace) and
 // clears it at exit (CLONE_CHILD_CLEARTID), as pthread_create does: glibc's
 // cached tid and pthread_join keep working.
 //
-// Precondition: runs on the tracer thread; the leader carries
-// PTRACE_O_TRACECLONE; the address space (and its pager) is complete; the
-// gadget is still mapped (its arena is scratch for the alternate stacks).
+// Precondition: runs on the tracer thread; the address space (and its
+// pager) is complete; the gadget is still mapped, with threadTables room in
+// its table area, and the leader's batches are done with it.
 func (c *child) makeThreads() ([]*thread, error) {
 	d := c.d
-	var out []*thread
-	scratch := c.gadget + c.gsize - 64
+	n := len(d.Threads)
+	if err := ptrace.SetSigMask(c.pid, ^uint64(0)); err != nil {
+		return nil, err
+	}
+	tables := c.gadget + 4096
+	cb := stub.NewBatch(tables, uint64(n)*stub.EntrySize)
+	slots := tables + uint64(n)*stub.EntrySize
+	inits := make([]*stub.Batch, n)
 	for i := range d.Threads {
 		th := &d.Threads[i]
-		flags := uint64(threadCloneFlags)
-		if th.TIDAddr != 0 {
-			flags |= unix.CLONE_CHILD_SETTID | unix.CLONE_CHILD_CLEARTID
-		}
-		tid, err := ptrace.InjectClone(c.pid, d.VDSOSyscall, &c.regs, &c.pending, flags, 0, 0, th.TIDAddr, 0)
-		if err != nil {
-			return out, fmt.Errorf("thread %d of %d (parent tid %d): %w", i+1, len(d.Threads), th.TID, err)
-		}
-		t := &thread{tid: tid}
-		out = append(out, t)
-		// Auto-attached: it starts with a SIGSTOP, suppressed by the
-		// first resume below.
-		if _, err := ptrace.WaitStop(tid, 0, nil, nil); err != nil {
-			return out, fmt.Errorf("thread %d (parent tid %d) start: %w", i+1, th.TID, err)
-		}
-		var base unix.PtraceRegs
-		if err := ptrace.GetRegs(tid, &base); err != nil {
-			return out, err
-		}
-		inj := func(what string, nr uint64, args ...uint64) error {
-			ret, err := ptrace.Inject(tid, d.VDSOSyscall, &base, &t.pending, nr, args...)
-			if err == nil {
-				err = ptrace.Errno(ret)
-			}
-			if err != nil {
-				return fmt.Errorf("thread %d (parent tid %d): %s: %w", i+1, th.TID, what, err)
-			}
-			return nil
-		}
+		slot := slots + uint64(i)*threadSlot
+		b := stub.NewBatch(slot+8, threadCalls*stub.EntrySize)
 		if th.RobustHead != 0 {
-			if err := inj("set_robust_list", unix.SYS_SET_ROBUST_LIST, th.RobustHead, th.RobustLen); err != nil {
-				return out, err
-			}
+			b.Add("set_robust_list", unix.SYS_SET_ROBUST_LIST, th.RobustHead, th.RobustLen)
 		}
 		if th.Rseq.Addr != 0 {
-			if err := inj("rseq", unix.SYS_RSEQ, th.Rseq.Addr, uint64(th.Rseq.Len), 0, uint64(th.Rseq.Sig)); err != nil {
-				return out, err
-			}
+			b.Add("rseq", unix.SYS_RSEQ, th.Rseq.Addr, uint64(th.Rseq.Len), 0, uint64(th.Rseq.Sig))
 		}
 		if th.AltStackFlags&ssDisable == 0 && th.AltStackSize != 0 {
 			ss := make([]byte, 24)
 			*(*uint64)(unsafe.Pointer(&ss[0])) = th.AltStackSP
 			*(*uint32)(unsafe.Pointer(&ss[8])) = th.AltStackFlags &^ ssOnStack
 			*(*uint64)(unsafe.Pointer(&ss[16])) = th.AltStackSize
-			if err := ptrace.WriteMem(c.pid, scratch, ss); err != nil {
-				return out, err
-			}
-			if err := inj("sigaltstack", unix.SYS_SIGALTSTACK, scratch, 0); err != nil {
-				return out, err
-			}
+			b.Add("sigaltstack", unix.SYS_SIGALTSTACK, b.Data(ss), 0)
 		}
-		if err := ptrace.SetXState(tid, th.XState); err != nil {
+		inits[i] = b
+		buf := make([]byte, threadSlot)
+		*(*uint64)(unsafe.Pointer(&buf[0])) = uint64(len(b.Calls))
+		copy(buf[8:], b.TableBytes())
+		_, arena := b.Arena()
+		copy(buf[8+threadCalls*stub.EntrySize:], arena)
+		if a := cb.Data(buf); a != slot {
+			return nil, fmt.Errorf("thread table %d at %#x, want %#x", i, a, slot)
+		}
+		flags := uint64(threadCloneFlags)
+		if th.TIDAddr != 0 {
+			flags |= unix.CLONE_CHILD_SETTID | unix.CLONE_CHILD_CLEARTID
+		}
+		// Parked on its own stack, below the red zone.
+		sp := (snapshot.RegsFromArray(th.Regs).Rsp - 256) &^ 15
+		cb.Add(fmt.Sprintf("clone thread %d of %d (parent tid %d)", i+1, n, th.TID), unix.SYS_CLONE, flags, sp, 0, th.TIDAddr, 0, slot)
+	}
+	// On failure the threads created so far are untraced: they die with
+	// the child when the caller kills it.
+	res, err := c.runOn(c.pid, cb, stub.ClonerOffset, &c.regs, &c.pending)
+	if err != nil {
+		return nil, err
+	}
+	mark("threads: clone")
+	if err := c.waitInits(slots, inits); err != nil {
+		return nil, err
+	}
+	mark("threads: init")
+	tids, err := hostTIDs(c.pid, res)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*thread, 0, n)
+	for i, tid := range tids {
+		if err := ptrace.Seize(tid, unix.PTRACE_O_EXITKILL); err != nil {
+			return out, fmt.Errorf("seize thread %d (tid %d): %w", i+1, tid, err)
+		}
+		out = append(out, &thread{tid: tid})
+		if err := ptrace.Interrupt(tid); err != nil {
+			return out, fmt.Errorf("interrupt thread %d (tid %d): %w", i+1, tid, err)
+		}
+	}
+	for i, t := range out {
+		if _, err := ptrace.WaitStop(t.tid, 0, nil, nil); err != nil {
+			return out, fmt.Errorf("thread %d (tid %d) stop: %w", i+1, t.tid, err)
+		}
+	}
+	mark("threads: stopped")
+	for i, t := range out {
+		th := &d.Threads[i]
+		if err := ptrace.SetXState(t.tid, th.XState); err != nil {
 			return out, err
 		}
 		regs := snapshot.RegsFromArray(th.Regs)
 		fixRestart(&regs)
 		regs.Eflags &^= 0x100
-		if err := ptrace.SetRegs(tid, &regs); err != nil {
+		if err := ptrace.SetRegs(t.tid, &regs); err != nil {
 			return out, err
 		}
-		if err := ptrace.SetSigMask(tid, th.SigMask); err != nil {
+		if err := ptrace.SetSigMask(t.tid, th.SigMask); err != nil {
 			return out, err
 		}
+	}
+	return out, nil
+}
+
+// threadInitWait bounds how long new threads may take to run their tables.
+const threadInitWait = 5 * time.Second
+
+// waitInits waits until every new thread has run its table (each result
+// slot written: the thread is then at most a few instructions from its
+// pause(2)) and checks the results.
+func (c *child) waitInits(slots uint64, inits []*stub.Batch) error {
+	buf := make([]byte, len(inits)*threadSlot)
+	deadline := time.Now().Add(threadInitWait)
+	for spin := 0; ; spin++ {
+		if err := ptrace.ReadMem(c.pid, slots, buf); err != nil {
+			return err
+		}
+		done := true
+		for i, b := range inits {
+			res := stub.Results(buf[i*threadSlot+8 : i*threadSlot+8+len(b.Calls)*stub.EntrySize])
+			for j, v := range res {
+				if v == stub.NotRun {
+					done = false
+					break
+				}
+				if e := ptrace.Errno(v); e != nil {
+					return fmt.Errorf("thread %d (parent tid %d): %s: %w", i+1, c.d.Threads[i].TID, b.Calls[j].What, e)
+				}
+			}
+		}
+		if done {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("new threads did not set up their kernel state within %v", threadInitWait)
+		}
+		if spin < 100 {
+			// Give the CPU to the new threads (this is the tracer's
+			// locked OS thread).
+			_, _, _ = unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+		} else {
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+}
+
+// hostTIDs maps the thread ids clone(2) returned in the child (in its own
+// PID namespace, for a container child) to the tracer's.
+func hostTIDs(pid int, ns []uint64) ([]int, error) {
+	out := make([]int, len(ns))
+	st, err := procfs.ReadStatus(pid)
+	if err != nil {
+		return nil, err
+	}
+	if len(st.NSpid) <= 1 {
+		for i, t := range ns {
+			out[i] = int(t)
+		}
+		return out, nil
+	}
+	tasks, err := procfs.Tasks(pid)
+	if err != nil {
+		return nil, err
+	}
+	host := make(map[int]int, len(tasks))
+	for _, t := range tasks {
+		ts, err := procfs.ReadStatus(t)
+		if err != nil || len(ts.NSpid) == 0 {
+			continue
+		}
+		host[ts.NSpid[len(ts.NSpid)-1]] = t
+	}
+	for i, t := range ns {
+		h, ok := host[int(t)]
+		if !ok {
+			return nil, fmt.Errorf("thread %d of %d (tid %d in the child's PID namespace) not found in /proc/%d/task", i+1, len(ns), t, pid)
+		}
+		out[i] = h
 	}
 	return out, nil
 }

@@ -28,6 +28,9 @@ type Status struct {
 	State string
 	// VmSize is the total mapped size in bytes (0 for kernel threads).
 	VmSize uint64
+	// NSpid is the process's (or thread's) id in each PID namespace it is
+	// in, from the reader's namespace (first) to its own (last).
+	NSpid []int
 }
 
 // defaultUmask is Status.Umask when the file has no Umask line.
@@ -74,6 +77,15 @@ func ParseStatus(data []byte) (Status, error) {
 		val = strings.TrimSpace(val)
 		var err error
 		switch key {
+		case "NSpid":
+			for _, f := range strings.Fields(val) {
+				n, perr := strconv.Atoi(f)
+				if perr != nil {
+					err = perr
+					break
+				}
+				st.NSpid = append(st.NSpid, n)
+			}
 		case "State":
 			st.State, seen = val, seen|hasState
 			if val == "" {

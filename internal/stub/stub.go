@@ -87,16 +87,71 @@ var Runner = []byte{
 	0xcc, //                   done: int3
 }
 
+// Cloner is Runner for a table of clone(2) calls that create threads
+// (CLONE_VM|CLONE_THREAD...): the caller continues down the table, storing
+// each new thread's id, and stops (int3) after the last entry or at the
+// first error. Each entry's sixth argument (r9, unused by clone) is the
+// address of the new thread's own table: a u64 count, then that many
+// Runner entries. The new thread (rax 0 after the syscall) runs them all,
+// storing each result, then parks in a pause(2) loop, where the tracer
+// seizes it. The thread uses no stack. One run of the caller creates and
+// initializes any number of threads.
+var Cloner = []byte{
+	0x4d, 0x85, 0xe4, //       loop: test r12, r12
+	0x74, 0x37, //             jz done
+	0x48, 0x8b, 0x03, //       mov rax, [rbx]
+	0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
+	0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
+	0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
+	0x4c, 0x8b, 0x53, 0x20, // mov r10, [rbx+32]
+	0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
+	0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
+	0x0f, 0x05, //             syscall
+	0x48, 0x85, 0xc0, //       test rax, rax
+	0x74, 0x16, //             jz child
+	0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+	0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, // cmp rax, -4095
+	0x73, 0x09, //             jae done
+	0x48, 0x83, 0xc3, 0x40, // add rbx, 64
+	0x49, 0xff, 0xcc, //       dec r12
+	0xeb, 0xc4, //             jmp loop
+	0xcc,             //                   done: int3
+	0x4c, 0x89, 0xcb, //       child: mov rbx, r9
+	0x4c, 0x8b, 0x23, //       mov r12, [rbx]
+	0x48, 0x83, 0xc3, 0x08, // add rbx, 8
+	0x4d, 0x85, 0xe4, //       cloop: test r12, r12
+	0x74, 0x2a, //             jz park
+	0x48, 0x8b, 0x03, //       mov rax, [rbx]
+	0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
+	0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
+	0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
+	0x4c, 0x8b, 0x53, 0x20, // mov r10, [rbx+32]
+	0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
+	0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
+	0x0f, 0x05, //             syscall
+	0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+	0x48, 0x83, 0xc3, 0x40, // add rbx, 64
+	0x49, 0xff, 0xcc, //       dec r12
+	0xeb, 0xd1, //             jmp cloop
+	0xb8, 0x22, 0x00, 0x00, 0x00, // park: mov eax, 34 (pause)
+	0x0f, 0x05, //             syscall
+	0xeb, 0xf7, //             jmp park
+}
+
 // SyscallOffset is the offset in the gadget code page of a lone
 // `syscall; int3` used for single injections.
 const SyscallOffset = 0x40
 
-// Code returns the gadget code page content: Runner at offset 0 and
-// `syscall; int3` at SyscallOffset.
+// ClonerOffset is the offset of Cloner in the gadget code page.
+const ClonerOffset = 0x80
+
+// Code returns the gadget code page content: Runner at offset 0,
+// `syscall; int3` at SyscallOffset and Cloner at ClonerOffset.
 func Code() []byte {
-	b := make([]byte, 0x48)
+	b := make([]byte, ClonerOffset+len(Cloner))
 	copy(b, Runner)
 	copy(b[SyscallOffset:], []byte{0x0f, 0x05, 0xcc})
+	copy(b[ClonerOffset:], Cloner)
 	return b
 }
 

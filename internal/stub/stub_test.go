@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"debug/elf"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/mitosis-fork/mitosis/internal/testenv"
 
@@ -92,6 +94,9 @@ func TestCode(t *testing.T) {
 	}
 	if got := c[SyscallOffset : SyscallOffset+3]; !bytes.Equal(got, []byte{0x0f, 0x05, 0xcc}) {
 		t.Errorf("bytes at SyscallOffset % x, want 0f 05 cc", got)
+	}
+	if len(c) < ClonerOffset+len(Cloner) || !bytes.Equal(c[ClonerOffset:ClonerOffset+len(Cloner)], Cloner) || SyscallOffset+3 > ClonerOffset {
+		t.Errorf("Cloner is not at ClonerOffset %#x (or overlaps the syscall gadget)", ClonerOffset)
 	}
 	if Runner[len(Runner)-1] != 0xcc {
 		t.Errorf("Runner ends with %#x, want int3", Runner[len(Runner)-1])
@@ -389,5 +394,55 @@ func TestStubRunsBatch(t *testing.T) {
 	_, rip = s.run(gadget, b)
 	if done := gadget + uint64(len(Runner)); rip != done {
 		t.Errorf("empty batch stopped at rip %#x, want %#x", rip, done)
+	}
+
+	// Cloner: two threads, each running its own table (getpid, gettid)
+	// and parking in pause(2); the caller stops after the last clone.
+	b = NewBatch(gadget+4096, 0x200)
+	var kids []uint64
+	for i := 0; i < 2; i++ {
+		own := NewBatch(0, 0)
+		own.Add("getpid", unix.SYS_GETPID)
+		own.Add("gettid", unix.SYS_GETTID)
+		tb := append(binary.LittleEndian.AppendUint64(nil, 2), own.TableBytes()...)
+		at := b.Data(tb)
+		kids = append(kids, at)
+		b.Add("clone", unix.SYS_CLONE, unix.CLONE_VM|unix.CLONE_FS|unix.CLONE_FILES|unix.CLONE_SIGHAND|unix.CLONE_THREAD, 0, 0, 0, 0, at)
+	}
+	table, rip = s.run(gadget+ClonerOffset, b)
+	if done := gadget + uint64(ClonerOffset) + 0x3d; rip != done {
+		t.Errorf("cloner stopped at rip %#x, want %#x (after its int3)", rip, done)
+	}
+	tids := Results(table)
+	for i, at := range kids {
+		tid := tids[i]
+		if ptrace.Errno(tid) != nil || tid == NotRun || int(tid) == s.pid {
+			t.Fatalf("clone %d returned %#x", i, tid)
+		}
+		got := make([]byte, 8+2*EntrySize)
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			if err := s.tr.Do(func() error { return ptrace.ReadMem(s.pid, at, got) }); err != nil {
+				t.Fatal(err)
+			}
+			if r := Results(got[8:]); r[1] != NotRun || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if r := Results(got[8:]); r[0] != uint64(s.pid) || r[1] != tid {
+			t.Errorf("thread %d ran its table to %#x, want [getpid %#x, gettid %#x]", i, r, s.pid, tid)
+		}
+		var sc []byte
+		for time.Now().Before(deadline) {
+			sc, _ = os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/syscall", s.pid, tid))
+			if bytes.HasPrefix(sc, []byte("34 ")) {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if !bytes.HasPrefix(sc, []byte("34 ")) {
+			t.Errorf("thread %d (tid %d) is not parked in pause(2): syscall %q", i, tid, sc)
+		}
 	}
 }
