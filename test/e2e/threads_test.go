@@ -321,3 +321,51 @@ func TestThreadsNode(t *testing.T) {
 		}
 	}
 }
+
+// TestThreadsContainer: a multi-threaded parent started by `mitosis run` in
+// an image; its children run in PID namespaces of their own, where the
+// threads the restore creates get other ids than in the node's namespace:
+// every thread still continues, with glibc's cached tids right.
+func TestThreadsContainer(t *testing.T) {
+	requireSetup(t)
+	img := imageDir(t)
+	b, err := os.ReadFile(mthreadsBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(img, "app", "mthreads"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	r := mitosis(cliTimeout, "run", "--rootfs", img, "--", "/app/mthreads")
+	if !r.ok() {
+		t.Fatalf("run:\n%s", r)
+	}
+	f := strings.Fields(r.stdout)
+	pid, err := strconv.Atoi(f[len(f)-1])
+	if err != nil {
+		t.Fatalf("run printed no pid:\n%s", r)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) })
+	if err := waitState(pid, "T", 60*time.Second); err != nil {
+		t.Fatalf("containerized parent %d did not reach its prepare point: %v", pid, err)
+	}
+	if n, err := procInt(pid, "Threads"); err != nil || n != mtWorkers+1 {
+		t.Fatalf("containerized mthreads has %d threads (%v), want %d", n, err, mtWorkers+1)
+	}
+	seed := prepareSeed(t, pid, "threads-box")
+	var want string // one child at a time: the verdict reads and sets it
+	forkMany(t, seed, 4, 1, func(r *forkResult) []string {
+		// Each child is PID 1 of its namespace, as the parent was of its
+		// own: mthreads cannot tell it is a child and says "parent".
+		probs := r.out.problems(r.out.role, mtChecks)
+		if r.out.role == "" {
+			probs = append(probs, "no ROLE line")
+		}
+		if want == "" {
+			want = r.out.digest()
+		} else if r.out.digest() != want {
+			probs = append(probs, fmt.Sprintf("DIGEST %s, another child's %s", r.out.digest(), want))
+		}
+		return probs
+	})
+}
