@@ -133,6 +133,32 @@ func TestRemoteFork(t *testing.T) {
 	}
 }
 
+// TestRemoteThreads: a multi-threaded seed (a Python pool of 4 threads,
+// every thread started before prepare) on a; children on b, forked through
+// a, have every thread and compute on the inherited pool what the parent
+// computes.
+func TestRemoteThreads(t *testing.T) {
+	requireSetup(t)
+	lab := newLab(t, nodes("a", "b")...)
+	a, b := lab.Node("a"), lab.Node("b")
+	p, seed, want := startSeed(t, a, "poolseed", 16, false, "4")
+	pool := p.line(t, "POOL ", 30*time.Second)
+	if f := strings.Fields(pool); len(f) != 2 || f[0] == "1" {
+		t.Fatalf("parent printed POOL %q, want its thread count (> 1) and the sums", pool)
+	}
+	ids := forkIDs(t, cli(t, a, "fork", "--node", "b", "a/poolseed", "--count", "3", "--payload", `{"pool":true}`))
+	if len(ids) != 3 {
+		t.Fatalf("fork --count 3 printed %v", ids)
+	}
+	for _, id := range ids {
+		k := waitExited0(t, b, id)
+		checkChild(t, b, k, seed, "a", want)
+		if v, _ := logLine(readLog(k), "POOL "); v != pool {
+			t.Errorf("node b: child %s printed POOL %q, the parent %q:\n%s", id, v, pool, readLog(k))
+		}
+	}
+}
+
 // checkChild checks one exited child of a Python seed: its node, source,
 // seed, and the digest in its log.
 func checkChild(t *testing.T, n *netlab.Node, k client.ChildInfo, seed, source, want string) {

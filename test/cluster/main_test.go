@@ -478,8 +478,9 @@ func (p *proc) line(t *testing.T, prefix string, timeout time.Duration) string {
 }
 
 // startSeed starts testdata/seed.py on node n (prepare-self against n's
-// daemon) and returns it with its seed id and digest.
-func startSeed(t *testing.T, n *netlab.Node, name string, mib int, pandas bool) (p *proc, seed, digest string) {
+// daemon) and returns it with its seed id and digest; extra are more
+// arguments of seed.py (its pool size).
+func startSeed(t *testing.T, n *netlab.Node, name string, mib int, pandas bool, extra ...string) (p *proc, seed, digest string) {
 	t.Helper()
 	pd := "0"
 	if pandas {
@@ -492,7 +493,7 @@ func startSeed(t *testing.T, n *netlab.Node, name string, mib int, pandas bool) 
 		"PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1",
 	}
 	started := time.Now()
-	p = start(t, n, "seed.py "+name, env, pyExe, seedPy, name, strconv.Itoa(mib), pd)
+	p = start(t, n, "seed.py "+name, env, append([]string{pyExe, seedPy, name, strconv.Itoa(mib), pd}, extra...)...)
 	seed = p.line(t, "ROLE parent ", parentTimeout)
 	digest = p.line(t, "DIGEST ", 10*time.Second)
 	if !strings.HasPrefix(seed, "s-") || len(digest) != 64 {

@@ -1,18 +1,25 @@
 #!/usr/bin/python3
 """The Python parent of the multi-node test (test/cluster).
 
-usage: seed.py NAME ARRAY_MIB PANDAS(0|1)
+usage: seed.py NAME ARRAY_MIB PANDAS(0|1) [POOL_THREADS]
 
 Builds a dict of 120k entries, a numpy array of ARRAY_MIB MiB and (with
-PANDAS=1) a 1e6-row pandas DataFrame, then calls mitosis.prepare(NAME)
-(client/python on PYTHONPATH, the daemon on $MITOSIS_SOCKET). Lines:
+PANDAS=1) a 1e6-row pandas DataFrame, and with POOL_THREADS > 0 starts a
+concurrent.futures pool of that many threads (every thread started), then
+calls mitosis.prepare(NAME) (client/python on PYTHONPATH, the daemon on
+$MITOSIS_SOCKET). Lines:
 
     ROLE parent <seed> | ROLE child <child>
     DIGEST <sha256 of the dict, the array and the frame>
+    POOL <threads> <sums>   (with a pool: the process's thread count and
+                             per-quarter sums of the array computed on the
+                             pool; the parent prints it after DIGEST)
 
 The parent then sleeps until it is killed. A child acts on its payload:
 
     {}                  print DIGEST and exit 0
+    {"pool": true}      print POOL (computed on the inherited pool), DIGEST,
+                        exit 0
     {"hop": true}       add a key to the dict, print HOP <digest>, stop
                         itself with SIGSTOP (to be prepared with
                         `mitosis prepare --pid`); whatever resumes after the
@@ -39,6 +46,7 @@ import mitosis  # noqa: E402
 name = sys.argv[1]
 mib = int(sys.argv[2])
 use_pandas = sys.argv[3] == "1"
+pool_threads = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 
 d = {"key-%06d" % i: (i * 2654435761) % 4294967296 for i in range(120_000)}
 arr = np.random.default_rng(12345).random(mib * (1 << 20) // 8)
@@ -66,17 +74,37 @@ def digest():
     return h.hexdigest()
 
 
+pool = None
+if pool_threads > 0:
+    import concurrent.futures
+    import threading
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=pool_threads)
+    barrier = threading.Barrier(pool_threads)
+    list(pool.map(lambda _: barrier.wait(10), range(pool_threads)))
+
+
+def pool_line():
+    q = len(arr) // 4
+    sums = pool.map(lambda i: repr(float(arr[i * q : (i + 1) * q].sum())), range(4))
+    return "POOL %d %s" % (len(os.listdir("/proc/self/task")), ",".join(sums))
+
+
 want = digest()
 sys.stdout.flush()
 r = mitosis.prepare(name)
 if r.is_parent:
     print("ROLE parent %s" % r.seed, flush=True)
     print("DIGEST %s" % want, flush=True)
+    if pool is not None:
+        print(pool_line(), flush=True)
     while True:
         time.sleep(3600)
 
 p = r.payload or {}
 print("ROLE child %s" % r.child, flush=True)
+if p.get("pool"):
+    print(pool_line(), flush=True)
 if p.get("hop"):
     d["hop-key"] = 42
     print("HOP %s" % digest(), flush=True)
