@@ -57,18 +57,12 @@ func imageDir(t *testing.T) string {
 	return dir
 }
 
-// TestContainer: `mitosis run` starts a Python parent in an image with a
-// memory limit; children of its seed run in containers of their own: their
-// own hostname and PID 1, only the image's files, the parent's memory; a
-// child that exceeds the limit is killed and reported oom-killed while the
-// parent and its siblings are unaffected.
-func TestContainer(t *testing.T) {
-	img := imageDir(t)
-	mode := filepath.Join(img, "app", "mode")
-	if err := os.WriteFile(mode, []byte("ok"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	r := mitosis(cliTimeout, "run", "--rootfs", img, "--memory", "96M", "--", "/usr/bin/python3", "/app/box.py")
+// runStopped runs `mitosis ARGS...` (a `mitosis run` of a parent that stops
+// itself at its prepare point), returns the parent's pid once it has
+// stopped, and kills it when the test ends.
+func runStopped(t *testing.T, args ...string) int {
+	t.Helper()
+	r := mitosis(cliTimeout, args...)
 	if !r.ok() {
 		t.Fatalf("run:\n%s", r)
 	}
@@ -81,6 +75,21 @@ func TestContainer(t *testing.T) {
 	if err := waitState(pid, "T", 60*time.Second); err != nil {
 		t.Fatalf("containerized parent %d did not reach its prepare point: %v", pid, err)
 	}
+	return pid
+}
+
+// TestContainer: `mitosis run` starts a Python parent in an image with a
+// memory limit; children of its seed run in containers of their own: their
+// own hostname and PID 1, only the image's files, the parent's memory; a
+// child that exceeds the limit is killed and reported oom-killed while the
+// parent and its siblings are unaffected.
+func TestContainer(t *testing.T) {
+	img := imageDir(t)
+	mode := filepath.Join(img, "app", "mode")
+	if err := os.WriteFile(mode, []byte("ok"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pid := runStopped(t, "run", "--rootfs", img, "--memory", "96M", "--", "/usr/bin/python3", "/app/box.py")
 	seed := prepareSeed(t, pid, "box")
 
 	var digests []string
@@ -111,7 +120,7 @@ func TestContainer(t *testing.T) {
 	if err := os.WriteFile(mode, []byte("oom"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r = mitosis(2*cliTimeout, "fork", seed)
+	r := mitosis(2*cliTimeout, "fork", seed)
 	if r.code != 128+int(syscall.SIGKILL) {
 		t.Fatalf("child over its memory limit: want exit %d (SIGKILL):\n%s", 128+int(syscall.SIGKILL), r)
 	}

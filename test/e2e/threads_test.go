@@ -336,19 +336,7 @@ func TestThreadsContainer(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(img, "app", "mthreads"), b, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	r := mitosis(cliTimeout, "run", "--rootfs", img, "--", "/app/mthreads")
-	if !r.ok() {
-		t.Fatalf("run:\n%s", r)
-	}
-	f := strings.Fields(r.stdout)
-	pid, err := strconv.Atoi(f[len(f)-1])
-	if err != nil {
-		t.Fatalf("run printed no pid:\n%s", r)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGKILL) })
-	if err := waitState(pid, "T", 60*time.Second); err != nil {
-		t.Fatalf("containerized parent %d did not reach its prepare point: %v", pid, err)
-	}
+	pid := runStopped(t, "run", "--rootfs", img, "--", "/app/mthreads")
 	if n, err := procInt(pid, "Threads"); err != nil || n != mtWorkers+1 {
 		t.Fatalf("containerized mthreads has %d threads (%v), want %d", n, err, mtWorkers+1)
 	}
