@@ -165,6 +165,9 @@ type SeedInfo struct {
 	SourcePID    int       `json:"source_pid"`
 	VMAs         int       `json:"vmas"`
 	PresentPages uint64    `json:"present_pages"`
+	// Threads is the parent's thread count at prepare (each child gets as
+	// many).
+	Threads int `json:"threads"`
 	PrepareMS    float64   `json:"prepare_ms"`
 	Created      time.Time `json:"created"`
 	// Self is true for seeds made by prepare-self (their children get a

@@ -590,6 +590,7 @@ func (d *Daemon) seedInfoLocked(s *seedRec) client.SeedInfo {
 	if s.seed.Desc != nil {
 		info.VMAs = len(s.seed.Desc.VMAs)
 		info.PresentPages = s.seed.Desc.PresentPages()
+		info.Threads = 1 + len(s.seed.Desc.Threads)
 	}
 	return info
 }

@@ -112,8 +112,12 @@ them up to 10 s more and then goes ahead (remote children fail).`,
 			if s.Name != "" {
 				label = fmt.Sprintf(" %q", s.Name)
 			}
-			fmt.Fprintf(out, "prepared pid %d into seed%s (%d VMAs, %d present pages) in %.1fms: %s\n",
-				s.ParentPID, label, s.VMAs, s.PresentPages, s.PrepareMS, s.ID)
+			threads := ""
+			if s.Threads > 1 {
+				threads = fmt.Sprintf(", %d threads", s.Threads)
+			}
+			fmt.Fprintf(out, "prepared pid %d into seed%s (%d VMAs, %d present pages%s) in %.1fms: %s\n",
+				s.ParentPID, label, s.VMAs, s.PresentPages, threads, s.PrepareMS, s.ID)
 			return nil
 		},
 	}
@@ -331,7 +335,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				return printJSON(out, seeds)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tORIGIN\tPARENT\tSOURCE\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
+			fmt.Fprintln(tw, "ID\tNAME\tORIGIN\tPARENT\tSOURCE\tTHREADS\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
 			for _, s := range seeds {
 				origin, prep := "local", fmt.Sprintf("%.1fms", s.PrepareMS)
 				if s.Origin != "" {
@@ -341,8 +345,8 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				if len(s.LeaseNodes) > 0 {
 					remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), origin, pidOrDash(s.ParentPID),
-					pidOrDash(s.SourcePID), s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), origin, pidOrDash(s.ParentPID),
+					pidOrDash(s.SourcePID), s.Threads, s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
 			}
 			return tw.Flush()
 		},

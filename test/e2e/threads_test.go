@@ -97,6 +97,22 @@ func TestThreadsC(t *testing.T) {
 	if n, err := procInt(p.pid, "Threads"); err != nil || n != mtWorkers+1 {
 		t.Errorf("parent has %d threads after prepare (%v), want %d", n, err, mtWorkers+1)
 	}
+	if r := mitosis(cliTimeout, "seeds", "--json"); !r.ok() {
+		t.Errorf("seeds --json:\n%s", r)
+	} else {
+		var seeds []struct {
+			ID      string `json:"id"`
+			Threads int    `json:"threads"`
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &seeds); err != nil {
+			t.Errorf("seeds --json: %v\n%s", err, r.stdout)
+		}
+		for _, s := range seeds {
+			if s.ID == seed && s.Threads != mtWorkers+1 {
+				t.Errorf("seeds reports %d threads for %s, want %d", s.Threads, seed, mtWorkers+1)
+			}
+		}
+	}
 	start := time.Now()
 	res := forkMany(t, seed, 20, 4, mtVerdict(p.pid, "", mtChecks))
 	t.Logf("20 children of a 9-thread parent (4 at a time) in %v", time.Since(start).Round(time.Millisecond))
