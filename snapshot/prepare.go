@@ -296,16 +296,17 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	}
 	// The other threads' alternate signal stacks, asked of each thread
 	// now that the frozen copy exists (the query writes below its rsp).
-	alts := make([][3]uint64, len(g.threads))
-	for i, s := range g.threads {
-		sp, fl, sz, err := threadAltStack(s, at, &threads[i].regs)
-		if err != nil {
-			<-filesc
-			killSrc()
-			return nil, err
-		}
-		alts[i] = [3]uint64{sp, uint64(fl), sz}
+	tregs := make([]*unix.PtraceRegs, len(g.threads))
+	for i := range threads {
+		tregs[i] = &threads[i].regs
 	}
+	alts, err := threadAltStacks(g.threads, at, tregs)
+	if err != nil {
+		<-filesc
+		killSrc()
+		return nil, err
+	}
+	phase("s.altstacks", tq)
 	// A parent that was stopped gets SIGSTOP back with the detach: it
 	// re-enters its group-stop before running any of its own code (it may
 	// show state R for that moment).

@@ -195,36 +195,63 @@ func readThread(tid int) (threadState, error) {
 	return ts, nil
 }
 
-// threadAltStack asks a stopped thread for its sigaltstack with an injected
-// sigaltstack(NULL, &old) and puts its registers back. The scratch buffer
-// lies 2 KiB below the thread's stack pointer, memory the ABI leaves free
-// (a signal frame could be written there at any time); call it only after
-// the frozen copy was taken, so the write never reaches the seed.
+// threadAltStacks asks stopped threads for their sigaltstack with an
+// injected sigaltstack(NULL, &old) each, and puts their registers back. The
+// queries run in every thread at the same time, so the round trips overlap.
+// Each scratch buffer lies 2 KiB below its thread's stack pointer, memory
+// the ABI leaves free (a signal frame could be written there at any time);
+// call it only after the frozen copy was taken, so the write never reaches
+// the seed. It returns {sp, flags, size} of each.
 //
-// Precondition: runs on the tracer thread; s is stopped.
-func threadAltStack(s *stopped, at uint64, regs *unix.PtraceRegs) (sp uint64, flags uint32, size uint64, err error) {
-	scratch := (regs.Rsp - 2048) &^ 15
-	ret, err := ptrace.Inject(s.pid, at, regs, &s.pending, unix.SYS_SIGALTSTACK, 0, scratch)
-	if rerr := ptrace.SetRegs(s.pid, regs); err == nil {
-		err = rerr
+// Precondition: runs on the tracer thread; every thread of ss is stopped.
+func threadAltStacks(ss []*stopped, at uint64, regs []*unix.PtraceRegs) ([][3]uint64, error) {
+	out := make([][3]uint64, len(ss))
+	started := 0
+	var err error
+	for i, s := range ss {
+		scratch := (regs[i].Rsp - 2048) &^ 15
+		if err = ptrace.StartInject(s.pid, at, regs[i], unix.SYS_SIGALTSTACK, 0, scratch); err != nil {
+			err = fmt.Errorf("sigaltstack of thread %d: %w", s.pid, err)
+			break
+		}
+		started++
+	}
+	for i, s := range ss[:started] {
+		scratch := (regs[i].Rsp - 2048) &^ 15
+		ret, ierr := ptrace.FinishInject(s.pid, at, regs[i], &s.pending, unix.SYS_SIGALTSTACK, 0, scratch)
+		if rerr := ptrace.SetRegs(s.pid, regs[i]); ierr == nil {
+			ierr = rerr
+		}
+		if ierr == nil {
+			out[i], ierr = readAltStack(s, scratch, ret)
+		}
+		if ierr != nil && err == nil {
+			err = fmt.Errorf("sigaltstack of thread %d: %w", s.pid, ierr)
+		}
 	}
 	if err != nil {
-		return 0, 0, 0, fmt.Errorf("sigaltstack of thread %d: %w", s.pid, err)
+		return nil, err
 	}
+	return out, nil
+}
+
+// readAltStack decodes the stack_t sigaltstack(NULL, scratch) returned
+// (ret) and wrote at scratch in s.
+func readAltStack(s *stopped, scratch, ret uint64) ([3]uint64, error) {
 	if e := ptrace.Errno(ret); e != nil {
 		if errors.Is(e, unix.EFAULT) {
 			// No writable stack below rsp: the thread's alternate
 			// stack cannot be read; it is left disabled.
-			return 0, ssDisable, 0, nil
+			return [3]uint64{0, ssDisable, 0}, nil
 		}
-		return 0, 0, 0, fmt.Errorf("sigaltstack of thread %d: %w", s.pid, e)
+		return [3]uint64{}, e
 	}
 	buf := make([]byte, 24)
 	if err := ptrace.ReadMem(s.tgid, scratch, buf); err != nil {
-		return 0, 0, 0, fmt.Errorf("sigaltstack of thread %d: %w", s.pid, err)
+		return [3]uint64{}, err
 	}
 	le := binary.LittleEndian
-	return le.Uint64(buf[0:]), le.Uint32(buf[8:]), le.Uint64(buf[16:]), nil
+	return [3]uint64{le.Uint64(buf[0:]), uint64(le.Uint32(buf[8:])), le.Uint64(buf[16:])}, nil
 }
 
 // ssDisable is SS_DISABLE (not in x/sys/unix).

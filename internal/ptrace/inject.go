@@ -17,21 +17,28 @@ import (
 //
 // Precondition: runs on the tracer thread; pid is in a ptrace-stop.
 func Inject(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal, nr uint64, args ...uint64) (uint64, error) {
-	r := *base
-	r.Rip = at
-	r.Rax = nr
-	r.Orig_rax = ^uint64(0)
-	dst := []*uint64{&r.Rdi, &r.Rsi, &r.Rdx, &r.R10, &r.R8, &r.R9}
-	for i, a := range args {
-		*dst[i] = a
+	if err := StartInject(pid, at, base, nr, args...); err != nil {
+		return 0, err
 	}
-	r.Eflags &^= 0x100 // TF: the kernel sets it for the step itself
+	return FinishInject(pid, at, base, pending, nr, args...)
+}
+
+// StartInject is the first half of Inject: it loads the call and lets pid
+// run it. FinishInject, with the same arguments, waits for the call's end.
+// Between the two the tracer can start calls in other tracees, which then
+// run at the same time.
+func StartInject(pid int, at uint64, base *unix.PtraceRegs, nr uint64, args ...uint64) error {
+	r := injectRegs(at, base, nr, args)
 	if err := SetRegs(pid, &r); err != nil {
-		return 0, err
+		return err
 	}
-	if err := Step(pid); err != nil {
-		return 0, err
-	}
+	return Step(pid)
+}
+
+// FinishInject waits for the call StartInject started in pid and returns
+// its raw result.
+func FinishInject(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal, nr uint64, args ...uint64) (uint64, error) {
+	r := injectRegs(at, base, nr, args)
 	ws, err := WaitStop(pid, syscall.SIGTRAP, pending, func() error { return Step(pid) })
 	// A trap-stop left queued by PTRACE_INTERRUPT or a group-stop (e.g.
 	// seizing a SIGSTOPped process) can be reported before the step:
@@ -59,6 +66,20 @@ func Inject(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal
 		return 0, fmt.Errorf("inject syscall %d into %d: stopped at %#x, want %#x", nr, pid, out.Rip, at+2)
 	}
 	return out.Rax, nil
+}
+
+// injectRegs are base set up to run syscall nr with args at address at.
+func injectRegs(at uint64, base *unix.PtraceRegs, nr uint64, args []uint64) unix.PtraceRegs {
+	r := *base
+	r.Rip = at
+	r.Rax = nr
+	r.Orig_rax = ^uint64(0)
+	dst := []*uint64{&r.Rdi, &r.Rsi, &r.Rdx, &r.R10, &r.R8, &r.R9}
+	for i, a := range args {
+		*dst[i] = a
+	}
+	r.Eflags &^= 0x100 // TF: the kernel sets it for the step itself
+	return r
 }
 
 // Errno converts a raw syscall return value into an error (nil if it is not
