@@ -440,3 +440,90 @@ func TestForkKeepsCredentials(t *testing.T) {
 		t.Fatalf("child printed %q, parent %q", got, want)
 	}
 }
+
+// threadsSrc starts 5 workers that each fill their own buffer and __thread
+// value and then spin on a counter until released; main stops itself (the
+// prepare point), then releases them, joins them and prints a digest of
+// their state and each worker's check.
+const threadsSrc = `
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#define NW 5
+static __thread unsigned long tls;
+static unsigned long *buf[NW];
+static _Atomic int go, ready;
+static int ok[NW];
+static void *work(void *arg) {
+	long t = (long)arg;
+	tls = 1000 + t;
+	buf[t] = malloc(1 << 20);
+	for (int i = 0; i < (1 << 17); i++) buf[t][i] = i * 31 + t;
+	unsigned long spins = 0;
+	atomic_fetch_add(&ready, 1);
+	while (!atomic_load(&go)) spins++;
+	ok[t] = tls == 1000 + t && pthread_kill(pthread_self(), 0) == 0;
+	return NULL;
+}
+int main(void) {
+	pthread_t th[NW];
+	for (long t = 0; t < NW; t++) pthread_create(&th[t], NULL, work, (void *)t);
+	while (atomic_load(&ready) < NW) usleep(100);
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	atomic_store(&go, 1);
+	unsigned long h = 1469598103934665603UL;
+	for (int t = 0; t < NW; t++) {
+		pthread_join(th[t], NULL);
+		for (int i = 0; i < (1 << 17); i++) { h ^= buf[t][i]; h *= 1099511628211UL; }
+		h ^= ok[t];
+		h *= 1099511628211UL;
+	}
+	printf("THREADS %lx\n", h);
+	return 0;
+}
+`
+
+// TestThreadedParent: a parent with 5 spinning workers is prepared (the
+// descriptor records them) and a child continues every worker.
+func TestThreadedParent(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "threads.c")
+	if err := os.WriteFile(src, []byte(threadsSrc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "threads")
+	if out, err := exec.Command("gcc", "-O1", "-pthread", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	p := startCmd(t, exec.Command(bin))
+	e, s := prepared(t, p.pid)
+	if n := len(s.Desc.Threads); n != 5 {
+		t.Fatalf("descriptor records %d other threads, want 5", n)
+	}
+	var outs []string
+	for i := 0; i < 3; i++ {
+		got, st := runChild(t, e, s, ForkOptions{})
+		if st.ExitStatus() != 0 || !strings.HasPrefix(got, "THREADS ") {
+			t.Fatalf("child %d: status %v output %q", i, st, got)
+		}
+		outs = append(outs, got)
+	}
+	_ = unix.Kill(p.pid, unix.SIGCONT)
+	want, err := p.out.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, got := range outs {
+		if got != want {
+			t.Errorf("child %d printed %q, the parent %q", i, got, want)
+		}
+	}
+}
