@@ -159,17 +159,17 @@ type InvokeResult struct {
 
 // SeedInfo describes one seed held by the daemon.
 type SeedInfo struct {
-	ID           string    `json:"id"`
-	Name         string    `json:"name"`
-	ParentPID    int       `json:"parent_pid"`
-	SourcePID    int       `json:"source_pid"`
-	VMAs         int       `json:"vmas"`
-	PresentPages uint64    `json:"present_pages"`
+	ID           string `json:"id"`
+	Name         string `json:"name"`
+	ParentPID    int    `json:"parent_pid"`
+	SourcePID    int    `json:"source_pid"`
+	VMAs         int    `json:"vmas"`
+	PresentPages uint64 `json:"present_pages"`
 	// Threads is the parent's thread count at prepare (each child gets as
 	// many).
-	Threads int `json:"threads"`
-	PrepareMS    float64   `json:"prepare_ms"`
-	Created      time.Time `json:"created"`
+	Threads   int       `json:"threads"`
+	PrepareMS float64   `json:"prepare_ms"`
+	Created   time.Time `json:"created"`
 	// Self is true for seeds made by prepare-self (their children get a
 	// channel connection and a reply line).
 	Self bool `json:"self"`
