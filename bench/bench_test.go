@@ -135,7 +135,7 @@ func TestQuickThreads(t *testing.T) {
 	if g.Error != "" {
 		t.Fatalf("%s failed: %s\nlog:\n%s", g.Name, g.Error, log.String())
 	}
-	if want := 5*len(threadCounts) + 4; len(g.Cases) != want {
+	if want := 6*len(threadCounts) + 4; len(g.Cases) != want {
 		t.Errorf("%d cases, want %d", len(g.Cases), want)
 	}
 	for _, c := range g.Cases {

@@ -45,6 +45,7 @@ const (
 	thStart    = "mitosis start"
 	thTook     = "mitosis: Fork() return (Child.Took)"
 	thLocal    = "local fork"
+	thTraced   = "mitosis start, threads set by the tracer"
 
 	npDefault = "numpy, default BLAS pool"
 	npOne     = "numpy, OPENBLAS_NUM_THREADS=1"
@@ -151,6 +152,7 @@ func (r *runner) threadsGroup() *Group {
 		p                                      *parent
 		seed                                   *engine.Seed
 		prepWall, prepTook, start, took, local *Case
+		traced                                 *Case // MITOSIS_PTRACE_THREADS=1
 		spec, localSpec                        startSpec
 		stats                                  []engine.ChildStats
 	}
@@ -169,6 +171,7 @@ func (r *runner) threadsGroup() *Group {
 		c := &cparent{n: n,
 			prepWall: &Case{Name: threadCase(n, thPrepWall)}, prepTook: &Case{Name: threadCase(n, thPrepTook)},
 			start: &Case{Name: threadCase(n, thStart)}, took: &Case{Name: threadCase(n, thTook)}, local: &Case{Name: threadCase(n, thLocal)},
+			traced:    &Case{Name: threadCase(n, thTraced)},
 			spec:      startSpec{want: "x", after: fmt.Sprintf("THREADS %d ok", n)},
 			localSpec: startSpec{want: "x"},
 		}
@@ -176,6 +179,9 @@ func (r *runner) threadsGroup() *Group {
 	}
 	for _, c := range cs {
 		g.Cases = append(g.Cases, c.start)
+	}
+	for _, c := range cs {
+		g.Cases = append(g.Cases, c.traced)
 	}
 	for _, c := range cs {
 		g.Cases = append(g.Cases, c.took)
@@ -298,6 +304,18 @@ func (r *runner) threadsGroup() *Group {
 				}
 				return nil
 			}},
+			method{c.traced.Name, func(warm bool) error {
+				// The restore's other way, side by side: the tracer seizes
+				// the threads and sets their state with ptrace.
+				os.Setenv("MITOSIS_PTRACE_THREADS", "1")
+				d, _, _, err := r.mitosisFork(c.seed, engine.ForkOptions{}, &c.spec)
+				os.Unsetenv("MITOSIS_PTRACE_THREADS")
+				if err != nil {
+					return err
+				}
+				c.traced.add(d, warm)
+				return nil
+			}},
 			method{c.local.Name, func(warm bool) error {
 				d, err := r.localFork(c.p, &c.localSpec)
 				if err != nil {
@@ -343,16 +361,17 @@ func (r *runner) threadsGroup() *Group {
 	p99 := func(c *Case) time.Duration { return summarize(c.Samples).P99 }
 	one := cs[0]
 	perN := Table{Header: []string{"threads N", "mitosis start", "start p99", "Fork() return", "local fork", "prepare wall", "Seed.Took",
-		"start per extra thread", "Fork() return per extra thread", "prepare wall per extra thread"}}
+		"start per extra thread", "Fork() return per extra thread", "prepare wall per extra thread", "start, threads set by the tracer", "per extra thread"}}
 	slopes := map[int]time.Duration{}
 	for _, c := range cs {
 		row := []string{strconv.Itoa(c.n), fmtDur(med(c.start)), fmtDur(p99(c.start)), fmtDur(med(c.took)), fmtDur(med(c.local)),
-			fmtDur(med(c.prepWall)), fmtDur(med(c.prepTook)), "-", "-", "-"}
+			fmtDur(med(c.prepWall)), fmtDur(med(c.prepTook)), "-", "-", "-", fmtDur(med(c.traced)), "-"}
 		if c.n > 1 {
 			slopes[c.n] = perExtraThread(med(c.start), med(one.start), c.n)
 			row[7] = fmtDur(slopes[c.n])
 			row[8] = fmtDur(perExtraThread(med(c.took), med(one.took), c.n))
 			row[9] = fmtDur(perExtraThread(med(c.prepWall), med(one.prepWall), c.n))
+			row[11] = fmtDur(perExtraThread(med(c.traced), med(one.traced), c.n))
 		}
 		perN.Rows = append(perN.Rows, row)
 	}

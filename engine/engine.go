@@ -254,13 +254,25 @@ func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 		return fmt.Errorf("preload stack: %w", err)
 	}
 	// The other threads' too: the kernel writes each TCB's cached tid at
-	// clone (CLONE_CHILD_SETTID) and every thread touches its stack first.
-	// A thread's TCB sits at the top of its stack mapping: each range is
-	// clipped to the mapping it starts in.
+	// clone (CLONE_CHILD_SETTID) and every thread touches its stack first;
+	// the page at and below rsp also take the thread's signal frame
+	// (restore/sigframe.go). A thread's TCB sits at the top of its stack
+	// mapping, usually a few pages above rsp: one range covers both then.
+	// Ranges are clipped to the mapping they start in.
 	for i := range d.Threads {
 		tr := snapshot.RegsFromArray(d.Threads[i].Regs)
-		for _, r := range [][2]uint64{{d.Threads[i].TIDAddr &^ 4095, 1}, {(tr.Rsp &^ 4095) - 4096, 2}} {
-			if n := pagesIn(d, r[0], int(r[1])); n > 0 {
+		lo, hi := (tr.Rsp&^4095)-4096, (tr.Rsp&^4095)+4096
+		var ranges [][2]uint64
+		if tcb := d.Threads[i].TIDAddr &^ 4095; tcb >= lo && tcb < lo+16*4096 {
+			ranges = [][2]uint64{{lo, max(hi, tcb+4096)}}
+		} else {
+			ranges = [][2]uint64{{lo, hi}}
+			if tcb != 0 {
+				ranges = append(ranges, [2]uint64{tcb, tcb + 4096})
+			}
+		}
+		for _, r := range ranges {
+			if n := pagesIn(d, r[0], int((r[1]-r[0])/4096)); n > 0 {
 				if err := sp.Preload(r[0], n, nil); err != nil {
 					return fmt.Errorf("preload thread %d at %#x: %w", i+1, r[0], err)
 				}

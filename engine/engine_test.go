@@ -442,7 +442,9 @@ func TestForkKeepsCredentials(t *testing.T) {
 }
 
 // threadsSrc starts 5 workers that each fill their own buffer and __thread
-// value and then spin on a counter until released; main stops itself (the
+// value and then spin on a counter until released, and one that spins with
+// a pattern in ymm8 (the upper half lives in XSTATE only); main installs a
+// signal handler (so the seed has a signal restorer), stops itself (the
 // prepare point), then releases them, joins them and prints a digest of
 // their state and each worker's check.
 const threadsSrc = `
@@ -451,12 +453,14 @@ const threadsSrc = `
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #define NW 5
 static __thread unsigned long tls;
 static unsigned long *buf[NW];
 static _Atomic int go, ready;
-static int ok[NW];
+static volatile int vgo;
+static int ok[NW], vec_ok;
 static void *work(void *arg) {
 	long t = (long)arg;
 	tls = 1000 + t;
@@ -468,14 +472,34 @@ static void *work(void *arg) {
 	ok[t] = tls == 1000 + t && pthread_kill(pthread_self(), 0) == 0;
 	return NULL;
 }
+static void *vec(void *arg) {
+	static unsigned char in[32], out[32];
+	(void)arg;
+	for (int i = 0; i < 32; i++) in[i] = i * 7 + 1;
+	atomic_fetch_add(&ready, 1);
+	__asm__ volatile(
+		"vmovdqu %[in], %%ymm8\n"
+		"1: pause\n"
+		"cmpl $0, %[go]\n"
+		"je 1b\n"
+		"vmovdqu %%ymm8, %[out]\n"
+		: [out] "=m"(out) : [in] "m"(in), [go] "m"(vgo) : "xmm8", "memory");
+	vec_ok = memcmp(in, out, 32) == 0;
+	return NULL;
+}
+static void on_usr1(int s) { (void)s; }
 int main(void) {
-	pthread_t th[NW];
+	pthread_t th[NW], tv;
+	signal(SIGUSR1, on_usr1);
 	for (long t = 0; t < NW; t++) pthread_create(&th[t], NULL, work, (void *)t);
-	while (atomic_load(&ready) < NW) usleep(100);
+	pthread_create(&tv, NULL, vec, NULL);
+	while (atomic_load(&ready) < NW + 1) usleep(100);
+	usleep(1000);
 	printf("READY %d\n", getpid());
 	fflush(stdout);
 	raise(SIGSTOP);
 	atomic_store(&go, 1);
+	vgo = 1;
 	unsigned long h = 1469598103934665603UL;
 	for (int t = 0; t < NW; t++) {
 		pthread_join(th[t], NULL);
@@ -483,13 +507,15 @@ int main(void) {
 		h ^= ok[t];
 		h *= 1099511628211UL;
 	}
-	printf("THREADS %lx\n", h);
+	pthread_join(tv, NULL);
+	printf("THREADS %lx YMM %s\n", h, vec_ok ? "ok" : "LOST");
 	return 0;
 }
 `
 
-// TestThreadedParent: a parent with 5 spinning workers is prepared (the
-// descriptor records them) and a child continues every worker.
+// TestThreadedParent: a parent with 6 spinning workers is prepared (the
+// descriptor records them) and children continue every worker, vector
+// registers included, on both ways of restoring threads.
 func TestThreadedParent(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -505,11 +531,16 @@ func TestThreadedParent(t *testing.T) {
 	}
 	p := startCmd(t, exec.Command(bin))
 	e, s := prepared(t, p.pid)
-	if n := len(s.Desc.Threads); n != 5 {
-		t.Fatalf("descriptor records %d other threads, want 5", n)
+	if n := len(s.Desc.Threads); n != 6 {
+		t.Fatalf("descriptor records %d other threads, want 6", n)
 	}
 	var outs []string
-	for i := 0; i < 3; i++ {
+	for i := 0; i < 4; i++ {
+		// Children 2 and 3 on the tracer's path (threads set by ptrace),
+		// 0 and 1 restoring themselves (rt_sigreturn).
+		if i == 2 {
+			t.Setenv("MITOSIS_PTRACE_THREADS", "1")
+		}
 		got, st := runChild(t, e, s, ForkOptions{})
 		if st.ExitStatus() != 0 || !strings.HasPrefix(got, "THREADS ") {
 			t.Fatalf("child %d: status %v output %q", i, st, got)

@@ -793,11 +793,12 @@ func (c *child) build(opts Options) error {
 	}
 
 	mark("batch3")
+	var release func() error
 	if len(d.Threads) > 0 {
 		// After the shared task state (credentials, limits, signal
 		// handlers), which the new threads share or inherit.
 		var err error
-		c.threads, err = c.makeThreads()
+		c.threads, release, err = c.makeThreads()
 		if err != nil {
 			return fmt.Errorf("restore threads: %w", err)
 		}
@@ -806,6 +807,13 @@ func (c *child) build(opts Options) error {
 	// Unmap the gadget from a syscall instruction in the (moved) vDSO.
 	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
 		return fmt.Errorf("unmap gadget: %w", err)
+	}
+	if release != nil {
+		// Threads that restore themselves run from here on, while the
+		// leader gets its own state.
+		if err := release(); err != nil {
+			return fmt.Errorf("restore threads: %w", err)
+		}
 	}
 	if err := ptrace.SetXState(c.pid, d.XState); err != nil {
 		return err

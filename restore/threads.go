@@ -25,12 +25,13 @@ type thread struct {
 	pending []syscall.Signal
 }
 
-// threadSlot is the size of one thread's own table in the Cloner's arena:
-// a count, up to threadCalls Runner entries (set_robust_list, rseq,
-// sigaltstack) and the stack_t sigaltstack reads.
+// threadSlot is the size of one thread's slot in the Cloner's arena: the
+// header, up to threadCalls Runner entries (arch_prctl for fs and gs,
+// set_robust_list, rseq, or sigaltstack on the tracer's path) and the
+// stack_t sigaltstack reads.
 const (
-	threadCalls = 3
-	threadSlot  = 8 + threadCalls*stub.EntrySize + 56
+	threadCalls = 5
+	threadSlot  = stub.ThreadSlotHeader + threadCalls*stub.EntrySize + 56
 )
 
 // threadTables is the gadget table space makeThreads needs for n threads:
@@ -38,51 +39,69 @@ const (
 func threadTables(n int) uint64 { return uint64(n) * (stub.EntrySize + threadSlot) }
 
 // makeThreads recreates the seed's other threads inside the child, in a
-// few stops whatever their number:
+// few stops whatever their number. The leader runs the Cloner once: one
+// clone(2) per thread (CLONE_THREAD, so each shares everything the
+// parent's threads shared); each new thread at once sets what is per
+// thread and not inherited (robust futex list, rseq; its fs base) from its
+// own table. Then, when the parent's signal restorer and a returning vDSO
+// syscall are at hand (selfRestorer), each thread waits on a futex in the
+// vDSO with its stack pointer at a signal frame holding its registers,
+// XSTATE, signal mask and alternate stack; once all wait, one FUTEX_WAKE
+// lets them rt_sigreturn into their state (see sigframe.go): no ptrace
+// request per thread. Otherwise each parks in pause(2) and the tracer
+// seizes them and sets their state with ptrace (makeTracedThreads).
 //
-//  1. the leader runs the Cloner once: one clone(2) per thread
-//     (CLONE_THREAD, so each shares everything the parent's threads
-//     shared); each new thread at once sets what is per thread and not
-//     inherited (robust futex list, rseq, alternate signal stack) from its
-//     own table, then parks in pause(2), on its own stack;
-//  2. once every thread has done its table, the tracer seizes and
-//     interrupts them all, then waits for them all;
-//  3. each gets its registers, XSTATE and signal mask.
-//
-// Nothing runs the parent's code until the caller releases them
-// (releaseThreads), after every thread is restored; the leader's signals
-// are blocked meanwhile (new threads inherit that), so a parked thread
-// runs no handler.
-//
-// The kernel writes each new thread's tid into its TCB (CLONE_CHILD_SETTID
-// at the thread's cached-tid address, in the child's PID namespace) and
-// clears it at exit (CLONE_CHILD_CLEARTID), as pthread_create does: glibc's
-// cached tid and pthread_join keep working.
+// The leader's signals are blocked while the threads are made (new threads
+// inherit that), so no handler runs on a thread before its state is in
+// place. The kernel writes each new thread's tid into its TCB
+// (CLONE_CHILD_SETTID at the thread's cached-tid address, in the child's
+// PID namespace) and clears it at exit (CLONE_CHILD_CLEARTID), as
+// pthread_create does: glibc's cached tid and pthread_join keep working.
 //
 // Precondition: runs on the tracer thread; the address space (and its
 // pager) is complete; the gadget is still mapped, with threadTables room in
 // its table area, and the leader's batches are done with it.
-func (c *child) makeThreads() ([]*thread, error) {
+func (c *child) makeThreads() ([]*thread, func() error, error) {
 	d := c.d
 	n := len(d.Threads)
 	if err := ptrace.SetSigMask(c.pid, ^uint64(0)); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	self, selfOK := c.selfRestorer()
+	// Two futex words in the code page (read-only zeros past the code):
+	// threads wait on the first, are requeued to the second once counted.
+	waitOn, wakeOn := c.gadget+4096-16, c.gadget+4096-8
 	tables := c.gadget + 4096
 	cb := stub.NewBatch(tables, uint64(n)*stub.EntrySize)
 	slots := tables + uint64(n)*stub.EntrySize
 	inits := make([]*stub.Batch, n)
+	var frames []uint64
+	var frameData [][]byte
 	for i := range d.Threads {
 		th := &d.Threads[i]
 		slot := slots + uint64(i)*threadSlot
-		b := stub.NewBatch(slot+8, threadCalls*stub.EntrySize)
+		b := stub.NewBatch(slot+stub.ThreadSlotHeader, threadCalls*stub.EntrySize)
+		tr := snapshot.RegsFromArray(th.Regs)
+		var frame uint64
+		if selfOK {
+			// fs_base comes with the clone (CLONE_SETTLS).
+			if tr.Gs_base != 0 {
+				b.Add("arch_prctl ARCH_SET_GS", unix.SYS_ARCH_PRCTL, archSetGS, tr.Gs_base)
+			}
+			var data []byte
+			var err error
+			if frame, data, err = threadFrame(th, self.restorer); err != nil {
+				return nil, nil, fmt.Errorf("thread %d (parent tid %d): signal frame: %w", i+1, th.TID, err)
+			}
+			frames, frameData = append(frames, frame), append(frameData, data)
+		}
 		if th.RobustHead != 0 {
 			b.Add("set_robust_list", unix.SYS_SET_ROBUST_LIST, th.RobustHead, th.RobustLen)
 		}
 		if th.Rseq.Addr != 0 {
 			b.Add("rseq", unix.SYS_RSEQ, th.Rseq.Addr, uint64(th.Rseq.Len), 0, uint64(th.Rseq.Sig))
 		}
-		if th.AltStackFlags&ssDisable == 0 && th.AltStackSize != 0 {
+		if !selfOK && th.AltStackFlags&ssDisable == 0 && th.AltStackSize != 0 {
 			ss := make([]byte, 24)
 			*(*uint64)(unsafe.Pointer(&ss[0])) = th.AltStackSP
 			*(*uint32)(unsafe.Pointer(&ss[8])) = th.AltStackFlags &^ ssOnStack
@@ -91,28 +110,88 @@ func (c *child) makeThreads() ([]*thread, error) {
 		}
 		inits[i] = b
 		buf := make([]byte, threadSlot)
-		*(*uint64)(unsafe.Pointer(&buf[0])) = uint64(len(b.Calls))
-		copy(buf[8:], b.TableBytes())
+		hdr := unsafe.Slice((*uint64)(unsafe.Pointer(&buf[0])), 4)
+		hdr[0] = uint64(len(b.Calls))
+		if selfOK {
+			hdr[1], hdr[2], hdr[3] = waitOn, self.vdsoRet, frame
+		}
+		copy(buf[stub.ThreadSlotHeader:], b.TableBytes())
 		_, arena := b.Arena()
-		copy(buf[8+threadCalls*stub.EntrySize:], arena)
+		copy(buf[stub.ThreadSlotHeader+threadCalls*stub.EntrySize:], arena)
 		if a := cb.Data(buf); a != slot {
-			return nil, fmt.Errorf("thread table %d at %#x, want %#x", i, a, slot)
+			return nil, nil, fmt.Errorf("thread table %d at %#x, want %#x", i+1, a, slot)
 		}
 		flags := uint64(threadCloneFlags)
 		if th.TIDAddr != 0 {
 			flags |= unix.CLONE_CHILD_SETTID | unix.CLONE_CHILD_CLEARTID
 		}
+		var tls uint64
+		if selfOK && tr.Fs_base != 0 {
+			flags, tls = flags|unix.CLONE_SETTLS, tr.Fs_base
+		}
 		// Parked on its own stack, below the red zone.
-		sp := (snapshot.RegsFromArray(th.Regs).Rsp - 256) &^ 15
-		cb.Add(fmt.Sprintf("clone thread %d of %d (parent tid %d)", i+1, n, th.TID), unix.SYS_CLONE, flags, sp, 0, th.TIDAddr, 0, slot)
+		sp := (tr.Rsp - 256) &^ 15
+		cb.Add(fmt.Sprintf("clone thread %d of %d (parent tid %d)", i+1, n, th.TID), unix.SYS_CLONE, flags, sp, 0, th.TIDAddr, tls, slot)
 	}
+	if err := ptrace.WriteMemv(c.pid, frames, frameData); err != nil {
+		return nil, nil, fmt.Errorf("write the threads' signal frames: %w", err)
+	}
+	mark("threads: tables")
 	// On failure the threads created so far are untraced: they die with
 	// the child when the caller kills it.
 	res, err := c.runOn(c.pid, cb, stub.ClonerOffset, &c.regs, &c.pending)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	mark("threads: clone")
+	if !selfOK {
+		ts, err := c.makeTracedThreads(slots, inits, res)
+		return ts, nil, err
+	}
+	// Every thread waits in the vDSO (out of the gadget) once the requeue
+	// has counted it; then its table is done too.
+	deadline := time.Now().Add(threadInitWait)
+	for waiting := 0; waiting < n; {
+		moved, err := c.inject(d.VDSOSyscall, unix.SYS_FUTEX, waitOn, futexCmpRequeuePrivate, 0, 1<<31-1, wakeOn, 0)
+		if err != nil {
+			return nil, nil, fmt.Errorf("count the waiting threads: %w", err)
+		}
+		waiting += int(moved)
+		if waiting < n {
+			if time.Now().After(deadline) {
+				return nil, nil, fmt.Errorf("only %d of %d new threads reached their release point within %v", waiting, n, threadInitWait)
+			}
+			_, _, _ = unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+		}
+	}
+	mark("threads: parked")
+	if err := c.checkInits(slots, inits); err != nil {
+		return nil, nil, err
+	}
+	// The release: waiting in the vDSO, the threads need the gadget no
+	// more; the caller wakes them once it is unmapped.
+	release := func() error {
+		woken, err := c.inject(d.VDSOSyscall, unix.SYS_FUTEX, wakeOn, futexWakePrivate, 1<<31-1)
+		if err != nil {
+			return fmt.Errorf("release the threads: %w", err)
+		}
+		if int(woken) != n {
+			return fmt.Errorf("released %d threads, want %d", woken, n)
+		}
+		return nil
+	}
+	return nil, release, nil
+}
+
+// archSetGS is arch_prctl's ARCH_SET_GS.
+const archSetGS = 0x1001
+
+// makeTracedThreads finishes makeThreads on the tracer's path: once every
+// thread has run its table and parked in pause(2), the tracer seizes and
+// interrupts them all, waits for them all, and sets each one's registers,
+// XSTATE and signal mask; the caller releases them (releaseThreads).
+func (c *child) makeTracedThreads(slots uint64, inits []*stub.Batch, res []uint64) ([]*thread, error) {
+	d := c.d
 	if err := c.waitInits(slots, inits); err != nil {
 		return nil, err
 	}
@@ -121,7 +200,7 @@ func (c *child) makeThreads() ([]*thread, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*thread, 0, n)
+	out := make([]*thread, 0, len(tids))
 	for i, tid := range tids {
 		if err := ptrace.Seize(tid, unix.PTRACE_O_EXITKILL); err != nil {
 			return out, fmt.Errorf("seize thread %d (tid %d): %w", i+1, tid, err)
@@ -162,27 +241,11 @@ const threadInitWait = 5 * time.Second
 // slot written: the thread is then at most a few instructions from its
 // pause(2)) and checks the results.
 func (c *child) waitInits(slots uint64, inits []*stub.Batch) error {
-	buf := make([]byte, len(inits)*threadSlot)
 	deadline := time.Now().Add(threadInitWait)
 	for spin := 0; ; spin++ {
-		if err := ptrace.ReadMem(c.pid, slots, buf); err != nil {
+		done, err := c.readInits(slots, inits)
+		if err != nil || done {
 			return err
-		}
-		done := true
-		for i, b := range inits {
-			res := stub.Results(buf[i*threadSlot+8 : i*threadSlot+8+len(b.Calls)*stub.EntrySize])
-			for j, v := range res {
-				if v == stub.NotRun {
-					done = false
-					break
-				}
-				if e := ptrace.Errno(v); e != nil {
-					return fmt.Errorf("thread %d (parent tid %d): %s: %w", i+1, c.d.Threads[i].TID, b.Calls[j].What, e)
-				}
-			}
-		}
-		if done {
-			return nil
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("new threads did not set up their kernel state within %v", threadInitWait)
@@ -195,6 +258,40 @@ func (c *child) waitInits(slots uint64, inits []*stub.Batch) error {
 			time.Sleep(50 * time.Microsecond)
 		}
 	}
+}
+
+// checkInits checks the results of the threads' tables, which must all
+// have run.
+func (c *child) checkInits(slots uint64, inits []*stub.Batch) error {
+	done, err := c.readInits(slots, inits)
+	if err == nil && !done {
+		err = fmt.Errorf("a new thread waits without having run its table")
+	}
+	return err
+}
+
+// readInits reads the threads' result slots: whether all ran, or the first
+// failed call.
+func (c *child) readInits(slots uint64, inits []*stub.Batch) (bool, error) {
+	buf := make([]byte, len(inits)*threadSlot)
+	if err := ptrace.ReadMem(c.pid, slots, buf); err != nil {
+		return false, err
+	}
+	done := true
+	for i, b := range inits {
+		at := i*threadSlot + stub.ThreadSlotHeader
+		res := stub.Results(buf[at : at+len(b.Calls)*stub.EntrySize])
+		for j, v := range res {
+			if v == stub.NotRun {
+				done = false
+				break
+			}
+			if e := ptrace.Errno(v); e != nil {
+				return false, fmt.Errorf("thread %d (parent tid %d): %s: %w", i+1, c.d.Threads[i].TID, b.Calls[j].What, e)
+			}
+		}
+	}
+	return done, nil
 }
 
 // hostTIDs maps the thread ids clone(2) returned in the child (in its own

@@ -127,6 +127,37 @@ func WriteMem(pid int, addr uint64, buf []byte) error {
 	return nil
 }
 
+// WriteMemv copies each bufs[i] to addrs[i] in pid with as few
+// process_vm_writev calls as the kernel's iovec limit allows.
+func WriteMemv(pid int, addrs []uint64, bufs [][]byte) error {
+	const max = 1024 // IOV_MAX
+	for start := 0; start < len(bufs); start += max {
+		end := min(start+max, len(bufs))
+		var local []unix.Iovec
+		var remote []unix.RemoteIovec
+		want := 0
+		for i := start; i < end; i++ {
+			if len(bufs[i]) == 0 {
+				continue
+			}
+			local = append(local, unix.Iovec{Base: &bufs[i][0], Len: uint64(len(bufs[i]))})
+			remote = append(remote, unix.RemoteIovec{Base: uintptr(addrs[i]), Len: len(bufs[i])})
+			want += len(bufs[i])
+		}
+		if len(local) == 0 {
+			continue
+		}
+		n, err := unix.ProcessVMWritev(pid, local, remote, 0)
+		if err != nil {
+			return fmt.Errorf("write %d buffers to pid %d: %w", len(local), pid, err)
+		}
+		if n != want {
+			return fmt.Errorf("write %d buffers to pid %d: short write %d of %d", len(local), pid, n, want)
+		}
+	}
+	return nil
+}
+
 // ReadU64 reads one little-endian word of pid's memory.
 func ReadU64(pid int, addr uint64) (uint64, error) {
 	var v uint64

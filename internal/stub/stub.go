@@ -110,10 +110,15 @@ func code(parts ...[]byte) []byte {
 // (CLONE_VM|CLONE_THREAD...): the caller continues down the table, storing
 // each new thread's id, and stops (int3) after the last entry or at the
 // first error. Each entry's sixth argument (r9, unused by clone) is the
-// address of the new thread's own table: a u64 count, then that many
-// Runner entries. The new thread (rax 0 after the syscall) runs them all,
-// storing each result, then parks in a pause(2) loop, where the tracer
-// seizes it. The thread uses no stack. One run of the caller creates and
+// address of the new thread's own slot (see ThreadSlotHeader): a header,
+// then Runner entries. The new thread (rax 0 after the syscall) runs its
+// entries, storing each result, and then, with a futex word in its header,
+// waits on it (FUTEX_WAIT_PRIVATE, value 0) from the `syscall` of the
+// header's vDSO address with rsp at the header's frame: when the wait ends
+// the code there returns through the frame's first word (a restorer: the
+// thread rt_sigreturns into the state its frame holds). Without a futex
+// word it parks in a pause(2) loop instead, where the tracer seizes it.
+// The thread uses no stack until then. One run of the caller creates and
 // initializes any number of threads.
 var Cloner = code(
 	[]byte{
@@ -132,8 +137,9 @@ var Cloner = code(
 		0xeb, 0xc4, //             jmp loop
 		0xcc,             //                   done: int3
 		0x4c, 0x89, 0xcb, //       child: mov rbx, r9
+		0x49, 0x89, 0xdd, //       mov r13, rbx
 		0x4c, 0x8b, 0x23, //       mov r12, [rbx]
-		0x48, 0x83, 0xc3, 0x08, // add rbx, 8
+		0x48, 0x83, 0xc3, 0x20, // add rbx, 32
 		0x4d, 0x85, 0xe4, //       cloop: test r12, r12
 		0x74, 0x2a, //             jz park
 	},
@@ -143,11 +149,25 @@ var Cloner = code(
 		0x48, 0x83, 0xc3, 0x40, // add rbx, 64
 		0x49, 0xff, 0xcc, //       dec r12
 		0xeb, 0xd1, //             jmp cloop
-		0xb8, 0x22, 0x00, 0x00, 0x00, // park: mov eax, 34 (pause)
+		0x49, 0x8b, 0x7d, 0x08, // park: mov rdi, [r13+8] (futex word)
+		0x48, 0x85, 0xff, //       test rdi, rdi
+		0x74, 0x17, //             jz pause
+		0x49, 0x8b, 0x65, 0x18, // mov rsp, [r13+24] (frame)
+		0xbe, 0x80, 0x00, 0x00, 0x00, // mov esi, FUTEX_WAIT_PRIVATE
+		0x31, 0xd2, //             xor edx, edx
+		0x45, 0x31, 0xd2, //       xor r10d, r10d
+		0xb8, 0xca, 0x00, 0x00, 0x00, // mov eax, 202 (futex)
+		0x41, 0xff, 0x65, 0x10, // jmp [r13+16] (vDSO syscall; ...; ret)
+		0xb8, 0x22, 0x00, 0x00, 0x00, // pause: mov eax, 34 (pause)
 		0x0f, 0x05, //             syscall
-		0xeb, 0xf7, //             jmp park
+		0xeb, 0xf7, //             jmp pause
 	},
 )
+
+// ThreadSlotHeader is the size of the header of a thread's slot for
+// Cloner: {entry count, futex word address or 0, vDSO return-syscall
+// address, frame address}, each a u64; the entries follow.
+const ThreadSlotHeader = 32
 
 // SyscallOffset is the offset in the gadget code page of a lone
 // `syscall; int3` used for single injections.

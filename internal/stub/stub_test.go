@@ -404,7 +404,9 @@ func TestStubRunsBatch(t *testing.T) {
 		own := NewBatch(0, 0)
 		own.Add("getpid", unix.SYS_GETPID)
 		own.Add("gettid", unix.SYS_GETTID)
-		tb := append(binary.LittleEndian.AppendUint64(nil, 2), own.TableBytes()...)
+		// Header: 2 entries, no futex word (park in pause(2)).
+		tb := append(binary.LittleEndian.AppendUint64(make([]byte, 0, ThreadSlotHeader), 2), make([]byte, ThreadSlotHeader-8)...)
+		tb = append(tb, own.TableBytes()...)
 		at := b.Data(tb)
 		kids = append(kids, at)
 		b.Add("clone", unix.SYS_CLONE, unix.CLONE_VM|unix.CLONE_FS|unix.CLONE_FILES|unix.CLONE_SIGHAND|unix.CLONE_THREAD, 0, 0, 0, 0, at)
@@ -419,18 +421,18 @@ func TestStubRunsBatch(t *testing.T) {
 		if ptrace.Errno(tid) != nil || tid == NotRun || int(tid) == s.pid {
 			t.Fatalf("clone %d returned %#x", i, tid)
 		}
-		got := make([]byte, 8+2*EntrySize)
+		got := make([]byte, ThreadSlotHeader+2*EntrySize)
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			if err := s.tr.Do(func() error { return ptrace.ReadMem(s.pid, at, got) }); err != nil {
 				t.Fatal(err)
 			}
-			if r := Results(got[8:]); r[1] != NotRun || time.Now().After(deadline) {
+			if r := Results(got[ThreadSlotHeader:]); r[1] != NotRun || time.Now().After(deadline) {
 				break
 			}
 			time.Sleep(time.Millisecond)
 		}
-		if r := Results(got[8:]); r[0] != uint64(s.pid) || r[1] != tid {
+		if r := Results(got[ThreadSlotHeader:]); r[0] != uint64(s.pid) || r[1] != tid {
 			t.Errorf("thread %d ran its table to %#x, want [getpid %#x, gettid %#x]", i, r, s.pid, tid)
 		}
 		var sc []byte
