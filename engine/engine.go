@@ -184,6 +184,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		},
 	})
 	c.pg = pagerStats{pg}
+	var sp *pager.Space // the child's, once OnUFFD attached it
 	res, err := restore.Restore(e.restorer(), d, restore.Options{
 		StubPath: e.stubPath,
 		Cache:    cache,
@@ -194,7 +195,8 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 		OnSpawn:  opts.OnSpawn,
 		OnUFFD: func(pid, nsPID, ufd int) error {
 			c.PID = pid
-			sp, err := pg.Attach(ufd)
+			var err error
+			sp, err = pg.Attach(ufd)
 			if err != nil {
 				return err
 			}
@@ -212,6 +214,12 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 				}
 			}
 			return nil
+		},
+		Preload: func(addr uint64, n int, patch func(uint64, []byte)) error {
+			if sp == nil {
+				return errors.New("no pager yet")
+			}
+			return sp.Preload(addr, n, patch)
 		},
 	})
 	if err != nil {
@@ -235,8 +243,9 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 
 // preloadHot installs the pages the child touches first, before it runs:
 // the TCB (with the cached tid rewritten to the child's) and the stack page
-// at rsp of every thread, so the kernel-side accesses at resume (rseq,
-// signal frames, the tid written at clone) find them present.
+// at rsp, so the kernel-side accesses at resume (rseq, signal frames) find
+// them present. The restore does the same for the other threads
+// (Options.Preload).
 func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	regs := snapshot.RegsFromArray(d.Regs)
 	if regs.Fs_base != 0 {
@@ -253,47 +262,7 @@ func preloadHot(sp *pager.Space, d *descriptor.Descriptor, pid int) error {
 	if err := sp.Preload((regs.Rsp&^4095)-4096, 2, nil); err != nil {
 		return fmt.Errorf("preload stack: %w", err)
 	}
-	// The other threads' too: the kernel writes each TCB's cached tid at
-	// clone (CLONE_CHILD_SETTID) and every thread touches its stack first;
-	// the page at and below rsp also take the thread's signal frame
-	// (restore/sigframe.go). A thread's TCB sits at the top of its stack
-	// mapping, usually a few pages above rsp: one range covers both then.
-	// Ranges are clipped to the mapping they start in.
-	for i := range d.Threads {
-		tr := snapshot.RegsFromArray(d.Threads[i].Regs)
-		lo, hi := (tr.Rsp&^4095)-4096, (tr.Rsp&^4095)+4096
-		var ranges [][2]uint64
-		if tcb := d.Threads[i].TIDAddr &^ 4095; tcb >= lo && tcb < lo+16*4096 {
-			ranges = [][2]uint64{{lo, max(hi, tcb+4096)}}
-		} else {
-			ranges = [][2]uint64{{lo, hi}}
-			if tcb != 0 {
-				ranges = append(ranges, [2]uint64{tcb, tcb + 4096})
-			}
-		}
-		for _, r := range ranges {
-			if n := pagesIn(d, r[0], int((r[1]-r[0])/4096)); n > 0 {
-				if err := sp.Preload(r[0], n, nil); err != nil {
-					return fmt.Errorf("preload thread %d at %#x: %w", i+1, r[0], err)
-				}
-			}
-		}
-	}
 	return nil
-}
-
-// pagesIn returns how many of the n pages at addr lie in one accessible
-// mapping of d (0 if addr is in none).
-func pagesIn(d *descriptor.Descriptor, addr uint64, n int) int {
-	for _, v := range d.VMAs {
-		if addr >= v.Start && addr < v.End {
-			if v.Prot == 0 {
-				return 0
-			}
-			return min(n, int((v.End-addr)/descriptor.PageSize))
-		}
-	}
-	return 0
 }
 
 // ImportSeed registers a seed prepared on another node: d is its descriptor

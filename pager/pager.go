@@ -233,8 +233,15 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll 
 		zero, _, hi := s.bounds(a)
 		cnt := min(j-i, int((hi-a)/pageSize))
 		switch {
-		case zero:
+		case zero && patch == nil:
 			if _, err := s.zero(a, cnt); err != nil {
+				return err
+			}
+		case zero:
+			b := s.buffer(cnt)
+			clear(b)
+			patch(a, b)
+			if _, err := s.copy(a, b); err != nil {
 				return err
 			}
 		case s.isImage(a) && patch == nil && !copyAll:

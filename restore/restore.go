@@ -70,6 +70,11 @@ type Options struct {
 	// own code and before anything of the child touches lazy memory. It
 	// must start serving faults; it may copy pages eagerly. It owns ufd.
 	OnUFFD func(pid, nsPID int, ufd int) error
+	// Preload, when set (by OnUFFD's pager), installs n pages at addr
+	// before the child runs; patch, if non-nil, may change each chunk
+	// first. The restore installs the other threads' TCB and stack pages
+	// through it, with their signal frames written in.
+	Preload func(addr uint64, n int, patch func(addr uint64, b []byte)) error
 }
 
 // Result describes a restored, running child.
@@ -287,6 +292,13 @@ type child struct {
 	gsize   uint64
 	pending []syscall.Signal
 	threads []*thread // recreated other threads, stopped until released
+	// The threads' self-restore (sigframe.go), decided by preloadThreads:
+	// frames[i] is thread i's signal frame address and frameData[i] its
+	// bytes, nil once the preload installed them.
+	self      selfRestore
+	selfOK    bool
+	frames    []uint64
+	frameData [][]byte
 }
 
 func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int, error) {
@@ -699,6 +711,11 @@ func (c *child) build(opts Options) error {
 		unix.Close(ufd)
 	}
 
+	if len(d.Threads) > 0 {
+		if err := c.preloadThreads(opts.Preload); err != nil {
+			return fmt.Errorf("preload threads: %w", err)
+		}
+	}
 	mark("onuffd")
 	// Batch 3: kernel-side task state.
 	b = newBatch()
@@ -808,23 +825,24 @@ func (c *child) build(opts Options) error {
 	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
 		return fmt.Errorf("unmap gadget: %w", err)
 	}
+	if err := ptrace.SetXState(c.pid, d.XState); err != nil {
+		return err
+	}
+	if err := ptrace.SetSigMask(c.pid, d.SigMask); err != nil {
+		return err
+	}
 	if release != nil {
-		// Threads that restore themselves run from here on, while the
-		// leader gets its own state.
+		// Threads that restore themselves run from here on; the leader
+		// follows right after (an injection changes only its general
+		// registers, set next).
 		if err := release(); err != nil {
 			return fmt.Errorf("restore threads: %w", err)
 		}
-	}
-	if err := ptrace.SetXState(c.pid, d.XState); err != nil {
-		return err
 	}
 	regs := snapshot.RegsFromArray(d.Regs)
 	fixRestart(&regs)
 	regs.Eflags &^= 0x100
 	if err := ptrace.SetRegs(c.pid, &regs); err != nil {
-		return err
-	}
-	if err := ptrace.SetSigMask(c.pid, d.SigMask); err != nil {
 		return err
 	}
 	var sig syscall.Signal

@@ -8,6 +8,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/mitosis-fork/mitosis/descriptor"
 	"github.com/mitosis-fork/mitosis/internal/procfs"
 	"github.com/mitosis-fork/mitosis/internal/ptrace"
 	"github.com/mitosis-fork/mitosis/internal/stub"
@@ -67,7 +68,7 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 	if err := ptrace.SetSigMask(c.pid, ^uint64(0)); err != nil {
 		return nil, nil, err
 	}
-	self, selfOK := c.selfRestorer()
+	self, selfOK := c.self, c.selfOK
 	// Two futex words in the code page (read-only zeros past the code):
 	// threads wait on the first, are requeued to the second once counted.
 	waitOn, wakeOn := c.gadget+4096-16, c.gadget+4096-8
@@ -75,8 +76,6 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 	cb := stub.NewBatch(tables, uint64(n)*stub.EntrySize)
 	slots := tables + uint64(n)*stub.EntrySize
 	inits := make([]*stub.Batch, n)
-	var frames []uint64
-	var frameData [][]byte
 	for i := range d.Threads {
 		th := &d.Threads[i]
 		slot := slots + uint64(i)*threadSlot
@@ -88,12 +87,7 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 			if tr.Gs_base != 0 {
 				b.Add("arch_prctl ARCH_SET_GS", unix.SYS_ARCH_PRCTL, archSetGS, tr.Gs_base)
 			}
-			var data []byte
-			var err error
-			if frame, data, err = threadFrame(th, self.restorer); err != nil {
-				return nil, nil, fmt.Errorf("thread %d (parent tid %d): signal frame: %w", i+1, th.TID, err)
-			}
-			frames, frameData = append(frames, frame), append(frameData, data)
+			frame = c.frames[i]
 		}
 		if th.RobustHead != 0 {
 			b.Add("set_robust_list", unix.SYS_SET_ROBUST_LIST, th.RobustHead, th.RobustLen)
@@ -133,8 +127,12 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 		sp := (tr.Rsp - 256) &^ 15
 		cb.Add(fmt.Sprintf("clone thread %d of %d (parent tid %d)", i+1, n, th.TID), unix.SYS_CLONE, flags, sp, 0, th.TIDAddr, tls, slot)
 	}
-	if err := ptrace.WriteMemv(c.pid, frames, frameData); err != nil {
-		return nil, nil, fmt.Errorf("write the threads' signal frames: %w", err)
+	// The frames the preload did not install (their pages were there
+	// already, e.g. an eager fork).
+	if selfOK {
+		if err := ptrace.WriteMemv(c.pid, c.frames, c.frameData); err != nil {
+			return nil, nil, fmt.Errorf("write the threads' signal frames: %w", err)
+		}
 	}
 	mark("threads: tables")
 	// On failure the threads created so far are untraced: they die with
@@ -292,6 +290,85 @@ func (c *child) readInits(slots uint64, inits []*stub.Batch) (bool, error) {
 		}
 	}
 	return done, nil
+}
+
+// preloadThreads decides how the threads will be restored (selfRestorer),
+// builds their signal frames and, with preload, installs each thread's TCB
+// page and the stack pages around its stack pointer before the child runs,
+// its frame written into them: the kernel writes the tid at clone, every
+// thread touches its stack first, and a frame installed with its page
+// costs no copy-on-write later. A thread's TCB sits at the top of its stack
+// mapping, usually a few pages above rsp: one range covers both then.
+// Ranges are clipped to the mapping they start in.
+func (c *child) preloadThreads(preload func(uint64, int, func(uint64, []byte)) error) error {
+	d := c.d
+	c.self, c.selfOK = c.selfRestorer()
+	if c.selfOK {
+		c.frames = make([]uint64, len(d.Threads))
+		c.frameData = make([][]byte, len(d.Threads))
+		for i := range d.Threads {
+			f, b, err := threadFrame(&d.Threads[i], c.self.restorer)
+			if err != nil {
+				// Not restorable by itself: the tracer does them all.
+				c.selfOK, c.frames, c.frameData = false, nil, nil
+				break
+			}
+			c.frames[i], c.frameData[i] = f, b
+		}
+	}
+	if preload == nil {
+		return nil
+	}
+	for i := range d.Threads {
+		tr := snapshot.RegsFromArray(d.Threads[i].Regs)
+		lo, hi := (tr.Rsp&^4095)-4096, (tr.Rsp&^4095)+4096
+		var ranges [][2]uint64
+		if tcb := d.Threads[i].TIDAddr &^ 4095; tcb >= lo && tcb < lo+16*4096 {
+			ranges = [][2]uint64{{lo, max(hi, tcb+4096)}}
+		} else {
+			ranges = [][2]uint64{{lo, hi}}
+			if tcb != 0 {
+				ranges = append(ranges, [2]uint64{tcb, tcb + 4096})
+			}
+		}
+		var patch func(uint64, []byte)
+		covered := 0
+		if c.selfOK {
+			f, data := c.frames[i], c.frameData[i]
+			patch = func(a uint64, b []byte) {
+				s, e := max(a, f), min(a+uint64(len(b)), f+uint64(len(data)))
+				if s < e {
+					copy(b[s-a:e-a], data[s-f:e-f])
+					covered += int(e - s)
+				}
+			}
+		}
+		for _, r := range ranges {
+			if n := pagesIn(d, r[0], int((r[1]-r[0])/4096)); n > 0 {
+				if err := preload(r[0], n, patch); err != nil {
+					return fmt.Errorf("thread %d at %#x: %w", i+1, r[0], err)
+				}
+			}
+		}
+		if c.selfOK && covered == len(c.frameData[i]) {
+			c.frameData[i] = nil // installed with its pages
+		}
+	}
+	return nil
+}
+
+// pagesIn returns how many of the n pages at addr lie in one accessible
+// mapping of d (0 if addr is in none).
+func pagesIn(d *descriptor.Descriptor, addr uint64, n int) int {
+	for _, v := range d.VMAs {
+		if addr >= v.Start && addr < v.End {
+			if v.Prot == 0 {
+				return 0
+			}
+			return min(n, int((v.End-addr)/descriptor.PageSize))
+		}
+	}
+	return 0
 }
 
 // hostTIDs maps the thread ids clone(2) returned in the child (in its own
