@@ -338,3 +338,34 @@ func TestPagerSourceError(t *testing.T) {
 		t.Errorf("OnError called more than once")
 	}
 }
+
+// TestPreloadPatchZero: a patched preload of a page the seed does not have
+// (it reads as zero) installs the zero page with the patch applied, without
+// reading the source.
+func TestPreloadPatchZero(t *testing.T) {
+	a := reserve(t, 4)
+	base := a.base
+	d := &descriptor.Descriptor{
+		VMAs:    []descriptor.VMA{{Start: base, End: base + 4*P, Prot: unix.PROT_READ | unix.PROT_WRITE, Kind: descriptor.KindAnon}},
+		Present: []descriptor.Run{{Start: base, End: base + P}},
+	}
+	mmapFixed(t, base, 4*P, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS, -1, 0)
+	ufd := newUFFD(t, base, 4*P, uffd.RegisterModeMissing)
+	src := &fakeSource{}
+	p, sp := startPager(t, Config{Desc: d, Source: src, Window: 1, MaxWindow: 1}, ufd)
+	if err := sp.Preload(base+2*P, 1, func(addr uint64, b []byte) { b[5] = 0x5A }); err != nil {
+		t.Fatal(err)
+	}
+	got := kread(t, p, base+2*P, P)
+	want := make([]byte, P)
+	want[5] = 0x5A
+	if !bytes.Equal(got, want) {
+		t.Errorf("patched zero page: want zeros and the patched byte, got % x...", got[:8])
+	}
+	if calls := src.reset(); len(calls) != 0 {
+		t.Errorf("a zero page read the source: %+v", calls)
+	}
+	if st := p.Stats(); st.Faults != 0 || st.PagesCopied != 1 {
+		t.Errorf("stats %+v, want 0 faults, 1 page copied", st)
+	}
+}
