@@ -430,16 +430,13 @@ func (s *space) serve() {
 		s.p.mu.Unlock()
 	}()
 	raw := make([]byte, 64*uffd.MsgSize)
-	deadline := false
+	deadline, waitRetry := false, false
 	for {
 		// A fault that met EAGAIN waits for a non-cooperative event
 		// (REMOVE, REMAP, ...) to complete, which can happen after its
 		// message was read (the task that madvised or mremapped has to
 		// run again first) with no further message to wake this loop:
 		// poll for the retry instead of blocking in read.
-		s.mu.Lock()
-		waitRetry := len(s.retry) > 0
-		s.mu.Unlock()
 		if waitRetry {
 			_ = s.f.SetReadDeadline(time.Now().Add(retryPoll))
 			deadline = true
@@ -484,6 +481,7 @@ func (s *space) serve() {
 				}
 			}
 		}
+		waitRetry = len(s.retry) > 0
 		s.mu.Unlock()
 	}
 }

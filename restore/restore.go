@@ -343,8 +343,7 @@ func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int
 	if _, err := ptrace.WaitStop(pid, syscall.SIGTRAP, &c.pending, func() error { return ptrace.Cont(pid, 0) }); err != nil {
 		return 0, fmt.Errorf("stub exec stop: %w", err)
 	}
-	options := unix.PTRACE_O_EXITKILL
-	if err := ptrace.SetOptions(pid, options); err != nil {
+	if err := ptrace.SetOptions(pid, unix.PTRACE_O_EXITKILL); err != nil {
 		return 0, err
 	}
 	if opts.OnSpawn != nil {

@@ -15,8 +15,9 @@ import (
 	"github.com/mitosis-fork/mitosis/snapshot"
 )
 
-// threadCloneFlags are pthread_create's clone flags, less CLONE_SETTLS
-// (fs_base is loaded with the thread's registers) and CLONE_PARENT_SETTID.
+// threadCloneFlags are pthread_create's clone flags, less
+// CLONE_PARENT_SETTID and CLONE_SETTLS (added when the thread restores
+// itself; on the tracer's path fs_base comes with its registers).
 const threadCloneFlags = unix.CLONE_VM | unix.CLONE_FS | unix.CLONE_FILES | unix.CLONE_SIGHAND |
 	unix.CLONE_THREAD | unix.CLONE_SYSVSEM
 

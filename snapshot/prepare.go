@@ -240,23 +240,13 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		waitInfo()
 		return nil, err
 	}
-	var regs unix.PtraceRegs
-	if err := ptrace.GetRegs(pid, &regs); err != nil {
-		return nil, err
-	}
-	xstate, err := ptrace.GetXState(pid)
-	if err != nil {
-		return nil, err
-	}
-	sigmask, err := ptrace.GetSigMask(pid)
-	if err != nil {
-		return nil, err
-	}
-	rseq, err := ptrace.GetRseq(pid)
+	// The leader's own state, as for every other thread.
+	lead, err := readThread(pid)
 	if err != nil {
 		waitInfo()
 		return nil, err
 	}
+	regs := lead.regs
 	threads := make([]threadState, len(g.threads))
 	for i, s := range g.threads {
 		if threads[i], err = readThread(s.pid); err != nil {
@@ -268,6 +258,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	if info.err != nil {
 		return nil, info.err
 	}
+	info.robustHead, info.robustLen = lead.robust[0], lead.robust[1]
 	go func() { filesc <- statFiles(pmaps, "") }()
 
 	// Freeze: clone(flags=0) -> exit_signal 0, a full copy-on-write copy.
@@ -322,9 +313,9 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	}
 	phase("describe", t1)
 	d.Threads = describeThreads(src, threads, alts)
-	d.XState = xstate
-	d.SigMask = sigmask
-	d.Rseq = descriptor.Rseq{Addr: rseq.Addr, Len: rseq.Size, Sig: rseq.Sig, Flags: rseq.Flags}
+	d.XState = lead.xstate
+	d.SigMask = lead.sigmask
+	d.Rseq = descriptor.Rseq{Addr: lead.rseq.Addr, Len: lead.rseq.Size, Sig: lead.rseq.Sig, Flags: lead.rseq.Flags}
 	return &Result{Desc: d, SourcePID: src, Stopped: stopped}, nil
 }
 
@@ -648,11 +639,6 @@ func readProc(pid, channel int) (pi procInfo) {
 	}
 	if err := capturePipes(pid, pi.fds); err != nil {
 		return fail(err)
-	}
-	// The robust futex list (a clone does not inherit it).
-	var head, hlen uint64
-	if _, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(pid), uintptr(unsafePtr(&head)), uintptr(unsafePtr(&hlen))); e == 0 {
-		pi.robustHead, pi.robustLen = head, hlen
 	}
 	return pi
 }

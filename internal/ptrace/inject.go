@@ -175,18 +175,9 @@ func ReadU64(pid int, addr uint64) (uint64, error) {
 //
 // Precondition: runs on the tracer thread; pid is in a ptrace-stop.
 func InjectClone(pid int, at uint64, base *unix.PtraceRegs, pending *[]syscall.Signal, args ...uint64) (int, error) {
-	r := *base
-	r.Rip = at
-	r.Rax = unix.SYS_CLONE
-	r.Orig_rax = ^uint64(0)
-	dst := []*uint64{&r.Rdi, &r.Rsi, &r.Rdx, &r.R10, &r.R8}
-	for i := range dst {
-		*dst[i] = 0
-		if i < len(args) {
-			*dst[i] = args[i]
-		}
-	}
-	r.Eflags &^= 0x100
+	all := make([]uint64, 5) // unset clone arguments are 0
+	copy(all, args)
+	r := injectRegs(at, base, unix.SYS_CLONE, all)
 	if err := SetRegs(pid, &r); err != nil {
 		return 0, err
 	}

@@ -60,6 +60,16 @@ func mtVerdict(parentPID int, want string, checks []string) func(r *forkResult) 
 	}
 }
 
+// checkDigests reports every result of res whose DIGEST is not want.
+func checkDigests(t *testing.T, who string, res []*forkResult, want string) {
+	t.Helper()
+	for _, r := range res {
+		if r != nil && r.out.digest() != want {
+			t.Errorf("%s %d: DIGEST %s, parent's %s", who, r.idx, r.out.digest(), want)
+		}
+	}
+}
+
 // finishParent lets a prepared mthreads parent go on (SIGCONT when it is
 // stopped, SIGUSR1 when it runs live), checks its own run and returns its
 // digest.
@@ -117,11 +127,7 @@ func TestThreadsC(t *testing.T) {
 	res := forkMany(t, seed, 20, 4, mtVerdict(p.pid, "", mtChecks))
 	t.Logf("20 children of a 9-thread parent (4 at a time) in %v", time.Since(start).Round(time.Millisecond))
 	want := finishParent(t, p, syscall.SIGCONT, mtChecks)
-	for _, r := range res {
-		if r != nil && r.out.digest() != want {
-			t.Errorf("child %d: DIGEST %s, parent's %s", r.idx, r.out.digest(), want)
-		}
-	}
+	checkDigests(t, "child", res, want)
 }
 
 // TestThreadsLive: prepare a running multi-threaded parent while one of its
@@ -145,11 +151,7 @@ func TestThreadsLive(t *testing.T) {
 		res = append(res, forkMany(t, s, 6, 3, mtVerdict(p.pid, "", checks))...)
 	}
 	want := finishParent(t, p, syscall.SIGUSR1, checks)
-	for _, r := range res {
-		if r != nil && r.out.digest() != want {
-			t.Errorf("child %d: DIGEST %s, parent's %s", r.idx, r.out.digest(), want)
-		}
-	}
+	checkDigests(t, "child", res, want)
 }
 
 // TestThreadsMultiHop: a child of a multi-threaded seed, stopped again with
@@ -229,11 +231,7 @@ func TestThreadsMultiHop(t *testing.T) {
 	if ho.digest() != want {
 		t.Errorf("child %s: DIGEST %s, parent's %s", hop.ID, ho.digest(), want)
 	}
-	for _, g := range grand {
-		if g != nil && g.out.digest() != want {
-			t.Errorf("grandchild %d: DIGEST %s, parent's %s", g.idx, g.out.digest(), want)
-		}
-	}
+	checkDigests(t, "grandchild", grand, want)
 }
 
 // TestThreadsPython: a Python parent with numpy (OpenBLAS's pthread pool),
@@ -331,11 +329,7 @@ func TestThreadsNode(t *testing.T) {
 	res := forkMany(t, seed, 8, 4, mtVerdict(p.pid, "", checks))
 	t.Logf("8 children of a %d-thread Node.js parent (4 at a time) in %v", n, time.Since(start).Round(time.Millisecond))
 	want := finishParent(t, p, syscall.SIGCONT, checks)
-	for _, r := range res {
-		if r != nil && r.out.digest() != want {
-			t.Errorf("child %d: DIGEST %s, parent's %s", r.idx, r.out.digest(), want)
-		}
-	}
+	checkDigests(t, "child", res, want)
 }
 
 // TestThreadsContainer: a multi-threaded parent started by `mitosis run` in
