@@ -167,6 +167,9 @@ type PrepareRequest struct {
 	Allow []string
 	// TTL removes the seed this long after it was prepared (0: never).
 	TTL time.Duration
+	// Share lists the other local users who may fork the seed: "uid:N",
+	// "gid:N", "user:NAME", "group:NAME" or "*" (see Request.Share).
+	Share []string
 }
 
 // PrepareWith snapshots a running process into a new seed, with sharing
@@ -175,7 +178,7 @@ func (c *Client) PrepareWith(req PrepareRequest) (SeedInfo, error) {
 	if req.TTL < 0 {
 		return SeedInfo{}, fmt.Errorf("prepare: ttl must not be negative, got %v", req.TTL)
 	}
-	r := Request{Op: OpPrepare, PID: req.PID, Name: req.Name, Allow: req.Allow}
+	r := Request{Op: OpPrepare, PID: req.PID, Name: req.Name, Allow: req.Allow, Share: req.Share}
 	if req.TTL > 0 {
 		r.TTL = req.TTL.String()
 	}

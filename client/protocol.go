@@ -98,6 +98,10 @@ type Request struct {
 	// Allow lists the peer nodes that may fetch a prepared seed (empty:
 	// every authenticated peer).
 	Allow []string `json:"allow,omitempty"`
+	// Share lists who besides the preparing user may fork a prepared
+	// seed: "uid:N", "gid:N", "user:NAME", "group:NAME" or "*" (every
+	// user who can reach the socket).
+	Share []string `json:"share,omitempty"`
 	// TTL is a Go duration ("90s", "1h") after which a prepared seed is
 	// removed (empty: never).
 	TTL string `json:"ttl,omitempty"`
@@ -185,6 +189,11 @@ type SeedInfo struct {
 	Leases int `json:"leases"`
 	// LeaseNodes are the nodes holding those leases.
 	LeaseNodes []string `json:"lease_nodes,omitempty"`
+	// Owner is the uid that prepared the seed; it, root and the daemon's
+	// user may remove it.
+	Owner int `json:"owner"`
+	// Share lists who else may fork it (prepare --share).
+	Share []string `json:"share,omitempty"`
 	// Expires is when the seed is removed (prepare --ttl), if set.
 	Expires *time.Time `json:"expires,omitempty"`
 }

@@ -28,6 +28,7 @@ type conn struct {
 	eof  chan struct{} // closed when the peer is gone (read failed)
 	done chan struct{} // closed when the handler returns
 	pid  int           // peer pid from SO_PEERCRED
+	who  caller        // the peer's credentials, for access checks
 }
 
 func (d *Daemon) serveConn(uc *net.UnixConn) {
@@ -37,11 +38,6 @@ func (d *Daemon) serveConn(uc *net.UnixConn) {
 		writeLine(uc, errResp(fmt.Errorf("cannot read peer credentials: %w", err)))
 		return
 	}
-	if cred.Uid != 0 && int(cred.Uid) != d.uid {
-		d.log.Warn("refused connection", "uid", cred.Uid, "pid", cred.Pid)
-		writeLine(uc, errResp(fmt.Errorf("permission denied: uid %d may not use this mitosis daemon (only root or uid %d)", cred.Uid, d.uid)))
-		return
-	}
 	c := &conn{
 		d:    d,
 		c:    uc,
@@ -49,6 +45,28 @@ func (d *Daemon) serveConn(uc *net.UnixConn) {
 		eof:  make(chan struct{}),
 		done: make(chan struct{}),
 		pid:  int(cred.Pid),
+		who:  d.callerOf(cred.Uid, cred.Gid, int(cred.Pid)),
+	}
+	if !c.who.admin {
+		// One local user must not exhaust the daemon's descriptors.
+		d.mu.Lock()
+		n := d.userConns[c.who.uid]
+		if n < MaxUserConns {
+			d.userConns[c.who.uid] = n + 1
+		}
+		d.mu.Unlock()
+		if n >= MaxUserConns {
+			d.log.Warn("refused connection", "uid", c.who.uid, "pid", c.pid, "open", n)
+			c.reply(errResp(fmt.Errorf("too many connections: uid %d already has %d open to this daemon (at most %d); close some", c.who.uid, n, MaxUserConns)))
+			return
+		}
+		defer func() {
+			d.mu.Lock()
+			if d.userConns[c.who.uid]--; d.userConns[c.who.uid] <= 0 {
+				delete(d.userConns, c.who.uid)
+			}
+			d.mu.Unlock()
+		}()
 	}
 	defer close(c.done)
 	go c.readLoop()
@@ -88,8 +106,18 @@ func (c *conn) readLoop() {
 	}
 }
 
-// reply writes one response line; false if the connection is broken.
+// MaxUserConns is how many connections one non-admin uid may hold open at
+// once.
+const MaxUserConns = 64
+
+// replyTimeout bounds each response write: a client that stops reading
+// loses its connection instead of holding a handler forever.
+var replyTimeout = 10 * time.Second
+
+// reply writes one response line; false if the connection is broken or
+// the client did not take the line within replyTimeout.
 func (c *conn) reply(v any) bool {
+	_ = c.c.SetWriteDeadline(time.Now().Add(replyTimeout))
 	return writeLine(c.c, v)
 }
 
@@ -138,23 +166,35 @@ func (c *conn) handle(m incoming) bool {
 	}
 	d := c.d
 	switch req.Op {
+	case client.OpRun, client.OpFnDeploy, client.OpFnRm:
+		// These start processes as root or change what the node
+		// serves to everyone.
+		if !c.who.admin {
+			return c.reply(errResp(errAdminOnly(req.Op, c.who)))
+		}
+	}
+	switch req.Op {
 	case client.OpPing:
 		return c.reply(client.Response{OK: true, PID: os.Getpid(), Version: Version, Node: d.node})
 	case client.OpSeeds:
 		return c.reply(struct {
 			OK    bool              `json:"ok"`
 			Seeds []client.SeedInfo `json:"seeds"`
-		}{true, d.seedInfos()})
+		}{true, d.seedInfos(c.who)})
 	case client.OpPS:
 		return c.reply(struct {
 			OK       bool               `json:"ok"`
 			Children []client.ChildInfo `json:"children"`
-		}{true, d.childInfos()})
+		}{true, d.childInfos(c.who)})
 	case client.OpPrepare:
 		po, err := parsePrepareOpts(req)
 		if err != nil {
 			return c.reply(errResp(err))
 		}
+		if err := mayPtrace(c.who, req.PID); err != nil {
+			return c.reply(errResp(err))
+		}
+		po.owner = c.who.uid
 		info, err := d.prepare(req.PID, req.Name, -1, po)
 		if err != nil {
 			return c.reply(errResp(err))
@@ -168,6 +208,10 @@ func (c *conn) handle(m incoming) bool {
 		if err != nil {
 			return c.reply(errResp(err))
 		}
+		if err := mayPtrace(c.who, c.pid); err != nil {
+			return c.reply(errResp(err))
+		}
+		po.owner = c.who.uid
 		info, err := d.prepare(c.pid, req.Name, *req.FD, po)
 		if err != nil {
 			return c.reply(errResp(err))
@@ -192,11 +236,18 @@ func (c *conn) handle(m incoming) bool {
 		}
 		return c.reply(resultReply{OK: true, Result: r})
 	case client.OpRm:
+		if err := d.authorizeRemove(c.who, req.ID); err != nil {
+			return c.reply(errResp(err))
+		}
 		if err := d.remove(req.ID, req.Force); err != nil {
 			return c.reply(errResp(err))
 		}
 		return c.reply(okResponse{OK: true})
 	case client.OpFork:
+		if err := d.authorizeFork(c.who, &req); err != nil {
+			closeFDs(m.fds)
+			return c.reply(errResp(err))
+		}
 		if req.Node != "" && req.Node != d.node {
 			if req.Stdio {
 				closeFDs(m.fds)
@@ -210,7 +261,7 @@ func (c *conn) handle(m incoming) bool {
 		if req.Stdio {
 			return c.forkAttached(req, m.fds)
 		}
-		kids, err := d.fork(d.ctx, req, [3]*os.File{}, false)
+		kids, err := d.fork(withOwner(d.ctx, c.who.uid), req, [3]*os.File{}, false)
 		infos := make([]client.ChildInfo, 0, len(kids))
 		for _, k := range kids {
 			infos = append(infos, d.childInfo(k))
@@ -269,7 +320,7 @@ func (c *conn) forkAttached(req client.Request, fds []int) bool {
 		os.NewFile(uintptr(fds[1]), "stdout"),
 		os.NewFile(uintptr(fds[2]), "stderr"),
 	}
-	kids, err := c.d.fork(c.d.ctx, req, stdio, true)
+	kids, err := c.d.fork(withOwner(c.d.ctx, c.who.uid), req, stdio, true)
 	for _, f := range stdio {
 		_ = f.Close()
 	}

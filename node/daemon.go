@@ -46,6 +46,13 @@ type Config struct {
 	// Socket is the unix socket path; empty means $MITOSIS_SOCKET, else
 	// /run/mitosis/mitosis.sock.
 	Socket string
+	// SocketMode is the socket's permission bits (default 0600: root and
+	// the daemon's user only). Granting group or other access (0660,
+	// 0666) lets those local users connect; they are confined to their
+	// own processes and seeds (see caller).
+	SocketMode os.FileMode
+	// SocketGroup, if set (a group name or gid), is the socket's group.
+	SocketGroup string
 	// StateDir holds the pid file, the engine's scratch files and the
 	// detached children's logs (children/<id>.log); empty means
 	// $MITOSIS_STATE_DIR, else /run/mitosis.
@@ -131,6 +138,7 @@ type Daemon struct {
 	containers map[int]*containerRec // `mitosis run` processes, by pid
 	order      []string              // child ids in fork order, for ps
 	conns      map[*net.UnixConn]struct{}
+	userConns  map[uint32]int // open connections per non-admin uid
 	closing    bool
 
 	handlers sync.WaitGroup
@@ -149,6 +157,8 @@ type seedRec struct {
 	seed     *engine.Seed
 	self     bool // made by prepare-self: children get a channel
 	removing bool
+	owner    uint32    // uid of the caller that prepared it (see caller)
+	share    shareList // who else may fork it
 
 	origin   string         // node the seed was imported from ("" local)
 	originID string         // the seed's id on its origin
@@ -175,6 +185,7 @@ type childRec struct {
 	group    *container.Group // its cgroup (containerized seeds with limits)
 	oom      bool             // killed by the OOM killer
 	invoke   bool             // forked for a function invocation
+	owner    uint32           // uid of the caller that forked it
 }
 
 // New checks that no other daemon serves cfg.Socket, creates the state
@@ -230,6 +241,7 @@ func New(cfg Config) (*Daemon, error) {
 		children:   map[string]*childRec{},
 		containers: map[int]*containerRec{},
 		conns:      map[*net.UnixConn]struct{}{},
+		userConns:  map[uint32]int{},
 		node:       cfg.Node,
 	}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
@@ -253,9 +265,9 @@ func New(cfg Config) (*Daemon, error) {
 	// We hold the socket: no other daemon of this state serves. Clear what
 	// a killed predecessor left.
 	d.sweepCgroups("start")
-	if err := os.Chmod(cfg.Socket, 0o600); err != nil {
+	if err := d.setSocketAccess(); err != nil {
 		d.closeListener()
-		return nil, fmt.Errorf("chmod socket %s: %w", cfg.Socket, err)
+		return nil, err
 	}
 	eng, err := engine.New(engine.Options{StateDir: cfg.StateDir})
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -320,4 +321,118 @@ func FuzzDecodeRequest(f *testing.F) {
 			t.Fatalf("re-encode: %v", err)
 		}
 	})
+}
+
+// openFDs counts this process's open descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// TestHostileClients: requests of the wrong types, a client that stalls
+// mid-line, one that floods requests and never reads the answers, and one
+// that attaches descriptors to every line neither crash the daemon nor hold
+// it up for others, and every descriptor they cost is released.
+func TestHostileClients(t *testing.T) {
+	defer func(d time.Duration) { replyTimeout = d }(replyTimeout)
+	replyTimeout = 300 * time.Millisecond
+	_, sock := startDaemon(t)
+	base := openFDs(t)
+
+	rc := dialRaw(t, sock)
+	for _, tc := range []struct{ line, want string }{
+		{`{"op":"prepare","pid":"12"}`, "malformed request"},
+		{`{"op":["seeds"]}`, "malformed request"},
+		{`{"op":"fork","seed":7}`, "malformed request"},
+		{`{"op":"fork","seed":"x","count":"3"}`, "malformed request"},
+		{`{"op":"rm","id":null}`, "rm"},
+		{`{"op":"prepare","pid":-1}`, "pid"},
+		{`{"op":"prepare","pid":99999999}`, "99999999"},
+		{`{"op":"fork","seed":"no-such-seed"}`, "no-such-seed"},
+		{`{"op":"prepare","pid":1,"share":["root"]}`, `share "root"`},
+		{`{"op":"prepare","pid":1,"ttl":"soon"}`, "ttl"},
+		{"{\"op\":\"seeds\"}\x00{", "malformed request"},
+	} {
+		rc.send([]byte(tc.line + "\n"))
+		wantError(t, rc.recv(), tc.want)
+	}
+
+	// A client stalled in the middle of a line holds only itself.
+	slow := dialRaw(t, sock)
+	slow.send([]byte(`{"op":"se`))
+	other := dialRaw(t, sock)
+	start := time.Now()
+	other.send([]byte(`{"op":"ping"}` + "\n"))
+	if m := other.recv(); m["ok"] != true || time.Since(start) > 2*time.Second {
+		t.Fatalf("ping beside a stalled client: %v after %v", m, time.Since(start))
+	}
+	slow.send([]byte("eds\"}\n"))
+	if m := slow.recv(); m["ok"] != true {
+		t.Fatalf("the stalled client's request, once finished: %v", m)
+	}
+
+	// A flood of requests whose answers are never read: the daemon gives
+	// up on the connection after replyTimeout instead of blocking on it.
+	flood := dialRaw(t, sock)
+	_ = flood.c.SetWriteBuffer(4096)
+	_ = flood.c.SetReadBuffer(4096)
+	_ = flood.c.SetDeadline(time.Time{})
+	flooded := make(chan error, 1)
+	go func() {
+		line := []byte(`{"op":"ps"}` + "\n")
+		for {
+			if _, err := flood.c.Write(line); err != nil {
+				flooded <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-flooded:
+		// The daemon closed the connection: our write failed.
+		if !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
+			t.Fatalf("flood ended with %v; want the daemon to close the connection (EPIPE)", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the daemon still holds a connection whose replies are not read, 10 s on")
+	}
+	flood.c.Close()
+
+	// Descriptors attached to requests that take none are closed.
+	fdc := dialRaw(t, sock)
+	f, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 50; i++ {
+		rights := unix.UnixRights(int(f.Fd()), int(f.Fd()), int(f.Fd()))
+		if _, _, err := fdc.c.WriteMsgUnix([]byte(`{"op":"seeds"}`+"\n"), rights, nil); err != nil {
+			t.Fatal(err)
+		}
+		wantError(t, fdc.recv(), "unexpected file descriptors")
+	}
+	f.Close()
+
+	// Still serving, and back to the descriptors it started with once the
+	// clients are gone.
+	for _, c := range []*rawConn{rc, slow, other, fdc} {
+		c.c.Close()
+	}
+	check := dialRaw(t, sock)
+	check.send([]byte(`{"op":"ping"}` + "\n"))
+	if m := check.recv(); m["ok"] != true {
+		t.Fatalf("ping after the hostile clients: %v", m)
+	}
+	check.c.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for openFDs(t) > base {
+		if time.Now().After(deadline) {
+			t.Fatalf("open descriptors %d after the hostile clients left; %d before", openFDs(t), base)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

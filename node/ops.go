@@ -24,6 +24,8 @@ import (
 type prepareOpts struct {
 	allow []string
 	ttl   time.Duration
+	owner uint32    // the caller's uid
+	share shareList // who else may fork the seed
 }
 
 // parsePrepareOpts validates a request's allow list and ttl.
@@ -44,7 +46,9 @@ func parsePrepareOpts(req client.Request) (prepareOpts, error) {
 		}
 		o.ttl = ttl
 	}
-	return o, nil
+	var err error
+	o.share, err = parseShare(req.Op, req.Share)
+	return o, err
 }
 
 // prepare snapshots pid into a new seed. channelFD >= 0 marks a
@@ -66,7 +70,8 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: %w", pid, err)
 	}
 	d.mu.Lock()
-	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0, allow: po.allow}
+	rec := &seedRec{id: d.pickID(s.ID, "s-"), name: name, seed: s, self: channelFD >= 0, allow: po.allow,
+		owner: po.owner, share: po.share}
 	if c := d.containers[pid]; c != nil && c.limits != (container.Limits{}) {
 		// Children of a container get containers with its limits.
 		n := d.cfg.CgroupPool
@@ -215,7 +220,7 @@ func (d *Daemon) fork(ctx context.Context, req client.Request, stdio [3]*os.File
 // the daemon's end of its channel is handed over in inv.channel instead of
 // being closed.
 func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, stdio [3]*os.File, attached bool, inv *invocation) (*childRec, error) {
-	k := &childRec{seed: s, attached: attached, exited: make(chan struct{}), invoke: inv != nil}
+	k := &childRec{seed: s, attached: attached, exited: make(chan struct{}), invoke: inv != nil, owner: ownerOf(ctx)}
 	opts := engine.ForkOptions{Stdio: stdio, Eager: req.Eager, Prefetch: req.Prefetch}
 	var closers []*os.File
 	defer func() {
@@ -581,6 +586,8 @@ func (d *Daemon) seedInfoLocked(s *seedRec) client.SeedInfo {
 		Children:  len(d.runningLocked(s)),
 		Origin:    s.origin,
 		Allow:     s.allow,
+		Owner:     int(s.owner),
+		Share:     s.share.strings(),
 	}
 	info.Leases, info.LeaseNodes = s.leasesLocked()
 	if !s.expires.IsZero() {
@@ -595,12 +602,15 @@ func (d *Daemon) seedInfoLocked(s *seedRec) client.SeedInfo {
 	return info
 }
 
-func (d *Daemon) seedInfos() []client.SeedInfo {
+// seedInfos lists the seeds c may fork.
+func (d *Daemon) seedInfos(c caller) []client.SeedInfo {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make([]client.SeedInfo, 0, len(d.seeds))
 	for _, s := range d.seeds {
-		out = append(out, d.seedInfoLocked(s))
+		if s.mayFork(c) {
+			out = append(out, d.seedInfoLocked(s))
+		}
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].Created.Equal(out[j].Created) {
@@ -647,11 +657,12 @@ func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 	return info
 }
 
-func (d *Daemon) childInfos() []client.ChildInfo {
+// childInfos lists the children c may see (and remove).
+func (d *Daemon) childInfos(c caller) []client.ChildInfo {
 	d.mu.Lock()
 	kids := make([]*childRec, 0, len(d.order))
 	for _, id := range d.order {
-		if k := d.children[id]; k != nil {
+		if k := d.children[id]; k != nil && k.mayRemove(c) {
 			kids = append(kids, k)
 		}
 	}

@@ -7,7 +7,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"os/user"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -73,8 +75,9 @@ func newPrepareCmd(g *globals) *cobra.Command {
 	var asJSON bool
 	var allow []string
 	var ttl time.Duration
+	var share []string
 	cmd := &cobra.Command{
-		Use:   "prepare --pid PID [--name NAME] [--allow NODE,...] [--ttl DURATION]",
+		Use:   "prepare --pid PID [--name NAME] [--allow NODE,...] [--ttl DURATION] [--share WHO,...]",
 		Short: "Prepare a running process into a seed",
 		Long: `Snapshot the running process PID, all its threads, into a seed that children can
 be forked from. The process keeps running. The seed id is the last word
@@ -83,9 +86,15 @@ printed.
 Other nodes fork it as NODE/SEED (see ` + "`mitosis fork`" + `). --allow restricts which
 peer nodes may fetch it. --ttl removes the seed that long after prepare; if
 children (here or on other nodes) still page from it then, removal waits for
-them up to 10 s more and then goes ahead (remote children fail).`,
+them up to 10 s more and then goes ahead (remote children fail).
+
+Local users: a user other than root (on a daemon whose --socket-mode lets it
+connect) may prepare only processes it could ptrace itself, and owns the seed.
+Only its owner, root and users in --share may fork it; only its owner and root
+may remove it. Children run with the prepared process's credentials.`,
 		Example: `  mitosis prepare --pid 1234 --name web
   mitosis prepare --pid 1234 --name web --allow b,c --ttl 1h
+  mitosis prepare --pid 1234 --name web --share user:alice,group:web
   seed=$(mitosis prepare --pid 1234 | awk '{print $NF}')`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -100,7 +109,7 @@ them up to 10 s more and then goes ahead (remote children fail).`,
 			if ttl < 0 {
 				return fmt.Errorf("prepare: --ttl must be positive, got %v", ttl)
 			}
-			s, err := c.PrepareWith(client.PrepareRequest{PID: pid, Name: name, Allow: allow, TTL: ttl})
+			s, err := c.PrepareWith(client.PrepareRequest{PID: pid, Name: name, Allow: allow, TTL: ttl, Share: share})
 			if err != nil {
 				return err
 			}
@@ -126,6 +135,7 @@ them up to 10 s more and then goes ahead (remote children fail).`,
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the seed as JSON")
 	cmd.Flags().StringSliceVar(&allow, "allow", nil, "peer nodes that may fetch the seed (comma separated; default: every node of the cluster)")
 	cmd.Flags().DurationVar(&ttl, "ttl", 0, "remove the seed this long after prepare (e.g. 30m; default: never)")
+	cmd.Flags().StringSliceVar(&share, "share", nil, "other local users who may fork the seed: uid:N, gid:N, user:NAME, group:NAME or * (comma separated; default: only you and root)")
 	return cmd
 }
 
@@ -335,7 +345,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				return printJSON(out, seeds)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tORIGIN\tPARENT\tSOURCE\tTHREADS\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
+			fmt.Fprintln(tw, "ID\tNAME\tOWNER\tORIGIN\tPARENT\tSOURCE\tTHREADS\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
 			for _, s := range seeds {
 				origin, prep := "local", fmt.Sprintf("%.1fms", s.PrepareMS)
 				if s.Origin != "" {
@@ -345,7 +355,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				if len(s.LeaseNodes) > 0 {
 					remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), origin, pidOrDash(s.ParentPID),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), ownerName(s.Owner), origin, pidOrDash(s.ParentPID),
 					pidOrDash(s.SourcePID), s.Threads, s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
 			}
 			return tw.Flush()
@@ -482,4 +492,12 @@ func age(t time.Time) string {
 	default:
 		return d.Round(time.Hour).String()
 	}
+}
+
+// ownerName is a seed owner's user name, else its uid.
+func ownerName(uid int) string {
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		return u.Username
+	}
+	return strconv.Itoa(uid)
 }

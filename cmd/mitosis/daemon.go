@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -42,6 +43,8 @@ type daemonFlags struct {
 	advertise      string
 	maxConcurrency int
 	maxMemory      string
+	socketMode     string
+	socketGroup    string
 }
 
 // envDefault returns $name, or def when it is unset.
@@ -58,8 +61,10 @@ func newDaemonCmd(g *globals) *cobra.Command {
 		Use:   "daemon",
 		Short: "Run the node daemon (foreground)",
 		Long: `Run the node daemon in the foreground. It listens on the unix socket (mode
-0600; only root or the daemon's own user may connect), keeps seeds and
-children, and logs one line per prepare, fork, exit and rm to stderr.
+--socket-mode, default 0600: only root and the daemon's own user may connect;
+0660 with --socket-group GROUP or 0666 let other local users connect, each
+confined to the processes it could ptrace itself and to its own and shared
+seeds, see mitosis prepare --help), keeps seeds and children, and logs one line per prepare, fork, exit and rm to stderr.
 Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
 SIGINT or SIGTERM kill every running child, remove the socket and exit 0.
 
@@ -134,6 +139,8 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.etcdPrefix, "etcd-prefix", "", "key prefix of the cluster directory (default /mitosis/)")
 	fl.StringVar(&f.advertise, "advertise", os.Getenv("MITOSIS_ADVERTISE"), "IP:PORT other nodes and the gateway reach this node's --listen at (default: --listen)")
 	fl.IntVar(&f.maxConcurrency, "max-concurrency", 0, "function invocations this node runs at once (default 16 per CPU); more are refused as busy")
+	fl.StringVar(&f.socketMode, "socket-mode", "0600", "permission bits of the socket, octal: 0600 (root and the daemon's user), 0660 (with --socket-group), 0666 (every local user)")
+	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) of the socket, for --socket-mode 0660")
 	fl.StringVar(&f.maxMemory, "max-memory", "", "memory function instances may reserve on this node, e.g. 16G (default 80% of RAM)")
 	return cmd
 }
@@ -156,6 +163,11 @@ func (f *daemonFlags) config(g *globals) (node.Config, error) {
 		Advertise:      f.advertise,
 		MaxConcurrency: f.maxConcurrency,
 	}
+	mode, err := strconv.ParseUint(f.socketMode, 8, 32)
+	if err != nil || !validSocketMode(mode) {
+		return cfg, fmt.Errorf("--socket-mode %q: want octal permission bits where each class is read-write or nothing, like 0600, 0660 or 0666", f.socketMode)
+	}
+	cfg.SocketMode, cfg.SocketGroup = os.FileMode(mode), f.socketGroup
 	if f.maxMemory != "" {
 		m, err := container.ParseMemory(f.maxMemory)
 		if err != nil {
@@ -282,4 +294,20 @@ func loadTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 		tc.ClientAuth = tls.RequireAndVerifyClientCert
 	}
 	return tc, nil
+}
+
+// validSocketMode reports whether mode gives the owner read-write and each
+// of group and other read-write or nothing (execute bits are ignored).
+// Connecting needs write permission, so a class with only read (0644) is
+// a typo that would let nobody else connect.
+func validSocketMode(mode uint64) bool {
+	if mode&^0o777 != 0 || mode&0o600 != 0o600 {
+		return false
+	}
+	for _, class := range []uint64{(mode >> 3) & 0o6, mode & 0o6} {
+		if class != 0 && class != 0o6 {
+			return false
+		}
+	}
+	return true
 }

@@ -192,13 +192,14 @@ SigPnd:	0000000000000000
 SigBlk:	0000000000010000
 SigIgn:	0000000000001000
 SigCgt:	fffffffe7fc1feff
+CapPrm:	0000000000000400
 CapEff:	000001fffeffffff
 `
 
 func TestParseStatus(t *testing.T) {
 	want := Status{Threads: 3, TracerPid: 77, SigBlk: 1 << 16, SigIgn: 1 << 12, SigCgt: 0xfffffffe7fc1feff,
 		Uid: [4]uint32{1000, 1001, 1002, 1003}, Gid: [4]uint32{2000, 2001, 2002, 2003},
-		Groups: []uint32{4, 24, 27}, Umask: 0o027, State: "S (sleeping)"}
+		Groups: []uint32{4, 24, 27}, Umask: 0o027, State: "S (sleeping)", CapPrm: 0x400, CapEff: 0x1fffeffffff}
 	noUmask := want
 	noUmask.Umask = 0o022
 	noGroups := want

@@ -31,6 +31,9 @@ type Status struct {
 	// NSpid is the process's (or thread's) id in each PID namespace it is
 	// in, from the reader's namespace (first) to its own (last).
 	NSpid []int
+	// CapPrm and CapEff are the permitted and effective capability sets
+	// (bit n is capability n).
+	CapPrm, CapEff uint64
 }
 
 // defaultUmask is Status.Umask when the file has no Umask line.
@@ -113,6 +116,10 @@ func ParseStatus(data []byte) (Status, error) {
 			var v uint64
 			v, err = strconv.ParseUint(strings.TrimSuffix(val, " kB"), 10, 64)
 			st.VmSize = v << 10
+		case "CapPrm":
+			st.CapPrm, err = strconv.ParseUint(val, 16, 64)
+		case "CapEff":
+			st.CapEff, err = strconv.ParseUint(val, 16, 64)
 		case "SigBlk":
 			st.SigBlk, err = strconv.ParseUint(val, 16, 64)
 			seen |= hasSigBlk
