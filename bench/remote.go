@@ -104,8 +104,8 @@ func (r *runner) newRemote() (*remote, error) {
 	bin := r.cfg.Mitosis
 	if bin == "" {
 		bin = filepath.Join(r.dir, "mitosis")
-		fmt.Fprintf(r.log, "remote: go build -o %s github.com/mitosis-fork/mitosis/cmd/mitosis\n", bin)
-		out, err := exec.Command("go", "build", "-o", bin, "github.com/mitosis-fork/mitosis/cmd/mitosis").CombinedOutput()
+		fmt.Fprintf(r.log, "remote: go build -o %s/ ./cmd/mitosis ./cmd/mitosisd\n", filepath.Dir(bin))
+		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
 		if err != nil {
 			return nil, fmt.Errorf("remote: building mitosis (run from inside the module or pass -mitosis): %v\n%s", err, out)
 		}

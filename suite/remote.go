@@ -55,8 +55,8 @@ func (r *runner) newLab() (lb *lab, err error) {
 	bin := r.cfg.Mitosis
 	if bin == "" {
 		bin = filepath.Join(r.dir, "mitosis")
-		r.logf("remote: go build -o %s github.com/mitosis-fork/mitosis/cmd/mitosis", bin)
-		out, err := exec.Command("go", "build", "-o", bin, "github.com/mitosis-fork/mitosis/cmd/mitosis").CombinedOutput()
+		r.logf("remote: go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", filepath.Dir(bin))
+		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
 		if err != nil {
 			return nil, fmt.Errorf("remote: building mitosis (run from inside the module or set Config.Mitosis): %v: %s", err, tail(string(out), 500))
 		}

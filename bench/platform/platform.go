@@ -46,7 +46,7 @@ const token = "platform-bench-token"
 
 // Config configures Run.
 type Config struct {
-	// Mitosis is the mitosis binary (default: go build ./cmd/mitosis).
+	// Mitosis is the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it).
 	Mitosis string
 	// Dir is the work directory (default: a temporary one, removed).
 	Dir string
@@ -182,8 +182,8 @@ func setup(cfg Config) (*env, error) {
 	bin := cfg.Mitosis
 	if bin == "" {
 		bin = filepath.Join(e.dir, "mitosis")
-		e.logf("go build -o %s ./cmd/mitosis", bin)
-		out, err := exec.Command("go", "build", "-o", bin, "github.com/mitosis-fork/mitosis/cmd/mitosis").CombinedOutput()
+		e.logf("go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", filepath.Dir(bin))
+		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
 		if err != nil {
 			return nil, fmt.Errorf("build mitosis (run from inside the module or give the binary): %v\n%s", err, out)
 		}

@@ -45,7 +45,7 @@ func main() {
 	jsonOut := flag.String("json", "", "write the report with raw samples as JSON to this file")
 	only := flag.String("only", "", "comma-separated benchmarks to run: "+strings.Join(bench.Names(), ", ")+" (default: all but remote)")
 	remote := flag.Bool("remote", false, "run the remote-fork benchmarks (same as -only remote)")
-	mitosisBin := flag.String("mitosis", "", "remote: the mitosis binary for the node daemons (default: go build ./cmd/mitosis)")
+	mitosisBin := flag.String("mitosis", "", "remote: the mitosis binary for the node daemons (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
 	fanOut := flag.Int("fanout", 10, "remote: children per node in the fan-out benchmark")
 	flag.Parse()
 	if flag.NArg() > 0 {

@@ -56,7 +56,7 @@ func main() {
 	flag.IntVar(&cfg.HelloRuns, "hello-runs", 200, "sequential hello invocations per policy (0: skip the hello section)")
 	flag.IntVar(&cfg.HeyRequests, "hey-requests", 4000, "requests of the hey throughput run (0: skip)")
 	flag.IntVar(&cfg.HeyConcurrency, "hey-concurrency", 32, "hey's concurrency")
-	flag.StringVar(&cfg.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis)")
+	flag.StringVar(&cfg.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "mitosis-platform-bench: unexpected arguments %q\n", flag.Args())

@@ -35,7 +35,7 @@ func main() {
 	out := flag.String("out", "results", "results directory")
 	only := flag.String("only", "", "comma-separated workloads/groups: "+strings.Join(suite.Names(), ", ")+" (default: all)")
 	remote := flag.Bool("remote", true, "build a 3-node netlab lab for the remote cases and the remote-fanout group (needs iproute2)")
-	mitosis := flag.String("mitosis", "", "mitosis binary for the lab's daemons (default: go build it)")
+	mitosis := flag.String("mitosis", "", "mitosis binary for the lab's daemons, with mitosisd next to it (default: go build both)")
 	fanPerNode := flag.Int("remote-fanout-children", 0, "remote fan-out: children per target node (default 40, quick 4)")
 	flag.Parse()
 	if flag.NArg() > 0 {

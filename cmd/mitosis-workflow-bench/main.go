@@ -42,7 +42,7 @@ func main() {
 	flag.IntVar(&wc.Runs, "runs", 5, "runs per cell and transfer")
 	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
 	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
-	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis)")
+	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "16G", "each node's function memory")
 	outDir := flag.String("out-dir", "", "write workflow.md, workflow.json, workflow.svg here")
 	flag.Parse()

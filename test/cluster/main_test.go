@@ -121,10 +121,10 @@ func setup() error {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
 	mitosisBin = filepath.Join(bin, "mitosis")
-	build := exec.Command(goBin, "build", "-o", mitosisBin, "./cmd/mitosis")
+	build := exec.Command(goBin, "build", "-o", filepath.Dir(mitosisBin)+"/", "./cmd/mitosis", "./cmd/mitosisd")
 	build.Dir = repoRoot
 	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./cmd/mitosis: %v\n%s", err, out)
+		return fmt.Errorf("go build ./cmd/mitosis ./cmd/mitosisd: %v\n%s", err, out)
 	}
 	b, err := os.ReadFile(filepath.Join(repoRoot, "test", "cluster", "testdata", "seed.py"))
 	if err != nil {

@@ -181,8 +181,8 @@ func setup() error {
 		if err := os.WriteFile(mitosisBin, b, 0o755); err != nil {
 			return err
 		}
-	} else if out, err := runTimeout(5*time.Minute, repoRoot, goBin, "build", "-o", mitosisBin, "./cmd/mitosis"); err != nil {
-		return fmt.Errorf("go build ./cmd/mitosis: %v\n%s", err, out)
+	} else if out, err := runTimeout(5*time.Minute, repoRoot, goBin, "build", "-o", filepath.Dir(mitosisBin)+"/", "./cmd/mitosis", "./cmd/mitosisd"); err != nil {
+		return fmt.Errorf("go build ./cmd/mitosis ./cmd/mitosisd: %v\n%s", err, out)
 	}
 
 	// Build the C parents.

@@ -13,11 +13,12 @@ import (
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/container"
 	"github.com/mitosis-fork/mitosis/function"
+	"github.com/mitosis-fork/mitosis/internal/cli"
 	"github.com/mitosis-fork/mitosis/node"
 )
 
 // newFnCmd is `mitosis fn`: functions on the local node, without a gateway.
-func newFnCmd(g *globals) *cobra.Command {
+func newFnCmd(g *cli.Globals) *cobra.Command {
 	fn := &cobra.Command{
 		Use:   "fn",
 		Short: "Deploy, list and remove functions on this node (no gateway needed)",
@@ -69,7 +70,7 @@ the gateway (mitosis gateway) instead: it deploys on every node.`,
 					*d.to = function.Duration(t)
 				}
 			}
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -104,7 +105,7 @@ the gateway (mitosis gateway) instead: it deploys on every node.`,
 		Short: "List the functions deployed on this node",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -116,7 +117,7 @@ the gateway (mitosis gateway) instead: it deploys on every node.`,
 			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tPOLICY\tSEED\tRUNNING\tWARM\tINVOCATIONS\tERRORS\tMEMORY\tINIT ERROR")
 			for _, in := range st.Functions {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%.1f MiB\t%s\n", in.Name, in.Policy, dash(in.Seed), in.Running, in.Warm,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%.1f MiB\t%s\n", in.Name, in.Policy, cli.Dash(in.Seed), in.Running, in.Warm,
 					in.Invocations, in.Errors, float64(in.MemoryBytes)/(1<<20), in.InitError)
 			}
 			return tw.Flush()
@@ -127,7 +128,7 @@ the gateway (mitosis gateway) instead: it deploys on every node.`,
 		Short: "Remove a function from this node (its seed, warm instances and running invocations)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -140,7 +141,7 @@ the gateway (mitosis gateway) instead: it deploys on every node.`,
 }
 
 // newInvokeCmd is `mitosis invoke`: one invocation on the local node.
-func newInvokeCmd(g *globals) *cobra.Command {
+func newInvokeCmd(g *cli.Globals) *cobra.Command {
 	var data, timeout string
 	var verbose bool
 	cmd := &cobra.Command{
@@ -158,7 +159,7 @@ func newInvokeCmd(g *globals) *cobra.Command {
 				}
 				body = b
 			}
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}

@@ -1,4 +1,4 @@
-package main
+package cli
 
 import (
 	"encoding/json"
@@ -22,18 +22,26 @@ import (
 	"github.com/mitosis-fork/mitosis/client"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
+// Version is set at build time with
+// -ldflags "-X github.com/mitosis-fork/mitosis/internal/cli.Version=...".
+var Version = "dev"
 
-// globals are the flags shared by every verb.
-type globals struct {
-	socket string
+// Globals are the flags shared by every verb.
+type Globals struct {
+	// Socket is the daemon's socket (--socket; empty: the client's default).
+	Socket string
 }
 
-func newRoot() *cobra.Command {
-	g := &globals{}
+// Dial connects to the daemon at g.Socket.
+func (g *Globals) Dial() (*client.Client, error) { return client.Dial(g.Socket) }
+
+// NewRoot returns the root command named use with the client verbs, and
+// the globals its flags fill. The caller adds the server verbs (mitosisd)
+// or the shims that run them (mitosis).
+func NewRoot(use string) (*cobra.Command, *Globals) {
+	g := &Globals{}
 	root := &cobra.Command{
-		Use:   "mitosis",
+		Use:   use,
 		Short: "Userspace remote fork of Linux processes",
 		Long: `mitosis prepares a running process into a seed (a snapshot plus a frozen
 copy-on-write copy) and forks children from it whose memory is paged in on
@@ -47,10 +55,9 @@ to it over its unix socket.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.PersistentFlags().StringVar(&g.socket, "socket", "",
+	root.PersistentFlags().StringVar(&g.Socket, "socket", "",
 		"daemon socket path (default $"+client.SocketEnv+", else "+client.DefaultSocket+")")
 	root.AddCommand(
-		newDaemonCmd(g),
 		newPrepareCmd(g),
 		newRunCmd(g),
 		newImageCmd(),
@@ -58,18 +65,12 @@ to it over its unix socket.`,
 		newSeedsCmd(g),
 		newPSCmd(g),
 		newRmCmd(g),
-		newFnCmd(g),
-		newInvokeCmd(g),
-		newGatewayCmd(),
-		newWorkflowCmd(),
 		newVersionCmd(),
 	)
-	return root
+	return root, g
 }
 
-func (g *globals) dial() (*client.Client, error) { return client.Dial(g.socket) }
-
-func newPrepareCmd(g *globals) *cobra.Command {
+func newPrepareCmd(g *Globals) *cobra.Command {
 	var pid int
 	var name string
 	var asJSON bool
@@ -101,7 +102,7 @@ may remove it. Children run with the prepared process's credentials.`,
 			if pid <= 0 {
 				return errors.New("prepare: --pid PID is required (a running process)")
 			}
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -139,7 +140,7 @@ may remove it. Children run with the prepared process's credentials.`,
 	return cmd
 }
 
-func newRunCmd(g *globals) *cobra.Command {
+func newRunCmd(g *Globals) *cobra.Command {
 	var req client.RunRequest
 	cmd := &cobra.Command{
 		Use:   "run --rootfs DIR [--name NAME] [--memory SIZE] [--cpus N] [--pids N] [--env K=V]... -- CMD [ARG...]",
@@ -164,7 +165,7 @@ extra thread adds to each child's start; pass --env to keep numpy's pool).`,
 				return errors.New("run: --rootfs DIR and a command (after --) are required")
 			}
 			req.Argv = args
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -212,7 +213,7 @@ Runs locally, no daemon needed.`,
 	return img
 }
 
-func newForkCmd(g *globals) *cobra.Command {
+func newForkCmd(g *Globals) *cobra.Command {
 	var count int
 	var eager, prefetch, detach, asJSON bool
 	var payload, target string
@@ -258,7 +259,7 @@ into each child before it runs.`,
 				}
 				raw = json.RawMessage(payload)
 			}
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -307,7 +308,7 @@ into each child before it runs.`,
 				fmt.Fprintf(os.Stderr, "mitosis: child %s failed: %s\n", child.ID, exit.Error)
 			}
 			if code := exit.ShellCode(); code != 0 {
-				return exitError{code: code}
+				return ExitError{Code: code}
 			}
 			return nil
 		},
@@ -322,7 +323,7 @@ into each child before it runs.`,
 	return cmd
 }
 
-func newSeedsCmd(g *globals) *cobra.Command {
+func newSeedsCmd(g *Globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "seeds",
@@ -331,7 +332,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
   mitosis seeds --json | jq -r '.[].id'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -355,7 +356,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
 				if len(s.LeaseNodes) > 0 {
 					remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, dash(s.Name), ownerName(s.Owner), origin, pidOrDash(s.ParentPID),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, Dash(s.Name), ownerName(s.Owner), origin, pidOrDash(s.ParentPID),
 					pidOrDash(s.SourcePID), s.Threads, s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
 			}
 			return tw.Flush()
@@ -365,7 +366,7 @@ func newSeedsCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func newPSCmd(g *globals) *cobra.Command {
+func newPSCmd(g *Globals) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "ps",
@@ -374,7 +375,7 @@ func newPSCmd(g *globals) *cobra.Command {
   mitosis ps --json | jq '.[] | select(.state == "running") | .pid'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -398,8 +399,8 @@ func newPSCmd(g *globals) *cobra.Command {
 					exit = "sig " + fmt.Sprint(k.Signal)
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
-					k.StartMS, dash(k.Source), k.Faults, k.PagesFetched, k.PagesShared, k.PagesCopied, k.PagesZero, k.PagesEager,
-					age(k.Created), dash(k.Error))
+					k.StartMS, Dash(k.Source), k.Faults, k.PagesFetched, k.PagesShared, k.PagesCopied, k.PagesZero, k.PagesEager,
+					age(k.Created), Dash(k.Error))
 			}
 			return tw.Flush()
 		},
@@ -408,7 +409,7 @@ func newPSCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func newRmCmd(g *globals) *cobra.Command {
+func newRmCmd(g *Globals) *cobra.Command {
 	var force bool
 	cmd := &cobra.Command{
 		Use:   "rm ID [--force]",
@@ -422,7 +423,7 @@ removed with --force too; those children then fail with a paging error.`,
   mitosis rm c-5e6f7a8b`,
 		Args: exactArgs(1, "rm needs exactly one ID (a seed id or name, or a child id)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := g.dial()
+			c, err := g.Dial()
 			if err != nil {
 				return err
 			}
@@ -445,7 +446,7 @@ func newVersionCmd() *cobra.Command {
 		Example: `  mitosis version`,
 		Args:    cobra.NoArgs,
 		Run: func(cmd *cobra.Command, _ []string) {
-			fmt.Fprintf(cmd.OutOrStdout(), "mitosis %s (%s, %s/%s)\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+			fmt.Fprintf(cmd.OutOrStdout(), "mitosis %s (%s, %s/%s)\n", Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		},
 	}
 }
@@ -472,7 +473,8 @@ func pidOrDash(pid int) string {
 	return fmt.Sprint(pid)
 }
 
-func dash(s string) string {
+// Dash is s, or "-" when s is blank (a table cell).
+func Dash(s string) string {
 	if strings.TrimSpace(s) == "" {
 		return "-"
 	}

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/container"
+	"github.com/mitosis-fork/mitosis/internal/cli"
 	"github.com/mitosis-fork/mitosis/node"
 )
 
@@ -55,7 +56,7 @@ func envDefault(name, def string) string {
 	return def
 }
 
-func newDaemonCmd(g *globals) *cobra.Command {
+func newDaemonCmd(g *cli.Globals) *cobra.Command {
 	f := &daemonFlags{}
 	cmd := &cobra.Command{
 		Use:   "daemon",
@@ -146,9 +147,9 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 }
 
 // config turns the flags into a node.Config, reading the files they name.
-func (f *daemonFlags) config(g *globals) (node.Config, error) {
+func (f *daemonFlags) config(g *cli.Globals) (node.Config, error) {
 	cfg := node.Config{
-		Socket:      g.socket,
+		Socket:      g.Socket,
 		StateDir:    f.stateDir,
 		Node:        f.node,
 		Listen:      f.listen,
