@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/cpuid"
 	"os"
 	"strconv"
 	"strings"
@@ -64,6 +65,19 @@ func threadFrame(th *descriptor.Thread, restorer uint64) (uint64, []byte, error)
 	if len(xs) < 576 || len(xs)%64 != 0 {
 		return 0, nil, fmt.Errorf("XSTATE of %d bytes", len(xs))
 	}
+	// The ptrace regset holds every component the CPU has (with AMX,
+	// 8 KiB of tile data), but rt_sigreturn takes the extended state only
+	// if its xstate_size fits the task's own signal-frame size, which
+	// leaves out dynamically enabled components (AMX tile data, unless the
+	// process asked for it); otherwise it silently restores x87/SSE only
+	// and the upper halves of the vector registers are lost. So the frame
+	// carries the components up to the last static one.
+	le := binary.LittleEndian
+	xcr0 := le.Uint64(xs[swReserved:]) // the ptrace regset keeps XCR0 here
+	features := xcr0 &^ (1 << cpuid.XFeatureTileData)
+	if n := cpuid.XStateUserSize(features); n < len(xs) {
+		xs = xs[:n]
+	}
 	regs := snapshot.RegsFromArray(th.Regs)
 	fixRestart(&regs)
 	// Below the red zone, and below anything a signal handler of the
@@ -72,7 +86,6 @@ func threadFrame(th *descriptor.Thread, restorer uint64) (uint64, []byte, error)
 	fp := (top - uint64(len(xs)) - 4) &^ 63
 	frame := (fp - frameSize) &^ 15
 	b := make([]byte, fp+uint64(len(xs))+4-frame)
-	le := binary.LittleEndian
 	le.PutUint64(b[0:], restorer)
 	le.PutUint64(b[frameUCFlags:], ucFPXState|ucSigcontextSS|ucStrictSS)
 	if th.AltStackFlags&ssDisable == 0 && th.AltStackSize != 0 {
@@ -93,13 +106,14 @@ func threadFrame(th *descriptor.Thread, restorer uint64) (uint64, []byte, error)
 	le.PutUint64(b[frameSigmask:], th.SigMask)
 	img := b[fp-frame:]
 	copy(img, xs)
-	xcr0 := le.Uint64(xs[swReserved:])
 	for i := swReserved; i < 512; i++ {
 		img[i] = 0
 	}
+	// XSTATE_BV may name only components the frame holds.
+	le.PutUint64(img[512:], le.Uint64(img[512:])&features)
 	le.PutUint32(img[swReserved:], fpXStateMagic1)
 	le.PutUint32(img[swReserved+4:], uint32(len(xs))+4) // extended_size
-	le.PutUint64(img[swReserved+8:], xcr0)              // xfeatures
+	le.PutUint64(img[swReserved+8:], features)          // xfeatures
 	le.PutUint32(img[swReserved+16:], uint32(len(xs)))  // xstate_size
 	le.PutUint32(img[len(xs):], fpXStateMagic2)
 	return frame, b, nil

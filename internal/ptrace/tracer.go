@@ -161,14 +161,21 @@ func EventMsg(pid int) (uint64, error) {
 const XStateMax = 16384
 
 // GetXState reads the NT_X86_XSTATE register set (FPU, SSE, AVX, ...).
+// The result is a copy of its real size: a seed's descriptor keeps one per
+// thread for the seed's lifetime (and the daemon's history of its children
+// keeps the descriptor longer), so it must not pin the XStateMax buffer.
 func GetXState(pid int) ([]byte, error) {
+	// A heap buffer: with an array on the stack the compiler does not see
+	// the kernel's writes through the iovec (it reaches the syscall as a
+	// uintptr) and the copy below came out wrong (children lost their YMM
+	// registers, TestThreadedParent).
 	buf := make([]byte, XStateMax)
 	iov := unix.Iovec{Base: &buf[0]}
 	iov.SetLen(len(buf))
 	if err := ptrace(unix.PTRACE_GETREGSET, pid, unix.NT_X86_XSTATE, uintptr(unsafe.Pointer(&iov))); err != nil {
 		return nil, fmt.Errorf("ptrace getregset xstate %d: %w", pid, err)
 	}
-	return buf[:iov.Len], nil
+	return append([]byte(nil), buf[:iov.Len]...), nil
 }
 
 // SetXState writes the NT_X86_XSTATE register set.
