@@ -22,7 +22,7 @@ work=$(mktemp -d /tmp/mitosis-platform-demo.XXXXXX)
 daemon_pid= gateway_pid=
 cleanup() {
   [ -n "$gateway_pid" ] && kill "$gateway_pid" 2>/dev/null && wait "$gateway_pid" 2>/dev/null || true
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
+  [ -n "$daemon_pid" ] && kill -INT "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT

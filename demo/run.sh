@@ -21,7 +21,7 @@ work=$(mktemp -d /tmp/mitosis-demo.XXXXXX)
 daemon_pid= parent_pid=
 cleanup() {
   [ -n "$parent_pid" ] && kill -9 "$parent_pid" 2>/dev/null || true
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
+  [ -n "$daemon_pid" ] && kill -INT "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT

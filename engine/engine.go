@@ -52,6 +52,7 @@ type Engine struct {
 
 	mu       sync.Mutex
 	seeds    map[string]*Seed
+	released []*Seed // handed over (Release); their caches close last
 	children map[string]*Child
 	closed   bool
 	wg       sync.WaitGroup
@@ -592,6 +593,10 @@ func (e *Engine) Close() error {
 	}
 	e.wg.Wait()
 	// Caches last: the pagers of children still dying may be filling them.
+	e.mu.Lock()
+	seeds = append(seeds, e.released...)
+	e.released = nil
+	e.mu.Unlock()
 	for _, s := range seeds {
 		s.closeCache()
 	}

@@ -165,6 +165,10 @@ func (c *conn) handle(m incoming) bool {
 		}
 	}
 	d := c.d
+	if err := c.d.handoverRefusal(req.Op); err != nil {
+		closeFDs(m.fds)
+		return c.reply(errResp(err))
+	}
 	switch req.Op {
 	case client.OpRun, client.OpFnDeploy, client.OpFnRm:
 		// These start processes as root or change what the node

@@ -53,6 +53,9 @@ type Config struct {
 	SocketMode os.FileMode
 	// SocketGroup, if set (a group name or gid), is the socket's group.
 	SocketGroup string
+	// HandoverTimeout is how long Handover (SIGTERM) waits for a successor
+	// daemon to adopt the seeds (0: Handover stops like Close).
+	HandoverTimeout time.Duration
 	// StateDir holds the pid file, the engine's scratch files and the
 	// detached children's logs (children/<id>.log); empty means
 	// $MITOSIS_STATE_DIR, else /run/mitosis.
@@ -140,6 +143,11 @@ type Daemon struct {
 	conns      map[*net.UnixConn]struct{}
 	userConns  map[uint32]int // open connections per non-admin uid
 	closing    bool
+	draining   bool          // handing over to a successor (Handover)
+	handedOver bool          // a successor took the seeds and the socket
+	successor  *handoverConn // where child exits go after the handover
+
+	peerCloseOnce sync.Once
 
 	handlers sync.WaitGroup
 
@@ -186,6 +194,7 @@ type childRec struct {
 	oom      bool             // killed by the OOM killer
 	invoke   bool             // forked for a function invocation
 	owner    uint32           // uid of the caller that forked it
+	prev     *prevChild       // forked by the predecessor, which still serves it (child is nil)
 }
 
 // New checks that no other daemon serves cfg.Socket, creates the state
@@ -275,6 +284,10 @@ func New(cfg Config) (*Daemon, error) {
 		return nil, fmt.Errorf("start engine: %w", err)
 	}
 	d.eng = eng
+	// A daemon stopping with SIGTERM on this state directory hands us its
+	// seeds (see Handover).
+	d.adoptPredecessor()
+	d.sweepFrozen()
 	tcfg := transport.Config{Node: cfg.Node, Secret: cfg.Secret, Insecure: cfg.Insecure, TLS: cfg.TLS, Timeout: cfg.PeerTimeout,
 		// forwardFork bounds each fork by its size instead.
 		ForkTimeout: time.Hour}
@@ -324,14 +337,22 @@ func (d *Daemon) closePeers() {
 	if d.peers != nil {
 		d.peers.close()
 	}
-	if d.peerSrv != nil {
+	d.closePeerServer()
+}
+
+// closePeerServer stops serving peers (once).
+func (d *Daemon) closePeerServer() {
+	d.peerCloseOnce.Do(func() {
+		if d.peerSrv == nil {
+			return
+		}
 		_ = d.peerSrv.Close()
 		select {
 		case <-d.peerDone:
 		case <-time.After(5 * time.Second):
 			d.log.Warn("shutdown: peer server did not stop within 5s")
 		}
-	}
+	})
 }
 
 func (d *Daemon) closeListener() {
@@ -448,8 +469,13 @@ func (d *Daemon) close() error {
 	d.closing = true
 	d.mu.Unlock()
 	_ = d.ln.Close()
+	d.mu.Lock()
+	draining := d.draining // Handover released the socket and stopped the functions
+	d.mu.Unlock()
 	d.leaveDirectory() // out of placement first
-	d.fn.closeAll()
+	if !draining {
+		d.fn.closeAll()
+	}
 	killed := d.killAll(10 * time.Second)
 	// Attached handlers have sent their exit lines; cut everyone off.
 	d.mu.Lock()
@@ -488,7 +514,14 @@ func (d *Daemon) close() error {
 		_ = syscall.Kill(c.pid, syscall.SIGKILL)
 		d.dropGroup(c)
 	}
+	if draining {
+		// The socket, the pid file and the node's cgroup tree may be a
+		// successor's by now.
+		d.log.Info("shutdown", "killed", killed, "took", time.Since(start), "handed_over", d.handedOver)
+		return errors.Join(errs...)
+	}
 	d.sweepCgroups("shutdown")
+	_ = os.Remove(filepath.Join(d.cfg.StateDir, frozenFile)) // the engine ended them all
 	if err := os.Remove(d.cfg.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove socket: %w", err))
 	}

@@ -1018,3 +1018,16 @@ func (d *Daemon) invokeLocal(args []byte) (client.InvokeResult, error) {
 	return client.InvokeResult{Status: r.Status, Body: r.Body, ContentType: r.ContentType, Error: r.Error,
 		Kind: kindName(r.Kind), Instance: r.Child, StartMS: ms(r.Start), RunMS: ms(r.Run)}, nil
 }
+
+// ownsSeed reports whether s is the seed of a deployed function. It takes
+// f.mu, so callers may hold d.mu.
+func (f *fnRegistry) ownsSeed(s *seedRec) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, fn := range f.fns {
+		if fn.seed == s {
+			return true
+		}
+	}
+	return false
+}

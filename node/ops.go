@@ -87,6 +87,7 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 	d.seeds[rec.id] = rec
 	info := d.seedInfoLocked(rec)
 	d.mu.Unlock()
+	d.recordFrozen()
 	d.fn.preparedSeed(pid, rec)
 	d.metrics.prepares.Inc()
 	if po.ttl > 0 {
@@ -395,6 +396,7 @@ func (d *Daemon) reap(k *childRec) {
 	k.ended = time.Now()
 	d.mu.Unlock()
 	close(k.exited)
+	d.reportExit(k)
 	m := d.metrics
 	m.faults.Add(float64(stats.Faults))
 	m.pagesShared.Add(float64(stats.PagesShared))
@@ -437,7 +439,25 @@ func (d *Daemon) killChild(k *childRec) {
 	if k.hasExited() {
 		return
 	}
+	if k.child == nil {
+		if k.prev != nil {
+			// The predecessor reaps it and reports the exit.
+			_ = unix.Kill(k.prev.pid, unix.SIGKILL)
+		}
+		return
+	}
 	k.child.Kill(unix.SIGKILL)
+}
+
+// pid is the child's process id.
+func (k *childRec) pid() int {
+	if k.child != nil {
+		return k.child.PID
+	}
+	if k.prev != nil {
+		return k.prev.pid
+	}
+	return 0
 }
 
 // remove removes a seed (by id or name) or a child (by id).
@@ -448,7 +468,7 @@ func (d *Daemon) remove(key string, force bool) error {
 		d.mu.Unlock()
 		if !k.hasExited() {
 			if !force {
-				return fmt.Errorf("rm: child %s is running (pid %d); use `mitosis rm --force %s` to kill it", k.id, k.child.PID, k.id)
+				return fmt.Errorf("rm: child %s is running (pid %d); use `mitosis rm --force %s` to kill it", k.id, k.pid(), k.id)
 			}
 			d.killChild(k)
 			<-k.exited
@@ -500,6 +520,7 @@ func (d *Daemon) remove(key string, force bool) error {
 	d.mu.Lock()
 	delete(d.seeds, s.id)
 	d.mu.Unlock()
+	d.recordFrozen()
 	if s.pool != nil {
 		_ = s.pool.Close()
 	}
@@ -623,15 +644,17 @@ func (d *Daemon) seedInfos(c caller) []client.SeedInfo {
 
 func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 	info := client.ChildInfo{
-		ID:      k.id,
-		Seed:    k.seed.id,
-		PID:     k.child.PID,
-		State:   client.StateRunning,
-		StartMS: ms(k.child.Took),
-		Created: k.child.Started,
-		Log:     k.logPath,
-		Source:  sourceOf(k.seed),
-		Node:    d.node,
+		ID:     k.id,
+		Seed:   k.seed.id,
+		State:  client.StateRunning,
+		Log:    k.logPath,
+		Source: sourceOf(k.seed),
+		Node:   d.node,
+	}
+	if k.child != nil {
+		info.PID, info.StartMS, info.Created = k.child.PID, ms(k.child.Took), k.child.Started
+	} else if k.prev != nil {
+		info.PID, info.StartMS, info.Created = k.prev.pid, ms(k.prev.took), k.prev.started
 	}
 	var st engine.ChildStats
 	if k.hasExited() {
@@ -649,7 +672,7 @@ func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 		if k.oom {
 			info.State = client.StateOOM
 		}
-	} else {
+	} else if k.child != nil {
 		st = k.child.Stats()
 	}
 	info.Faults, info.PagesCopied, info.PagesZero, info.PagesEager = st.Faults, st.PagesCopied, st.PagesZero, st.Eager

@@ -398,7 +398,7 @@ func (n *Node) Kill() error {
 	}
 }
 
-// Stop sends SIGTERM and expects exit status 0 within timeout (then
+// Stop sends SIGINT (stop for good: no handover) and expects exit status 0 within timeout (then
 // SIGKILL and an error).
 func (n *Node) Stop(timeout time.Duration) error {
 	n.mu.Lock()
@@ -412,17 +412,17 @@ func (n *Node) Stop(timeout time.Duration) error {
 		return nil // already gone (killed by a test)
 	default:
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
+	_ = cmd.Process.Signal(syscall.SIGINT)
 	select {
 	case <-done:
 		if err := n.WaitErr(); err != nil {
-			return fmt.Errorf("netlab: daemon %s: exit on SIGTERM: %v; log:\n%s", n.Name, err, Tail(n.LogFile, 20))
+			return fmt.Errorf("netlab: daemon %s: exit on SIGINT: %v; log:\n%s", n.Name, err, Tail(n.LogFile, 20))
 		}
 		return nil
 	case <-time.After(timeout):
 		_ = cmd.Process.Signal(syscall.SIGKILL)
 		<-done
-		return fmt.Errorf("netlab: daemon %s did not exit within %v of SIGTERM (killed); log:\n%s", n.Name, timeout, Tail(n.LogFile, 20))
+		return fmt.Errorf("netlab: daemon %s did not exit within %v of SIGINT (killed); log:\n%s", n.Name, timeout, Tail(n.LogFile, 20))
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -72,7 +73,13 @@ func startDaemon(t *testing.T) *testDaemon {
 // startDaemonWith starts a daemon with extra daemon flags.
 func startDaemonWith(t *testing.T, extra ...string) *testDaemon {
 	t.Helper()
-	dir := t.TempDir()
+	return startDaemonIn(t, t.TempDir(), extra...)
+}
+
+// startDaemonIn starts a daemon whose socket and state live in dir (a
+// second daemon on the same dir succeeds the first).
+func startDaemonIn(t *testing.T, dir string, extra ...string) *testDaemon {
+	t.Helper()
 	d := &testDaemon{t: t, dir: dir, sock: filepath.Join(dir, "sock"), state: filepath.Join(dir, "state"),
 		stderr: &syncBuf{}, exited: make(chan struct{})}
 	d.cmd = exec.Command(bin, append([]string{"daemon", "--socket", d.sock, "--state-dir", d.state}, extra...)...)
@@ -82,14 +89,17 @@ func startDaemonWith(t *testing.T, extra ...string) *testDaemon {
 	}
 	go func() { d.err = d.cmd.Wait(); close(d.exited) }()
 	t.Cleanup(func() {
-		d.stop(syscall.SIGTERM)
+		d.stop(syscall.SIGINT)
 		if t.Failed() {
 			t.Logf("daemon log:\n%s", d.stderr.String())
 		}
 	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, err := os.Stat(d.sock); err == nil {
+		// Answering, not just present: a killed predecessor leaves its
+		// socket file behind.
+		if c, err := net.Dial("unix", d.sock); err == nil {
+			c.Close()
 			return d
 		}
 		select {

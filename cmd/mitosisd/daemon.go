@@ -46,6 +46,7 @@ type daemonFlags struct {
 	maxMemory      string
 	socketMode     string
 	socketGroup    string
+	handover       time.Duration
 }
 
 // envDefault returns $name, or def when it is unset.
@@ -67,7 +68,15 @@ func newDaemonCmd(g *cli.Globals) *cobra.Command {
 confined to the processes it could ptrace itself and to its own and shared
 seeds, see mitosis prepare --help), keeps seeds and children, and logs one line per prepare, fork, exit and rm to stderr.
 Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
-SIGINT or SIGTERM kill every running child, remove the socket and exit 0.
+SIGINT kills every running child, removes every seed and the socket, and
+exits 0. SIGTERM restarts without loss: the daemon gives up its socket at
+once and waits up to --handover-timeout for a new daemon started on the
+same --state-dir, which adopts its seeds (same ids); the old one keeps
+serving the children it forked until they end (the new one lists them in
+ps), then exits 0. Without a successor in time it stops as on SIGINT; a
+second signal cuts the wait short. A SIGKILLed daemon takes its children
+and seeds with it (none can run on without its memory); the next daemon
+reaps what it left.
 
 Cluster: --listen serves this node's seeds (descriptors and pages), forwarded
 forks and leases to the other nodes over TCP; --peer/--peers-file name the
@@ -106,10 +115,40 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
+			sigs := make(chan os.Signal, 2)
+			signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+			defer signal.Stop(sigs)
+			ctx, cancel := context.WithCancel(context.Background())
+			firstc := make(chan os.Signal, 1)
+			go func() {
+				select {
+				case sig := <-sigs:
+					firstc <- sig
+				case <-ctx.Done():
+					firstc <- nil
+				}
+				cancel()
+			}()
 			serveErr := d.Serve(ctx)
-			closeErr := d.Close()
+			cancel() // Serve failed on its own: stop as on SIGINT
+			first := <-firstc
+			var closeErr error
+			if first == syscall.SIGTERM {
+				// Hand the seeds to a successor; a second signal
+				// cuts the wait short.
+				again, stop := context.WithCancel(context.Background())
+				go func() {
+					select {
+					case <-sigs:
+						stop()
+					case <-again.Done():
+					}
+				}()
+				closeErr = d.Handover(again)
+				stop()
+			} else {
+				closeErr = d.Close()
+			}
 			return errors.Join(serveErr, closeErr)
 		},
 	}
@@ -141,6 +180,7 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.advertise, "advertise", os.Getenv("MITOSIS_ADVERTISE"), "IP:PORT other nodes and the gateway reach this node's --listen at (default: --listen)")
 	fl.IntVar(&f.maxConcurrency, "max-concurrency", 0, "function invocations this node runs at once (default 16 per CPU); more are refused as busy")
 	fl.StringVar(&f.socketMode, "socket-mode", "0600", "permission bits of the socket, octal: 0600 (root and the daemon's user), 0660 (with --socket-group), 0666 (every local user)")
+	fl.DurationVar(&f.handover, "handover-timeout", 30*time.Second, "on SIGTERM, how long to wait for a new daemon on the same --state-dir to adopt the seeds (0: stop at once, as on SIGINT)")
 	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) of the socket, for --socket-mode 0660")
 	fl.StringVar(&f.maxMemory, "max-memory", "", "memory function instances may reserve on this node, e.g. 16G (default 80% of RAM)")
 	return cmd
@@ -169,6 +209,10 @@ func (f *daemonFlags) config(g *cli.Globals) (node.Config, error) {
 		return cfg, fmt.Errorf("--socket-mode %q: want octal permission bits where each class is read-write or nothing, like 0600, 0660 or 0666", f.socketMode)
 	}
 	cfg.SocketMode, cfg.SocketGroup = os.FileMode(mode), f.socketGroup
+	if f.handover < 0 {
+		return cfg, fmt.Errorf("--handover-timeout must not be negative, got %v", f.handover)
+	}
+	cfg.HandoverTimeout = f.handover
 	if f.maxMemory != "" {
 		m, err := container.ParseMemory(f.maxMemory)
 		if err != nil {

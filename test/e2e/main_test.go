@@ -271,7 +271,8 @@ func startDaemon() error {
 	}
 }
 
-// stopDaemon sends SIGTERM and expects a clean exit 0 within 30 s.
+// stopDaemon sends SIGINT (stop for good, no handover) and expects a clean
+// exit 0 within 30 s.
 func stopDaemon() error {
 	stopOnce.Do(func() {
 		if daemon == nil {
@@ -283,18 +284,18 @@ func stopDaemon() error {
 			return
 		default:
 		}
-		if err := daemon.Process.Signal(syscall.SIGTERM); err != nil {
-			stopErr = fmt.Errorf("SIGTERM: %v", err)
+		if err := daemon.Process.Signal(syscall.SIGINT); err != nil {
+			stopErr = fmt.Errorf("SIGINT: %v", err)
 		}
 		select {
 		case <-daemonDone:
 			if daemonErr != nil && stopErr == nil {
-				stopErr = fmt.Errorf("the daemon did not exit 0 on SIGTERM: %v", daemonErr)
+				stopErr = fmt.Errorf("the daemon did not exit 0 on SIGINT: %v", daemonErr)
 			}
 		case <-time.After(30 * time.Second):
 			daemon.Process.Kill()
 			<-daemonDone
-			stopErr = errors.New("the daemon did not exit within 30 s of SIGTERM (killed)")
+			stopErr = errors.New("the daemon did not exit within 30 s of SIGINT (killed)")
 		}
 	})
 	return stopErr

@@ -15,7 +15,7 @@ import (
 	"time"
 )
 
-// TestNoLeftovers runs last: it stops the daemon (SIGTERM must give exit 0)
+// TestNoLeftovers runs last: it stops the daemon (SIGINT must give exit 0)
 // and then asserts that nothing this run started is left: no process, no
 // traced or stopped orphan, no file but logs in the state dir, nothing new
 // in /dev/shm or /tmp.
