@@ -1,6 +1,7 @@
 package client_test
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -136,5 +137,32 @@ func TestCHeader(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "cannot reach mitosis daemon at "+sock) {
 		t.Fatalf("prog output %q", out)
+	}
+}
+
+// TestPythonExit: mitosis.exit runs the atexit handlers, flushes buffered
+// stdout and ends with the given code.
+func TestPythonExit(t *testing.T) {
+	py, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 not installed")
+	}
+	prog := `
+import atexit, sys
+sys.path.insert(0, sys.argv[1])
+import mitosis
+atexit.register(lambda: print("ATEXIT"))
+print("HELLO")  # block-buffered: stdout is a pipe
+mitosis.exit(3)
+print("NOT REACHED")
+`
+	cmd := exec.Command(py, "-c", prog, "python")
+	out, err := cmd.Output()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 3 {
+		t.Fatalf("exit status %v; want 3 (output %q)", err, out)
+	}
+	if string(out) != "HELLO\nATEXIT\n" {
+		t.Fatalf("output %q; want HELLO then ATEXIT", out)
 	}
 }
