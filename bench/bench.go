@@ -89,7 +89,7 @@ type Config struct {
 
 // Names lists what Config.Only accepts.
 func Names() []string {
-	return append(append(slices.Clone(groupOrder), prepareSubjects...), GroupRemote, GroupContainer)
+	return append(append(slices.Clone(groupOrder), prepareSubjects...), GroupRemote, GroupContainer, GroupUserPath)
 }
 
 type runner struct {
@@ -186,6 +186,14 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		}
 		rep.Groups = append(rep.Groups, g)
 	}
+	if groups[GroupUserPath] && ctx.Err() == nil {
+		for _, g := range r.userPathGroups() {
+			if g.Error != "" {
+				fmt.Fprintf(r.log, "%s: FAILED: %s\n", g.Name, g.Error)
+			}
+			rep.Groups = append(rep.Groups, g)
+		}
+	}
 	if groups[GroupRemote] && ctx.Err() == nil {
 		gs, notes := r.remoteGroups()
 		rep.Groups = append(rep.Groups, gs...)
@@ -222,7 +230,7 @@ func selection(only []string) (map[string]bool, []string, error) {
 			if n == GroupPrepare {
 				allSubjects = true
 			}
-		case n == GroupRemote, n == GroupContainer:
+		case n == GroupRemote, n == GroupContainer, n == GroupUserPath:
 			groups[n] = true
 		case slices.Contains(prepareSubjects, n):
 			groups[GroupPrepare] = true

@@ -225,6 +225,8 @@ type ChildInfo struct {
 	// Error is why the daemon ended the child (state "failed").
 	Error   string    `json:"error,omitempty"`
 	Created time.Time `json:"created"`
+	// Ended is when the daemon reaped it (absent while it runs).
+	Ended *time.Time `json:"ended,omitempty"`
 	// Log is the file a detached child's stdout and stderr are appended to
 	// (empty for attached children).
 	Log string `json:"log,omitempty"`

@@ -663,6 +663,10 @@ func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 		cerr := k.err
 		d.mu.Unlock()
 		info.State = client.StateExited
+		if !k.ended.IsZero() {
+			ended := k.ended
+			info.Ended = &ended
+		}
 		if info.Signal > 0 {
 			info.State = client.StateKilled
 		}

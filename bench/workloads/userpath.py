@@ -1,0 +1,56 @@
+"""Parent of the userpath benchmarks (the fork path as users see it).
+
+    python3 userpath.py MODE KIND [NAME]
+
+KIND hello: the handler returns "hello". KIND groupby: the initialization
+builds a 1e6-row pandas frame (1,000 users, an amount each row) and the
+handler sums the amounts by user over it, returning a digest.
+
+MODE cold: initialize, run the handler, print RESULT, exit normally.
+MODE warm: initialize, print READY, stop itself (SIGSTOP); on SIGCONT run
+the handler, print RESULT, exit normally (the keep-alive instance).
+MODE seed / seed-exit: initialize, prepare itself as seed NAME (prints
+READY SEED-ID and stays); each child runs the handler, prints RESULT and
+exits normally (seed) or with mitosis.exit() (seed-exit: no interpreter
+teardown).
+"""
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mitosis  # noqa: E402
+
+mode, kind = sys.argv[1], sys.argv[2]
+if kind == "groupby":
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    n = 1_000_000
+    frame = pd.DataFrame({"user": rng.integers(0, 1000, n), "amount": rng.random(n)})
+
+    def handle():
+        by = frame.groupby("user")["amount"].sum()
+        return "%d:%.6f" % (len(by), by.sum())
+else:
+    def handle():
+        return "hello"
+
+if mode == "cold":
+    print("RESULT", handle(), flush=True)
+    sys.exit(0)
+if mode == "warm":
+    print("READY", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    print("RESULT", handle(), flush=True)
+    sys.exit(0)
+role = mitosis.prepare(sys.argv[3])
+if role.is_parent:
+    print("READY", role.seed, flush=True)
+    while True:
+        time.sleep(3600)
+print("RESULT", handle(), flush=True)
+if mode == "seed-exit":
+    mitosis.exit(0)
