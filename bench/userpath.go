@@ -36,6 +36,7 @@ const (
 	upAPIPrefetch = "daemon API, normal exit, --prefetch"
 	upAPIExitPref = "daemon API, mitosis.exit(), --prefetch"
 	upCLIStart    = "`mitosis version` (CLI process alone)"
+	upLocalFork   = "local fork(2) of the initialized parent (SIGCONT, fork, os._exit)"
 )
 
 // upSample is one timed run: to the RESULT line and to the exit.
@@ -63,6 +64,15 @@ type userPath struct {
 	done   chan struct{}
 	cl     *client.Client
 	seeds  []*exec.Cmd
+	// forkers are the local-fork baselines, by kind: stopped, initialized
+	// parents that fork(2) a child per SIGCONT.
+	forkers map[string]*forker
+}
+
+// forker is a running `userpath.py forker KIND`.
+type forker struct {
+	cmd *exec.Cmd
+	rd  *bufio.Reader
 }
 
 // userPathGroups starts a daemon, runs the hello and groupby groups and
@@ -137,6 +147,15 @@ func (up *userPath) start() error {
 			return fmt.Errorf("userpath: seed %s: %w", s.name, err)
 		}
 		up.seeds = append(up.seeds, cmd)
+	}
+	up.forkers = map[string]*forker{}
+	for _, kind := range []string{"hello", "groupby"} {
+		cmd, rd, err := up.python("forker", kind, "")
+		if err != nil {
+			return fmt.Errorf("userpath: local-fork parent: %w", err)
+		}
+		up.seeds = append(up.seeds, cmd)
+		up.forkers[kind] = &forker{cmd: cmd, rd: rd}
 	}
 	return nil
 }
@@ -221,9 +240,9 @@ func (up *userPath) group(kind string) *Group {
 		"program initialized and stopped (SIGSTOP) beforehand, timed from SIGCONT. Forks go through a real " +
 		"`mitosis daemon` (same host); normal exit runs the interpreter's teardown in the child, mitosis.exit() " +
 		"skips it (client/python). Cases interleave round-robin; one warm-up round is discarded."
-	names := []string{upWarm, upCold, upCLI, upCLIExit, upAPI, upAPIExit, upAPIPrefetch, upAPIExitPref, upCLIStart}
+	names := []string{upWarm, upCold, upLocalFork, upCLI, upCLIExit, upAPI, upAPIExit, upAPIPrefetch, upAPIExitPref, upCLIStart}
 	if kind == "groupby" {
-		names = []string{upWarm, upCold, upCLIExit, upAPIExit, upAPIExitPref, upAPI}
+		names = []string{upWarm, upCold, upLocalFork, upCLIExit, upAPIExit, upAPIExitPref, upAPI}
 	}
 	cases := map[string]*Case{}
 	results := map[string]*Case{}
@@ -326,6 +345,24 @@ func (up *userPath) one(n, kind string) (upSample, string, error) {
 		}
 		if err := cmd.Wait(); err != nil {
 			return upSample{}, "", fmt.Errorf("warm instance: %v", err)
+		}
+		return upSample{result: tr, exit: time.Since(t0)}, line, nil
+	case upLocalFork:
+		f := up.forkers[kind]
+		if err := waitStopped(f.cmd.Process.Pid); err != nil {
+			return upSample{}, "", err
+		}
+		t0 := time.Now()
+		if err := f.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			return upSample{}, "", err
+		}
+		line, err := readLine(f.rd, resultTimeout)
+		tr := time.Since(t0)
+		if err != nil {
+			return upSample{}, "", err
+		}
+		if done, err := readLine(f.rd, doneTimeout); err != nil || done != "DONE" {
+			return upSample{}, "", fmt.Errorf("local fork: %q, %v", done, err)
 		}
 		return upSample{result: tr, exit: time.Since(t0)}, line, nil
 	case upCLI, upCLIExit:

@@ -9,6 +9,9 @@ handler sums the amounts by user over it, returning a digest.
 MODE cold: initialize, run the handler, print RESULT, exit normally.
 MODE warm: initialize, print READY, stop itself (SIGSTOP); on SIGCONT run
 the handler, print RESULT, exit normally (the keep-alive instance).
+MODE forker: initialize, print READY, then loop: stop itself (SIGSTOP); on
+SIGCONT fork(2) a child that runs the handler, prints RESULT and exits with
+os._exit, wait for it, print DONE (the local-fork baseline).
 MODE seed / seed-exit: initialize, prepare itself as seed NAME (prints
 READY SEED-ID and stays); each child runs the handler, prints RESULT and
 exits normally (seed) or with mitosis.exit() (seed-exit: no interpreter
@@ -46,6 +49,16 @@ if mode == "warm":
     os.kill(os.getpid(), signal.SIGSTOP)
     print("RESULT", handle(), flush=True)
     sys.exit(0)
+if mode == "forker":
+    print("READY", flush=True)
+    while True:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        pid = os.fork()
+        if pid == 0:
+            print("RESULT", handle(), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("DONE", flush=True)
 role = mitosis.prepare(sys.argv[3])
 if role.is_parent:
     print("READY", role.seed, flush=True)
