@@ -432,7 +432,7 @@ func TestDecodeRejectsInvalid(t *testing.T) {
 				d.SigActions[i].Signo = uint32(i + 1)
 			}
 		}, "descriptor: sigactions: length 65 exceeds limit 64"},
-		{"fd kind", func(d *Descriptor) { d.FDs[1].Kind = FDKindMax + 1 }, "descriptor: fd 1: invalid kind 5"},
+		{"fd kind", func(d *Descriptor) { d.FDs[1].Kind = FDKindMax + 1 }, "descriptor: fd 1: invalid kind 6"},
 		{"fd data long", func(d *Descriptor) { d.FDs[2].Data = make([]byte, MaxPipeData+1) }, "descriptor: fd 2: data: length 1048577 exceeds limit 1048576"},
 		{"fd watch negative", func(d *Descriptor) { d.FDs[4].Watches[1].TFD = -1 }, "descriptor: fd 4: watch 1: negative fd -1"},
 		{"fd negative", func(d *Descriptor) { d.FDs[0].Num = -3 }, "descriptor: fd 0: negative num -3"},

@@ -116,8 +116,23 @@ const (
 	// FDEpoll is an epoll instance: each child gets a new one watching the
 	// child's descriptors of the same numbers (Watches).
 	FDEpoll = 4
+	// FDSocket is a unix socket with no connection to carry: either one
+	// end of a socketpair whose other end is closed (SocketPeerGone: reads
+	// give end-of-file, writes EPIPE; the JDK keeps one as the target of
+	// its dup2-before-close), or a socket never connected nor bound
+	// (SocketFresh). Each child gets a new one in the same state; Group is
+	// its type (SOCK_STREAM, SOCK_SEQPACKET).
+	FDSocket = 5
 	// FDKindMax is the largest FD kind.
-	FDKindMax = FDEpoll
+	FDKindMax = FDSocket
+)
+
+// Values of an FDSocket's Pos.
+const (
+	// SocketPeerGone: a socketpair end whose other end is closed.
+	SocketPeerGone = 0
+	// SocketFresh: a socket neither connected nor bound.
+	SocketFresh = 1
 )
 
 // EventfdSemaphore is the value of an FDEventfd's Pos (otherwise unused for

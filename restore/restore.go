@@ -197,6 +197,15 @@ func openFDs(d *descriptor.Descriptor, opts Options) ([]uintptr, func(), error) 
 			}
 			files[f.Num] = uintptr(e)
 			continue
+		case descriptor.FDSocket:
+			fd, err := newSocket(f)
+			if err != nil {
+				closeAll()
+				return nil, nil, fmt.Errorf("restore: fd %d (socket): %w", f.Num, err)
+			}
+			own(fd, "socket")
+			files[f.Num] = uintptr(fd)
+			continue
 		case descriptor.FDEpoll:
 			// Created empty here; the child adds its watches itself
 			// (epoll keys a watch by the watcher's descriptor number).
@@ -974,4 +983,26 @@ func mark(name string) {
 		fmt.Fprintf(os.Stderr, "restore phase %s: %v\n", name, now.Sub(phaseStart))
 		phaseStart = now
 	}
+}
+
+// newSocket makes a child's copy of an FDSocket: a fresh unix socket of
+// its type, or one end of a new socketpair whose other end is closed.
+func newSocket(f descriptor.FD) (int, error) {
+	typ := int(f.Group)
+	if typ != unix.SOCK_STREAM && typ != unix.SOCK_SEQPACKET {
+		return -1, fmt.Errorf("socket type %d", typ)
+	}
+	flags := typ | unix.SOCK_CLOEXEC
+	if f.Flags&unix.O_NONBLOCK != 0 {
+		flags |= unix.SOCK_NONBLOCK
+	}
+	if f.Pos == descriptor.SocketFresh {
+		return unix.Socket(unix.AF_UNIX, flags, 0)
+	}
+	p, err := unix.Socketpair(unix.AF_UNIX, flags, 0)
+	if err != nil {
+		return -1, err
+	}
+	unix.Close(p[1])
+	return p[0], nil
 }

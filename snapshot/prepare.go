@@ -98,7 +98,7 @@ func Prepare(t *ptrace.Tracer, pid int, opts Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
 	}
-	if _, _, err := checkFDs(pfds, opts.ChannelFD); err != nil {
+	if _, _, err := checkFDs(pfds, opts.ChannelFD, probeSockets(pid)); err != nil {
 		return nil, fmt.Errorf("prepare %d: %w", pid, err)
 	}
 	wasStopped := strings.HasPrefix(st.State, "T")
@@ -634,7 +634,7 @@ func readProc(pid, channel int) (pi procInfo) {
 	if err != nil {
 		return fail(err)
 	}
-	if pi.fds, _, err = checkFDs(fds, channel); err != nil {
+	if pi.fds, _, err = checkFDs(fds, channel, probeSockets(pid)); err != nil {
 		return fail(err)
 	}
 	if err := capturePipes(pid, pi.fds); err != nil {

@@ -291,7 +291,7 @@ func TestCheckFDs(t *testing.T) {
 		{Num: 5, Kind: procfs.FDCharDev, Target: "/dev/null", Flags: unix.O_WRONLY},
 		{Num: 9, Kind: procfs.FDSocket, Target: "socket:[77]", Cloexec: true},
 	}
-	got, saw, err := checkFDs(fds, 9)
+	got, saw, err := checkFDs(fds, 9, nil)
 	if err != nil || !saw {
 		t.Fatalf("checkFDs = %v, %v", saw, err)
 	}
@@ -306,7 +306,7 @@ func TestCheckFDs(t *testing.T) {
 		t.Errorf("checkFDs\n%+v\nwant\n%+v", got, want)
 	}
 	// No channel.
-	got, saw, err = checkFDs(fds[:6], -1)
+	got, saw, err = checkFDs(fds[:6], -1, nil)
 	if err != nil || saw || len(got) != 3 {
 		t.Errorf("without a channel: %+v %v %v", got, saw, err)
 	}
@@ -326,7 +326,7 @@ func TestCheckFDs(t *testing.T) {
 		{procfs.FDInfo{Num: 15, Kind: procfs.FDBlockDev, Target: "/dev/sda"}, []string{"fd 15"}},
 	}
 	for _, tc := range refused {
-		_, _, err := checkFDs(append([]procfs.FDInfo{file(3, "/a")}, tc.f), -1)
+		_, _, err := checkFDs(append([]procfs.FDInfo{file(3, "/a")}, tc.f), -1, nil)
 		if err == nil || !errors.Is(err, ErrRefused) {
 			t.Errorf("fd %d (%s): %v, want refused", tc.f.Num, tc.f.Kind, err)
 			continue
@@ -344,7 +344,7 @@ func TestCheckFDs(t *testing.T) {
 		{Num: 5, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventfd]", Eventfd: procfs.EventfdState{Count: 7, ID: 3, Semaphore: true}},
 		{Num: 6, Kind: procfs.FDAnonInode, Target: "anon_inode:[eventpoll]", Epoll: []procfs.EpollTarget{{TFD: 3, Events: 0x19, Data: 3}, {TFD: 5, Events: 1 << 31, Data: 1 << 40}}},
 	}
-	got, _, err = checkFDs(loop, -1)
+	got, _, err = checkFDs(loop, -1, nil)
 	wantLoop := []descriptor.FD{
 		{Num: 3, Kind: descriptor.FDPipe, Flags: unix.O_RDONLY | unix.O_NONBLOCK, Group: 50},
 		{Num: 4, Kind: descriptor.FDPipe, Flags: unix.O_WRONLY, Group: 50, Cloexec: true},
@@ -355,14 +355,14 @@ func TestCheckFDs(t *testing.T) {
 		t.Errorf("event loop fds: %v\n%+v\nwant\n%+v", err, got, wantLoop)
 	}
 	// A socket at fd <= 2 is the caller's business.
-	if _, _, err := checkFDs(fds[:3], -1); err != nil {
+	if _, _, err := checkFDs(fds[:3], -1, nil); err != nil {
 		t.Errorf("stdio sockets/pipes refused: %v", err)
 	}
 	// Channel problems.
-	if _, _, err := checkFDs(fds[:4], 9); err == nil || !strings.Contains(err.Error(), "channel fd 9 is not open") {
+	if _, _, err := checkFDs(fds[:4], 9, nil); err == nil || !strings.Contains(err.Error(), "channel fd 9 is not open") {
 		t.Errorf("missing channel: %v", err)
 	}
-	if _, _, err := checkFDs(fds[:4], 3); err == nil || !strings.Contains(err.Error(), "channel fd 3 is regular file") {
+	if _, _, err := checkFDs(fds[:4], 3, nil); err == nil || !strings.Contains(err.Error(), "channel fd 3 is regular file") {
 		t.Errorf("channel that is a file: %v", err)
 	}
 }

@@ -181,7 +181,10 @@ func presentRuns(vmas []descriptor.VMA, regions []procfs.PageRegion) []descripto
 // those that cannot be carried. Stdin, stdout and stderr are supplied by
 // each child's caller. Pipes are carried when both ends are open in the
 // process (self-pipes); their content is added by capturePipes.
-func checkFDs(fds []procfs.FDInfo, channel int) ([]descriptor.FD, bool, error) {
+//
+// Sockets are carried only when probe (nil: none) finds a unix socket with
+// nothing to carry (see classifySocket).
+func checkFDs(fds []procfs.FDInfo, channel int, probe sockProbe) ([]descriptor.FD, bool, error) {
 	var out []descriptor.FD
 	sawChannel := false
 	type ends struct{ r, w, first int }
@@ -239,6 +242,12 @@ func checkFDs(fds []procfs.FDInfo, channel int) ([]descriptor.FD, bool, error) {
 				}
 				base.Watches = append(base.Watches, descriptor.EpollWatch{TFD: int32(w.TFD), Events: w.Events, Data: w.Data})
 			}
+		case f.Kind == procfs.FDSocket && probe != nil:
+			state, typ, err := probe(f.Num)
+			if err != nil {
+				return nil, false, refuse("fd %d is a socket (%s): %v; mitosis carries only unix sockets without a connection (a socketpair end whose peer is closed, or a fresh socket); close it before prepare", f.Num, f.Target, err)
+			}
+			base.Kind, base.Pos, base.Group = descriptor.FDSocket, int64(state), uint64(typ)
 		default:
 			return nil, false, refuse("fd %d is a %s (%s): mitosis cannot carry %ss across a fork; close it before prepare", f.Num, f.Describe(), f.Target, f.Describe())
 		}
