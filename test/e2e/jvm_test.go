@@ -42,8 +42,8 @@ func TestThreadsJVM(t *testing.T) {
 		t.Fatalf("javac: %v\n%s", err, out)
 	}
 	checks := []string{"pool", "queue", "gc"}
-	// No hsperfdata: it is a shared file mapping in /tmp, which mitosis
-	// does not carry (and which every JVM maps under its own pid).
+	// No hsperfdata: a shared file mapping in /tmp that children would
+	// share with the parent (and this run's /tmp would keep).
 	p := startProc(t, "MtParent", javaExe, "-XX:-UsePerfData", "-Xmx256m", "-cp", dir, "MtParent")
 	l, err := p.waitLine("READY ", readyTimeout)
 	if err != nil {
