@@ -5,7 +5,7 @@ import (
 	"fmt"
 )
 
-// Binary format (version 3). All integers are little-endian and fixed width;
+// Binary format (version 4). All integers are little-endian and fixed width;
 // signed integers are stored as their two's-complement bit pattern. Strings
 // and byte slices are a u32 length followed by the bytes; lists are a u32
 // count followed by the elements. Fields appear in exactly this order:
@@ -30,6 +30,7 @@ import (
 //	         AltStackSP u64, AltStackFlags u32, AltStackSize u64,
 //	         RobustHead u64, RobustLen u64, Rseq (Addr u64, Len Sig Flags u32),
 //	         XState bytes)
+//	Comm str
 //
 // where file is Dev u64, Ino u64, Size u64, MtimeNsec u64. The encoding is
 // canonical: a valid encoding decodes and re-encodes to the same bytes.
@@ -51,6 +52,7 @@ const (
 	MaxThreads    = 4096     // entries in Threads
 	MaxPipeData   = 1 << 20  // bytes in one FD's Data (the largest pipe buffer by default)
 	MaxWatches    = 65536    // entries in one FD's Watches
+	MaxComm       = 15       // bytes in Comm (TASK_COMM_LEN less the NUL)
 )
 
 // Encoded sizes of fixed-size parts, used for pre-sizing buffers and for
@@ -194,6 +196,7 @@ func Encode(dst []byte, d *Descriptor) []byte {
 		w.u32(th.Rseq.Flags)
 		w.bytes(th.XState)
 	}
+	w.str(d.Comm)
 	return w.b
 }
 
@@ -223,6 +226,7 @@ func encodedSize(d *Descriptor) int {
 	for i := range d.Threads {
 		n += len(d.Threads[i].XState)
 	}
+	n += 4 + len(d.Comm)
 	return n
 }
 
@@ -447,6 +451,7 @@ func Decode(b []byte) (*Descriptor, error) {
 		}
 		r.sect, r.idx = "", -1
 	}
+	d.Comm = r.str("comm")
 
 	if r.err != nil {
 		return nil, r.err
@@ -621,6 +626,9 @@ func (d *Descriptor) Validate() error {
 		}
 	}
 	if err := checkLen("xstate", len(d.XState), MaxXState); err != nil {
+		return err
+	}
+	if err := checkLen("comm", len(d.Comm), MaxComm); err != nil {
 		return err
 	}
 	if err := checkLen("auxv", len(d.Auxv), MaxAuxv); err != nil {

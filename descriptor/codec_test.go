@@ -61,6 +61,7 @@ func fullDescriptor() *Descriptor {
 		},
 		Cwd:     "/srv/app",
 		Root:    "/srv/images/py",
+		Comm:    "python3",
 		Umask:   0o022,
 		Rlimits: []Rlimit{{Resource: 7, Cur: 1024, Max: 4096}, {Resource: 3, Cur: 8 << 20, Max: ^uint64(0)}},
 		Creds: Creds{
@@ -216,7 +217,7 @@ func TestEncodeAppends(t *testing.T) {
 	if !bytes.HasPrefix(b, prefix) || !bytes.Equal(b[len(prefix):], Encode(nil, d)) {
 		t.Fatal("Encode did not append to dst")
 	}
-	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x03\x00")) {
+	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x04\x00")) {
 		t.Fatalf("header = %q", b[len(prefix):len(prefix)+6])
 	}
 }
@@ -307,13 +308,13 @@ func TestDecodeRejectsEncoding(t *testing.T) {
 		{"no version", func(*testing.T) []byte { return []byte("MTSD\x01") }, "descriptor: version: truncated"},
 		{"unknown version", func(*testing.T) []byte {
 			b := bytes.Clone(valid)
-			b[4] = 4
+			b[4] = 5
 			return b
-		}, "descriptor: version: unsupported version 4"},
+		}, "descriptor: version: unsupported version 5"},
 		{"version 0", func(*testing.T) []byte { return []byte("MTSD\x00\x00") }, "descriptor: version: unsupported version 0"},
-		{"header only", func(*testing.T) []byte { return []byte("MTSD\x03\x00") }, "descriptor: seed id: truncated"},
+		{"header only", func(*testing.T) []byte { return []byte("MTSD\x04\x00") }, "descriptor: seed id: truncated"},
 		{"truncated at end", func(*testing.T) []byte { return valid[:len(valid)-1] },
-			"descriptor: thread 1: xstate: length"},
+			"descriptor: comm: length 7 exceeds remaining input"},
 		{"truncated in regs", func(t *testing.T) []byte { return valid[:offsetOf(t, growXState)-5] },
 			"descriptor: regs: truncated input: need 8 bytes"},
 		{"truncated in vma path", func(t *testing.T) []byte {
@@ -516,7 +517,7 @@ func FuzzDecode(f *testing.F) {
 	for _, d := range []*Descriptor{{}, fullDescriptor(), unicodeDescriptor(), small} {
 		f.Add(Encode(nil, d))
 	}
-	f.Add([]byte("MTSD\x03\x00"))
+	f.Add([]byte("MTSD\x04\x00"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Decode(b)

@@ -9,7 +9,7 @@
 package descriptor
 
 // Version is the current encoding version written by Encode.
-const Version = 3
+const Version = 4
 
 // CacheMemfdPrefix starts the name of every node page-cache memfd; a
 // private mapping of one is a mitosis child's own memory (see pager.Cache).
@@ -259,6 +259,10 @@ type Descriptor struct {
 	Umask   uint32
 	Rlimits []Rlimit
 	Creds   Creds
+	// Comm is the parent's command name (/proc/PID/comm, at most 15
+	// bytes): children get it back (ps and top show them as the parent's
+	// program, not as the stub that was exec'ed).
+	Comm string
 }
 
 // PresentPages returns the number of pages covered by d.Present.

@@ -770,6 +770,11 @@ func (c *child) build(opts Options) error {
 	if opts.Hostname != "" {
 		b.Add("sethostname", unix.SYS_SETHOSTNAME, b.String(opts.Hostname), uint64(len(opts.Hostname)))
 	}
+	if d.Comm != "" {
+		// The stub's name is the fd it was exec'ed from; threads cloned
+		// after this inherit the parent's program name.
+		b.Add("prctl PR_SET_NAME", unix.SYS_PRCTL, unix.PR_SET_NAME, b.String(d.Comm))
+	}
 	b.Add("umask", unix.SYS_UMASK, uint64(d.Umask))
 	for _, fd := range d.FDs {
 		if fd.Cloexec {

@@ -419,6 +419,12 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 	// copy's too (a clone copies it), except for what is checked below.
 	stat, status := info.stat, info.status
 	d.Auxv, d.Exe, d.ExeFile, d.Cwd = info.auxv, info.exe, info.exeID, info.cwd
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
+		d.Comm = strings.TrimSuffix(string(b), "\n")
+		if len(d.Comm) > descriptor.MaxComm {
+			d.Comm = d.Comm[:descriptor.MaxComm]
+		}
+	}
 	d.Umask = status.Umask
 	d.Creds = descriptor.Creds{
 		UID: status.Uid[0], EUID: status.Uid[1], SUID: status.Uid[2], FSUID: status.Uid[3],

@@ -243,6 +243,9 @@ func TestDaemonKilled(t *testing.T) {
 	r := a.cli("fork", "k", "--detach")
 	r.wantOK(t)
 	kid := psJSON(t, a)[0].PID
+	if comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", kid)); err != nil || string(comm) != "sleep\n" {
+		t.Fatalf("child %d is named %q (%v); want its parent's name, sleep", kid, comm, err)
+	}
 	if err := syscall.Kill(a.cmd.Process.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
