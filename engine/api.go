@@ -109,8 +109,10 @@ type ChildStats struct {
 
 // Child is a process forked from a seed on this host.
 type Child struct {
-	ID      string
-	PID     int
+	ID  string
+	PID int
+	// Seed is the seed it was forked from; nil once TreeDone is closed
+	// (a record of the child must not keep a removed seed alive).
 	Seed    *Seed
 	Started time.Time
 	Took    time.Duration // Fork wall time until the child was released
@@ -161,8 +163,11 @@ func (c *Child) Status() syscall.WaitStatus { return c.status }
 
 // Stats returns paging counters of the child's whole process tree.
 func (c *Child) Stats() ChildStats {
-	if c.pg == nil {
+	c.mu.Lock()
+	pg := c.pg
+	c.mu.Unlock()
+	if pg == nil {
 		return ChildStats{}
 	}
-	return c.pg.Stats()
+	return pg.Stats()
 }

@@ -466,6 +466,11 @@ func (s *Seed) closeCache() {
 	}
 }
 
+// finalStats are the counters of a child whose pager has stopped.
+type finalStats ChildStats
+
+func (f finalStats) Stats() ChildStats { return ChildStats(f) }
+
 type pagerStats struct{ p *pager.Pager }
 
 func (p pagerStats) Stats() ChildStats {
@@ -496,9 +501,18 @@ func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	pg.Close()
+	// A record of the child may outlive it by far (a daemon's ps
+	// history): keep its counters, not the pager, the seed and their
+	// descriptor (with every thread's registers), which a removed seed
+	// would otherwise leave behind for as long.
+	final := finalStats(pagerStats{pg}.Stats())
 	e.mu.Lock()
 	delete(e.children, c.ID)
+	c.Seed = nil
 	e.mu.Unlock()
+	c.mu.Lock()
+	c.pg = final
+	c.mu.Unlock()
 	close(c.tree)
 }
 

@@ -394,6 +394,7 @@ func (d *Daemon) reap(k *childRec) {
 	k.stats = stats
 	k.err = cerr
 	k.ended = time.Now()
+	seed := k.seed // rm may swap it for a tombstone once the child has exited
 	d.mu.Unlock()
 	close(k.exited)
 	d.reportExit(k)
@@ -408,7 +409,7 @@ func (d *Daemon) reap(k *childRec) {
 	defer d.trimHistory()
 	if cerr != nil {
 		m.childFailures.Inc()
-		d.log.Error("child failed", "child", k.id, "seed", k.seed.id, "source", sourceOf(k.seed), "pid", k.child.PID,
+		d.log.Error("child failed", "child", k.id, "seed", seed.id, "source", sourceOf(seed), "pid", k.child.PID,
 			"ran", ran, "faults", stats.Faults, "pages_fetched", stats.PagesFetched, "err", cerr)
 		return
 	}
@@ -420,7 +421,7 @@ func (d *Daemon) reap(k *childRec) {
 		d.mu.Unlock()
 		return
 	}
-	d.log.Info("exit", "child", k.id, "seed", k.seed.id, "pid", k.child.PID, "code", exit.Code,
+	d.log.Info("exit", "child", k.id, "seed", seed.id, "pid", k.child.PID, "code", exit.Code,
 		"signal", exit.Signal, "ran", ran, "faults", stats.Faults, "pages_copied", stats.PagesCopied,
 		"pages_shared", stats.PagesShared, "pages_fetched", stats.PagesFetched)
 }
@@ -519,6 +520,18 @@ func (d *Daemon) remove(key string, force bool) error {
 	}
 	d.mu.Lock()
 	delete(d.seeds, s.id)
+	// The ps history keeps only what it shows of a removed seed, not the
+	// seed (its descriptor, cgroup pool, ...).
+	var tomb *seedRec
+	for _, k := range d.children {
+		if k != nil && k.seed == s {
+			if tomb == nil {
+				tomb = &seedRec{id: s.id, name: s.name, origin: s.origin, originID: s.originID,
+					owner: s.owner, seed: &engine.Seed{ID: s.id, Name: s.name, Origin: s.origin}, removing: true}
+			}
+			k.seed = tomb
+		}
+	}
 	d.mu.Unlock()
 	d.recordFrozen()
 	if s.pool != nil {
@@ -643,12 +656,15 @@ func (d *Daemon) seedInfos(c caller) []client.SeedInfo {
 }
 
 func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
+	d.mu.Lock()
+	seed := k.seed // rm may swap it for a tombstone once the child has exited
+	d.mu.Unlock()
 	info := client.ChildInfo{
 		ID:     k.id,
-		Seed:   k.seed.id,
+		Seed:   seed.id,
 		State:  client.StateRunning,
 		Log:    k.logPath,
-		Source: sourceOf(k.seed),
+		Source: sourceOf(seed),
 		Node:   d.node,
 	}
 	if k.child != nil {

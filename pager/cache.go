@@ -275,6 +275,11 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 
 // Close releases the cache. Children mapping it keep their mappings (the
 // memfd lives as long as they map it), but it is no longer filled.
+//
+// The staging buffer (up to MaxWindow pages) and the fill bitmap are
+// dropped too: the Cache itself stays reachable after its seed is removed,
+// from the pagers of the seed's children that the daemon keeps in its
+// bounded `ps` history, and would otherwise pin that memory for as long.
 func (c *Cache) Close() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -282,6 +287,8 @@ func (c *Cache) Close() {
 		unix.Close(c.fd)
 		c.fd = -1
 	}
+	c.buf = nil
+	c.filled = nil
 }
 
 // errClosed reports a fill after Close. Precondition: c.mu held.

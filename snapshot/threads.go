@@ -25,6 +25,13 @@ type group struct {
 // keep appearing during the seize (each round seizes every new one).
 const maxSeizeRounds = 64
 
+// threadDead reports whether the thread tid is gone or has exited (a
+// zombie or dead task still listed in /proc/PID/task).
+func threadDead(tid int) bool {
+	st, err := procfs.ReadStat(tid)
+	return err != nil || st.State == 'Z' || st.State == 'X'
+}
+
 // seizeGroup seizes and stops every thread of pid. Threads created while it
 // runs are caught two ways: a seized thread's clone auto-attaches the new
 // thread (PTRACE_O_TRACECLONE), and a thread not yet seized shows up when
@@ -70,6 +77,19 @@ func seizeGroup(pid, options int, wasStopped bool) (*group, error) {
 				if err != nil {
 					return err
 				}
+				// Any ptrace trap clears a pending PTRACE_INTERRUPT
+				// (the kernel's ptrace_stop: "any trap clears pending
+				// STOP trap"): a thread seized in the middle of a
+				// clone() reports this event in place of the
+				// interrupt's stop and would run on, unstopped, after
+				// the Cont below, while this loop waits for a stop that
+				// never comes (its pthread_join of the new thread, held
+				// stopped here, then blocks it for good). Interrupt it
+				// again; while it is in this stop the request stays
+				// pending, so its next stop is the PTRACE_EVENT_STOP.
+				if err := ptrace.Interrupt(tid); err != nil {
+					return err
+				}
 				if err := ptrace.Cont(tid, 0); err != nil {
 					return err
 				}
@@ -101,6 +121,13 @@ func seizeGroup(pid, options int, wasStopped bool) (*group, error) {
 			if err := ptrace.Seize(tid, options); err != nil {
 				if errors.Is(err, unix.ESRCH) {
 					continue // exited since the listing
+				}
+				if errors.Is(err, unix.EPERM) && threadDead(tid) {
+					// Exited since the listing but not released yet:
+					// the kernel refuses to attach to a task with an
+					// exit state with EPERM, not ESRCH.
+					byTID[tid] = &stopped{pid: tid, tgid: pid}
+					continue
 				}
 				return fail(err)
 			}
