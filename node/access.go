@@ -277,11 +277,12 @@ func ownerOf(ctx context.Context) uint32 {
 	return uid
 }
 
-// setSocketAccess applies Config.SocketMode and SocketGroup to the socket.
+// setSocketAccess applies Config.SocketMode and SocketGroup to the socket
+// file sock (the socket bound under a temporary name, see New).
 // When they grant access beyond the daemon's user, the socket's directory,
 // if the daemon's own and not sticky (not /tmp), gets the matching search
 // bits so those users can reach the socket; it stays unlistable.
-func (d *Daemon) setSocketAccess() error {
+func (d *Daemon) setSocketAccess(sock string) error {
 	mode := d.cfg.SocketMode
 	if mode == 0 {
 		mode = 0o600
@@ -289,7 +290,6 @@ func (d *Daemon) setSocketAccess() error {
 	if mode&^0o777 != 0 {
 		return fmt.Errorf("socket mode %#o: only permission bits (like 0600, 0660, 0666) are allowed", mode)
 	}
-	sock := d.cfg.Socket
 	if g := d.cfg.SocketGroup; g != "" {
 		gid, err := strconv.Atoi(g)
 		if err != nil {
@@ -316,7 +316,7 @@ func (d *Daemon) setSocketAccess() error {
 	if search == 0 {
 		return nil
 	}
-	dir := filepath.Dir(sock)
+	dir := filepath.Dir(d.cfg.Socket)
 	fi, err := os.Stat(dir)
 	if err != nil {
 		return fmt.Errorf("socket dir %s: %w", dir, err)

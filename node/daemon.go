@@ -265,19 +265,34 @@ func New(cfg Config) (*Daemon, error) {
 	if err := os.MkdirAll(filepath.Join(cfg.StateDir, "children"), 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir %s: %w", cfg.StateDir, err)
 	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: cfg.Socket, Net: "unix"})
+	// Bind under a temporary name, set the socket's mode and group, then
+	// link it to its path: nobody can connect before the permissions are
+	// final, and the link fails if another daemon took the path meanwhile.
+	tmp := fmt.Sprintf("%s.%d.tmp", cfg.Socket, os.Getpid())
+	_ = os.Remove(tmp)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", cfg.Socket, err)
 	}
 	ln.SetUnlinkOnClose(false) // Close removes it, after the children are gone
 	d.ln = ln
+	if err := d.setSocketAccess(tmp); err != nil {
+		_ = ln.Close()
+		_ = os.Remove(tmp)
+		return nil, err
+	}
+	err = os.Link(tmp, cfg.Socket)
+	_ = os.Remove(tmp)
+	if err != nil {
+		_ = ln.Close()
+		if errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("%s appeared while this daemon started (another daemon?); stop it first or use another --socket", cfg.Socket)
+		}
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Socket, err)
+	}
 	// We hold the socket: no other daemon of this state serves. Clear what
 	// a killed predecessor left.
 	d.sweepCgroups("start")
-	if err := d.setSocketAccess(); err != nil {
-		d.closeListener()
-		return nil, err
-	}
 	eng, err := engine.New(engine.Options{StateDir: cfg.StateDir})
 	if err != nil {
 		d.closeListener()
