@@ -20,7 +20,7 @@ cleanup() {
   rm -rf "$w"
 }
 trap cleanup EXIT
-go build -o "$w/" ./cmd/mitosis ./cmd/mitosisd
+CGO_ENABLED=0 go build -o "$w/" ./cmd/mitosis ./cmd/mitosisd
 head -c 32 /dev/urandom | base64 >"$w/secret"
 "$w/mitosis" gateway --listen 127.0.0.1:18080 --state-dir "$w/gw" --secret-file "$w/secret" --no-auth \
   --etcd-listen http://127.0.0.1:12379 --etcd-peer-listen http://127.0.0.1:12380 2>"$w/gw.log" &

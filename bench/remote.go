@@ -103,11 +103,9 @@ func (r *runner) machineCPUs() int { return machineInfo().NProc }
 func (r *runner) newRemote() (*remote, error) {
 	bin := r.cfg.Mitosis
 	if bin == "" {
-		bin = filepath.Join(r.dir, "mitosis")
-		fmt.Fprintf(r.log, "remote: go build -o %s/ ./cmd/mitosis ./cmd/mitosisd\n", filepath.Dir(bin))
-		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
-		if err != nil {
-			return nil, fmt.Errorf("remote: building mitosis (run from inside the module or pass -mitosis): %v\n%s", err, out)
+		var err error
+		if bin, err = r.buildMitosis(); err != nil {
+			return nil, fmt.Errorf("remote: %w", err)
 		}
 	}
 	out, err := exec.Command("gcc", "-O2", "-o", filepath.Join(r.dir, "array_ts"), filepath.Join(r.dir, "array_ts.c")).CombinedOutput()

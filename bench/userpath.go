@@ -9,6 +9,7 @@ package bench
 import (
 	"bufio"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"io"
 	"os"
 	"os/exec"
@@ -97,9 +98,9 @@ func (r *runner) buildMitosis() (string, error) {
 		return bin, nil
 	}
 	fmt.Fprintf(r.log, "go build -o %s/ ./cmd/mitosis ./cmd/mitosisd\n", r.dir)
-	out, err := exec.Command("go", "build", "-o", r.dir+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
+	bin, err := testenv.BuildMitosis("", r.dir)
 	if err != nil {
-		return "", fmt.Errorf("building mitosis (run from inside the module or pass -mitosis): %v\n%s", err, out)
+		return "", fmt.Errorf("%w (or pass -mitosis)", err)
 	}
 	return bin, nil
 }

@@ -26,7 +26,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-go build -o "$work/" ./cmd/mitosis ./cmd/mitosisd
+CGO_ENABLED=0 go build -o "$work/" ./cmd/mitosis ./cmd/mitosisd
 m=$work/mitosis
 head -c 32 /dev/urandom | base64 >"$work/secret"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

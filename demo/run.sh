@@ -25,7 +25,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-go build -o "$work/" ./cmd/mitosis ./cmd/mitosisd
+CGO_ENABLED=0 go build -o "$work/" ./cmd/mitosis ./cmd/mitosisd
 export MITOSIS_SOCKET=$work/mitosis.sock MITOSIS_STATE_DIR=$work/state
 # One BLAS thread: multi-threaded parents fork too, but each extra thread
 # adds to every child's start.

@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -54,11 +53,10 @@ func (r *runner) newLab() (lb *lab, err error) {
 	}
 	bin := r.cfg.Mitosis
 	if bin == "" {
-		bin = filepath.Join(r.dir, "mitosis")
-		r.logf("remote: go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", filepath.Dir(bin))
-		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
-		if err != nil {
-			return nil, fmt.Errorf("remote: building mitosis (run from inside the module or set Config.Mitosis): %v: %s", err, tail(string(out), 500))
+		r.logf("remote: go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", r.dir)
+		var err error
+		if bin, err = testenv.BuildMitosis("", r.dir); err != nil {
+			return nil, fmt.Errorf("remote: %w (or set Config.Mitosis)", err)
 		}
 	}
 	l, err := netlab.New(netlab.Config{Bin: bin, Dir: filepath.Join(r.dir, "lab"), Subnet: "198.18.5",

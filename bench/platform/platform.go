@@ -17,10 +17,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -181,11 +181,10 @@ func setup(cfg Config) (*env, error) {
 	e := &env{cfg: cfg, dir: cfg.Dir, log: cfg.Log, stats: map[string]*client.Client{}}
 	bin := cfg.Mitosis
 	if bin == "" {
-		bin = filepath.Join(e.dir, "mitosis")
-		e.logf("go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", filepath.Dir(bin))
-		out, err := exec.Command("go", "build", "-o", filepath.Dir(bin)+"/", "github.com/mitosis-fork/mitosis/cmd/mitosis", "github.com/mitosis-fork/mitosis/cmd/mitosisd").CombinedOutput()
-		if err != nil {
-			return nil, fmt.Errorf("build mitosis (run from inside the module or give the binary): %v\n%s", err, out)
+		e.logf("go build -o %s/ ./cmd/mitosis ./cmd/mitosisd", e.dir)
+		var err error
+		if bin, err = testenv.BuildMitosis("", e.dir); err != nil {
+			return nil, fmt.Errorf("%w (or give the binary)", err)
 		}
 	}
 	// gw is the fourth host of the lab: 198.19.20.4.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/mitosis-fork/mitosis/internal/testenv"
 	"net"
 	"os"
 	"os/exec"
@@ -34,10 +35,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	bin = filepath.Join(dir, "mitosis")
-	build := exec.Command("go", "build", "-o", dir+"/", ".", "../mitosisd")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
+	if bin, err = testenv.BuildMitosis("", dir); err != nil {
 		fmt.Fprintln(os.Stderr, "build mitosis:", err)
 		os.RemoveAll(dir)
 		os.Exit(2)

@@ -120,11 +120,8 @@ func setup() error {
 	if err != nil {
 		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
-	mitosisBin = filepath.Join(bin, "mitosis")
-	build := exec.Command(goBin, "build", "-o", filepath.Dir(mitosisBin)+"/", "./cmd/mitosis", "./cmd/mitosisd")
-	build.Dir = repoRoot
-	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build ./cmd/mitosis ./cmd/mitosisd: %v\n%s", err, out)
+	if mitosisBin, err = testenv.BuildMitosis(goBin, bin); err != nil {
+		return err
 	}
 	b, err := os.ReadFile(filepath.Join(repoRoot, "test", "cluster", "testdata", "seed.py"))
 	if err != nil {

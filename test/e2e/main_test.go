@@ -181,8 +181,8 @@ func setup() error {
 		if err := os.WriteFile(mitosisBin, b, 0o755); err != nil {
 			return err
 		}
-	} else if out, err := runTimeout(5*time.Minute, repoRoot, goBin, "build", "-o", filepath.Dir(mitosisBin)+"/", "./cmd/mitosis", "./cmd/mitosisd"); err != nil {
-		return fmt.Errorf("go build ./cmd/mitosis ./cmd/mitosisd: %v\n%s", err, out)
+	} else if _, err := testenv.BuildMitosis(goBin, filepath.Dir(mitosisBin)); err != nil {
+		return err
 	}
 
 	// Build the C parents.
