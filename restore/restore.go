@@ -22,6 +22,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -92,7 +93,6 @@ func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result,
 		// of their own in the same image.
 		opts.Root = d.Root
 	}
-	phaseStart = start
 	files, closeFiles, err := openFDs(d, opts)
 	if err != nil {
 		return nil, err
@@ -100,6 +100,7 @@ func Restore(t *ptrace.Tracer, d *descriptor.Descriptor, opts Options) (*Result,
 	defer closeFiles()
 	var pid int
 	err = t.Do(func() error {
+		setPhaseStart(start)
 		p, err := restoreLocked(d, opts, files)
 		pid = p
 		return err
@@ -977,16 +978,30 @@ const (
 
 var (
 	debugPhases = os.Getenv("MITOSIS_DEBUG_PHASES") != ""
-	phaseStart  time.Time
+	phaseMu     sync.Mutex
+	phaseStart  = map[int]time.Time{} // by tracer thread: restores run on several
 )
 
-// mark prints the time since the previous mark when MITOSIS_DEBUG_PHASES
-// is set (development aid; restores are serialized on the tracer thread).
+// setPhaseStart starts the phase clock of the calling tracer thread.
+func setPhaseStart(t time.Time) {
+	if debugPhases {
+		phaseMu.Lock()
+		phaseStart[unix.Gettid()] = t
+		phaseMu.Unlock()
+	}
+}
+
+// mark prints the time since the previous mark of this tracer thread when
+// MITOSIS_DEBUG_PHASES is set (development aid).
 func mark(name string) {
 	if debugPhases {
 		now := time.Now()
-		fmt.Fprintf(os.Stderr, "restore phase %s: %v\n", name, now.Sub(phaseStart))
-		phaseStart = now
+		tid := unix.Gettid()
+		phaseMu.Lock()
+		d := now.Sub(phaseStart[tid])
+		phaseStart[tid] = now
+		phaseMu.Unlock()
+		fmt.Fprintf(os.Stderr, "restore phase %s: %v\n", name, d)
 	}
 }
 
