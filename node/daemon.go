@@ -553,14 +553,7 @@ func (d *Daemon) killAll(timeout time.Duration) int {
 	deadline := time.After(timeout)
 	n := 0
 	for {
-		d.mu.Lock()
-		var running []*childRec
-		for _, k := range d.children {
-			if k != nil && !k.hasExited() {
-				running = append(running, k)
-			}
-		}
-		d.mu.Unlock()
+		running := d.runningChildren()
 		if len(running) == 0 {
 			return n
 		}
@@ -577,6 +570,20 @@ func (d *Daemon) killAll(timeout time.Duration) int {
 			}
 		}
 	}
+}
+
+// runningChildren lists the children that have not exited (those of a
+// predecessor included).
+func (d *Daemon) runningChildren() []*childRec {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var running []*childRec
+	for _, k := range d.children {
+		if k != nil && !k.hasExited() {
+			running = append(running, k)
+		}
+	}
+	return running
 }
 
 func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {

@@ -219,15 +219,9 @@ func (d *Daemon) Handover(ctx context.Context) error {
 	}
 	d.mu.Lock()
 	d.successor = h
-	running := 0
-	for _, k := range d.children {
-		if k != nil && !k.hasExited() {
-			running++
-		}
-	}
 	d.handedOver = true
 	d.mu.Unlock()
-	d.log.Info("handover: seeds handed over; serving the running children until they end", "seeds", n, "children", running, "took", time.Since(start))
+	d.log.Info("handover: seeds handed over; serving the running children until they end", "seeds", n, "children", len(d.runningChildren()), "took", time.Since(start))
 	d.drain(ctx)
 	err = d.Close()
 	_ = h.send(handoverMsg{Op: "done"})
@@ -393,14 +387,7 @@ func (d *Daemon) handTo(h *handoverConn) (int, error) {
 // exits go to the successor, see reportExit), or ctx is cancelled.
 func (d *Daemon) drain(ctx context.Context) {
 	for {
-		d.mu.Lock()
-		var running []*childRec
-		for _, k := range d.children {
-			if k != nil && !k.hasExited() {
-				running = append(running, k)
-			}
-		}
-		d.mu.Unlock()
+		running := d.runningChildren()
 		if len(running) == 0 {
 			return
 		}

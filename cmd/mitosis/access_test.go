@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,17 +27,7 @@ func (d *testDaemon) asUser(uid int, args ...string) result {
 	d.t.Helper()
 	cmd := exec.Command(bin, append([]string{"--socket", d.sock}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid), Groups: []uint32{}}}
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	code := 0
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		code = ee.ExitCode()
-	} else if err != nil {
-		d.t.Fatalf("run mitosis %v as uid %d: %v", args, uid, err)
-	}
-	return result{out.String(), errb.String(), code}
+	return runCmd(d.t, cmd)
 }
 
 // sleepAs starts `sleep 1000` as uid and kills it when the test ends.

@@ -3,9 +3,6 @@ package e2e
 import (
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -41,29 +38,8 @@ func TestThreadsJVM(t *testing.T) {
 	if out, err := runTimeout(2*time.Minute, dir, javacExe, "-d", dir, src); err != nil {
 		t.Fatalf("javac: %v\n%s", err, out)
 	}
-	checks := []string{"pool", "queue", "gc"}
 	// No hsperfdata: a shared file mapping in /tmp that children would
 	// share with the parent (and this run's /tmp would keep).
 	p := startProc(t, "MtParent", javaExe, "-XX:-UsePerfData", "-Xmx256m", "-cp", dir, "MtParent")
-	l, err := p.waitLine("READY ", readyTimeout)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := strings.TrimSpace(strings.TrimPrefix(l, "READY ")); got != strconv.Itoa(p.pid) {
-		t.Fatalf("MtParent printed %q, want READY %d", l, p.pid)
-	}
-	if err := waitState(p.pid, "T", 10*time.Second); err != nil {
-		t.Fatalf("MtParent did not stop itself at the prepare point: %v", err)
-	}
-	n, err := procInt(p.pid, "Threads")
-	if err != nil || n < 10 {
-		t.Fatalf("the JVM has %d threads (%v), want its own and the pool's", n, err)
-	}
-	seed := prepareSeed(t, p.pid, "threads-jvm")
-	assertPreparedParent(t, p)
-	start := time.Now()
-	res := forkMany(t, seed, 8, 4, mtVerdict(p.pid, "", checks))
-	t.Logf("8 children of a %d-thread JVM (4 at a time) in %v", n, time.Since(start).Round(time.Millisecond))
-	want := finishParent(t, p, syscall.SIGCONT, checks)
-	checkDigests(t, "child", res, want)
+	forkStoppedRuntime(t, p, "threads-jvm", 10, []string{"pool", "queue", "gc"})
 }

@@ -307,27 +307,35 @@ func TestThreadsNode(t *testing.T) {
 	if _, err := os.Stat(nodeExe); err != nil {
 		t.Fatalf("%s: %v (.ci/deps installs Debian's nodejs)", nodeExe, err)
 	}
-	checks := []string{"timer", "pool", "worker"}
 	p := startProc(t, "mtparent.js", nodeExe, mtParentJS)
+	forkStoppedRuntime(t, p, "threads-node", 3, []string{"timer", "pool", "worker"})
+}
+
+// forkStoppedRuntime runs the common part of the runtime tests (Node.js,
+// JVM): p prints READY <pid> and stops itself with at least minThreads
+// threads; it is prepared as seed name, 8 children (4 at a time) must pass
+// checks, and the parent, continued, must print the digest they printed.
+func forkStoppedRuntime(t *testing.T, p *proc, name string, minThreads int, checks []string) {
+	t.Helper()
 	l, err := p.waitLine("READY ", readyTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got := strings.TrimSpace(strings.TrimPrefix(l, "READY ")); got != strconv.Itoa(p.pid) {
-		t.Fatalf("mtparent.js printed %q, want READY %d", l, p.pid)
+		t.Fatalf("%s printed %q, want READY %d", p.name, l, p.pid)
 	}
 	if err := waitState(p.pid, "T", 10*time.Second); err != nil {
-		t.Fatalf("mtparent.js did not stop itself at the prepare point: %v", err)
+		t.Fatalf("%s did not stop itself at the prepare point: %v", p.name, err)
 	}
 	n, err := procInt(p.pid, "Threads")
-	if err != nil || n < 3 {
-		t.Fatalf("node has %d threads (%v), want main, the worker and more", n, err)
+	if err != nil || n < minThreads {
+		t.Fatalf("%s has %d threads (%v), want at least %d", p.name, n, err, minThreads)
 	}
-	seed := prepareSeed(t, p.pid, "threads-node")
+	seed := prepareSeed(t, p.pid, name)
 	assertPreparedParent(t, p)
 	start := time.Now()
 	res := forkMany(t, seed, 8, 4, mtVerdict(p.pid, "", checks))
-	t.Logf("8 children of a %d-thread Node.js parent (4 at a time) in %v", n, time.Since(start).Round(time.Millisecond))
+	t.Logf("8 children of a %d-thread %s parent (4 at a time) in %v", n, p.name, time.Since(start).Round(time.Millisecond))
 	want := finishParent(t, p, syscall.SIGCONT, checks)
 	checkDigests(t, "child", res, want)
 }
