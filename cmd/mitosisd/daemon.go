@@ -62,12 +62,15 @@ func newDaemonCmd(g *cli.Globals) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "daemon",
 		Short: "Run the node daemon (foreground)",
-		Long: `Run the node daemon in the foreground. It listens on the unix socket (mode
---socket-mode, default 0600: only root and the daemon's own user may connect;
-0660 with --socket-group GROUP or 0666 let other local users connect, each
-confined to the processes it could ptrace itself and to its own and shared
-seeds, see mitosis prepare --help), keeps seeds and children, and logs one line per prepare, fork, exit and rm to stderr.
-Detached children's stdout and stderr go to STATE_DIR/children/<id>.log.
+		Long: `Run the node daemon in the foreground. It listens on the unix socket, keeps
+seeds and children, and logs one line per prepare, fork, exit and rm to
+stderr. Detached children's stdout and stderr go to
+STATE_DIR/children/<id>.log.
+
+The socket's mode is --socket-mode (default 0600: only root and the
+daemon's own user may connect); 0660 with --socket-group GROUP, or 0666,
+let other local users connect, each confined to the processes it could
+ptrace itself and to its own and shared seeds (see mitosis prepare --help).
 SIGINT kills every running child, removes every seed and the socket, and
 exits 0. SIGTERM restarts without loss: the daemon gives up its socket at
 once and waits up to --handover-timeout for a new daemon started on the
