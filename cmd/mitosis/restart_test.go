@@ -261,8 +261,19 @@ func TestDaemonKilled(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if st, err := procfs.ReadStat(src); err == nil && st.State != 'Z' {
-		t.Fatalf("frozen copy %d is %c after its daemon was killed; want dead", src, st.State)
+	// The frozen copy dies with the daemon's tracer thread
+	// (PTRACE_O_EXITKILL); the SIGKILL may take a moment to finish it.
+	sawZombie := false
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		st, err := procfs.ReadStat(src)
+		if err != nil || st.State == 'Z' {
+			sawZombie = err == nil
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("frozen copy %d is %c 5 s after its daemon was killed; want dead", src, st.State)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 
 	b := startDaemonIn(t, dir)
@@ -280,8 +291,12 @@ func TestDaemonKilled(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !strings.Contains(b.stderr.String(), "ended a frozen copy left by a previous daemon") {
-		t.Fatalf("the next daemon's log does not report the sweep:\n%s", b.stderr.String())
+	// The daemon's stderr reaches the test through a pipe, a moment late.
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(b.stderr.String(), "ended a frozen copy left by a previous daemon"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the next daemon's log does not report the sweep (zombie seen: %v):\n%s", sawZombie, b.stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	st, err := procfs.ReadStatus(parent)
 	if err != nil || st.TracerPid != 0 || !strings.HasPrefix(st.State, "S") {
