@@ -577,8 +577,9 @@ func (d *Daemon) followPredecessor(h *handoverConn, prevPID int) {
 	}
 }
 
-// forkable reports whether the daemon takes new work (false while it hands
-// over to a successor).
+// handoverRefusal is the error for a request of op while the daemon hands
+// over to a successor (nil otherwise, and for ping, ps and seeds, which
+// still answer).
 func (d *Daemon) handoverRefusal(op string) error {
 	d.mu.Lock()
 	draining := d.draining
