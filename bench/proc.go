@@ -213,8 +213,10 @@ func (p *parent) kill() {
 		return
 	}
 	p.killed = true
-	_ = syscall.Kill(p.pid, syscall.SIGKILL)
-	_ = p.cmd.Wait()
+	if p.cmd.ProcessState == nil { // not reaped yet: the pid is still ours
+		_ = syscall.Kill(p.pid, syscall.SIGKILL)
+		_ = p.cmd.Wait()
+	}
 	p.out.f.Close()
 	p.errR.Close()
 }

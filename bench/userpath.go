@@ -7,10 +7,8 @@ package bench
 // with SIGCONT: keep-alive) and a cold start of the same program.
 
 import (
-	"bufio"
 	"fmt"
 	"github.com/mitosis-fork/mitosis/internal/testenv"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,7 +18,6 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/client"
-	"github.com/mitosis-fork/mitosis/internal/procfs"
 )
 
 // GroupUserPath selects the userpath benchmarks (run only when named).
@@ -64,16 +61,11 @@ type userPath struct {
 	daemon *exec.Cmd
 	done   chan struct{}
 	cl     *client.Client
-	seeds  []*exec.Cmd
-	// forkers are the local-fork baselines, by kind: stopped, initialized
-	// parents that fork(2) a child per SIGCONT.
-	forkers map[string]*forker
-}
-
-// forker is a running `userpath.py forker KIND`.
-type forker struct {
-	cmd *exec.Cmd
-	rd  *bufio.Reader
+	// parents are the seeds' parents and the local-fork parents; forkers
+	// are the latter by kind: stopped, initialized parents that fork(2) a
+	// child per SIGCONT.
+	parents []*parent
+	forkers map[string]*parent
 }
 
 // userPathGroups starts a daemon, runs the hello and groupby groups and
@@ -139,78 +131,38 @@ func (up *userPath) start() error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	up.forkers = map[string]*parent{}
 	for _, s := range []struct{ mode, kind, name string }{
 		{"seed", "hello", "hello"}, {"seed-exit", "hello", "hello-exit"},
 		{"seed", "groupby", "groupby"}, {"seed-exit", "groupby", "groupby-exit"},
+		{"forker", "hello", ""}, {"forker", "groupby", ""},
 	} {
-		cmd, _, err := up.python(s.mode, s.kind, s.name)
+		p, err := up.python(s.mode, s.kind, s.name)
 		if err != nil {
-			return fmt.Errorf("userpath: seed %s: %w", s.name, err)
+			return fmt.Errorf("userpath: %s %s: %w", s.mode, s.kind, err)
 		}
-		up.seeds = append(up.seeds, cmd)
-	}
-	up.forkers = map[string]*forker{}
-	for _, kind := range []string{"hello", "groupby"} {
-		cmd, rd, err := up.python("forker", kind, "")
-		if err != nil {
-			return fmt.Errorf("userpath: local-fork parent: %w", err)
+		up.parents = append(up.parents, p)
+		if s.mode == "forker" {
+			up.forkers[s.kind] = p
 		}
-		up.seeds = append(up.seeds, cmd)
-		up.forkers[kind] = &forker{cmd: cmd, rd: rd}
 	}
 	return nil
 }
 
-// python starts userpath.py MODE KIND [NAME] and waits for its READY line
-// (modes warm, seed, seed-exit); its stdout reader is returned.
-func (up *userPath) python(mode, kind, name string) (*exec.Cmd, *bufio.Reader, error) {
-	args := []string{filepath.Join(up.r.dir, "userpath.py"), mode, kind}
+// python starts userpath.py MODE KIND [NAME] against the daemon and waits
+// until it has printed READY and stopped itself (startParent).
+func (up *userPath) python(mode, kind, name string) (*parent, error) {
+	args := []string{Python, filepath.Join(up.r.dir, "userpath.py"), mode, kind}
 	if name != "" {
 		args = append(args, name)
 	}
-	cmd := exec.Command(Python, args...)
-	cmd.Env = append(os.Environ(), client.SocketEnv+"="+up.sock)
-	cmd.Stderr = os.Stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, nil, err
-	}
-	rd := bufio.NewReader(out)
-	line, err := readLine(rd, readyTimeout)
-	if err != nil || !strings.HasPrefix(line, "READY") {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-		return nil, nil, fmt.Errorf("%s %s printed %q (%v)", mode, kind, line, err)
-	}
-	return cmd, rd, nil
-}
-
-// readLine reads one line within timeout.
-func readLine(rd *bufio.Reader, timeout time.Duration) (string, error) {
-	type res struct {
-		s   string
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		s, err := rd.ReadString('\n')
-		ch <- res{strings.TrimSpace(s), err}
-	}()
-	select {
-	case r := <-ch:
-		return r.s, r.err
-	case <-time.After(timeout):
-		return "", fmt.Errorf("no line within %v", timeout)
-	}
+	env := append(os.Environ(), client.SocketEnv+"="+up.sock)
+	return startParent(mode+" "+kind, args, env, up.r.dir, readyTimeout)
 }
 
 func (up *userPath) close() {
-	for _, c := range up.seeds {
-		_ = c.Process.Kill()
-		_ = c.Wait()
+	for _, p := range up.parents {
+		p.kill()
 	}
 	if up.cl != nil {
 		up.cl.Close()
@@ -327,45 +279,18 @@ func (up *userPath) one(n, kind string) (upSample, string, error) {
 		t0 := time.Now()
 		return up.timeCmd(t0, exec.Command(Python, filepath.Join(up.r.dir, "userpath.py"), "cold", kind))
 	case upWarm:
-		cmd, rd, err := up.python("warm", kind, "")
+		p, err := up.python("warm", kind, "")
 		if err != nil {
 			return upSample{}, "", err
 		}
-		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-		if err := waitStopped(cmd.Process.Pid); err != nil {
-			return upSample{}, "", err
-		}
-		t0 := time.Now()
-		if err := cmd.Process.Signal(syscall.SIGCONT); err != nil {
-			return upSample{}, "", err
-		}
-		line, err := readLine(rd, resultTimeout)
-		tr := time.Since(t0)
-		if err != nil {
-			return upSample{}, "", err
-		}
-		if err := cmd.Wait(); err != nil {
-			return upSample{}, "", fmt.Errorf("warm instance: %v", err)
-		}
-		return upSample{result: tr, exit: time.Since(t0)}, line, nil
+		defer p.kill()
+		return continueParent(p, "")
 	case upLocalFork:
-		f := up.forkers[kind]
-		if err := waitStopped(f.cmd.Process.Pid); err != nil {
+		p := up.forkers[kind]
+		if err := testenv.WaitStopped(p.pid, 10*time.Second); err != nil {
 			return upSample{}, "", err
 		}
-		t0 := time.Now()
-		if err := f.cmd.Process.Signal(syscall.SIGCONT); err != nil {
-			return upSample{}, "", err
-		}
-		line, err := readLine(f.rd, resultTimeout)
-		tr := time.Since(t0)
-		if err != nil {
-			return upSample{}, "", err
-		}
-		if done, err := readLine(f.rd, doneTimeout); err != nil || done != "DONE" {
-			return upSample{}, "", fmt.Errorf("local fork: %q, %v", done, err)
-		}
-		return upSample{result: tr, exit: time.Since(t0)}, line, nil
+		return continueParent(p, "DONE")
 	case upCLI, upCLIExit:
 		t0 := time.Now()
 		return up.timeCmd(t0, exec.Command(up.bin, "--socket", up.sock, "fork", seed))
@@ -380,19 +305,44 @@ func (up *userPath) one(n, kind string) (upSample, string, error) {
 	}
 }
 
+// continueParent times a stopped parent from SIGCONT to its RESULT line
+// and to its end: its exit (done "") or its done line (the forker, whose
+// child has exited then).
+func continueParent(p *parent, done string) (upSample, string, error) {
+	t0 := time.Now()
+	if err := syscall.Kill(p.pid, syscall.SIGCONT); err != nil {
+		return upSample{}, "", err
+	}
+	line, err := p.out.readLine(t0.Add(resultTimeout))
+	tr := time.Since(t0)
+	if err != nil {
+		return upSample{}, "", fmt.Errorf("%s: %w%s", p.name, err, p.stderrNote())
+	}
+	if done != "" {
+		if l, err := p.out.readLine(t0.Add(resultTimeout + doneTimeout)); err != nil || l != done {
+			return upSample{}, "", fmt.Errorf("%s: %q, %v, want %s", p.name, l, err, done)
+		}
+	} else if err := p.cmd.Wait(); err != nil {
+		return upSample{}, "", fmt.Errorf("%s: %v%s", p.name, err, p.stderrNote())
+	}
+	return upSample{result: tr, exit: time.Since(t0)}, line, nil
+}
+
 // timeCmd runs cmd, timing its RESULT line and its exit from t0.
 func (up *userPath) timeCmd(t0 time.Time, cmd *exec.Cmd) (upSample, string, error) {
-	out, err := cmd.StdoutPipe()
+	pr, pw, err := os.Pipe()
 	if err != nil {
 		return upSample{}, "", err
 	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
+	defer pr.Close()
+	cmd.Stdout, cmd.Stderr = pw, os.Stderr
+	err = cmd.Start()
+	pw.Close()
+	if err != nil {
 		return upSample{}, "", err
 	}
-	line, rerr := readLine(bufio.NewReader(out), resultTimeout)
+	line, rerr := (&pipeReader{f: pr}).readLine(t0.Add(resultTimeout))
 	tr := time.Since(t0)
-	_, _ = io.Copy(io.Discard, out)
 	werr := cmd.Wait()
 	te := time.Since(t0)
 	if rerr != nil || werr != nil {
@@ -409,14 +359,16 @@ func (up *userPath) api(seed string, prefetch bool) (upSample, string, error) {
 		return upSample{}, "", err
 	}
 	defer pr.Close()
-	rd := bufio.NewReader(pr)
-	lines := make(chan string, 1)
-	var tr time.Duration
+	type result struct {
+		line string
+		at   time.Duration
+		err  error
+	}
+	results := make(chan result, 1)
 	t0 := time.Now()
 	go func() {
-		s, _ := rd.ReadString('\n')
-		tr = time.Since(t0)
-		lines <- strings.TrimSpace(s)
+		l, err := (&pipeReader{f: pr}).readLine(t0.Add(resultTimeout))
+		results <- result{l, time.Since(t0), err}
 	}()
 	info, exit, err := up.cl.ForkAttachedWith(client.ForkRequest{Seed: seed, Prefetch: prefetch}, up.r.devnull, pw, up.r.devnull)
 	te := time.Since(t0)
@@ -427,12 +379,11 @@ func (up *userPath) api(seed string, prefetch bool) (upSample, string, error) {
 	if exit.Code != 0 || exit.Signal != 0 {
 		return upSample{}, "", fmt.Errorf("child %s exit %+v", info.ID, exit)
 	}
-	var line string
-	select {
-	case line = <-lines:
-	case <-time.After(resultTimeout):
-		return upSample{}, "", fmt.Errorf("child %s: no RESULT", info.ID)
+	res := <-results
+	if res.err != nil {
+		return upSample{}, "", fmt.Errorf("child %s: %w", info.ID, res.err)
 	}
+	tr := res.at
 	s := upSample{result: tr, exit: te}
 	kids, err := up.cl.PS()
 	if err != nil {
@@ -452,23 +403,5 @@ func (up *userPath) api(seed string, prefetch bool) (upSample, string, error) {
 			t0.Add(te).Sub(*k.Ended),
 		}
 	}
-	return s, line, nil
-}
-
-// waitStopped waits until pid is in a group-stop.
-func waitStopped(pid int) error {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		st, err := procfs.ReadStat(pid)
-		if err != nil {
-			return err
-		}
-		if st.State == 'T' {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("pid %d did not stop (state %c)", pid, st.State)
-		}
-		time.Sleep(time.Millisecond)
-	}
+	return s, res.line, nil
 }

@@ -561,6 +561,12 @@ func (e *Engine) RemoveSeed(s *Seed) error {
 	if s.SourcePID == 0 {
 		return nil
 	}
+	return e.endFrozen(s)
+}
+
+// endFrozen kills s's frozen copy on the tracer thread and reaps it in its
+// parent (the copy is the parent's clone).
+func (e *Engine) endFrozen(s *Seed) error {
 	return e.tracer.Do(func() error {
 		if err := snapshot.Release(s.SourcePID); err != nil {
 			return err
@@ -596,12 +602,7 @@ func (e *Engine) Close() error {
 		if s.SourcePID == 0 {
 			continue
 		}
-		if err := e.tracer.Do(func() error {
-			if err := snapshot.Release(s.SourcePID); err != nil {
-				return err
-			}
-			return snapshot.ReapInParent(s.ParentPID, s.SourcePID, s.Desc.VDSOSyscall)
-		}); err != nil {
+		if err := e.endFrozen(s); err != nil {
 			errs = append(errs, err)
 		}
 	}

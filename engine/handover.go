@@ -48,14 +48,7 @@ func (e *Engine) Release(s *Seed) error {
 
 // KillReleased ends the frozen copy of a seed Release handed over that no
 // successor took: it is killed and reaped in its parent.
-func (e *Engine) KillReleased(s *Seed) error {
-	return e.tracer.Do(func() error {
-		if err := snapshot.Release(s.SourcePID); err != nil {
-			return err
-		}
-		return snapshot.ReapInParent(s.ParentPID, s.SourcePID, s.Desc.VDSOSyscall)
-	})
-}
+func (e *Engine) KillReleased(s *Seed) error { return e.endFrozen(s) }
 
 // Adopted describes a seed another engine released (Release), for Adopt.
 type Adopted struct {

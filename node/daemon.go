@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mitosis-fork/mitosis/container"
@@ -143,7 +144,7 @@ type Daemon struct {
 	conns      map[*net.UnixConn]struct{}
 	userConns  map[uint32]int // open connections per non-admin uid
 	closing    bool
-	draining   bool          // handing over to a successor (Handover)
+	draining   atomic.Bool   // handing over to a successor (Handover); read on every request
 	handedOver bool          // a successor took the seeds and the socket
 	successor  *handoverConn // where child exits go after the handover
 
@@ -484,9 +485,7 @@ func (d *Daemon) close() error {
 	d.closing = true
 	d.mu.Unlock()
 	_ = d.ln.Close()
-	d.mu.Lock()
-	draining := d.draining // Handover released the socket and stopped the functions
-	d.mu.Unlock()
+	draining := d.draining.Load() // Handover released the socket and stopped the functions
 	d.leaveDirectory() // out of placement first
 	if !draining {
 		d.fn.closeAll()

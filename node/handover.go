@@ -185,9 +185,7 @@ func (d *Daemon) Handover(ctx context.Context) error {
 		return d.Close()
 	}
 	start := time.Now()
-	d.mu.Lock()
-	d.draining = true
-	d.mu.Unlock()
+	d.draining.Store(true)
 	d.closeListener()
 	_ = os.Remove(d.pidFile)
 	d.leaveDirectory()
@@ -402,6 +400,9 @@ func (d *Daemon) drain(ctx context.Context) {
 
 // reportExit tells the successor, if any, how child k ended.
 func (d *Daemon) reportExit(k *childRec) {
+	if !d.draining.Load() {
+		return // no successor (the common case: every exit passes here)
+	}
 	d.mu.Lock()
 	h := d.successor
 	ex := handoverExit{Child: k.id, Exit: k.exit, Stats: k.stats, OOM: k.oom}
@@ -469,7 +470,7 @@ func (d *Daemon) adoptPredecessor() {
 		if s == nil {
 			// Its seed stayed with the predecessor (not handable):
 			// keep a record anyway so ps shows it.
-			s = &seedRec{id: hc.Seed, seed: &engine.Seed{ID: hc.Seed}, removing: true}
+			s = tombstone(&seedRec{id: hc.Seed})
 		}
 		if _, dup := d.children[hc.ID]; dup {
 			continue
@@ -581,10 +582,7 @@ func (d *Daemon) followPredecessor(h *handoverConn, prevPID int) {
 // over to a successor (nil otherwise, and for ping, ps and seeds, which
 // still answer).
 func (d *Daemon) handoverRefusal(op string) error {
-	d.mu.Lock()
-	draining := d.draining
-	d.mu.Unlock()
-	if !draining || slices.Contains([]string{client.OpPing, client.OpPS, client.OpSeeds}, op) {
+	if !d.draining.Load() || slices.Contains([]string{client.OpPing, client.OpPS, client.OpSeeds}, op) {
 		return nil
 	}
 	return fmt.Errorf("%s: this daemon is stopping and hands its seeds to the next `mitosis daemon` started on its --state-dir; run the command again once that one is up", op)
@@ -598,11 +596,10 @@ const frozenFile = "frozen"
 // recordFrozen rewrites the record of the frozen copies from d.seeds.
 // A daemon handing over leaves the file to its successor.
 func (d *Daemon) recordFrozen() {
-	d.mu.Lock()
-	if d.draining {
-		d.mu.Unlock()
+	if d.draining.Load() {
 		return
 	}
+	d.mu.Lock()
 	var b []byte
 	for _, s := range d.seeds {
 		if s.origin == "" && s.seed != nil && s.seed.SourcePID > 0 && s.seed.Desc != nil {

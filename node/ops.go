@@ -526,8 +526,7 @@ func (d *Daemon) remove(key string, force bool) error {
 	for _, k := range d.children {
 		if k != nil && k.seed == s {
 			if tomb == nil {
-				tomb = &seedRec{id: s.id, name: s.name, origin: s.origin, originID: s.originID,
-					owner: s.owner, seed: &engine.Seed{ID: s.id, Name: s.name, Origin: s.origin}, removing: true}
+				tomb = tombstone(s)
 			}
 			k.seed = tomb
 		}
@@ -547,6 +546,14 @@ func plural(n int, one, many string) string {
 		return one
 	}
 	return many
+}
+
+// tombstone is what a child's record keeps of a seed that is gone: what ps
+// and the access checks read (id, name, origin, owner), not the seed's
+// descriptor, cache or cgroup pool.
+func tombstone(s *seedRec) *seedRec {
+	return &seedRec{id: s.id, name: s.name, origin: s.origin, originID: s.originID, owner: s.owner,
+		seed: &engine.Seed{ID: s.id, Name: s.name, Origin: s.origin}, removing: true}
 }
 
 // runningLocked lists a seed's running children. d.mu must be held.

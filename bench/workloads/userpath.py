@@ -12,15 +12,14 @@ the handler, print RESULT, exit normally (the keep-alive instance).
 MODE forker: initialize, print READY, then loop: stop itself (SIGSTOP); on
 SIGCONT fork(2) a child that runs the handler, prints RESULT and exits with
 os._exit, wait for it, print DONE (the local-fork baseline).
-MODE seed / seed-exit: initialize, prepare itself as seed NAME (prints
-READY SEED-ID and stays); each child runs the handler, prints RESULT and
+MODE seed / seed-exit: initialize, prepare itself as seed NAME, print
+READY and stop itself; each child runs the handler, prints RESULT and
 exits normally (seed) or with mitosis.exit() (seed-exit: no interpreter
 teardown).
 """
 import os
 import signal
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mitosis  # noqa: E402
@@ -61,9 +60,9 @@ if mode == "forker":
         print("DONE", flush=True)
 role = mitosis.prepare(sys.argv[3])
 if role.is_parent:
-    print("READY", role.seed, flush=True)
-    while True:
-        time.sleep(3600)
+    print("READY", flush=True)
+    while True:  # the seed is all it is for now
+        os.kill(os.getpid(), signal.SIGSTOP)
 print("RESULT", handle(), flush=True)
 if mode == "seed-exit":
     mitosis.exit(0)
