@@ -337,34 +337,33 @@ func (d *Daemon) handTo(h *handoverConn) (int, error) {
 	}
 	// From here on a failure leaves released frozen copies nobody traces:
 	// end them.
-	killAll := func(why string) {
+	drop := func(s *seedRec, why string) {
+		delete(released, s.id)
+		d.log.Warn("handover: seed not adopted; removing it", "seed", s.id, "why", why)
+		if err := d.eng.KillReleased(s.seed); err != nil {
+			d.log.Warn("handover: end frozen copy", "seed", s.id, "err", err)
+		}
+		d.mu.Lock()
+		delete(d.seeds, s.id)
+		d.mu.Unlock()
+	}
+	dropRest := func(why string) {
 		for _, s := range released {
-			d.log.Warn("handover: seed not adopted; removing it", "seed", s.id, "why", why)
-			if err := d.eng.KillReleased(s.seed); err != nil {
-				d.log.Warn("handover: end frozen copy", "seed", s.id, "err", err)
-			}
-			d.mu.Lock()
-			delete(d.seeds, s.id)
-			d.mu.Unlock()
+			drop(s, why)
 		}
 	}
 	if err := h.send(handoverMsg{Op: "state", Seeds: seeds, Children: kids}); err != nil {
-		killAll(err.Error())
+		dropRest(err.Error())
 		return 0, fmt.Errorf("send state: %w", err)
 	}
 	m, err = h.recv(handoverReplyTimeout)
 	if err != nil || m.Op != "adopted" {
-		killAll(fmt.Sprintf("no answer from the successor: %v", err))
+		dropRest(fmt.Sprintf("no answer from the successor: %v", err))
 		return 0, fmt.Errorf("successor's answer: op %q, %v", m.Op, err)
 	}
 	for id, why := range m.Failed {
 		if s := released[id]; s != nil {
-			delete(released, id)
-			d.log.Warn("handover: successor could not adopt seed; removing it", "seed", id, "err", why)
-			_ = d.eng.KillReleased(s.seed)
-			d.mu.Lock()
-			delete(d.seeds, id)
-			d.mu.Unlock()
+			drop(s, "the successor could not adopt it: "+why)
 		}
 	}
 	n := 0
@@ -377,7 +376,7 @@ func (d *Daemon) handTo(h *handoverConn) (int, error) {
 			d.mu.Unlock()
 		}
 	}
-	killAll("the successor did not answer for it")
+	dropRest("the successor did not answer for it")
 	return n, nil
 }
 
