@@ -486,7 +486,7 @@ func (d *Daemon) close() error {
 	d.mu.Unlock()
 	_ = d.ln.Close()
 	draining := d.draining.Load() // Handover released the socket and stopped the functions
-	d.leaveDirectory() // out of placement first
+	d.leaveDirectory()            // out of placement first
 	if !draining {
 		d.fn.closeAll()
 	}
