@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"math"
 	"os"
 	"os/exec"
 	"slices"
@@ -84,6 +85,22 @@ func TestPerExtraThread(t *testing.T) {
 	}
 	if verdict(true) != "met" || verdict(false) != "**missed**" {
 		t.Errorf("verdict: %q %q", verdict(true), verdict(false))
+	}
+}
+
+func TestFitLine(t *testing.T) {
+	for _, c := range []struct {
+		xs, ys []float64
+		a, b   float64
+	}{
+		{[]float64{1, 4, 16, 64}, []float64{110, 140, 260, 740}, 100, 10}, // exact
+		{[]float64{1, 2, 3}, []float64{1, 3, 2}, 1, 0.5},
+		{[]float64{5, 5}, []float64{1, 3}, 2, 0}, // vertical: no slope
+	} {
+		a, b := fitLine(c.xs, c.ys)
+		if math.Abs(a-c.a) > 1e-9 || math.Abs(b-c.b) > 1e-9 {
+			t.Errorf("fitLine(%v, %v) = %v, %v, want %v, %v", c.xs, c.ys, a, b, c.a, c.b)
+		}
 	}
 }
 

@@ -386,11 +386,20 @@ func (r *runner) threadsGroup() *Group {
 		others = append(others, fmt.Sprintf("%s at N=%d", fmtDur(slopes[c.n]), c.n))
 	}
 	ratio := float64(med(nps[0].start)) / float64(med(nps[1].start))
+	// The marginal cost of a thread, apart from the fixed cost of taking
+	// the threaded path at all (one Cloner run, a requeue count, a wake):
+	// the least-squares line through the start medians over N.
+	var ns, ts []float64
+	for _, c := range cs {
+		ns, ts = append(ns, float64(c.n)), append(ts, float64(med(c.start)))
+	}
+	icpt, slope := fitLine(ns, ts)
+	fixed := time.Duration(icpt+slope) - med(one.start)
 	targets := Table{Header: []string{"target (issue #10)", "measured", "verdict"}, Rows: [][]string{
 		{fmt.Sprintf("each extra thread adds ≤ %s to the start latency", fmtDur(threadStartTarget)),
-			fmt.Sprintf("%s per extra thread at N=%d (median %s vs %s at N=1; p99 %s vs %s); %s",
+			fmt.Sprintf("%s per extra thread at N=%d (median %s vs %s at N=1; p99 %s vs %s); %s; least-squares slope over N: %s per thread, plus %s once for the threaded path",
 				fmtDur(slopes[last.n]), last.n, fmtDur(med(last.start)), fmtDur(med(one.start)), fmtDur(p99(last.start)), fmtDur(p99(one.start)),
-				strings.Join(others, ", ")),
+				strings.Join(others, ", "), fmtDur(time.Duration(slope)), fmtDur(fixed)),
 			verdict(slopes[last.n] <= threadStartTarget)},
 		{fmt.Sprintf("numpy child with the default BLAS pool starts within %.1f× of one thread", numpyPoolTarget),
 			fmt.Sprintf("%.2f× (median %s with %d threads vs %s with %d)", ratio, fmtDur(med(nps[0].start)), nps[0].tasks, fmtDur(med(nps[1].start)), nps[1].tasks),
@@ -416,4 +425,18 @@ func (r *runner) threadsGroup() *Group {
 		g.Notes = append(g.Notes, statsNote(np.start.Name, np.stats))
 	}
 	return g
+}
+
+// fitLine returns the least-squares line y = a + b*x through the points.
+func fitLine(xs, ys []float64) (a, b float64) {
+	n := float64(len(xs))
+	var sx, sy, sxx, sxy float64
+	for i := range xs {
+		sx, sy = sx+xs[i], sy+ys[i]
+		sxx, sxy = sxx+xs[i]*xs[i], sxy+xs[i]*ys[i]
+	}
+	if d := n*sxx - sx*sx; d != 0 {
+		b = (n*sxy - sx*sy) / d
+	}
+	return (sy - b*sx) / n, b
 }

@@ -135,6 +135,31 @@ def _run(handle, req):
         return {"status": 500, "error": _last_line(e), "traceback": _tb(e)}
 
 
+def _shed():
+    """Make the process lean before it becomes the seed.
+
+    gc.collect() drops the initialization's garbage; gc.freeze() moves the
+    survivors to the permanent generation, so a child's collections skip
+    the inherited objects instead of walking (paging in, and writing the GC
+    headers of, hence copying) every one of them; malloc_trim(0) hands the
+    allocator's free memory back to the kernel. Freed heap is otherwise
+    present memory of the seed: children page it in and, when they
+    allocate there, copy it on first write for nothing (a pandas init
+    leaves half its heap free: the FINRA seed went from 404 to 197 MB of
+    RSS, and a rule child maps 38% fewer pages).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _prepare(name):
     """prepare-self through the daemon; keeps the connection in a child."""
     path = os.environ.get("MITOSIS_SOCKET") or "/run/mitosis/mitosis.sock"
@@ -177,6 +202,7 @@ def main(argv):
     # seed: the status socket must not reach the seed (sockets are not
     # carried into children).
     os.close(status)
+    _shed()
     fd, reply = _prepare(name)
     if reply.get("role") == "parent":
         os.close(fd)

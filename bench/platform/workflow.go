@@ -29,6 +29,9 @@ type WorkflowConfig struct {
 	Command  string
 	NodeMem  string // each node's function memory (default 16G: 8 instances of 2Gi)
 	NodeConc int    // each node's invocation limit (default 8)
+	// RunsOut, if set, receives every run's record (workflow.Run, one
+	// JSON object per line) with its steps' and instances' timings.
+	RunsOut *os.File
 }
 
 // WorkflowCell is the medians of one (trades, rules, transfer) cell.
@@ -109,6 +112,10 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 						return cells, fmt.Errorf("trades %d rules %d %s: %w", n, m, tr, err)
 					}
 					runs[k] = append(runs[k], r)
+					if wc.RunsOut != nil {
+						b, _ := json.Marshal(r)
+						fmt.Fprintf(wc.RunsOut, "%s\n", b)
+					}
 				}
 			}
 			var digest [2]string

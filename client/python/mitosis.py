@@ -61,12 +61,51 @@ def _socket_path(socket_path):
     return socket_path or os.environ.get("MITOSIS_SOCKET") or DEFAULT_SOCKET
 
 
-def prepare(name=None, socket_path=None):
+def _shed():
+    """Collect garbage, freeze the survivors and trim the C heap (see prepare)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def prepare(name=None, socket_path=None, lean=True):
     """Prepare this process into a seed; return a Role (parent or child).
 
     socket_path defaults to $MITOSIS_SOCKET, else /run/mitosis/mitosis.sock.
     Raises MitosisError if the daemon cannot be reached or refuses.
+
+    lean (default True) first runs gc.collect(), gc.freeze() and glibc's
+    malloc_trim(0): the seed then carries no garbage and no freed heap
+    (children would page it in, and copy it where they allocate), and a
+    child's collections skip the objects it inherited instead of touching
+    every one. The parent unfreezes them when prepare returns; children keep
+    them frozen. Pass lean=False to snapshot the process exactly as it is.
     """
+    if lean:
+        _shed()
+    try:
+        role = _prepare(name, socket_path)
+    except BaseException:
+        if lean:
+            import gc
+
+            gc.unfreeze()
+        raise
+    if lean and role.is_parent:
+        import gc
+
+        gc.unfreeze()
+    return role
+
+
+def _prepare(name, socket_path):
     path = _socket_path(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

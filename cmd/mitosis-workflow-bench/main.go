@@ -45,6 +45,7 @@ func main() {
 	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "16G", "each node's function memory")
 	outDir := flag.String("out-dir", "", "write workflow.md, workflow.json, workflow.svg here")
+	runsOut := flag.String("runs-out", "", "write every run's record (steps and instances with their timings) to this file, one JSON object per line")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: must run as root")
@@ -59,6 +60,15 @@ func main() {
 		os.Exit(2)
 	}
 	wc.Log = os.Stderr
+	if *runsOut != "" {
+		f, err := os.Create(*runsOut)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
+			os.Exit(2)
+		}
+		defer f.Close()
+		wc.RunsOut = f
+	}
 	wc.Command = strings.Join(append([]string{"go run ./cmd/mitosis-workflow-bench"}, os.Args[1:]...), " ")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -3,6 +3,8 @@
 // the kernel checks it.
 package cpuid
 
+import "sync"
+
 // cpuid executes CPUID with EAX=leaf, ECX=sub.
 func cpuid(leaf, sub uint32) (a, b, c, d uint32)
 
@@ -15,16 +17,34 @@ const XFeatureTileData = 18
 // XSAVE area holding the state components in xfeatures: the end of the
 // highest one (CPUID.(EAX=0DH,ECX=i): EAX size, EBX offset), at least the
 // 576 bytes of the legacy area and header.
+//
+// The leaves are read once per process: CPUID traps to the hypervisor in
+// a VM (about a microsecond or more per leaf), and a restore sizes one
+// frame per thread.
 func XStateUserSize(xfeatures uint64) int {
+	ends := componentEnds()
 	size := 576
-	for i := uint32(2); i < 64; i++ {
-		if xfeatures&(1<<i) == 0 {
-			continue
-		}
-		sz, off, _, _ := cpuid(0xd, i)
-		if end := int(off) + int(sz); sz != 0 && off != 0 && end > size {
-			size = end
+	for i := 2; i < 64; i++ {
+		if xfeatures&(1<<i) != 0 && ends[i] > size {
+			size = ends[i]
 		}
 	}
 	return size
 }
+
+// componentEnds is, per state component i >= 2 the CPU supports in user
+// state (CPUID.(EAX=0DH,ECX=0): EDX:EAX), the end of its area in the
+// standard format (offset + size), else 0.
+var componentEnds = sync.OnceValue(func() (ends [64]int) {
+	a, _, _, d := cpuid(0xd, 0)
+	supported := uint64(d)<<32 | uint64(a)
+	for i := uint32(2); i < 64; i++ {
+		if supported&(1<<i) == 0 {
+			continue
+		}
+		if sz, off, _, _ := cpuid(0xd, i); sz != 0 && off != 0 {
+			ends[i] = int(off) + int(sz)
+		}
+	}
+	return ends
+})

@@ -21,3 +21,32 @@ func TestXStateUserSize(t *testing.T) {
 		}
 	}
 }
+
+// TestXStateUserSizeCached checks the table read once against CPUID read
+// now, component by component and for everything the CPU supports.
+func TestXStateUserSizeCached(t *testing.T) {
+	a, _, _, d := cpuid(0xd, 0)
+	supported := uint64(d)<<32 | uint64(a)
+	want := func(xf uint64) int {
+		size := 576
+		for i := uint32(2); i < 64; i++ {
+			if xf&(1<<i) == 0 {
+				continue
+			}
+			sz, off, _, _ := cpuid(0xd, i)
+			if end := int(off) + int(sz); sz != 0 && off != 0 && end > size {
+				size = end
+			}
+		}
+		return size
+	}
+	for i := 0; i < 64; i++ {
+		xf := uint64(3) | 1<<i
+		if got, w := XStateUserSize(xf), want(xf&(supported|3)); got != w {
+			t.Errorf("component %d: %d, want %d", i, got, w)
+		}
+	}
+	if got, w := XStateUserSize(supported), want(supported); got != w {
+		t.Errorf("all supported (%#x): %d, want %d", supported, got, w)
+	}
+}
