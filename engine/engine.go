@@ -1,12 +1,15 @@
 package engine
 
 import (
+	"cmp"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -394,25 +397,31 @@ func (s *Seed) recordRemote(addr, n uint64) {
 	s.remoteRuns = addRun(s.remoteRuns, descriptor.Run{Start: addr, End: addr + n})
 }
 
-// addRun inserts r into sorted disjoint runs, merging.
+// addRun inserts r into sorted disjoint runs, merging it with the runs it
+// overlaps or touches, in place: a binary search and one shift.
 func addRun(runs []descriptor.Run, r descriptor.Run) []descriptor.Run {
-	out := make([]descriptor.Run, 0, len(runs)+1)
-	placed := false
-	for _, x := range runs {
-		switch {
-		case x.End < r.Start:
-			out = append(out, x)
-		case r.End < x.Start:
-			if !placed {
-				out = append(out, r)
-				placed = true
-			}
-			out = append(out, x)
-		default:
-			r.Start, r.End = min(r.Start, x.Start), max(r.End, x.End)
-		}
+	i := sort.Search(len(runs), func(i int) bool { return runs[i].End >= r.Start })
+	j := i
+	for j < len(runs) && runs[j].Start <= r.End {
+		r.Start, r.End = min(r.Start, runs[j].Start), max(r.End, runs[j].End)
+		j++
 	}
-	if !placed {
+	if i == j {
+		return slices.Insert(runs, i, r)
+	}
+	runs[i] = r
+	return slices.Delete(runs, i+1, j)
+}
+
+// mergeRuns sorts runs and merges those that overlap or touch.
+func mergeRuns(runs []descriptor.Run) []descriptor.Run {
+	slices.SortFunc(runs, func(a, b descriptor.Run) int { return cmp.Compare(a.Start, b.Start) })
+	out := runs[:0]
+	for _, r := range runs {
+		if n := len(out); n > 0 && r.Start <= out[n-1].End {
+			out[n-1].End = max(out[n-1].End, r.End)
+			continue
+		}
 		out = append(out, r)
 	}
 	return out
@@ -424,17 +433,12 @@ func addRun(runs []descriptor.Run, r descriptor.Run) []descriptor.Run {
 func (s *Seed) WorkingSet() []descriptor.Run {
 	s.cacheMu.Lock()
 	c := s.cache
-	runs := append([]descriptor.Run(nil), s.remoteRuns...)
-	for _, r := range s.imported {
-		runs = addRun(runs, r)
-	}
+	runs := append(append([]descriptor.Run(nil), s.remoteRuns...), s.imported...)
 	s.cacheMu.Unlock()
 	if c != nil {
-		for _, r := range c.Filled() {
-			runs = addRun(runs, r)
-		}
+		runs = append(runs, c.Filled()...)
 	}
-	return runs
+	return mergeRuns(runs)
 }
 
 func kernelRelease() string {

@@ -2,7 +2,9 @@ package pager
 
 import (
 	"fmt"
+	"math/bits"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -142,19 +144,33 @@ func (c *Cache) Ensure(src uint64, n int) (int, error) {
 }
 
 // Filled returns the runs of seed addresses the cache holds: the working
-// set the seed's children on this node have touched so far.
+// set the seed's children on this node have touched so far. Its cost is in
+// the pages held, not the size of the seed's address space (a prefetching
+// fork asks for it every time).
 func (c *Cache) Filled() []descriptor.Run {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	words := make([]uint64, 0, len(c.filled))
+	for w := range c.filled {
+		words = append(words, w)
+	}
+	slices.Sort(words)
+	vals := make([]uint64, len(words))
+	for i, w := range words {
+		vals[i] = c.filled[w]
+	}
+	c.mu.Unlock()
 	var runs []descriptor.Run
-	for _, sl := range c.slots {
-		first := sl.off / pageSize
-		for pg := uint64(0); pg < (sl.end-sl.start)/pageSize; pg++ {
-			q := first + pg
-			if c.filled[q>>6]&(1<<(q&63)) == 0 {
-				continue
+	k := 0 // the slot of the current page: pages come in ascending offset order
+	for i, w := range words {
+		for v := vals[i]; v != 0; v &= v - 1 {
+			off := (w*64 + uint64(bits.TrailingZeros64(v))) * pageSize
+			for k < len(c.slots) && c.slots[k].off+(c.slots[k].end-c.slots[k].start) <= off {
+				k++
 			}
-			a := sl.start + pg*pageSize
+			if k == len(c.slots) || off < c.slots[k].off {
+				continue // past the image (not filled by Ensure)
+			}
+			a := c.slots[k].start + (off - c.slots[k].off)
 			if n := len(runs); n > 0 && runs[n-1].End == a {
 				runs[n-1].End = a + pageSize
 			} else {

@@ -1,0 +1,72 @@
+package engine
+
+import (
+	"math/rand/v2"
+	"reflect"
+	"testing"
+
+	"github.com/mitosis-fork/mitosis/descriptor"
+)
+
+func TestAddRun(t *testing.T) {
+	r := func(s, e uint64) descriptor.Run { return descriptor.Run{Start: s, End: e} }
+	for _, tc := range []struct {
+		name string
+		runs []descriptor.Run
+		add  descriptor.Run
+		want []descriptor.Run
+	}{
+		{"empty", nil, r(10, 20), []descriptor.Run{r(10, 20)}},
+		{"before", []descriptor.Run{r(30, 40)}, r(10, 20), []descriptor.Run{r(10, 20), r(30, 40)}},
+		{"after", []descriptor.Run{r(30, 40)}, r(50, 60), []descriptor.Run{r(30, 40), r(50, 60)}},
+		{"between", []descriptor.Run{r(0, 5), r(30, 40)}, r(10, 20), []descriptor.Run{r(0, 5), r(10, 20), r(30, 40)}},
+		{"touches left", []descriptor.Run{r(0, 10)}, r(10, 20), []descriptor.Run{r(0, 20)}},
+		{"touches right", []descriptor.Run{r(20, 30)}, r(10, 20), []descriptor.Run{r(10, 30)}},
+		{"bridges", []descriptor.Run{r(0, 10), r(20, 30), r(40, 50)}, r(5, 25), []descriptor.Run{r(0, 30), r(40, 50)}},
+		{"swallows", []descriptor.Run{r(10, 12), r(14, 16), r(18, 20)}, r(0, 100), []descriptor.Run{r(0, 100)}},
+		{"inside", []descriptor.Run{r(0, 100)}, r(10, 20), []descriptor.Run{r(0, 100)}},
+	} {
+		if got := addRun(append([]descriptor.Run(nil), tc.runs...), tc.add); !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: addRun(%v, %v) = %v, want %v", tc.name, tc.runs, tc.add, got, tc.want)
+		}
+	}
+}
+
+// TestRunsRandom checks addRun and mergeRuns against a set of units.
+func TestRunsRandom(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	toRuns := func(set map[uint64]bool) []descriptor.Run {
+		var out []descriptor.Run
+		for u := uint64(0); u < 200; u++ {
+			if !set[u] {
+				continue
+			}
+			if n := len(out); n > 0 && out[n-1].End == u {
+				out[n-1].End = u + 1
+			} else {
+				out = append(out, descriptor.Run{Start: u, End: u + 1})
+			}
+		}
+		return out
+	}
+	for round := 0; round < 200; round++ {
+		set := map[uint64]bool{}
+		var runs, all []descriptor.Run
+		for k := 0; k < 1+rng.IntN(20); k++ {
+			s := rng.Uint64N(190)
+			x := descriptor.Run{Start: s, End: s + 1 + rng.Uint64N(10)}
+			for u := x.Start; u < x.End; u++ {
+				set[u] = true
+			}
+			runs = addRun(runs, x)
+			all = append(all, x)
+		}
+		want := toRuns(set)
+		if !reflect.DeepEqual(runs, want) {
+			t.Fatalf("round %d: addRun built %v, want %v", round, runs, want)
+		}
+		if got := mergeRuns(all); !reflect.DeepEqual(got, want) {
+			t.Fatalf("round %d: mergeRuns = %v, want %v", round, got, want)
+		}
+	}
+}
