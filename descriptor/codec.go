@@ -5,7 +5,7 @@ import (
 	"fmt"
 )
 
-// Binary format (version 4). All integers are little-endian and fixed width;
+// Binary format (version 5). All integers are little-endian and fixed width;
 // signed integers are stored as their two's-complement bit pattern. Strings
 // and byte slices are a u32 length followed by the bytes; lists are a u32
 // count followed by the elements. Fields appear in exactly this order:
@@ -29,7 +29,7 @@ import (
 //	Threads (list of: TID u32, Regs 27×u64, SigMask u64, TIDAddr u64,
 //	         AltStackSP u64, AltStackFlags u32, AltStackSize u64,
 //	         RobustHead u64, RobustLen u64, Rseq (Addr u64, Len Sig Flags u32),
-//	         XState bytes)
+//	         XState bytes, Comm str)
 //	Comm str
 //
 // where file is Dev u64, Ino u64, Size u64, MtimeNsec u64. The encoding is
@@ -69,7 +69,7 @@ const (
 	watchSize     = 4 + 4 + 8
 	rlimitSize    = 4 + 8 + 8
 	threadFixed   = 4 + 27*8 + 8 + 8 + 8 + 4 + 8 + 8 + 8 + (8 + 4 + 4 + 4)
-	threadMinSize = threadFixed + 4 // + xstate
+	threadMinSize = threadFixed + 4 + 4 // + xstate, comm
 )
 
 // Encode appends the descriptor in the versioned binary format to dst and
@@ -195,6 +195,7 @@ func Encode(dst []byte, d *Descriptor) []byte {
 		w.u32(th.Rseq.Sig)
 		w.u32(th.Rseq.Flags)
 		w.bytes(th.XState)
+		w.str(th.Comm)
 	}
 	w.str(d.Comm)
 	return w.b
@@ -224,7 +225,7 @@ func encodedSize(d *Descriptor) int {
 	n += 4 + len(d.Root)
 	n += 4 + len(d.Threads)*threadMinSize
 	for i := range d.Threads {
-		n += len(d.Threads[i].XState)
+		n += len(d.Threads[i].XState) + len(d.Threads[i].Comm)
 	}
 	n += 4 + len(d.Comm)
 	return n
@@ -448,6 +449,7 @@ func Decode(b []byte) (*Descriptor, error) {
 			th.Rseq.Sig = f.u32()
 			th.Rseq.Flags = f.u32()
 			th.XState = r.bytes("xstate", MaxXState)
+			th.Comm = r.str("comm")
 		}
 		r.sect, r.idx = "", -1
 	}
@@ -657,6 +659,9 @@ func (d *Descriptor) Validate() error {
 	}
 	for i := range d.Threads {
 		if err := checkLen(fmt.Sprintf("thread %d: xstate", i), len(d.Threads[i].XState), MaxXState); err != nil {
+			return err
+		}
+		if err := checkLen(fmt.Sprintf("thread %d: comm", i), len(d.Threads[i].Comm), MaxComm); err != nil {
 			return err
 		}
 	}

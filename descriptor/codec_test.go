@@ -73,7 +73,7 @@ func fullDescriptor() *Descriptor {
 			{TID: 4243, XState: []byte("thread-xstate\x07"), SigMask: 1 << 10, TIDAddr: 0x7fff_f700_09d0,
 				AltStackSP: 0x7fff_0001_0000, AltStackFlags: 2, AltStackSize: 4096,
 				RobustHead: 0x7fff_f700_09e0, RobustLen: 24,
-				Rseq: Rseq{Addr: 0x7fff_f700_0fe0, Len: 32, Sig: 0x53053053, Flags: 2}},
+				Rseq: Rseq{Addr: 0x7fff_f700_0fe0, Len: 32, Sig: 0x53053053, Flags: 2}, Comm: "GC Thread#0"},
 			{TID: 4250, XState: []byte{1}, SigMask: 1},
 		},
 	}
@@ -217,7 +217,7 @@ func TestEncodeAppends(t *testing.T) {
 	if !bytes.HasPrefix(b, prefix) || !bytes.Equal(b[len(prefix):], Encode(nil, d)) {
 		t.Fatal("Encode did not append to dst")
 	}
-	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x04\x00")) {
+	if !bytes.HasPrefix(b[len(prefix):], []byte("MTSD\x05\x00")) {
 		t.Fatalf("header = %q", b[len(prefix):len(prefix)+6])
 	}
 }
@@ -308,11 +308,11 @@ func TestDecodeRejectsEncoding(t *testing.T) {
 		{"no version", func(*testing.T) []byte { return []byte("MTSD\x01") }, "descriptor: version: truncated"},
 		{"unknown version", func(*testing.T) []byte {
 			b := bytes.Clone(valid)
-			b[4] = 5
+			b[4] = 6
 			return b
-		}, "descriptor: version: unsupported version 5"},
+		}, "descriptor: version: unsupported version 6"},
 		{"version 0", func(*testing.T) []byte { return []byte("MTSD\x00\x00") }, "descriptor: version: unsupported version 0"},
-		{"header only", func(*testing.T) []byte { return []byte("MTSD\x04\x00") }, "descriptor: seed id: truncated"},
+		{"header only", func(*testing.T) []byte { return []byte("MTSD\x05\x00") }, "descriptor: seed id: truncated"},
 		{"truncated at end", func(*testing.T) []byte { return valid[:len(valid)-1] },
 			"descriptor: comm: length 7 exceeds remaining input"},
 		{"truncated in regs", func(t *testing.T) []byte { return valid[:offsetOf(t, growXState)-5] },
@@ -517,7 +517,7 @@ func FuzzDecode(f *testing.F) {
 	for _, d := range []*Descriptor{{}, fullDescriptor(), unicodeDescriptor(), small} {
 		f.Add(Encode(nil, d))
 	}
-	f.Add([]byte("MTSD\x04\x00"))
+	f.Add([]byte("MTSD\x05\x00"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Decode(b)

@@ -9,7 +9,7 @@
 package descriptor
 
 // Version is the current encoding version written by Encode.
-const Version = 4
+const Version = 5
 
 // CacheMemfdPrefix starts the name of every node page-cache memfd; a
 // private mapping of one is a mitosis child's own memory (see pager.Cache).
@@ -210,6 +210,10 @@ type Thread struct {
 	RobustHead    uint64
 	RobustLen     uint64
 	Rseq          Rseq
+	// Comm is the thread's name (/proc/TID/comm, at most 15 bytes: what
+	// pthread_setname_np set, e.g. "GC Thread#0"); the restored thread
+	// takes it back.
+	Comm string
 }
 
 // Descriptor is a complete seed descriptor.

@@ -28,12 +28,14 @@ type thread struct {
 }
 
 // threadSlot is the size of one thread's slot in the Cloner's arena: the
-// header, up to threadCalls Runner entries (arch_prctl for fs and gs,
-// set_robust_list, rseq, or sigaltstack on the tracer's path) and the
-// stack_t sigaltstack reads.
+// header, up to threadCalls Runner entries (arch_prctl for gs,
+// set_robust_list, rseq, sigaltstack on the tracer's path, prctl
+// PR_SET_NAME) and threadArena bytes of their data (the stack_t sigaltstack
+// reads, the thread's name: 24 + 16).
 const (
 	threadCalls = 5
-	threadSlot  = stub.ThreadSlotHeader + threadCalls*stub.EntrySize + 56
+	threadArena = 56
+	threadSlot  = stub.ThreadSlotHeader + threadCalls*stub.EntrySize + threadArena
 )
 
 // threadTables is the gadget table space makeThreads needs for n threads:
@@ -103,7 +105,14 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 			*(*uint64)(unsafe.Pointer(&ss[16])) = th.AltStackSize
 			b.Add("sigaltstack", unix.SYS_SIGALTSTACK, b.Data(ss), 0)
 		}
+		if th.Comm != "" && th.Comm != d.Comm {
+			// Its own name (the leader's, set in batch 3, is inherited).
+			b.Add("prctl PR_SET_NAME", unix.SYS_PRCTL, unix.PR_SET_NAME, b.String(th.Comm))
+		}
 		inits[i] = b
+		if _, arena := b.Arena(); len(b.Calls) > threadCalls || len(arena) > threadArena {
+			return nil, nil, fmt.Errorf("thread %d: %d init calls and %d bytes of data, the slot holds %d and %d", i+1, len(b.Calls), len(arena), threadCalls, threadArena)
+		}
 		buf := make([]byte, threadSlot)
 		hdr := unsafe.Slice((*uint64)(unsafe.Pointer(&buf[0])), 4)
 		hdr[0] = uint64(len(b.Calls))

@@ -419,12 +419,7 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 	// copy's too (a clone copies it), except for what is checked below.
 	stat, status := info.stat, info.status
 	d.Auxv, d.Exe, d.ExeFile, d.Cwd = info.auxv, info.exe, info.exeID, info.cwd
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil {
-		d.Comm = strings.TrimSuffix(string(b), "\n")
-		if len(d.Comm) > descriptor.MaxComm {
-			d.Comm = d.Comm[:descriptor.MaxComm]
-		}
-	}
+	d.Comm = readComm(pid)
 	d.Umask = status.Umask
 	d.Creds = descriptor.Creds{
 		UID: status.Uid[0], EUID: status.Uid[1], SUID: status.Uid[2], FSUID: status.Uid[3],
@@ -717,4 +712,16 @@ func relativize(d *descriptor.Descriptor, pid int) {
 			d.FDs[i].Path = rel(d.FDs[i].Path)
 		}
 	}
+}
+
+// readComm returns /proc/ID/comm of a process or thread (a thread id
+// resolves under /proc too), at most descriptor.MaxComm bytes, or "" if it
+// cannot be read (the task is gone: its name is not worth failing for).
+func readComm(id int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", id))
+	if err != nil {
+		return ""
+	}
+	c := strings.TrimSuffix(string(b), "\n")
+	return c[:min(len(c), descriptor.MaxComm)]
 }

@@ -196,6 +196,7 @@ type threadState struct {
 	sigmask uint64
 	rseq    ptrace.RseqConfig
 	robust  [2]uint64 // head, len
+	comm    string    // its name, /proc/TID/comm
 }
 
 // readThread reads the registers and kernel-side state of a stopped thread.
@@ -219,6 +220,7 @@ func readThread(tid int) (threadState, error) {
 	if _, _, e := unix.Syscall(unix.SYS_GET_ROBUST_LIST, uintptr(tid), uintptr(unsafePtr(&ts.robust[0])), uintptr(unsafePtr(&ts.robust[1]))); e != 0 {
 		return ts, fmt.Errorf("get_robust_list of thread %d: %w", tid, e)
 	}
+	ts.comm = readComm(tid)
 	return ts, nil
 }
 
@@ -296,6 +298,7 @@ func describeThreads(src int, states []threadState, alts [][3]uint64) []descript
 			AltStackSP: alts[i][0], AltStackFlags: uint32(alts[i][1]), AltStackSize: alts[i][2],
 			RobustHead: ts.robust[0], RobustLen: ts.robust[1],
 			Rseq: descriptor.Rseq{Addr: ts.rseq.Addr, Len: ts.rseq.Size, Sig: ts.rseq.Sig, Flags: ts.rseq.Flags},
+			Comm: ts.comm,
 		}
 		if fs := ts.regs.Fs_base; fs != 0 {
 			// struct pthread may end less than a page above fs_base

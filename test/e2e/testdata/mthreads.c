@@ -27,7 +27,8 @@
  * releases the workers; each checks that it continues its own state: its
  * counter and the mirror agree, its buffer and __thread value are intact,
  * glibc's cached tid names a live thread of this process (pthread_kill(self,
- * 0)) and, in a child, differs from the parent's; the handoff pair does 2000
+ * 0)) and, in a child, differs from the parent's; its name (set with
+ * pthread_setname_np before the prepare point) is still its own; the handoff pair does 2000
  * more handoffs. Then the main thread joins every thread and prints
  *   ROLE parent|child <pid>
  *   CHECK <name> ok | CHECK <name> FAIL <detail>
@@ -131,6 +132,9 @@ static void *worker(void *arg)
 {
 	int t = (int)(intptr_t)arg;
 	uint64_t c = 0; /* the thread's own counter, in its registers or stack */
+	char name[16], got[16];
+	snprintf(name, sizeof name, "mt-worker-%d", t);
+	pthread_setname_np(pthread_self(), name);
 	tls_id = mix(1000 + t);
 	parent_tid[t] = (pid_t)syscall(SYS_gettid);
 	buf[t] = malloc(BUF_WORDS * sizeof(uint64_t));
@@ -173,6 +177,8 @@ static void *worker(void *arg)
 	int e = pthread_kill(pthread_self(), 0);
 	if (!m[0] && e != 0)
 		snprintf(m, 128, "pthread_kill(self, 0): %s (stale cached tid?)", strerror(e));
+	if (!m[0] && (pthread_getname_np(pthread_self(), got, sizeof got) != 0 || strcmp(got, name) != 0))
+		snprintf(m, 128, "thread name \"%s\", want \"%s\"", got, name);
 	pid_t now = (pid_t)syscall(SYS_gettid);
 	if (!m[0] && is_child() && now == parent_tid[t])
 		snprintf(m, 128, "runs with the parent's tid %d", now);
