@@ -146,7 +146,9 @@ def _shed():
     present memory of the seed: children page it in and, when they
     allocate there, copy it on first write for nothing (a pandas init
     leaves half its heap free: the FINRA seed went from 404 to 197 MB of
-    RSS, and a rule child maps 38% fewer pages).
+    RSS, and a rule child maps 38% fewer pages). client/python/mitosis.py
+    does the same in prepare(); this file is installed alone into function
+    roots and cannot import it, so the steps are kept in step by hand.
     """
     import gc
 

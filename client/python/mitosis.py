@@ -62,7 +62,11 @@ def _socket_path(socket_path):
 
 
 def _shed():
-    """Collect garbage, freeze the survivors and trim the C heap (see prepare)."""
+    """Collect garbage, freeze the survivors and trim the C heap (see prepare).
+
+    function/bootstrap.py has the same steps: it is installed alone into
+    function roots, so it cannot import this module. Keep them in step.
+    """
     import gc
 
     gc.collect()

@@ -42,6 +42,7 @@ var (
 	mtParentJS    string
 	parentPy      string
 	sockParentPy  string
+	leanParentPy  string
 
 	daemon     *exec.Cmd
 	daemonPID  int
@@ -204,9 +205,10 @@ func setup() error {
 	// command line names tmpRoot.
 	parentPy = filepath.Join(binDir, "parent.py")
 	sockParentPy = filepath.Join(binDir, "sockparent.py")
+	leanParentPy = filepath.Join(binDir, "leanparent.py")
 	mtParentPy = filepath.Join(binDir, "mtparent.py")
 	mtParentJS = filepath.Join(binDir, "mtparent.js")
-	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy, "mtparent.py": mtParentPy, "mtparent.js": mtParentJS} {
+	for src, dst := range map[string]string{"parent.py": parentPy, "sockparent.py": sockParentPy, "leanparent.py": leanParentPy, "mtparent.py": mtParentPy, "mtparent.js": mtParentJS} {
 		b, err := os.ReadFile(filepath.Join(td, src))
 		if err != nil {
 			return err
