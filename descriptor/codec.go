@@ -31,6 +31,7 @@ import (
 //	         RobustHead u64, RobustLen u64, Rseq (Addr u64, Len Sig Flags u32),
 //	         XState bytes, Comm str)
 //	Comm str
+//	TIDRefs (list of: Addr u64, Thread u32)
 //
 // where file is Dev u64, Ino u64, Size u64, MtimeNsec u64. The encoding is
 // canonical: a valid encoding decodes and re-encodes to the same bytes.
@@ -53,6 +54,7 @@ const (
 	MaxPipeData   = 1 << 20  // bytes in one FD's Data (the largest pipe buffer by default)
 	MaxWatches    = 65536    // entries in one FD's Watches
 	MaxComm       = 15       // bytes in Comm (TASK_COMM_LEN less the NUL)
+	MaxTIDRefs    = 4096     // entries in TIDRefs
 )
 
 // Encoded sizes of fixed-size parts, used for pre-sizing buffers and for
@@ -68,6 +70,7 @@ const (
 	fdMinSize     = fdFixedSize + 4 + 8 + 8 + 4 + 4 // + path, data, watches
 	watchSize     = 4 + 4 + 8
 	rlimitSize    = 4 + 8 + 8
+	tidRefSize    = 8 + 4
 	threadFixed   = 4 + 27*8 + 8 + 8 + 8 + 4 + 8 + 8 + 8 + (8 + 4 + 4 + 4)
 	threadMinSize = threadFixed + 4 + 4 // + xstate, comm
 )
@@ -198,6 +201,11 @@ func Encode(dst []byte, d *Descriptor) []byte {
 		w.str(th.Comm)
 	}
 	w.str(d.Comm)
+	w.u32(uint32(len(d.TIDRefs)))
+	for _, t := range d.TIDRefs {
+		w.u64(t.Addr)
+		w.u32(uint32(t.Thread))
+	}
 	return w.b
 }
 
@@ -228,6 +236,7 @@ func encodedSize(d *Descriptor) int {
 		n += len(d.Threads[i].XState) + len(d.Threads[i].Comm)
 	}
 	n += 4 + len(d.Comm)
+	n += 4 + len(d.TIDRefs)*tidRefSize
 	return n
 }
 
@@ -454,6 +463,13 @@ func Decode(b []byte) (*Descriptor, error) {
 		r.sect, r.idx = "", -1
 	}
 	d.Comm = r.str("comm")
+	if n := r.length("tid refs", MaxTIDRefs, tidRefSize); n > 0 {
+		f := r.fixed("tid refs", n*tidRefSize)
+		d.TIDRefs = make([]TIDRef, n)
+		for i := range d.TIDRefs {
+			d.TIDRefs[i] = TIDRef{Addr: f.u64(), Thread: int32(f.u32())}
+		}
+	}
 
 	if r.err != nil {
 		return nil, r.err
@@ -632,6 +648,17 @@ func (d *Descriptor) Validate() error {
 	}
 	if err := checkLen("comm", len(d.Comm), MaxComm); err != nil {
 		return err
+	}
+	if err := checkLen("tid refs", len(d.TIDRefs), MaxTIDRefs); err != nil {
+		return err
+	}
+	for i, t := range d.TIDRefs {
+		if t.Thread < -1 || int(t.Thread) >= len(d.Threads) {
+			return fmt.Errorf("descriptor: tid ref %d: thread %d of %d", i, t.Thread, len(d.Threads))
+		}
+		if t.Addr%4 != 0 {
+			return fmt.Errorf("descriptor: tid ref %d: address %#x is not 4-byte aligned", i, t.Addr)
+		}
 	}
 	if err := checkLen("auxv", len(d.Auxv), MaxAuxv); err != nil {
 		return err

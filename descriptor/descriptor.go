@@ -267,6 +267,21 @@ type Descriptor struct {
 	// bytes): children get it back (ps and top show them as the parent's
 	// program, not as the stub that was exec'ed).
 	Comm string
+	// TIDRefs are the places in the seed's memory that hold the tid of one
+	// of its threads and must hold the restored thread's instead.
+	TIDRefs []TIDRef
+}
+
+// TIDRef is a 4-byte place in the seed's memory holding the tid (as the
+// process sees it) of one of its threads: the owner of a recursive or
+// error-checking mutex of the dynamic loader (ld.so's locks in
+// _rtld_global) that the thread held at the prepare point. A child's
+// threads have new tids; unless the owner is rewritten, the thread's
+// unlock fails (the caller is not the owner) and the lock is held for
+// good: the next dlopen, thread creation or TLS allocation hangs.
+type TIDRef struct {
+	Addr   uint64
+	Thread int32 // -1: the main thread; else an index into Threads
 }
 
 // PresentPages returns the number of pages covered by d.Present.

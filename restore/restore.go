@@ -15,6 +15,7 @@
 package restore
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -309,6 +310,9 @@ type child struct {
 	selfOK    bool
 	frames    []uint64
 	frameData [][]byte
+	// newTIDs[i] is thread i's tid in the child (as the child sees it:
+	// what clone(2) returned in it), once makeThreads made them.
+	newTIDs []uint64
 }
 
 func restoreLocked(d *descriptor.Descriptor, opts Options, files []uintptr) (int, error) {
@@ -835,6 +839,9 @@ func (c *child) build(opts Options) error {
 		}
 		mark("threads")
 	}
+	if err := c.rewriteTIDRefs(); err != nil {
+		return err
+	}
 	// Unmap the gadget from a syscall instruction in the (moved) vDSO.
 	if _, err := c.inject(d.VDSOSyscall, unix.SYS_MUNMAP, c.gadget, c.gsize); err != nil {
 		return fmt.Errorf("unmap gadget: %w", err)
@@ -1025,4 +1032,34 @@ func newSocket(f descriptor.FD) (int, error) {
 	}
 	unix.Close(p[1])
 	return p[0], nil
+}
+
+// rewriteTIDRefs puts the child's tids where the seed's memory held its
+// threads' tids (descriptor.TIDRef: the owners of loader locks a thread
+// held at the prepare point), so the holder's unlock finds itself the
+// owner.
+//
+// Precondition: runs on the tracer thread; the threads exist (newTIDs) and
+// none has run past its init table; the leader is stopped.
+func (c *child) rewriteTIDRefs() error {
+	refs := c.d.TIDRefs
+	if len(refs) == 0 {
+		return nil
+	}
+	leader := uint64(nsPID(c.pid))
+	addrs, data := make([]uint64, len(refs)), make([][]byte, len(refs))
+	for i, r := range refs {
+		tid := leader
+		if r.Thread >= 0 {
+			if int(r.Thread) >= len(c.newTIDs) {
+				return fmt.Errorf("tid ref %d names thread %d of %d restored", i, r.Thread, len(c.newTIDs))
+			}
+			tid = c.newTIDs[r.Thread]
+		}
+		addrs[i], data[i] = r.Addr, binary.LittleEndian.AppendUint32(nil, uint32(tid))
+	}
+	if err := ptrace.WriteMemv(c.pid, addrs, data); err != nil {
+		return fmt.Errorf("rewrite the owners of loader locks held at prepare: %w", err)
+	}
+	return nil
 }

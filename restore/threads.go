@@ -152,6 +152,7 @@ func (c *child) makeThreads() ([]*thread, func() error, error) {
 		return nil, nil, err
 	}
 	mark("threads: clone")
+	c.newTIDs = res
 	if !selfOK {
 		ts, err := c.makeTracedThreads(slots, inits, res)
 		return ts, nil, err

@@ -313,6 +313,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	}
 	phase("describe", t1)
 	d.Threads = describeThreads(src, threads, alts)
+	d.TIDRefs = loaderLockOwners(src, pmaps, threadIDs(pid, &info.status, threads))
 	d.XState = lead.xstate
 	d.SigMask = lead.sigmask
 	d.Rseq = descriptor.Rseq{Addr: lead.rseq.Addr, Len: lead.rseq.Size, Sig: lead.rseq.Sig, Flags: lead.rseq.Flags}
@@ -724,4 +725,25 @@ func readComm(id int) string {
 	}
 	c := strings.TrimSuffix(string(b), "\n")
 	return c[:min(len(c), descriptor.MaxComm)]
+}
+
+// threadIDs maps every tid the process sees for its threads to their index
+// in Descriptor.Threads (-1: the main thread, pid): the host tid and, for a
+// process in a PID namespace of its own (status lists more than one id),
+// the tid there, which is what glibc stores.
+func threadIDs(pid int, status *procfs.Status, threads []threadState) map[int32]int32 {
+	m := map[int32]int32{int32(pid): -1}
+	nested := len(status.NSpid) > 1
+	if nested {
+		m[int32(status.NSpid[len(status.NSpid)-1])] = -1
+	}
+	for i, ts := range threads {
+		m[int32(ts.tid)] = int32(i)
+		if nested {
+			if st, err := procfs.ReadStatus(ts.tid); err == nil && len(st.NSpid) > 0 {
+				m[int32(st.NSpid[len(st.NSpid)-1])] = int32(i)
+			}
+		}
+	}
+	return m
 }

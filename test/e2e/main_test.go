@@ -38,6 +38,8 @@ var (
 	parentStatic  string
 	parentDynamic string
 	mthreadsBin   string
+	dlparentBin   string
+	slowInitSo    string
 	mtParentPy    string
 	mtParentJS    string
 	parentPy      string
@@ -191,10 +193,14 @@ func setup() error {
 	parentStatic = filepath.Join(binDir, "parent-static")
 	parentDynamic = filepath.Join(binDir, "parent-dynamic")
 	mthreadsBin = filepath.Join(binDir, "mthreads")
+	dlparentBin = filepath.Join(binDir, "dlparent")
+	slowInitSo = filepath.Join(binDir, "libslowinit.so")
 	builds := [][]string{
 		{"gcc", "-O1", "-Wall", "-static", "-pthread", "-o", parentStatic, filepath.Join(td, "parent.c")},
 		{"gcc", "-O1", "-Wall", "-pthread", "-o", parentDynamic, filepath.Join(td, "parent.c")},
 		{"gcc", "-O1", "-Wall", "-pthread", "-o", mthreadsBin, filepath.Join(td, "mthreads.c")},
+		{"gcc", "-O1", "-Wall", "-shared", "-fPIC", "-o", slowInitSo, filepath.Join(td, "slowinit.c")},
+		{"gcc", "-O1", "-Wall", "-pthread", "-rdynamic", "-o", dlparentBin, filepath.Join(td, "dlparent.c"), "-ldl"},
 	}
 	for _, b := range builds {
 		if out, err := runTimeout(2*time.Minute, td, b[0], b[1:]...); err != nil {

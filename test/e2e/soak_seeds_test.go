@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -325,6 +326,7 @@ func runningChildThreads(seed string) string {
 			continue
 		}
 		fmt.Fprintf(&b, "child %s pid %d:\n", k.ID, k.PID)
+		var words []uint64
 		tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", k.PID))
 		for _, task := range tasks {
 			dir := fmt.Sprintf("/proc/%d/task/%s", k.PID, task.Name())
@@ -336,7 +338,39 @@ func runningChildThreads(seed string) string {
 				state = string(st[i+2 : i+3])
 			}
 			fmt.Fprintf(&b, "  tid %s state %s wchan %s syscall %s\n", task.Name(), state, wchan, strings.TrimSpace(string(sc)))
+			// A futex wait's word: the mapping it lies in.
+			if f := strings.Fields(string(sc)); len(f) > 1 && f[0] == "202" {
+				if a, err := strconv.ParseUint(strings.TrimPrefix(f[1], "0x"), 16, 64); err == nil {
+					fmt.Fprintf(&b, "    futex word %#x in %s\n", a, mappingOf(k.PID, a))
+					words = append(words, a)
+				}
+			}
+		}
+		// User stacks, when gdb is at hand (the child is not traced once
+		// it runs).
+		if gdb, err := exec.LookPath("gdb"); err == nil {
+			args := []string{"-p", strconv.Itoa(k.PID), "-batch", "-nx", "-ex", "thread apply all bt 12"}
+			for _, w := range words {
+				args = append(args, "-ex", fmt.Sprintf("x/8dw %#x", w))
+			}
+			out, _ := runTimeout(30*time.Second, "/", gdb, args...)
+			fmt.Fprintf(&b, "  gdb:\n%s\n", out)
 		}
 	}
 	return b.String()
+}
+
+// mappingOf returns the /proc/PID/maps line holding address a.
+func mappingOf(pid int, a uint64) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		return err.Error()
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		var lo, hi uint64
+		if _, err := fmt.Sscanf(l, "%x-%x", &lo, &hi); err == nil && a >= lo && a < hi {
+			return l
+		}
+	}
+	return "no mapping"
 }

@@ -375,3 +375,30 @@ func TestThreadsContainer(t *testing.T) {
 		return probs
 	})
 }
+
+// TestThreadsLoaderLock: a thread is inside dlopen() at the prepare point
+// (its library's constructor waits), holding the dynamic loader's
+// recursive lock, whose owner field is that thread's tid. In a child the
+// thread has another tid: unless the restore rewrites the owner, the
+// thread's dlopen cannot unlock and the next dlopen hangs (alarm: SIGALRM).
+// Every child and the parent finish both dlopens.
+func TestThreadsLoaderLock(t *testing.T) {
+	requireSetup(t)
+	p := startProc(t, "dlparent", dlparentBin, slowInitSo, "libm.so.6")
+	if _, err := p.waitLine("READY ", lineTimeout); err != nil {
+		t.Fatal(err)
+	}
+	seed := prepareSeed(t, p.pid, "loader-lock")
+	for i := 0; i < 3; i++ {
+		r := mitosis(forkTimeout, "fork", seed)
+		if !r.ok() || !strings.Contains(r.stdout, "ROLE child") || !strings.Contains(r.stdout, "DLOPEN ok") {
+			t.Errorf("child %d of a parent prepared inside dlopen():\n%s", i, r)
+		}
+	}
+	if err := syscall.Kill(p.pid, syscall.SIGUSR1); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := p.waitLine("DLOPEN ", lineTimeout); err != nil || l != "DLOPEN ok" {
+		t.Errorf("parent after prepare: %q (%v)\n%s", l, err, p.output())
+	}
+}
