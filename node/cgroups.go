@@ -1,15 +1,33 @@
 package node
 
 import (
+	"fmt"
+	"hash/fnv"
+	"path/filepath"
+
 	"github.com/mitosis-fork/mitosis/container"
 )
 
 // cgroupRoot is the cgroup (relative to the daemon's own) under which the
 // daemon makes every group: seeds' pools, function instances, containers.
-// It carries the node name, so daemons of several nodes on one host (the
-// test labs) keep apart, and a daemon knows what an earlier instance of
-// itself left: everything under it.
-func (d *Daemon) cgroupRoot() string { return "mitosis-" + d.node }
+func (d *Daemon) cgroupRoot() string { return CgroupRoot(d.node, d.cfg.StateDir) }
+
+// CgroupRoot names the cgroup (relative to the daemon's own) under which a
+// daemon of node `node` with state directory stateDir makes its groups. It
+// carries the node name and a hash of the state directory's absolute path:
+// a daemon knows what an earlier instance of itself (same state directory:
+// a restart, a successor) left, everything under it, and removes it at
+// start; two daemons that share a node name on one host (test labs run in
+// parallel, a second daemon started by mistake) keep apart instead of
+// killing each other's children.
+func CgroupRoot(node, stateDir string) string {
+	if abs, err := filepath.Abs(stateDir); err == nil {
+		stateDir = abs
+	}
+	h := fnv.New32a()
+	h.Write([]byte(stateDir))
+	return fmt.Sprintf("mitosis-%s-%08x", node, h.Sum32())
+}
 
 // cgroupName is the full name of the daemon's group name.
 func (d *Daemon) cgroupName(name string) string { return d.cgroupRoot() + "/" + name }

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -199,7 +200,9 @@ func (f *fnRegistry) infoLocked(fn *fnRec) FunctionInfo {
 		in.SeedRef = f.d.node + "/" + fn.seed.id
 	}
 	if fn.initErr != nil && fn.seed == nil {
-		in.InitError = fn.initErr.Error()
+		// The cause alone: whoever shows it says it is an initialization
+		// failure ("function X deployed, but its initialization failed: ...").
+		in.InitError = strings.TrimPrefix(fn.initErr.Error(), function.ErrInit.Error()+": ")
 	}
 	return in
 }

@@ -211,14 +211,14 @@ func daemonCgroups() int {
 			for _, m := range []string{"/sys/fs/cgroup", "/sys/fs/cgroup/unified"} {
 				var st syscall.Statfs_t
 				if syscall.Statfs(m, &st) == nil && st.Type == 0x63677270 { // CGROUP2_SUPER_MAGIC
-					roots = append(roots, filepath.Join(m, f[2], "mitosis-"+host))
+					roots = append(roots, filepath.Join(m, f[2], node.CgroupRoot(host, stateDir)))
 				}
 			}
 			continue
 		}
 		for _, c := range strings.Split(f[1], ",") {
 			if c == "memory" || c == "cpu" || c == "pids" {
-				roots = append(roots, filepath.Join("/sys/fs/cgroup", c, f[2], "mitosis-"+host))
+				roots = append(roots, filepath.Join("/sys/fs/cgroup", c, f[2], node.CgroupRoot(host, stateDir)))
 			}
 		}
 	}
