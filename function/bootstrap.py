@@ -158,7 +158,7 @@ def _shed():
         import ctypes
 
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+    except (ImportError, OSError, AttributeError):  # no ctypes, or not glibc
         pass
 
 
