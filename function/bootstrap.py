@@ -153,7 +153,8 @@ def _shed():
     import gc
 
     gc.collect()
-    gc.freeze()
+    if hasattr(gc, "freeze"):  # Python 3.7+
+        gc.freeze()
     try:
         import ctypes
 

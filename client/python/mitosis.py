@@ -70,7 +70,8 @@ def _shed():
     import gc
 
     gc.collect()
-    gc.freeze()
+    if hasattr(gc, "freeze"):  # Python 3.7+
+        gc.freeze()
     try:
         import ctypes
 
@@ -98,15 +99,18 @@ def prepare(name=None, socket_path=None, lean=True):
         role = _prepare(name, socket_path)
     except BaseException:
         if lean:
-            import gc
-
-            gc.unfreeze()
+            _unfreeze()
         raise
     if lean and role.is_parent:
-        import gc
-
-        gc.unfreeze()
+        _unfreeze()
     return role
+
+
+def _unfreeze():
+    import gc
+
+    if hasattr(gc, "unfreeze"):
+        gc.unfreeze()
 
 
 def _prepare(name, socket_path):
