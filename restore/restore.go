@@ -487,9 +487,8 @@ func (c *child) build(opts Options) error {
 		return err
 	}
 	// Gadget: code page + table + arena.
-	nTable := uint64(len(d.VMAs)*2+len(d.SigActions)+len(d.FDs)+64) * stub.EntrySize
-	nTable = max(nTable, threadTables(len(d.Threads)))
-	arenaSize := uint64(64 << 10)
+	nTable := uint64(len(d.VMAs)*2+len(d.SigActions)+len(d.FDs)+len(d.Threads)+64) * stub.EntrySize
+	arenaSize := uint64(64<<10) + threadTables(len(d.Threads))
 	for _, v := range d.VMAs {
 		arenaSize += uint64(len(v.Path)) + 8
 	}
@@ -823,19 +822,20 @@ func (c *child) build(opts Options) error {
 		b.Add("setresgid", unix.SYS_SETRESGID, uint64(cr.GID), uint64(cr.EGID), uint64(cr.SGID))
 		b.Add("setresuid", unix.SYS_SETRESUID, uint64(cr.UID), uint64(cr.EUID), uint64(cr.SUID))
 	}
-	if _, err := c.run(b); err != nil {
-		return fmt.Errorf("restore task state: %w", err)
-	}
-
-	mark("batch3")
 	var release func() error
-	if len(d.Threads) > 0 {
-		// After the shared task state (credentials, limits, signal
-		// handlers), which the new threads share or inherit.
+	if len(d.Threads) == 0 {
+		if _, err := c.run(b); err != nil {
+			return fmt.Errorf("restore task state: %w", err)
+		}
+		mark("batch3")
+	} else {
+		// The threads are cloned at the end of the same run, after the
+		// shared task state (credentials, limits, signal handlers),
+		// which they share or inherit.
 		var err error
-		c.threads, release, err = c.makeThreads()
+		c.threads, release, err = c.makeThreads(b)
 		if err != nil {
-			return fmt.Errorf("restore threads: %w", err)
+			return fmt.Errorf("restore task state and threads: %w", err)
 		}
 		mark("threads")
 	}

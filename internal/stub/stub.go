@@ -106,10 +106,12 @@ func code(parts ...[]byte) []byte {
 	return b
 }
 
-// Cloner is Runner for a table of clone(2) calls that create threads
+// Cloner is Runner for a table whose clone(2) calls create threads
 // (CLONE_VM|CLONE_THREAD...): the caller continues down the table, storing
-// each new thread's id, and stops (int3) after the last entry or at the
-// first error. Each entry's sixth argument (r9, unused by clone) is the
+// each call's result (a clone's: the new thread's id), and stops (int3)
+// after the last entry or at the first error. Entries other than clone(2)
+// run as in Runner, so one run can set the process's state and then make
+// its threads. Each entry's sixth argument (r9, unused by clone) is the
 // address of the new thread's own slot (see ThreadSlotHeader): a header,
 // then Runner entries. The new thread (rax 0 after the syscall) runs its
 // entries, storing each result, and then, with a futex word in its header,
@@ -123,18 +125,20 @@ func code(parts ...[]byte) []byte {
 var Cloner = code(
 	[]byte{
 		0x4d, 0x85, 0xe4, // loop: test r12, r12
-		0x74, 0x37, //       jz done
+		0x74, 0x3d, //       jz done
 	},
 	callEntry, //             +29
 	[]byte{
+		0x48, 0x83, 0x3b, 0x38, // cmp qword [rbx], 56 (clone)
+		0x75, 0x05, //             jne store
 		0x48, 0x85, 0xc0, //       test rax, rax
 		0x74, 0x16, //             jz child
-		0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+		0x48, 0x89, 0x43, 0x38, // store: mov [rbx+56], rax
 		0x48, 0x3d, 0x01, 0xf0, 0xff, 0xff, // cmp rax, -4095
 		0x73, 0x09, //             jae done
 		0x48, 0x83, 0xc3, 0x40, // add rbx, 64
 		0x49, 0xff, 0xcc, //       dec r12
-		0xeb, 0xc4, //             jmp loop
+		0xeb, 0xbe, //             jmp loop
 		0xcc,             //                   done: int3
 		0x4c, 0x89, 0xcb, //       child: mov rbx, r9
 		0x49, 0x89, 0xdd, //       mov r13, rbx
@@ -233,6 +237,13 @@ func (b *Batch) Data(data []byte) uint64 {
 	a := b.arenaAddr + uint64(len(b.arena))
 	b.arena = append(b.arena, data...)
 	return a
+}
+
+// Put overwrites arena bytes at addr with data.
+//
+// Precondition: [addr, addr+len(data)) was returned (in part) by Data.
+func (b *Batch) Put(addr uint64, data []byte) {
+	copy(b.arena[addr-b.arenaAddr:], data)
 }
 
 // String copies a NUL-terminated string into the arena.

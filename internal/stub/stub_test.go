@@ -396,9 +396,12 @@ func TestStubRunsBatch(t *testing.T) {
 		t.Errorf("empty batch stopped at rip %#x, want %#x", rip, done)
 	}
 
-	// Cloner: two threads, each running its own table (getpid, gettid)
-	// and parking in pause(2); the caller stops after the last clone.
+	// Cloner: a getpid and a prctl that returns 0 (not to be taken for a
+	// new thread), then two threads, each running its own table (getpid, gettid) and
+	// parking in pause(2); the caller stops after the last clone.
 	b = NewBatch(gadget+4096, 0x200)
+	b.Add("getpid", unix.SYS_GETPID)
+	b.Add("prctl PR_SET_KEEPCAPS 0", unix.SYS_PRCTL, unix.PR_SET_KEEPCAPS, 0)
 	var kids []uint64
 	for i := 0; i < 2; i++ {
 		own := NewBatch(0, 0)
@@ -412,10 +415,14 @@ func TestStubRunsBatch(t *testing.T) {
 		b.Add("clone", unix.SYS_CLONE, unix.CLONE_VM|unix.CLONE_FS|unix.CLONE_FILES|unix.CLONE_SIGHAND|unix.CLONE_THREAD, 0, 0, 0, 0, at)
 	}
 	table, rip = s.run(gadget+ClonerOffset, b)
-	if done := gadget + uint64(ClonerOffset) + 0x3d; rip != done {
+	if done := gadget + uint64(ClonerOffset) + 0x43; rip != done {
 		t.Errorf("cloner stopped at rip %#x, want %#x (after its int3)", rip, done)
 	}
 	tids := Results(table)
+	if tids[0] != uint64(s.pid) || tids[1] != 0 {
+		t.Errorf("cloner's other calls returned %#x, want [getpid %#x, prctl 0]", tids[:2], s.pid)
+	}
+	tids = tids[2:]
 	for i, at := range kids {
 		tid := tids[i]
 		if ptrace.Errno(tid) != nil || tid == NotRun || int(tid) == s.pid {
