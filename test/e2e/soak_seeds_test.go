@@ -260,46 +260,19 @@ func TestSoakSeeds(t *testing.T) {
 // TestThreadsLive does.
 func soakSeedChild(t *testing.T, c *client.Client, seed string, parentPID int, checks []string, in, out *os.File, digests map[string]int) bool {
 	t.Helper()
-	if err := out.Truncate(0); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := out.Seek(0, 0); err != nil {
-		t.Fatal(err)
-	}
-	type res struct {
-		info client.ChildInfo
-		exit client.ExitInfo
-		err  error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		info, exit, err := c.ForkAttachedWith(client.ForkRequest{Seed: seed}, in, out, out)
-		ch <- res{info, exit, err}
-	}()
-	var r res
-	select {
-	case r = <-ch:
-	case <-time.After(forkTimeout):
-		b, _ := os.ReadFile(out.Name())
+	r, err := forkAttachedFile(c, seed, in, out, func(sofar []byte) {
 		t.Fatalf("child of %s did not end within %v (the test's connection is stuck); its threads:\n%s\noutput so far:\n%s",
-			seed, forkTimeout, runningChildThreads(seed), b)
+			seed, forkTimeout, runningChildThreads(seed), sofar)
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	if r.err != nil {
 		t.Errorf("fork %s: %v", seed, r.err)
 		return false
 	}
-	b, err := os.ReadFile(out.Name())
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := parseOut(string(b))
-	probs := o.problems("child", checks)
-	if r.exit.Signal != 0 || r.exit.Code != 0 || r.exit.Error != "" {
-		probs = append(probs, fmt.Sprintf("%s (%+v)", exitText(r.exit.ShellCode()), r.exit))
-	}
-	if o.roleArg != strconv.Itoa(r.info.PID) || o.roleArg == strconv.Itoa(parentPID) {
-		probs = append(probs, fmt.Sprintf("ROLE %s %s, child pid %d", o.role, o.roleArg, r.info.PID))
-	}
+	o, probs := r.problems(checks, parentPID)
+	b := r.out
 	if len(probs) > 0 {
 		t.Errorf("child %s of %s: %s\n%s", r.info.ID, seed, strings.Join(probs, "; "), b)
 		return false

@@ -446,49 +446,20 @@ func (f *soakForker) worker(w, n int, next *atomic.Int64, bad func(int, string))
 				return err
 			}
 		}
-		if err := out.Truncate(0); err != nil {
+		r, err := forkAttachedFile(c, f.seed, in, out, nil)
+		if err != nil {
 			return err
 		}
-		if _, err := out.Seek(0, 0); err != nil {
-			return err
-		}
-		type res struct {
-			info client.ChildInfo
-			exit client.ExitInfo
-			err  error
-		}
-		ch := make(chan res, 1)
-		go func() {
-			info, exit, err := c.ForkAttachedWith(client.ForkRequest{Seed: f.seed}, in, out, out)
-			ch <- res{info, exit, err}
-		}()
-		var r res
-		select {
-		case r = <-ch:
-		case <-time.After(forkTimeout):
-			c.Close() // the daemon kills an attached child whose client is gone
-			<-ch
-			b, _ := os.ReadFile(out.Name())
-			bad(i, fmt.Sprintf("did not end within %v; output:\n%s", forkTimeout, b))
+		if r.timedOut {
+			bad(i, fmt.Sprintf("did not end within %v; output:\n%s", forkTimeout, r.out))
 			return nil
 		}
 		if r.err != nil {
 			bad(i, r.err.Error())
 			return nil
 		}
-		b, err := os.ReadFile(out.Name())
-		if err != nil {
-			return err
-		}
-		o := parseOut(string(b))
-		var probs []string
-		if r.exit.Signal != 0 || r.exit.Code != 0 || r.exit.Error != "" {
-			probs = append(probs, fmt.Sprintf("%s (%+v)", exitText(r.exit.ShellCode()), r.exit))
-		}
-		probs = append(probs, o.problems("child", cChecks)...)
-		if o.roleArg == strconv.Itoa(f.parentPID) || o.roleArg != strconv.Itoa(r.info.PID) {
-			probs = append(probs, fmt.Sprintf("child %s (pid %d) printed ROLE %s %s", r.info.ID, r.info.PID, o.role, o.roleArg))
-		}
+		o, probs := r.problems(cChecks, f.parentPID)
+		b := r.out
 		if len(probs) > 0 {
 			bad(i, fmt.Sprintf("%s: %s\n%s", r.info.ID, strings.Join(probs, "; "), b))
 			continue
@@ -501,6 +472,65 @@ func (f *soakForker) worker(w, n int, next *atomic.Int64, bad func(int, string))
 		f.done.Add(1)
 	}
 	return nil
+}
+
+// attachedRun is how an attached child of a soak ended.
+type attachedRun struct {
+	info     client.ChildInfo
+	exit     client.ExitInfo
+	out      []byte // its stdout and stderr
+	err      error  // the fork request's
+	timedOut bool   // it did not end within forkTimeout (c is closed then)
+}
+
+// forkAttachedFile forks an attached child of seed over c, with stdin in
+// and stdout and stderr into out (emptied first), and waits for it up to
+// forkTimeout. A child still running then is reported to onTimeout (if
+// set) with its output so far; c is closed, which makes the daemon kill
+// the child. The error is the test's own (the output file).
+func forkAttachedFile(c *client.Client, seed string, in, out *os.File, onTimeout func(sofar []byte)) (attachedRun, error) {
+	if err := out.Truncate(0); err != nil {
+		return attachedRun{}, err
+	}
+	if _, err := out.Seek(0, 0); err != nil {
+		return attachedRun{}, err
+	}
+	ch := make(chan attachedRun, 1)
+	go func() {
+		info, exit, err := c.ForkAttachedWith(client.ForkRequest{Seed: seed}, in, out, out)
+		ch <- attachedRun{info: info, exit: exit, err: err}
+	}()
+	var r attachedRun
+	select {
+	case r = <-ch:
+	case <-time.After(forkTimeout):
+		sofar, _ := os.ReadFile(out.Name())
+		if onTimeout != nil {
+			onTimeout(sofar)
+		}
+		c.Close() // the daemon kills an attached child whose client is gone
+		<-ch
+		return attachedRun{out: sofar, timedOut: true}, nil
+	}
+	var err error
+	r.out, err = os.ReadFile(out.Name())
+	return r, err
+}
+
+// problems parses the child's output and lists what is wrong with it: an
+// exit other than 0, a failed or missing check, a ROLE line that is not its
+// own pid (or is the parent's).
+func (r attachedRun) problems(checks []string, parentPID int) (progOut, []string) {
+	o := parseOut(string(r.out))
+	var probs []string
+	if r.exit.Signal != 0 || r.exit.Code != 0 || r.exit.Error != "" {
+		probs = append(probs, fmt.Sprintf("%s (%+v)", exitText(r.exit.ShellCode()), r.exit))
+	}
+	probs = append(probs, o.problems("child", checks)...)
+	if o.roleArg != strconv.Itoa(r.info.PID) || o.roleArg == strconv.Itoa(parentPID) {
+		probs = append(probs, fmt.Sprintf("child %s (pid %d) printed ROLE %s %s", r.info.ID, r.info.PID, o.role, o.roleArg))
+	}
+	return o, probs
 }
 
 // checkDigests reports children whose DIGEST is not the parent's.
