@@ -232,6 +232,7 @@ func TestUserConnectionCap(t *testing.T) {
 	d := startDaemonWith(t, "--socket-mode", "0666")
 	reachable(t, d)
 	before := countFDs(t, d.cmd.Process.Pid)
+	beforeList := fdList(d.cmd.Process.Pid)
 	cmd := exec.Command("/usr/bin/python3", "-c", connFlood, d.sock, "100")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uidA, Gid: uidA, Groups: []uint32{}}}
 	out, err := cmd.CombinedOutput()
@@ -246,10 +247,22 @@ func TestUserConnectionCap(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for countFDs(t, d.cmd.Process.Pid) > before {
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon holds %d descriptors after the flood; %d before", countFDs(t, d.cmd.Process.Pid), before)
+			t.Fatalf("daemon holds %d descriptors after the flood; %d before\nbefore: %s\nafter:  %s", countFDs(t, d.cmd.Process.Pid), before,
+				beforeList, fdList(d.cmd.Process.Pid))
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// fdList lists pid's open descriptors and what they are.
+func fdList(pid int) string {
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	var b strings.Builder
+	for _, e := range ents {
+		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		fmt.Fprintf(&b, "%s=%s ", e.Name(), l)
+	}
+	return b.String()
 }
 
 // countFDs counts pid's open descriptors.

@@ -332,38 +332,48 @@ func newSeedsCmd(g *Globals) *cobra.Command {
   mitosis seeds --json | jq -r '.[].id'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.Dial()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			seeds, err := c.Seeds()
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if asJSON {
-				return printJSON(out, seeds)
-			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tOWNER\tORIGIN\tPARENT\tSOURCE\tTHREADS\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE")
-			for _, s := range seeds {
-				origin, prep := "local", fmt.Sprintf("%.1fms", s.PrepareMS)
-				if s.Origin != "" {
-					origin, prep = "imported from "+s.Origin, "-"
-				}
-				remote := fmt.Sprint(s.Leases)
-				if len(s.LeaseNodes) > 0 {
-					remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, Dash(s.Name), ownerName(s.Owner), origin, pidOrDash(s.ParentPID),
-					pidOrDash(s.SourcePID), s.Threads, s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
-			}
-			return tw.Flush()
+			return list(cmd, g, asJSON, (*client.Client).Seeds,
+				"ID\tNAME\tOWNER\tORIGIN\tPARENT\tSOURCE\tTHREADS\tVMAS\tPAGES\tPREPARE\tCHILDREN\tREMOTE\tAGE",
+				func(tw io.Writer, s client.SeedInfo) {
+					origin, prep := "local", fmt.Sprintf("%.1fms", s.PrepareMS)
+					if s.Origin != "" {
+						origin, prep = "imported from "+s.Origin, "-"
+					}
+					remote := fmt.Sprint(s.Leases)
+					if len(s.LeaseNodes) > 0 {
+						remote += " (" + strings.Join(s.LeaseNodes, ",") + ")"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%s\t%d\t%s\t%s\n", s.ID, Dash(s.Name), ownerName(s.Owner), origin, pidOrDash(s.ParentPID),
+						pidOrDash(s.SourcePID), s.Threads, s.VMAs, s.PresentPages, prep, s.Children, remote, age(s.Created))
+				})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array")
 	return cmd
+}
+
+// list asks the daemon for a list (get), then prints it as a JSON array
+// or as a table: the header, then one row per element.
+func list[T any](cmd *cobra.Command, g *Globals, asJSON bool, get func(*client.Client) ([]T, error), header string, row func(io.Writer, T)) error {
+	c, err := g.Dial()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	items, err := get(c)
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	if asJSON {
+		return printJSON(out, items)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, it := range items {
+		row(tw, it)
+	}
+	return tw.Flush()
 }
 
 func newPSCmd(g *Globals) *cobra.Command {
@@ -375,34 +385,20 @@ func newPSCmd(g *Globals) *cobra.Command {
   mitosis ps --json | jq '.[] | select(.state == "running") | .pid'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.Dial()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			kids, err := c.PS()
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if asJSON {
-				return printJSON(out, kids)
-			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tSEED\tPID\tSTATE\tEXIT\tSTART\tSOURCE\tFAULTS\tFETCHED\tSHARED\tCOPIED\tZERO\tEAGER\tAGE\tERROR")
-			for _, k := range kids {
-				exit := "-"
-				switch k.State {
-				case client.StateExited:
-					exit = fmt.Sprint(k.ExitCode)
-				case client.StateKilled, client.StateFailed:
-					exit = "sig " + fmt.Sprint(k.Signal)
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
-					k.StartMS, Dash(k.Source), k.Faults, k.PagesFetched, k.PagesShared, k.PagesCopied, k.PagesZero, k.PagesEager,
-					age(k.Created), Dash(k.Error))
-			}
-			return tw.Flush()
+			return list(cmd, g, asJSON, (*client.Client).PS,
+				"ID\tSEED\tPID\tSTATE\tEXIT\tSTART\tSOURCE\tFAULTS\tFETCHED\tSHARED\tCOPIED\tZERO\tEAGER\tAGE\tERROR",
+				func(tw io.Writer, k client.ChildInfo) {
+					exit := "-"
+					switch k.State {
+					case client.StateExited:
+						exit = fmt.Sprint(k.ExitCode)
+					case client.StateKilled, client.StateFailed:
+						exit = "sig " + fmt.Sprint(k.Signal)
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%.1fms\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", k.ID, k.Seed, k.PID, k.State, exit,
+						k.StartMS, Dash(k.Source), k.Faults, k.PagesFetched, k.PagesShared, k.PagesCopied, k.PagesZero, k.PagesEager,
+						age(k.Created), Dash(k.Error))
+				})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print a JSON array")
