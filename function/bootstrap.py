@@ -17,7 +17,10 @@ MODE is
            daemon ($MITOSIS_SOCKET). Every invocation is a child forked from
            the seed: it resumes inside prepare() with the request as its
            payload, calls handle, writes one response line on its channel and
-           exits at once (os._exit: no interpreter teardown).
+           exits at once (os._exit: no interpreter teardown). A request with
+           "seed_name" (the node sets it for a stage, function.Request) is
+           kept instead: after a 200 answer the child prepares itself as a
+           seed of that name, and its children serve requests likewise.
     serve  run the initialization, report it, then serve requests read from
            the status socket one line at a time until it closes (a warm
            instance of the keep-alive policy; the cold policy sends one).
@@ -163,9 +166,9 @@ def _shed():
         pass
 
 
-def _prepare(name):
+def _prepare(name, path=None):
     """prepare-self through the daemon; keeps the connection in a child."""
-    path = os.environ.get("MITOSIS_SOCKET") or "/run/mitosis/mitosis.sock"
+    path = path or os.environ.get("MITOSIS_SOCKET") or "/run/mitosis/mitosis.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     fd = sock.detach()
@@ -211,12 +214,31 @@ def main(argv):
         os.close(fd)
         while True:
             signal.pause()
-    # A child: the payload is the request; answer on the channel and go.
-    try:
-        resp = _run(handle, reply.get("payload") or {})
-        _send(fd, resp)
-    finally:
-        os._exit(0)
+    # A child: the payload is the request; answer on the channel and go,
+    # unless the node asked to keep this instance as a stage seed: then,
+    # once it answered 200, it prepares itself under the name the node gave
+    # and its own children (later invocations naming that seed) resume
+    # there with their requests.
+    while True:
+        try:
+            payload = reply.get("payload") or {}
+            resp = _run(handle, payload)
+            _send(fd, resp)
+            stage = payload.get("seed_name")
+            if not stage or resp.get("status") != 200:
+                os._exit(0)
+            os.close(fd)  # a connected socket cannot be carried into children
+            _shed()
+            # On the daemon of the node this instance runs on: the
+            # environment names the seed's node.
+            fd, reply = _prepare(stage, payload.get("socket"))
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        if reply.get("role") == "parent":
+            os.close(fd)
+            while True:
+                signal.pause()
 
 
 if __name__ == "__main__":

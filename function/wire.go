@@ -24,6 +24,17 @@ type Request struct {
 	Path    string            `json:"path,omitempty"`
 	Query   string            `json:"query,omitempty"`
 	Headers map[string]string `json:"headers,omitempty"`
+	// Stage asks the node to keep the instance as a seed of the function
+	// once its handler has answered with status 200: a stage seed, which
+	// later invocations name to fork from (a workflow step's downstream
+	// steps inherit its memory). The node names the seed in SeedName; the
+	// instance replies first, then prepares itself under that name.
+	Stage    bool   `json:"stage,omitempty"`
+	SeedName string `json:"seed_name,omitempty"`
+	// Socket is the API socket of the node running the instance, where a
+	// stage prepares itself (the environment it inherited names the seed
+	// node's, which may be another).
+	Socket string `json:"socket,omitempty"`
 }
 
 // Reply is a function process's answer to one Request. Status 200 carries

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,6 +153,70 @@ func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 	wg.Wait()
 	g.log.Info("delete", "function", req.FunctionName)
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// deleteStageSeed removes a stage seed: on its node the seed and the
+// instance it was made of, on every other live node its import and page
+// cache. 202 once the seed's node removed it; 404 for an unknown function;
+// 502 when the seed's node is unreachable or failed (the seed may remain:
+// the function's removal removes it too).
+func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	if err != nil {
+		httpError(w, http.StatusBadRequest, "read body: "+err.Error())
+		return
+	}
+	var req DeleteStageSeedRequest
+	if err := decodeJSON(b, &req); err != nil || req.FunctionName == "" || req.Seed == "" {
+		httpError(w, http.StatusBadRequest, `malformed request: want {"functionName": "NAME", "seed": "NODE/SEED"}`)
+		return
+	}
+	if err := checkSeedRef(req.Seed); err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if _, ok := g.function(req.FunctionName); !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", req.FunctionName))
+		return
+	}
+	owner, _, _ := strings.Cut(req.Seed, "/")
+	body, _ := json.Marshal(node.StageRemoveRequest{Function: req.FunctionName, Seed: req.Seed})
+	ctx, cancel := context.WithTimeout(r.Context(), removeTimeout)
+	defer cancel()
+	var mu sync.Mutex
+	var ownerErr error
+	found := false
+	var wg sync.WaitGroup
+	for _, n := range g.view.Nodes() {
+		if n.Name == owner {
+			found = true
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
+			if err == nil {
+				_, err = cl.Call(ctx, node.CallFnStageRemove, body, removeTimeout)
+			}
+			if err != nil {
+				g.log.Warn("remove stage seed", "node", n.Name, "function", req.FunctionName, "seed", req.Seed, "err", err)
+				if n.Name == owner {
+					mu.Lock()
+					ownerErr = err
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	switch {
+	case !found:
+		httpError(w, http.StatusBadGateway, fmt.Sprintf("node %s of seed %s is not live", owner, req.Seed))
+	case ownerErr != nil:
+		httpError(w, http.StatusBadGateway, fmt.Sprintf("node %s: remove seed %s: %v", owner, req.Seed, ownerErr))
+	default:
+		w.WriteHeader(http.StatusAccepted)
+	}
 }
 
 // nodeFunctions asks every live node for its functions (bounded).

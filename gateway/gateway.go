@@ -281,6 +281,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("PUT /system/functions", g.authed(g.updateFunction))
 	mux.HandleFunc("DELETE /system/functions", g.authed(g.deleteFunction))
 	mux.HandleFunc("GET /system/function/{name}", g.authed(g.getFunction))
+	mux.HandleFunc("DELETE /system/stage-seeds", g.authed(g.deleteStageSeed))
 	mux.HandleFunc("GET /system/nodes", g.authed(g.listNodes))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))

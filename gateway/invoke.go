@@ -23,7 +23,20 @@ type call struct {
 	meta  []byte
 	body  []byte
 	start time.Time
+	seed  string // X-Mitosis-Seed: fork from this seed (NODE/SEED)
+	stage bool   // X-Mitosis-Stage: keep the instance as a stage seed
 }
+
+// Headers of stage seeds. A request with HeaderStage: true keeps its
+// instance, once it answered 200, as a seed of the function (a stage seed),
+// named NODE/SEED in the response's HeaderSeed; a request with HeaderSeed
+// forks from that seed instead of the function's own. A workflow step's
+// downstream steps inherit its memory this way. DELETE /system/stage-seeds
+// removes one.
+const (
+	HeaderSeed  = "X-Mitosis-Seed"
+	HeaderStage = "X-Mitosis-Stage"
+)
 
 // outcome is what a call produced.
 type outcome struct {
@@ -58,12 +71,25 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool
 func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 	hdr := map[string]string{}
 	for k, v := range r.Header {
-		if k == "Authorization" || len(v) == 0 {
+		if k == "Authorization" || k == HeaderSeed || k == HeaderStage || len(v) == 0 {
 			continue
 		}
 		hdr[k] = v[0]
 	}
-	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr}
+	seed := r.Header.Get(HeaderSeed)
+	if seed != "" {
+		if err := checkSeedRef(seed); err != nil {
+			return nil, err
+		}
+	}
+	var stage bool
+	if v := r.Header.Get(HeaderStage); v != "" {
+		var err error
+		if stage, err = strconv.ParseBool(v); err != nil {
+			return nil, &badRequest{fmt.Sprintf("%s: %q is not true or false", HeaderStage, v)}
+		}
+	}
+	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr, Stage: stage}
 	meta, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
@@ -71,7 +97,32 @@ func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 	if len(meta) > transport.MaxInvokeMeta {
 		return nil, fmt.Errorf("request headers of %d bytes exceed the limit of %d", len(meta), transport.MaxInvokeMeta)
 	}
-	return &call{fn: fn, meta: meta, body: body, start: time.Now()}, nil
+	return &call{fn: fn, meta: meta, body: body, start: time.Now(), seed: seed, stage: stage}, nil
+}
+
+// badRequest is a malformed request header (400, where newCall's other
+// errors are 431).
+type badRequest struct{ msg string }
+
+func (e *badRequest) Error() string { return e.msg }
+
+// callError answers newCall's error.
+func callError(w http.ResponseWriter, err error) {
+	var br *badRequest
+	if errors.As(err, &br) {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	httpError(w, http.StatusRequestHeaderFieldsTooLarge, err.Error())
+}
+
+// checkSeedRef validates a NODE/SEED reference of a request header.
+func checkSeedRef(ref string) error {
+	node, id, ok := strings.Cut(ref, "/")
+	if !ok || node == "" || id == "" || len(ref) > transport.MaxSeedID+transport.MaxNodeName+1 || strings.ContainsAny(ref, " \t\r\n") || strings.Contains(id, "/") {
+		return &badRequest{fmt.Sprintf("%s: %q is not NODE/SEED (the %s header of the response that made the stage seed)", HeaderSeed, ref, HeaderSeed)}
+	}
+	return nil
 }
 
 func (g *Gateway) invokeSync(w http.ResponseWriter, r *http.Request) {
@@ -86,7 +137,7 @@ func (g *Gateway) invokeSync(w http.ResponseWriter, r *http.Request) {
 	}
 	c, err := newCall(r, name, body)
 	if err != nil {
-		httpError(w, http.StatusRequestHeaderFieldsTooLarge, err.Error())
+		callError(w, err)
 		return
 	}
 	o := g.run(r.Context(), c)
@@ -112,6 +163,9 @@ func (g *Gateway) respond(w http.ResponseWriter, c *call, o outcome) {
 	h.Set("X-Mitosis-Start-Seconds", strconv.FormatFloat(o.resp.Start.Seconds(), 'f', 6, 64))
 	h.Set("X-Mitosis-Run-Seconds", strconv.FormatFloat(o.resp.Run.Seconds(), 'f', 6, 64))
 	h.Set("X-Mitosis-Queue-Seconds", strconv.FormatFloat(o.queued.Seconds(), 'f', 6, 64))
+	if o.resp.Seed != "" {
+		h.Set(HeaderSeed, o.resp.Seed)
+	}
 	if o.resp.Status >= 500 && len(o.resp.Body) == 0 {
 		httpError(w, o.resp.Status, o.resp.Error)
 		return
@@ -154,12 +208,15 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		return outcome{status: http.StatusNotFound, msg: fmt.Sprintf("function %q not found", c.fn)}
 	}
 	spec := fr.Spec
+	if (c.seed != "" || c.stage) && !spec.Policy.Seeded() {
+		return outcome{status: http.StatusBadRequest, msg: fmt.Sprintf("%s and %s need a function of policy fork or local-fork; %s is %s", HeaderSeed, HeaderStage, c.fn, spec.Policy)}
+	}
 	avoid := map[string]bool{}
 	var queued time.Duration
 	var last outcome
 	for attempt := 0; attempt < maxAttempts; attempt++ {
-		seed := ""
-		if spec.Policy == function.PolicyFork {
+		seed := c.seed
+		if seed == "" && spec.Policy == function.PolicyFork {
 			ref, err := g.waitSeed(ctx, spec)
 			if errors.Is(err, function.ErrInit) {
 				return outcome{status: http.StatusInternalServerError, msg: err.Error()}
@@ -332,7 +389,11 @@ func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
 	}
 	c, err := newCall(r, name, body)
 	if err != nil {
-		httpError(w, http.StatusRequestHeaderFieldsTooLarge, err.Error())
+		callError(w, err)
+		return
+	}
+	if c.stage {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("%s needs a synchronous invocation (/function/%s): its response names the seed", HeaderStage, name))
 		return
 	}
 	id := r.Header.Get("X-Call-Id")

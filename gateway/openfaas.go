@@ -64,6 +64,14 @@ type DeleteFunctionRequest struct {
 	FunctionName string `json:"functionName"`
 }
 
+// DeleteStageSeedRequest is the body of DELETE /system/stage-seeds: the
+// stage seed Seed ("NODE/SEED", from an invocation's X-Mitosis-Seed) of
+// function FunctionName. A mitosis extension of the OpenFaaS API.
+type DeleteStageSeedRequest struct {
+	FunctionName string `json:"functionName"`
+	Seed         string `json:"seed"`
+}
+
 // Namespace is the only namespace this provider has (OpenFaaS's default).
 const Namespace = "openfaas-fn"
 

@@ -8,9 +8,12 @@ package node
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -33,6 +36,9 @@ const (
 	CallFnRemove  = "fn-rm"
 	CallFnList    = "fn-ls"
 	CallNodeStats = "node-stats"
+	// CallFnStageRemove removes a stage seed (StageRemoveRequest) and
+	// every node's import of it.
+	CallFnStageRemove = "fn-stage-rm"
 )
 
 // DefaultInstanceMemory is the memory an instance of a function without a
@@ -57,6 +63,14 @@ type DeployRequest struct {
 // RemoveRequest removes a function from a node (CallFnRemove).
 type RemoveRequest struct {
 	Name string `json:"name"`
+}
+
+// StageRemoveRequest removes a stage seed of a function (CallFnStageRemove):
+// on the seed's node, the seed and the instance it was made of; on every
+// other node, its import and node page cache.
+type StageRemoveRequest struct {
+	Function string `json:"function"`
+	Seed     string `json:"seed"` // NODE/SEED, as the invocation reported it
 }
 
 // FunctionInfo describes a function deployed on a node.
@@ -104,12 +118,15 @@ type NodeStats struct {
 type fnRegistry struct {
 	d *Daemon
 
-	mu       sync.Mutex
-	fns      map[string]*fnRec
-	waiters  map[int]chan *seedRec // seed processes awaiting their prepare-self, by pid
-	running  int                   // invocations in progress on this node
-	reserved int64                 // memory reserved by instances (running and warm)
-	closed   bool
+	mu      sync.Mutex
+	fns     map[string]*fnRec
+	waiters map[int]chan *seedRec // seed processes awaiting their prepare-self, by pid
+	// stageWaiters are instances asked to become stage seeds, by the
+	// seed name they were given.
+	stageWaiters map[string]chan stagePrepared
+	running      int   // invocations in progress on this node
+	reserved     int64 // memory reserved by instances (running and warm)
+	closed       bool
 
 	bootstrapOnce sync.Once
 	bootstrap     string
@@ -131,6 +148,7 @@ type fnRec struct {
 	prepareMS float64
 
 	forkedFrom map[*seedRec]struct{} // seeds (local or imported) its children fork from
+	stages     map[string]*stageRec  // stage seeds made on this node, by seed id
 	kids       map[int]struct{}      // pids of running fork children
 	warm       []*warmInst           // idle warm instances, most recently used last
 	busy       map[*warmInst]struct{}
@@ -139,6 +157,21 @@ type fnRec struct {
 	invocations uint64
 	errors      uint64
 	removed     bool
+}
+
+// stageRec is a stage seed: an instance of the function kept, once it
+// answered, as a seed later invocations fork from (function.Request.Stage).
+// Its parent is that instance, paused in the runtime until the stage seed
+// is removed.
+type stageRec struct {
+	seed   *seedRec
+	parent *childRec
+}
+
+// stagePrepared is a prepare-self of an instance asked to become a stage.
+type stagePrepared struct {
+	pid  int
+	seed *seedRec
 }
 
 // warmInst is an instance of the keep-alive policy.
@@ -151,7 +184,7 @@ type warmInst struct {
 }
 
 func newFnRegistry(d *Daemon) *fnRegistry {
-	return &fnRegistry{d: d, fns: map[string]*fnRec{}, waiters: map[int]chan *seedRec{}}
+	return &fnRegistry{d: d, fns: map[string]*fnRec{}, waiters: map[int]chan *seedRec{}, stageWaiters: map[string]chan stagePrepared{}}
 }
 
 // reservation is the memory one instance of spec reserves.
@@ -180,11 +213,20 @@ func (f *fnRegistry) preparedSeed(pid int, s *seedRec) bool {
 	f.mu.Lock()
 	ch := f.waiters[pid]
 	delete(f.waiters, pid)
+	var sch chan stagePrepared
+	if ch == nil && s.name != "" {
+		sch = f.stageWaiters[s.name]
+		delete(f.stageWaiters, s.name)
+	}
 	f.mu.Unlock()
-	if ch == nil {
+	switch {
+	case ch != nil:
+		ch <- s
+	case sch != nil:
+		sch <- stagePrepared{pid, s} // buffered: the waiter may be gone
+	default:
 		return false
 	}
-	ch <- s
 	return true
 }
 
@@ -309,7 +351,7 @@ func (f *fnRegistry) newFn(spec function.Spec) (*fnRec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("deploy %s: log: %w", spec.Name, err)
 	}
-	return &fnRec{spec: spec, log: log, logPath: path, forkedFrom: map[*seedRec]struct{}{},
+	return &fnRec{spec: spec, log: log, logPath: path, forkedFrom: map[*seedRec]struct{}{}, stages: map[string]*stageRec{},
 		kids: map[int]struct{}{}, busy: map[*warmInst]struct{}{}}, nil
 }
 
@@ -438,6 +480,8 @@ func (f *fnRegistry) remove(name string) error {
 	}
 	seed, parent := fn.seed, fn.parent
 	fn.seed, fn.parent = nil, nil
+	stages := fn.stages
+	fn.stages = map[string]*stageRec{}
 	var imported []*seedRec
 	for s := range fn.forkedFrom {
 		if s.origin != "" && !f.usedByOtherLocked(s, fn) {
@@ -449,6 +493,9 @@ func (f *fnRegistry) remove(name string) error {
 		f.killInst(w)
 	}
 	f.dropSeed(seed, parent)
+	for _, st := range stages {
+		f.dropStage(st)
+	}
 	for _, s := range imported {
 		if err := f.d.remove(s.id, true); err != nil {
 			f.d.log.Warn("remove imported seed", "seed", s.id, "err", err)
@@ -670,6 +717,9 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 		if s, err = d.resolveSeed(ctx, seedRef); err != nil {
 			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s: %w", fn.spec.Name, seedRef, err)
 		}
+		if !seedOf(fn.spec.Name, s.name) {
+			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s (%q) is not a seed of this function", fn.spec.Name, seedRef, s.name)
+		}
 	case local != nil:
 		s = local
 	case initErr != nil:
@@ -687,6 +737,16 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 		s.pool = container.NewPool(d.cgroupName("seed-"+s.id), lim, max(d.cfg.CgroupPool, fnCgroupPool))
 	}
 	d.mu.Unlock()
+	freq.SeedName, freq.Socket = "", ""
+	var stage chan stagePrepared
+	if freq.Stage {
+		freq.SeedName, freq.Socket = stageSeedName(fn.spec.Name), d.cfg.Socket
+		stage = make(chan stagePrepared, 1)
+		f.mu.Lock()
+		f.stageWaiters[freq.SeedName] = stage
+		f.mu.Unlock()
+		defer f.abandonStage(freq.SeedName, stage)
+	}
 	payload, err := json.Marshal(freq)
 	if err != nil {
 		return transport.InvokeResponse{}, fmt.Errorf("invoke %s: encode request: %w", fn.spec.Name, err)
@@ -724,7 +784,131 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 		}
 		return failed(transport.KindFork, started, run, k.id, status, err), nil
 	}
-	return replyResponse(transport.KindFork, started, run, k.id, r), nil
+	resp := replyResponse(transport.KindFork, started, run, k.id, r)
+	if stage == nil || r.Status != http.StatusOK {
+		return resp, nil
+	}
+	// The instance answered; it now prepares itself as the stage seed.
+	select {
+	case sp := <-stage:
+		f.mu.Lock()
+		ok := !fn.removed && sp.pid == k.child.PID
+		if ok {
+			fn.stages[sp.seed.id] = &stageRec{seed: sp.seed, parent: k}
+		}
+		f.mu.Unlock()
+		if !ok {
+			f.dropStage(&stageRec{seed: sp.seed, parent: k})
+			return failed(transport.KindFork, started, run, k.id, 500, fmt.Errorf("function %s was removed while its instance became a stage seed", fn.spec.Name)), nil
+		}
+		resp.Seed = d.node + "/" + sp.seed.id
+		resp.Run = time.Since(start) - started
+		return resp, nil
+	case <-k.exited:
+		return failed(transport.KindFork, started, run, k.id, 500,
+			fmt.Errorf("function %s: the instance ended (%s) after it answered, before it became a stage seed; see %s", fn.spec.Name, exitString(k.exit), fn.logPath)), nil
+	case <-rctx.Done():
+		d.killChild(k)
+		return failed(transport.KindFork, started, run, k.id, 504,
+			fmt.Errorf("function %s: the instance answered but was not prepared as a stage seed within %v", fn.spec.Name, timeout)), nil
+	}
+}
+
+// stageSeedName is a fresh seed name for a stage seed of function fn.
+func stageSeedName(fn string) string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return "fn." + fn + ".stage." + hex.EncodeToString(b[:])
+}
+
+// isStageName reports whether a seed name is a stage seed's.
+func isStageName(name string) bool {
+	return strings.HasPrefix(name, "fn.") && strings.Contains(name, ".stage.")
+}
+
+// seedOf reports whether a seed named name belongs to function fn: its
+// seed or one of its stage seeds.
+func seedOf(fn, name string) bool {
+	return name == "fn."+fn || strings.HasPrefix(name, "fn."+fn+".stage.")
+}
+
+// abandonStage forgets the stage waiter of an invocation that is over
+// and removes a stage seed that was made but not taken (the invocation
+// failed or timed out as the instance prepared itself).
+func (f *fnRegistry) abandonStage(name string, ch chan stagePrepared) {
+	f.mu.Lock()
+	delete(f.stageWaiters, name)
+	f.mu.Unlock()
+	select {
+	case sp := <-ch:
+		f.mu.Lock()
+		taken := false
+		for _, fn := range f.fns {
+			if st := fn.stages[sp.seed.id]; st != nil {
+				taken = true
+			}
+		}
+		f.mu.Unlock()
+		if !taken {
+			f.dropStage(&stageRec{seed: sp.seed})
+			if k := f.d.childByPID(sp.pid); k != nil {
+				f.d.killChild(k)
+			}
+		}
+	default:
+	}
+}
+
+// dropStage removes a stage seed and ends the instance it was made of.
+func (f *fnRegistry) dropStage(st *stageRec) {
+	if err := f.d.remove(st.seed.id, true); err != nil {
+		f.d.log.Warn("remove stage seed", "seed", st.seed.id, "err", err)
+	}
+	if st.parent != nil {
+		f.d.killChild(st.parent)
+	}
+}
+
+// removeStage removes the stage seed ref ("NODE/SEED") of function name:
+// the seed and its parent instance when this node made it, else this
+// node's import of it (and its page cache). A stage seed this node does
+// not know is not an error: every node is asked.
+func (f *fnRegistry) removeStage(name, ref string) error {
+	node, id := splitSeedRef(ref)
+	if node == "" || id == "" {
+		return fmt.Errorf("%s: seed %q: want NODE/SEED", CallFnStageRemove, ref)
+	}
+	d := f.d
+	if node == d.node {
+		f.mu.Lock()
+		fn := f.fns[name]
+		var st *stageRec
+		if fn != nil {
+			st = fn.stages[id]
+			delete(fn.stages, id)
+		}
+		f.mu.Unlock()
+		if st == nil {
+			return nil
+		}
+		f.dropStage(st)
+		return nil
+	}
+	d.mu.Lock()
+	s := d.importedLocked(node, id)
+	d.mu.Unlock()
+	if s == nil || !seedOf(name, s.name) {
+		return nil
+	}
+	f.mu.Lock()
+	if fn := f.fns[name]; fn != nil {
+		delete(fn.forkedFrom, s)
+	}
+	f.mu.Unlock()
+	if err := d.remove(s.id, true); err != nil {
+		return fmt.Errorf("%s: remove the import of %s: %w", CallFnStageRemove, ref, err)
+	}
+	return nil
 }
 
 func exitString(e client.ExitInfo) string {
@@ -963,12 +1147,18 @@ func (f *fnRegistry) call(ctx context.Context, op string, body []byte) (any, err
 			return nil, fmt.Errorf("%s: malformed request: %w", op, err)
 		}
 		return struct{}{}, f.remove(req.Name)
+	case CallFnStageRemove:
+		var req StageRemoveRequest
+		if err := json.Unmarshal(body, &req); err != nil {
+			return nil, fmt.Errorf("%s: malformed request: %w", op, err)
+		}
+		return struct{}{}, f.removeStage(req.Function, req.Seed)
 	case CallFnList:
 		return f.list(false), nil
 	case CallNodeStats:
 		return f.stats(), nil
 	}
-	return nil, fmt.Errorf("unknown call %q (want %s, %s, %s or %s)", op, CallFnDeploy, CallFnRemove, CallFnList, CallNodeStats)
+	return nil, fmt.Errorf("unknown call %q (want %s, %s, %s, %s or %s)", op, CallFnDeploy, CallFnRemove, CallFnStageRemove, CallFnList, CallNodeStats)
 }
 
 // maxConcurrency is the node's limit of invocations at once.
@@ -1028,7 +1218,7 @@ func (f *fnRegistry) ownsSeed(s *seedRec) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, fn := range f.fns {
-		if fn.seed == s {
+		if fn.seed == s || fn.stages[s.id] != nil {
 			return true
 		}
 	}

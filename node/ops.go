@@ -88,7 +88,15 @@ func (d *Daemon) prepare(pid int, name string, channelFD int, po prepareOpts) (c
 	info := d.seedInfoLocked(rec)
 	d.mu.Unlock()
 	d.recordFrozen()
-	d.fn.preparedSeed(pid, rec)
+	if !d.fn.preparedSeed(pid, rec) && isStageName(name) {
+		// A stage seed nobody here waits for (its invocation ended, or
+		// it asked another node's daemon): it would belong to no
+		// function and live until removed by hand.
+		if err := d.remove(rec.id, true); err != nil {
+			d.log.Warn("remove unclaimed stage seed", "seed", rec.id, "err", err)
+		}
+		return client.SeedInfo{}, fmt.Errorf("prepare pid %d: no invocation on node %s awaits stage seed %q", pid, d.node, name)
+	}
 	d.metrics.prepares.Inc()
 	if po.ttl > 0 {
 		time.AfterFunc(time.Until(rec.expires), func() { d.expire(rec) })
@@ -725,3 +733,15 @@ func (d *Daemon) childInfos(c caller) []client.ChildInfo {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// childByPID finds a running child by its process id.
+func (d *Daemon) childByPID(pid int) *childRec {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, k := range d.children {
+		if k.pid() == pid && !k.hasExited() {
+			return k
+		}
+	}
+	return nil
+}

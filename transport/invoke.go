@@ -86,6 +86,9 @@ type InvokeResponse struct {
 	ContentType string
 	Error       string
 	Body        []byte
+	// Seed is "NODE/SEED" of the stage seed the instance became, when the
+	// request asked for one (function.Request.Stage).
+	Seed string
 }
 
 // Invoker is implemented by a Provider that runs function invocations.
@@ -145,7 +148,7 @@ func checkInvokeRequest(r InvokeRequest) error {
 // MaxMessage).
 func (r *InvokeResponse) Encode() []byte {
 	msg := truncate(r.Error, MaxMessage)
-	e := encoder{b: make([]byte, 0, 32+len(r.Child)+len(r.ContentType)+len(msg)+len(r.Body))}
+	e := encoder{b: make([]byte, 0, 34+len(r.Child)+len(r.ContentType)+len(msg)+len(r.Body)+len(r.Seed))}
 	e.u16(uint16(r.Status))
 	e.u8(r.Kind)
 	e.u64(uint64(max(r.Start, 0).Microseconds()))
@@ -154,6 +157,11 @@ func (r *InvokeResponse) Encode() []byte {
 	e.str16(r.ContentType)
 	e.str16(msg)
 	e.blob32(r.Body)
+	if r.Seed != "" {
+		// Optional and last: a response without it decodes on peers
+		// that predate it.
+		e.str16(r.Seed)
+	}
 	return e.b
 }
 
@@ -172,6 +180,11 @@ func DecodeInvokeResponse(p []byte) (InvokeResponse, error) {
 	r.ContentType = d.str16("content type", 256)
 	r.Error = d.str16("error", MaxMessage)
 	r.Body = d.blob32("body", MaxInvokeBody)
+	if d.err == nil && len(d.b) > 0 {
+		if r.Seed = d.str16("seed", MaxSeedID+MaxNodeName+1); d.err == nil && r.Seed == "" {
+			d.fail("empty stage seed") // absent, not empty, when there is none
+		}
+	}
 	return r, d.done("invoke response")
 }
 

@@ -28,28 +28,31 @@ func seedFrames() map[string][]byte {
 	em := ErrorMsg{Code: CodeUnknownSeed, Msg: "unknown seed a/s9"}
 	ir := InvokeRequest{Function: "fn", Seed: "a/s1", Timeout: 1500 * time.Millisecond, Meta: []byte(`{"method":"POST"}`), Body: []byte("hello")}
 	iresp := InvokeResponse{Status: 200, Kind: KindFork, Start: 1200 * time.Microsecond, Run: 3 * time.Millisecond, Child: "c-1", ContentType: "text/plain", Body: []byte("world")}
+	sresp := iresp
+	sresp.Seed = "a/s-12"
 	return map[string][]byte{
-		"invokereq":  AppendFrame(nil, TypeInvokeReq, 7, ir.Encode()),
-		"invokeresp": AppendFrame(nil, TypeInvokeResp, 7, iresp.Encode()),
-		"callreq":    AppendFrame(nil, TypeCallReq, 8, EncodeCall("fn-deploy", []byte(`{"name":"fn"}`))),
-		"callresp":   AppendFrame(nil, TypeCallResp, 8, []byte{2, 0, 0, 0, '{', '}'}),
-		"challenge":  AppendFrame(nil, TypeChallenge, 0, ch.Encode()),
-		"hello":      AppendFrame(nil, TypeHello, 0, h.Encode()),
-		"auth":       AppendFrame(nil, TypeAuth, 0, a.Encode()),
-		"descreq":    AppendFrame(nil, TypeDescReq, 1, EncodeSeed("a/s1")),
-		"descresp":   AppendFrame(nil, TypeDescResp, 1, desc.Encode()),
-		"pagesreq":   AppendFrame(nil, TypePagesReq, 2, pr.Encode()),
-		"pagesresp":  AppendFrame(nil, TypePagesResp, 2, bytes.Repeat([]byte{0xab}, 3*PageSize)),
-		"forkreq":    AppendFrame(nil, TypeForkReq, 3, fr.Encode()),
-		"forkresp":   AppendFrame(nil, TypeForkResp, 3, (&ForkResponse{Children: []ForkedChild{{"c1", 10, 300}, {"c2", 11, 310}}}).Encode()),
-		"leasereq":   AppendFrame(nil, TypeLeaseReq, 4, lr.Encode()),
-		"leaseresp":  AppendFrame(nil, TypeLeaseResp, 4, nil),
-		"ping":       AppendFrame(nil, TypePing, 5, nil),
-		"pong":       AppendFrame(nil, TypePong, 5, nil),
-		"error":      AppendFrame(nil, TypeError, 6, em.Encode()),
-		"huge":       {0xff, 0xff, 0xff, 0xff, TypePagesResp, 1, 0, 0, 0, 0, 0, 0, 0},
-		"short":      {9, 0, 0, 0, TypePing},
-		"http":       []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+		"invokereq":   AppendFrame(nil, TypeInvokeReq, 7, ir.Encode()),
+		"invokestage": AppendFrame(nil, TypeInvokeResp, 7, sresp.Encode()),
+		"invokeresp":  AppendFrame(nil, TypeInvokeResp, 7, iresp.Encode()),
+		"callreq":     AppendFrame(nil, TypeCallReq, 8, EncodeCall("fn-deploy", []byte(`{"name":"fn"}`))),
+		"callresp":    AppendFrame(nil, TypeCallResp, 8, []byte{2, 0, 0, 0, '{', '}'}),
+		"challenge":   AppendFrame(nil, TypeChallenge, 0, ch.Encode()),
+		"hello":       AppendFrame(nil, TypeHello, 0, h.Encode()),
+		"auth":        AppendFrame(nil, TypeAuth, 0, a.Encode()),
+		"descreq":     AppendFrame(nil, TypeDescReq, 1, EncodeSeed("a/s1")),
+		"descresp":    AppendFrame(nil, TypeDescResp, 1, desc.Encode()),
+		"pagesreq":    AppendFrame(nil, TypePagesReq, 2, pr.Encode()),
+		"pagesresp":   AppendFrame(nil, TypePagesResp, 2, bytes.Repeat([]byte{0xab}, 3*PageSize)),
+		"forkreq":     AppendFrame(nil, TypeForkReq, 3, fr.Encode()),
+		"forkresp":    AppendFrame(nil, TypeForkResp, 3, (&ForkResponse{Children: []ForkedChild{{"c1", 10, 300}, {"c2", 11, 310}}}).Encode()),
+		"leasereq":    AppendFrame(nil, TypeLeaseReq, 4, lr.Encode()),
+		"leaseresp":   AppendFrame(nil, TypeLeaseResp, 4, nil),
+		"ping":        AppendFrame(nil, TypePing, 5, nil),
+		"pong":        AppendFrame(nil, TypePong, 5, nil),
+		"error":       AppendFrame(nil, TypeError, 6, em.Encode()),
+		"huge":        {0xff, 0xff, 0xff, 0xff, TypePagesResp, 1, 0, 0, 0, 0, 0, 0, 0},
+		"short":       {9, 0, 0, 0, TypePing},
+		"http":        []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
 	}
 }
 
@@ -439,5 +442,29 @@ func FuzzDecodeInvokeRequest(f *testing.F) {
 
 func FuzzDecodeInvokeResponse(f *testing.F) {
 	f.Add(payloadOf(seedFrames()["invokeresp"]))
+	f.Add(payloadOf(seedFrames()["invokestage"]))
 	f.Fuzz(func(t *testing.T, p []byte) { checkPayload(t, TypeInvokeResp, p) })
+}
+
+// TestInvokeResponseStageSeed: the stage seed travels as an optional
+// trailer; a response without it is the same bytes as before the field,
+// and an empty trailer is refused (it would not re-encode).
+func TestInvokeResponseStageSeed(t *testing.T) {
+	r := InvokeResponse{Status: 200, Kind: KindFork, Child: "c-1", Body: []byte("x")}
+	plain := r.Encode()
+	r.Seed = "a/s-9"
+	staged := r.Encode()
+	if len(staged) != len(plain)+2+len(r.Seed) {
+		t.Fatalf("stage seed trailer: %d bytes, want %d", len(staged)-len(plain), 2+len(r.Seed))
+	}
+	got, err := DecodeInvokeResponse(staged)
+	if err != nil || got.Seed != "a/s-9" {
+		t.Fatalf("decode with seed: %+v %v", got, err)
+	}
+	if got, err := DecodeInvokeResponse(plain); err != nil || got.Seed != "" {
+		t.Fatalf("decode without seed: %+v %v", got, err)
+	}
+	if _, err := DecodeInvokeResponse(append(plain, 0, 0)); err == nil {
+		t.Fatal("an empty stage seed trailer decoded")
+	}
 }

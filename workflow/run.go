@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	_ "embed"
 	"encoding/hex"
 	"encoding/json"
@@ -20,6 +21,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/mitosis-fork/mitosis/gateway"
 )
 
 //go:embed shim.py
@@ -162,53 +165,60 @@ func (rn *Runner) Run(ctx context.Context, spec *Spec, input json.RawMessage, tr
 
 // execution is one run in progress.
 type execution struct {
-	rn       *Runner
-	spec     *Spec
-	run      *Run
-	fn       string // the run's function
-	dir      string // its generated directory
-	deployed bool
-	rdb      *redis.Client
-	mu       sync.Mutex
-	results  map[string]json.RawMessage // non-source step -> result
-	keys     map[string]string          // source step -> storage key
+	rn      *Runner
+	spec    *Spec
+	run     *Run
+	fn      string // the workflow's function
+	stage   string // NODE/SEED of the run's stage seed (fork)
+	rdb     *redis.Client
+	mu      sync.Mutex
+	results map[string]json.RawMessage // non-source step -> result
+	keys    map[string]string          // source step -> storage key
 }
 
-func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMessage) error {
-	rn, spec, run := x.rn, x.spec, x.run
-	x.fn = "wf-" + run.ID
-	work := rn.WorkDir
-	if work == "" {
-		work = os.TempDir()
+// FunctionName is the gateway function of a workflow: its step runtime,
+// with the workflow's module imported in its initialization.
+func FunctionName(spec *Spec) string { return "wf-" + spec.Name }
+
+// Deploy deploys the workflow's function on the gateway (its seed holds
+// the step runtime with the workflow's module imported: every step
+// instance, of every run, is forked from it or from a run's stage seed
+// made of one), unless the definition and module deployed there are the
+// same. It reports whether it deployed. Run deploys when needed; Remove
+// undeploys.
+func (rn *Runner) Deploy(ctx context.Context, spec *Spec) (bool, error) {
+	fn := FunctionName(spec)
+	digest, err := specDigest(spec)
+	if err != nil {
+		return false, err
 	}
-	x.dir = filepath.Join(work, "mitosis-"+x.fn)
-	if err := os.MkdirAll(x.dir, 0o755); err != nil {
-		return err
+	code, body, err := rn.do(ctx, "GET", "/system/function/"+fn, nil)
+	if err != nil {
+		return false, fmt.Errorf("workflow %s: read its function: %w", spec.Name, err)
 	}
-	if err := os.WriteFile(filepath.Join(x.dir, "handler.py"), shim, 0o644); err != nil {
-		return err
-	}
-	var sources []*Step
-	for _, st := range order {
-		if len(st.After) == 0 {
-			sources = append(sources, st)
+	method := "POST"
+	switch code {
+	case http.StatusOK:
+		var st struct {
+			Annotations map[string]string `json:"annotations"`
 		}
-	}
-	type initStep struct {
-		Name  string   `json:"name"`
-		Call  string   `json:"call"`
-		After []string `json:"after,omitempty"`
-	}
-	init := []initStep{}
-	if run.Transfer == TransferFork {
-		for _, st := range sources {
-			init = append(init, initStep{Name: st.Name, Call: st.Call})
+		if json.Unmarshal(body, &st) == nil && st.Annotations[annotationDigest] == digest {
+			return false, nil
 		}
+		method = "PUT" // another definition or module: a new generation
+	case http.StatusNotFound:
+	default:
+		return false, fmt.Errorf("workflow %s: read its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
 	}
-	initJSON, _ := json.Marshal(init)
+	dir := rn.functionDir(spec)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return false, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "handler.py"), shim, 0o644); err != nil {
+		return false, err
+	}
 	env := map[string]string{
 		"MITOSIS_WF_DIR": spec.Dir, "MITOSIS_WF_MODULE": spec.Module,
-		"MITOSIS_WF_INIT": string(initJSON), "MITOSIS_WF_INPUT": string(input),
 		"exec_timeout": rn.timeout().String(),
 	}
 	if rn.RedisSocket != "" {
@@ -217,30 +227,104 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 	for k, v := range spec.Env {
 		env[k] = v
 	}
-	t0 := time.Now()
-	dep := map[string]any{"service": x.fn, "image": x.dir, "envVars": env,
+	dep := map[string]any{"service": fn, "image": dir, "envVars": env,
 		"limits":      map[string]string{"memory": spec.Memory},
-		"annotations": map[string]string{"com.mitosis.policy": "fork", "com.mitosis.workflow-run": run.ID}}
+		"annotations": map[string]string{"com.mitosis.policy": "fork", "com.mitosis.workflow": spec.Name, annotationDigest: digest}}
 	b, _ := json.Marshal(dep)
-	code, body, err := rn.do(ctx, "POST", "/system/functions", b)
+	code, body, err = rn.do(ctx, method, "/system/functions", b)
 	if err != nil {
-		return fmt.Errorf("deploy the run's function: %w", err)
+		return false, fmt.Errorf("workflow %s: deploy its function: %w", spec.Name, err)
 	}
-	if code != http.StatusConflict {
-		x.deployed = true
+	switch code {
+	case http.StatusAccepted:
+		return true, nil
+	case http.StatusConflict: // deployed meanwhile by another run
+		return false, nil
+	}
+	return false, fmt.Errorf("workflow %s: deploy its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
+}
+
+// Remove undeploys the workflow's function (its seed, instances and any
+// stage seed left on every node) and its generated directory.
+func (rn *Runner) Remove(ctx context.Context, spec *Spec) error {
+	b, _ := json.Marshal(map[string]string{"functionName": FunctionName(spec)})
+	code, body, err := rn.do(ctx, "DELETE", "/system/functions", b)
+	if err != nil {
+		return fmt.Errorf("workflow %s: delete its function: %w", spec.Name, err)
+	}
+	if code != http.StatusAccepted && code != http.StatusNotFound {
+		return fmt.Errorf("workflow %s: delete its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
+	}
+	return os.RemoveAll(rn.functionDir(spec))
+}
+
+// annotationDigest is the function annotation holding specDigest.
+const annotationDigest = "com.mitosis.workflow-digest"
+
+// specDigest identifies a definition and its module's contents (and the
+// step runtime's), so a changed workflow is deployed again.
+func specDigest(spec *Spec) (string, error) {
+	h := sha256.New()
+	b, _ := json.Marshal(spec)
+	h.Write(b)
+	h.Write(shim)
+	mod, err := os.ReadFile(filepath.Join(spec.Dir, spec.Module+".py"))
+	if err != nil {
+		return "", fmt.Errorf("workflow %s: %w", spec.Name, err)
+	}
+	h.Write(mod)
+	return hex.EncodeToString(h.Sum(nil)[:12]), nil
+}
+
+func (rn *Runner) functionDir(spec *Spec) string {
+	work := rn.WorkDir
+	if work == "" {
+		work = os.TempDir()
+	}
+	return filepath.Join(work, "mitosis-"+FunctionName(spec))
+}
+
+func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMessage) error {
+	rn, spec, run := x.rn, x.spec, x.run
+	x.fn = FunctionName(spec)
+	t0 := time.Now()
+	if _, err := rn.Deploy(ctx, spec); err != nil {
+		return err
 	}
 	run.DeployMS = ms(time.Since(t0))
-	if code != http.StatusAccepted {
-		msg := strings.TrimSpace(string(body))
-		if run.Transfer == TransferFork && code == http.StatusInternalServerError {
-			// A source step raised during the init.
-			return &StepError{Step: strings.Join(names(sources), ","), Err: errors.New(msg)}
+	var sources []*Step
+	for _, st := range order {
+		if len(st.After) == 0 {
+			sources = append(sources, st)
 		}
-		return fmt.Errorf("deploy the run's function: HTTP %d: %s", code, msg)
 	}
-	for _, st := range sources {
-		if run.Transfer == TransferFork {
-			run.Steps = append(run.Steps, StepResult{Name: st.Name, InInit: true, MS: run.DeployMS})
+	if run.Transfer == TransferFork {
+		// One instance runs the sources, in order, and is kept as the
+		// run's stage seed: every later instance forks from it.
+		type initStep struct {
+			Name string `json:"name"`
+			Call string `json:"call"`
+		}
+		init := []initStep{}
+		for _, st := range sources {
+			init = append(init, initStep{Name: st.Name, Call: st.Call})
+		}
+		t := time.Now()
+		in, out, seed, err := x.invokeAs(ctx, map[string]any{"init": init, "input": input}, true)
+		if err != nil {
+			run.Steps = append(run.Steps, StepResult{Name: strings.Join(names(sources), ","), InInit: true, MS: ms(time.Since(t)),
+				Instances: []Instance{in}, Error: err.Error()})
+			return &StepError{Step: strings.Join(names(sources), ","), Err: err}
+		}
+		x.stage = seed
+		var took map[string]float64
+		_ = json.Unmarshal(out, &took)
+		for i, st := range sources {
+			r := StepResult{Name: st.Name, InInit: true, MS: took[st.Name], Nodes: nodes([]Instance{in})}
+			if i == 0 {
+				r.Instances = []Instance{in}
+			}
+			run.Steps = append(run.Steps, r)
 		}
 	}
 	if run.Transfer == TransferStorage {
@@ -255,7 +339,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			go func() {
 				defer wg.Done()
 				t := time.Now()
-				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "store": key})
+				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key})
 				res[i] = StepResult{Name: st.Name, MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
 				errs[i] = err
 			}()
@@ -408,11 +492,19 @@ type reply struct {
 	} `json:"t"`
 }
 
-// invoke runs one step instance through the gateway.
+// invoke runs one step instance through the gateway (under fork, a child
+// of the run's stage seed).
 func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, json.RawMessage, error) {
+	in, out, _, err := x.invokeAs(ctx, req, false)
+	return in, out, err
+}
+
+// invokeAs runs one step instance; with stage it is kept as a stage seed
+// once it answered, and its NODE/SEED is returned.
+func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool) (Instance, json.RawMessage, string, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
-		return Instance{}, nil, err
+		return Instance{}, nil, "", err
 	}
 	t0 := time.Now()
 	deadline := t0.Add(x.rn.timeout())
@@ -423,16 +515,22 @@ func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, j
 	for {
 		hreq, err := http.NewRequestWithContext(ctx, "POST", x.rn.Gateway+"/function/"+x.fn, bytes.NewReader(b))
 		if err != nil {
-			return Instance{}, nil, err
+			return Instance{}, nil, "", err
 		}
 		x.rn.auth(hreq)
+		if x.stage != "" {
+			hreq.Header.Set(gateway.HeaderSeed, x.stage)
+		}
+		if stage {
+			hreq.Header.Set(gateway.HeaderStage, "true")
+		}
 		if resp, err = x.rn.client().Do(hreq); err != nil {
-			return Instance{}, nil, err
+			return Instance{}, nil, "", err
 		}
 		body, err = io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if err != nil {
-			return Instance{}, nil, err
+			return Instance{}, nil, "", err
 		}
 		// 429: the cluster is at capacity for now; a workflow waits
 		// its turn rather than failing (until the step's bound).
@@ -445,37 +543,42 @@ func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, j
 		}
 		select {
 		case <-ctx.Done():
-			return Instance{}, nil, ctx.Err()
+			return Instance{}, nil, "", ctx.Err()
 		case <-time.After(wait):
 		}
 	}
 	in := Instance{Node: resp.Header.Get("X-Mitosis-Node"), MS: ms(time.Since(t0)),
 		StartMS: hdrMS(resp.Header, "X-Mitosis-Start-Seconds"), RunMS: hdrMS(resp.Header, "X-Mitosis-Run-Seconds")}
 	if resp.StatusCode != http.StatusOK {
-		return in, nil, fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
+		return in, nil, "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	seed := resp.Header.Get(gateway.HeaderSeed)
+	if stage && seed == "" {
+		return in, nil, "", fmt.Errorf("the gateway kept no stage seed of the instance (no %s header in its response)", gateway.HeaderSeed)
 	}
 	var r reply
 	if err := json.Unmarshal(body, &r); err != nil {
-		return in, nil, fmt.Errorf("malformed step reply %s: %w", abbrev(body), err)
+		return in, nil, seed, fmt.Errorf("malformed step reply %s: %w", abbrev(body), err)
 	}
 	in.CallMS, in.LoadMS, in.DeserMS, in.SerMS, in.StoreMS = r.T.RunMS, r.T.LoadMS, r.T.DeserMS, r.T.SerMS, r.T.StoreMS
 	in.BytesIn, in.BytesOut = r.T.BytesIn, r.Bytes
-	return in, r.Result, nil
+	return in, r.Result, seed, nil
 }
 
-// cleanup removes the run's function (its seed and children on every
-// node), its storage keys and its generated directory.
+// cleanup removes what the run made: its stage seed (the instance that ran
+// the sources, and every node's import of it) and its storage keys. The
+// workflow's function stays deployed for the next run (Runner.Remove).
 func (x *execution) cleanup() error {
 	var errs []error
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if x.deployed {
-		b, _ := json.Marshal(map[string]string{"functionName": x.fn})
-		code, body, err := x.rn.do(ctx, "DELETE", "/system/functions", b)
+	if x.stage != "" {
+		b, _ := json.Marshal(gateway.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.stage})
+		code, body, err := x.rn.do(ctx, "DELETE", "/system/stage-seeds", b)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("delete function %s: %w", x.fn, err))
-		} else if code != http.StatusAccepted && code != http.StatusNotFound {
-			errs = append(errs, fmt.Errorf("delete function %s: HTTP %d: %s", x.fn, code, strings.TrimSpace(string(body))))
+			errs = append(errs, fmt.Errorf("remove stage seed %s: %w", x.stage, err))
+		} else if code != http.StatusAccepted {
+			errs = append(errs, fmt.Errorf("remove stage seed %s: HTTP %d: %s", x.stage, code, strings.TrimSpace(string(body))))
 		}
 	}
 	if x.rdb != nil {
@@ -492,11 +595,6 @@ func (x *execution) cleanup() error {
 			if err := x.rdb.Del(ctx, keys...).Err(); err != nil {
 				errs = append(errs, fmt.Errorf("delete storage keys: %w", err))
 			}
-		}
-	}
-	if x.dir != "" {
-		if err := os.RemoveAll(x.dir); err != nil {
-			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

@@ -1,24 +1,24 @@
 """mitosis workflow step runtime: the handler.py of a workflow run's function.
 
-The workflow runner (package workflow) deploys this file as a function
-(OpenFaaS classic template: module-level code is the init, handle(req)
-serves one request) with the environment
+The workflow runner (package workflow) deploys this file once per workflow
+as a function (OpenFaaS classic template: module-level code is the init,
+handle(req) serves one request) with the environment
 
     MITOSIS_WF_DIR      directory of the user's workflow module
     MITOSIS_WF_MODULE   its name (default "workflow")
-    MITOSIS_WF_INIT     JSON list of steps to run at init, in order:
-                        [{"name": N, "call": F, "after": [UPSTREAM...]}]
-                        (the fork transfer: their results stay in this
-                        process, which becomes the run's seed)
-    MITOSIS_WF_INPUT    JSON input of the workflow (source steps get it)
     MITOSIS_WF_REDIS    unix socket path of the Redis server (storage)
 
-A request is one step instance, JSON:
+so its seed holds the imported module. A request is one step instance, JSON:
 
     {"call": F, "item": X?, "after": [UPSTREAM...], "inputs": [...]?,
-     "load": {UPSTREAM: KEY}?, "store": KEY?, "source": true?}
+     "load": {UPSTREAM: KEY}?, "store": KEY?, "source": true?, "input": I?}
 
-or {"result_of": STEP, "load": {...}?}, which returns that step's result.
+or {"result_of": STEP, "load": {...}?}, which returns that step's result,
+or (the fork transfer) {"init": [{"name": N, "call": F}...], "input": I},
+which runs the run's source steps in order and keeps their results in this
+process: the runner asks the gateway to keep that instance as the run's
+stage seed (X-Mitosis-Stage), and every later instance of the run is its
+child; it returns {"result": {N: MS}}, each step's time.
 
 Arguments, in order: the workflow input (source steps), the map item (a
 fan-out step), each upstream's result (taken in place from this process
@@ -37,15 +37,7 @@ import time
 
 sys.path.insert(0, os.environ["MITOSIS_WF_DIR"])
 _wf = importlib.import_module(os.environ.get("MITOSIS_WF_MODULE") or "workflow")
-_INPUT = json.loads(os.environ.get("MITOSIS_WF_INPUT") or "null")
-_STATE = {}  # step name -> result, for the steps run at init (fork transfer)
-_INIT_MS = {}
-
-for _st in json.loads(os.environ.get("MITOSIS_WF_INIT") or "[]"):
-    _t0 = time.perf_counter()
-    _args = [_INPUT] if not _st.get("after") else [_STATE[a] for a in _st["after"]]
-    _STATE[_st["name"]] = getattr(_wf, _st["call"])(*_args)
-    _INIT_MS[_st["name"]] = (time.perf_counter() - _t0) * 1000
+_STATE = {}  # step name -> result, for the source steps of a stage (fork transfer)
 
 
 def _ms(t0):
@@ -84,9 +76,16 @@ def _upstream(name, load, t):
 def handle(req):
     r = json.loads(req)
     t = {"load_ms": 0.0, "deser_ms": 0.0, "ser_ms": 0.0, "store_ms": 0.0, "bytes_in": 0}
+    if "init" in r:
+        took = {}
+        for st in r["init"]:
+            t0 = time.perf_counter()
+            _STATE[st["name"]] = getattr(_wf, st["call"])(r.get("input"))
+            took[st["name"]] = _ms(t0)
+        return json.dumps({"result": took, "t": t})
     args = []
     if r.get("source"):
-        args.append(_INPUT)
+        args.append(r.get("input"))
     if "item" in r:
         args.append(r["item"])
     load = r.get("load") or {}
@@ -108,4 +107,4 @@ def handle(req):
         _store().set(key, blob)
         t["store_ms"] = _ms(t0)
         return json.dumps({"stored": key, "bytes": len(blob), "t": t})
-    return json.dumps({"result": out, "t": t, "init_ms": _INIT_MS})
+    return json.dumps({"result": out, "t": t})

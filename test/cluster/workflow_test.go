@@ -84,6 +84,15 @@ func TestWorkflowFINRA(t *testing.T) {
 	ctx := context.Background()
 	pythons := func() []string { return pgrepFull(t, "mitosis-bootstrap.py") }
 	before := len(pythons())
+	// The workflow's function is deployed once; its seed and its parent
+	// are what stays between runs.
+	if deployed, err := rn.Deploy(ctx, spec); err != nil || !deployed {
+		t.Fatalf("deploy: %v (deployed %v)", err, deployed)
+	}
+	if deployed, err := rn.Deploy(ctx, spec); err != nil || deployed {
+		t.Fatalf("deploy of an unchanged workflow deployed again: %v (deployed %v)", err, deployed)
+	}
+	deployedProcs := len(pythons())
 
 	for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
 		t.Run(string(tr), func(t *testing.T) {
@@ -116,7 +125,7 @@ func TestWorkflowFINRA(t *testing.T) {
 					t.Errorf("fork run spent %.1f ms loading state from storage", transfer)
 				}
 				if st, _ := run.Step("fetch-portfolio"); !st.InInit {
-					t.Errorf("fork: fetch-portfolio did not run in the seed's init: %+v", st)
+					t.Errorf("fork: fetch-portfolio did not run in the run's stage seed: %+v", st)
 				}
 			case workflow.TransferStorage:
 				for _, in := range audit.Instances {
@@ -128,6 +137,7 @@ func TestWorkflowFINRA(t *testing.T) {
 			t.Logf("%s: %.0f ms end to end (deploy %.0f ms), audit on %v, %.1f ms in GET+unpickle",
 				tr, run.MS, run.DeployMS, audit.Nodes, transfer)
 			assertRunGone(t, p, rdb, run)
+			assertProcs(t, pythons, deployedProcs)
 		})
 	}
 
@@ -151,6 +161,10 @@ func TestWorkflowFINRA(t *testing.T) {
 			}
 			assertRunGone(t, p, rdb, run)
 		}
+		if err := rn.Remove(ctx, wc); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
 	})
 
 	t.Run("failing rule", func(t *testing.T) {
@@ -167,20 +181,39 @@ func TestWorkflowFINRA(t *testing.T) {
 				t.Fatalf("%s: error does not carry the rule's message: %v", tr, err)
 			}
 			assertRunGone(t, p, rdb, run)
+			assertProcs(t, pythons, deployedProcs)
 		}
 	})
-	// The step runtime's processes (seeds, frozen copies, children) are gone.
-	deadline := time.Now().Add(10 * time.Second)
-	for len(pythons()) > before && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Millisecond)
+	// Removing the workflow removes its function's seed and processes.
+	if err := rn.Remove(ctx, spec); err != nil {
+		t.Fatal(err)
 	}
-	if n := len(pythons()); n > before {
-		t.Errorf("%d step processes left: %v", n-before, pythons())
+	assertProcs(t, pythons, before)
+	for _, n := range p.lab.Nodes[:3] {
+		if left := seeds(t, n); len(left) > 0 {
+			t.Errorf("node %s holds seeds %v after the workflows were removed", n.Name, left)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(p.dir, "mitosis-"+workflow.FunctionName(spec))); !os.IsNotExist(err) {
+		t.Errorf("the workflow's function directory is left: %v", err)
 	}
 }
 
-// assertRunGone checks that a finished run left no seed on any node, no
-// function in the gateway and no Redis key.
+// assertProcs waits for the step runtime's processes to number want: a
+// run's stage seed, its parent instance and its children are gone.
+func assertProcs(t *testing.T, pythons func() []string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(pythons()) > want && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := len(pythons()); n > want {
+		t.Errorf("%d step processes left: %v", n-want, pythons())
+	}
+}
+
+// assertRunGone checks that a finished run left no stage seed on any node
+// (the workflow's function seed, and its imports, stay) and no Redis key.
 func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.Run) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -188,19 +221,18 @@ func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.R
 		var left []string
 		for _, n := range p.lab.Nodes[:3] {
 			for _, s := range seeds(t, n) {
-				left = append(left, n.Name+":"+s.Name)
+				if strings.Contains(s.Name, ".stage.") {
+					left = append(left, n.Name+":"+s.Name)
+				}
 			}
 		}
 		if len(left) == 0 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("run %s left seeds %v", run.ID, left)
+			t.Fatalf("run %s left stage seeds %v", run.ID, left)
 		}
 		time.Sleep(100 * time.Millisecond)
-	}
-	if code, _, body := p.request("GET", "/system/functions", "", true); code != 200 || strings.Contains(body, run.ID) {
-		t.Errorf("the run's function is still listed: %d %s", code, body)
 	}
 	if n, err := rdb.DBSize(context.Background()).Result(); err != nil || n != 0 {
 		t.Errorf("redis holds %d keys after run %s (%v)", n, run.ID, err)
