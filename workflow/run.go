@@ -188,7 +188,7 @@ func FunctionName(spec *Spec) string { return "wf-" + spec.Name }
 // undeploys.
 func (rn *Runner) Deploy(ctx context.Context, spec *Spec) (bool, error) {
 	fn := FunctionName(spec)
-	digest, err := specDigest(spec)
+	digest, err := rn.specDigest(spec)
 	if err != nil {
 		return false, err
 	}
@@ -261,13 +261,15 @@ func (rn *Runner) Remove(ctx context.Context, spec *Spec) error {
 // annotationDigest is the function annotation holding specDigest.
 const annotationDigest = "com.mitosis.workflow-digest"
 
-// specDigest identifies a definition and its module's contents (and the
-// step runtime's), so a changed workflow is deployed again.
-func specDigest(spec *Spec) (string, error) {
+// specDigest identifies a definition, its module's contents, the step
+// runtime and the runner settings in the function's environment, so a
+// changed workflow is deployed again.
+func (rn *Runner) specDigest(spec *Spec) (string, error) {
 	h := sha256.New()
 	b, _ := json.Marshal(spec)
 	h.Write(b)
 	h.Write(shim)
+	fmt.Fprintf(h, "\x00%s\x00%v\x00", rn.RedisSocket, rn.timeout())
 	mod, err := os.ReadFile(filepath.Join(spec.Dir, spec.Module+".py"))
 	if err != nil {
 		return "", fmt.Errorf("workflow %s: %w", spec.Name, err)

@@ -2,15 +2,16 @@
 // functions) on a mitosis gateway, passing state between steps either by
 // fork or through storage.
 //
-// Under TransferFork the workflow's source steps (the ones with no
-// upstream) run once, in the initialization of the run's function; that
-// process is prepared as the run's seed, and every later step instance is
-// a child forked from it on whichever node the gateway picks: it reads the
-// upstream results as the Python objects they are, in place, paging in only
-// what it touches. Under TransferStorage (the baseline platforms use today)
-// every step instance is a child of a seed that holds only the imported
-// module: source steps pickle their results into Redis and downstream
-// steps GET and unpickle them.
+// A workflow is deployed once as a gateway function (FunctionName) whose
+// seed holds the step runtime with the workflow's module imported. Under
+// TransferFork the run's source steps (the ones with no upstream) run in
+// one instance of it, which the gateway keeps as the run's stage seed once
+// it answers; every later step instance is a child forked from that on
+// whichever node the gateway picks: it reads the upstream results as the
+// Python objects they are, in place, paging in only what it touches. Under
+// TransferStorage (the baseline platforms use today) every step instance
+// is a child of the function's seed: source steps pickle their results into
+// Redis and downstream steps GET and unpickle them.
 //
 // A later step takes, in order: the map item (a fan-out step, one instance
 // per element of its Map step's list result), every source upstream's

@@ -97,6 +97,17 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 	}
 	spec.Memory = "2Gi"
 	rn := &workflow.Runner{Gateway: e.gw.URL, Token: token, HTTP: e.http, RedisSocket: sock, WorkDir: dir, Timeout: 10 * time.Minute}
+	// The workflow is deployed once, as a platform user would; each run
+	// then forks its instances (and, under fork, its stage seed) from the
+	// function's seed.
+	if _, err := rn.Deploy(ctx, spec); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err := rn.Remove(context.Background(), spec); err != nil && wc.Log != nil {
+			fmt.Fprintln(wc.Log, "remove the workflow:", err)
+		}
+	}()
 	var cells []WorkflowCell
 	for _, n := range wc.Trades {
 		for _, m := range wc.Rules {
@@ -153,6 +164,11 @@ func summarizeRuns(runs []*workflow.Run) WorkflowCell {
 			if st.Name == "fetch-portfolio" || st.Name == "fetch-market-data" {
 				if !st.InInit {
 					s += st.MS
+				}
+				for _, in := range st.Instances {
+					if st.InInit { // the stage instance, with its prepare
+						s += in.MS
+					}
 				}
 				for _, in := range st.Instances {
 					bytes += in.BytesOut

@@ -39,12 +39,17 @@ steps:
 
 Steps without "after" are sources and get the run's input; "map" runs a step
 once per element of a source step's list result, concurrently, over the
-cluster's nodes. Under --transfer fork (the default) the sources run once in
-the initialization of the run's seed and every later step is a child forked
-from it that reads their results in place; under --transfer storage each
-source pickles its result into Redis (--redis-socket) and each later step
-loads and unpickles it. The run's function, seed and keys are removed when
-it ends, also when a step fails (the step's error is the run's).`,
+cluster's nodes.
+
+The workflow is deployed once as the function wf-NAME (the step runtime with
+the module imported: its seed); run deploys it when it is missing or its
+definition or module changed, and rm removes it. Under --transfer fork (the
+default) one instance runs a run's sources and is kept as the run's stage
+seed; every later step is a child forked from it, on any node, that reads
+their results in place. Under --transfer storage each source pickles its
+result into Redis (--redis-socket) and each later step loads and unpickles
+it. The run's stage seed and keys are removed when it ends, also when a step
+fails (the step's error is the run's).`,
 	}
 	pf := wf.PersistentFlags()
 	pf.StringVar(&f.gateway, "gateway", "http://127.0.0.1:8080", "the gateway's URL")
@@ -136,7 +141,50 @@ it ends, also when a step fails (the step's error is the run's).`,
 			return tw.Flush()
 		},
 	}
-	wf.AddCommand(run, validate, ls)
+	deploy := &cobra.Command{
+		Use:   "deploy SPEC.json",
+		Short: "Deploy a workflow's function now (run does it when needed)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec, err := workflow.ReadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout}
+			if err := f.auth(rn); err != nil {
+				return err
+			}
+			deployed, err := rn.Deploy(cmd.Context(), spec)
+			if err != nil {
+				return err
+			}
+			what := "deployed"
+			if !deployed {
+				what = "already deployed, unchanged"
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "workflow %s: function %s %s\n", spec.Name, workflow.FunctionName(spec), what)
+			return nil
+		},
+	}
+	deploy.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
+	deploy.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
+	rm := &cobra.Command{
+		Use:   "rm SPEC.json",
+		Short: "Remove a workflow's function (its seed and instances on every node)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec, err := workflow.ReadSpec(args[0])
+			if err != nil {
+				return err
+			}
+			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/")}
+			if err := f.auth(rn); err != nil {
+				return err
+			}
+			return rn.Remove(cmd.Context(), spec)
+		},
+	}
+	wf.AddCommand(run, deploy, rm, validate, ls)
 	return wf
 }
 
@@ -171,7 +219,7 @@ func printRun(cmd *cobra.Command, r *workflow.Run) {
 		n := len(s.Instances)
 		where := strings.Join(s.Nodes, ",")
 		if s.InInit {
-			n, where = 1, "(seed init)"
+			n, where = 1, "(stage seed) "+where
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%s\n", s.Name, n, where, s.MS, s.TransferMS(), s.Error)
 	}
