@@ -718,6 +718,13 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s: %w", fn.spec.Name, seedRef, err)
 		}
 		if !seedOf(fn.spec.Name, s.name) {
+			f.mu.Lock()
+			unused := s.origin != "" && !f.usedByOtherLocked(s, nil)
+			f.mu.Unlock()
+			if unused {
+				// Imported for this request alone: do not keep it.
+				_ = d.remove(s.id, true)
+			}
 			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s (%q) is not a seed of this function", fn.spec.Name, seedRef, s.name)
 		}
 	case local != nil:

@@ -1,0 +1,153 @@
+package cluster
+
+import (
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// stageHandler keeps what "put:X" requests add in a module global: a stage
+// seed made of an instance carries it to the instances forked from it.
+const stageHandler = `
+STATE = []
+
+def handle(req):
+    if req.startswith("put:"):
+        STATE.append(req[4:])
+    if req == "fail":
+        raise ValueError("asked to fail")
+    return ",".join(STATE)
+`
+
+// TestStageSeeds: an invocation kept as a stage seed (X-Mitosis-Stage)
+// serves forks on every node with the memory it had when it answered;
+// wrong seed headers are refused; DELETE /system/stage-seeds and removing
+// the function leave no seed, import or process.
+func TestStageSeeds(t *testing.T) {
+	requireSetup(t)
+	p := startPlatform(t)
+	dir := filepath.Join(p.dir, "stagefn")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "handler.py"), []byte(stageHandler), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	deploy := func(name, policy string) {
+		b, _ := json.Marshal(map[string]any{"service": name, "image": dir,
+			"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.policy": policy}})
+		if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
+			t.Fatalf("deploy %s: %d %s", name, code, body)
+		}
+	}
+	pythons := func() []string { return pgrepFull(t, "mitosis-bootstrap.py") }
+	before := len(pythons())
+	deploy("keeper", "fork")
+	deploy("other", "fork")
+	deploy("warmfn", "keep-alive")
+
+	stage := func(fn, body string) (int, string, string) {
+		code, h, out := p.request("POST", "/function/"+fn, body, true, "-H", "X-Mitosis-Stage: true")
+		return code, h.Get("X-Mitosis-Seed"), out
+	}
+	code, ref, out := stage("keeper", "put:x")
+	if code != 200 || ref == "" || strings.TrimSpace(out) != "x" {
+		t.Fatalf("stage: %d seed %q body %q", code, ref, out)
+	}
+	_, oref, _ := stage("other", "put:o")
+	if oref == "" {
+		t.Fatal("no stage seed of other")
+	}
+
+	nodes := map[string]int{}
+	for i := 0; i < 9; i++ {
+		code, h, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref)
+		if code != 200 || strings.TrimSpace(out) != "x,y" {
+			t.Fatalf("fork of the stage seed: %d %q, want x,y", code, out)
+		}
+		nodes[h.Get("X-Mitosis-Node")]++
+	}
+	if len(nodes) < 2 {
+		t.Errorf("forks of the stage seed ran on %v only", nodes)
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:z", true); code != 200 || strings.TrimSpace(out) != "z" {
+		t.Errorf("the function's own seed changed: %d %q, want z", code, out)
+	}
+
+	for _, c := range []struct {
+		name, fn string
+		hdr      []string
+		code     int
+		msg      string
+	}{
+		{"malformed seed", "keeper", []string{"-H", "X-Mitosis-Seed: nonode"}, 400, "is not NODE/SEED"},
+		{"malformed stage", "keeper", []string{"-H", "X-Mitosis-Stage: maybe"}, 400, "is not true or false"},
+		{"another function's seed", "keeper", []string{"-H", "X-Mitosis-Seed: " + oref}, 502, "is not a seed of this function"},
+		{"unknown seed", "keeper", []string{"-H", "X-Mitosis-Seed: a/s-nosuch"}, 502, "s-nosuch"},
+		{"keep-alive function", "warmfn", []string{"-H", "X-Mitosis-Stage: true"}, 400, "policy fork or local-fork"},
+	} {
+		code, _, out := p.request("POST", "/function/"+c.fn, "put:q", true, c.hdr...)
+		if code != c.code || !strings.Contains(out, c.msg) {
+			t.Errorf("%s: %d %q, want %d with %q", c.name, code, out, c.code, c.msg)
+		}
+	}
+	if code, _, out := p.request("POST", "/async-function/keeper", "put:q", true, "-H", "X-Mitosis-Stage: true"); code != 400 || !strings.Contains(out, "synchronous") {
+		t.Errorf("async stage: %d %q, want 400", code, out)
+	}
+	// A failing instance is not kept.
+	if code, ref, out := stage("keeper", "fail"); code != 500 || ref != "" || !strings.Contains(out, "asked to fail") {
+		t.Errorf("failing stage: %d seed %q %q, want 500 and no seed", code, ref, out)
+	}
+
+	stageSeeds := func() []string {
+		var left []string
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if strings.Contains(s.Name, ".stage.") {
+					left = append(left, n.Name+":"+s.Name)
+				}
+			}
+		}
+		return left
+	}
+	rm := func(fn, ref string) (int, string) {
+		b, _ := json.Marshal(map[string]string{"functionName": fn, "seed": ref})
+		code, _, out := p.request("DELETE", "/system/stage-seeds", string(b), true)
+		return code, out
+	}
+	if code, out := rm("nosuchfn", ref); code != 404 {
+		t.Errorf("remove a stage seed of an unknown function: %d %q", code, out)
+	}
+	if code, out := rm("keeper", "bad"); code != 400 {
+		t.Errorf("remove a malformed seed: %d %q", code, out)
+	}
+	if code, out := rm("keeper", ref); code != http.StatusAccepted {
+		t.Fatalf("remove the stage seed: %d %q", code, out)
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
+		t.Errorf("a removed stage seed still forks: %q", out)
+	}
+	// other's stage seed goes with its function.
+	if code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"other"}`, true); code != http.StatusAccepted {
+		t.Fatalf("delete other: %d %s", code, body)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(stageSeeds()) > 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if left := stageSeeds(); len(left) > 0 {
+		t.Errorf("stage seeds left: %v", left)
+	}
+	// The stage instances and their frozen copies are gone: what is left
+	// is keeper's and warmfn's, less other's seed.
+	for _, fn := range []string{"keeper", "warmfn"} {
+		if code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"`+fn+`"}`, true); code != http.StatusAccepted {
+			t.Fatalf("delete %s: %d %s", fn, code, body)
+		}
+	}
+	assertProcs(t, pythons, before)
+}
