@@ -496,6 +496,18 @@ func (f *fnRegistry) remove(name string) error {
 	for _, st := range stages {
 		f.dropStage(st)
 	}
+	// Stage seeds this daemon did not make (handed over by a predecessor).
+	f.d.mu.Lock()
+	var inherited []*seedRec
+	for _, s := range f.d.seeds {
+		if s.origin == "" && !s.removing && isStageName(s.name) && seedOf(name, s.name) {
+			inherited = append(inherited, s)
+		}
+	}
+	f.d.mu.Unlock()
+	for _, s := range inherited {
+		f.dropStage(&stageRec{seed: s})
+	}
 	for _, s := range imported {
 		if err := f.d.remove(s.id, true); err != nil {
 			f.d.log.Warn("remove imported seed", "seed", s.id, "err", err)
@@ -896,7 +908,15 @@ func (f *fnRegistry) removeStage(name, ref string) error {
 		}
 		f.mu.Unlock()
 		if st == nil {
-			return nil
+			// Not made by this daemon (a predecessor handed it over):
+			// the seed by its id, if it is one of the function's.
+			d.mu.Lock()
+			s := d.seeds[id]
+			d.mu.Unlock()
+			if s == nil || s.origin != "" || !isStageName(s.name) || !seedOf(name, s.name) {
+				return nil
+			}
+			st = &stageRec{seed: s}
 		}
 		f.dropStage(st)
 		return nil

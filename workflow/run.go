@@ -44,6 +44,15 @@ type Runner struct {
 	WorkDir string
 	// Timeout bounds one step instance (default 5 minutes).
 	Timeout time.Duration
+	// StageSeed makes the fork transfer keep an instance of the
+	// workflow's function, which ran the sources, as the run's stage seed.
+	// By default each run starts a fresh step runtime instead: a function
+	// of the run's own whose initialization runs the sources and whose
+	// seed every later instance forks from (removed with the run). That
+	// pays the runtime's start and imports on every run, yet measured
+	// faster end to end (BENCHMARKS.md): its seed is one hop from the
+	// instances, where a stage seed is made of a lazily paged child.
+	StageSeed bool
 }
 
 // Instance is one step instance's outcome.
@@ -168,8 +177,9 @@ type execution struct {
 	rn      *Runner
 	spec    *Spec
 	run     *Run
-	fn      string // the workflow's function
+	fn      string // the workflow's function, or the run's own
 	stage   string // NODE/SEED of the run's stage seed (fork)
+	runFn   bool   // fn is the run's own function, removed with it
 	rdb     *redis.Client
 	mu      sync.Mutex
 	results map[string]json.RawMessage // non-source step -> result
@@ -210,12 +220,28 @@ func (rn *Runner) Deploy(ctx context.Context, spec *Spec) (bool, error) {
 	default:
 		return false, fmt.Errorf("workflow %s: read its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
 	}
-	dir := rn.functionDir(spec)
+	code, body, err = rn.deployFunction(ctx, spec, method, fn, rn.functionDir(spec), nil,
+		map[string]string{"com.mitosis.workflow": spec.Name, annotationDigest: digest})
+	if err != nil {
+		return false, fmt.Errorf("workflow %s: deploy its function: %w", spec.Name, err)
+	}
+	switch code {
+	case http.StatusAccepted:
+		return true, nil
+	case http.StatusConflict: // deployed meanwhile by another run
+		return false, nil
+	}
+	return false, fmt.Errorf("workflow %s: deploy its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
+}
+
+// deployFunction deploys the step runtime as function fn from dir, with
+// extra environment and annotations.
+func (rn *Runner) deployFunction(ctx context.Context, spec *Spec, method, fn, dir string, extra, annotations map[string]string) (int, []byte, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return false, err
+		return 0, nil, err
 	}
 	if err := os.WriteFile(filepath.Join(dir, "handler.py"), shim, 0o644); err != nil {
-		return false, err
+		return 0, nil, err
 	}
 	env := map[string]string{
 		"MITOSIS_WF_DIR": spec.Dir, "MITOSIS_WF_MODULE": spec.Module,
@@ -227,21 +253,13 @@ func (rn *Runner) Deploy(ctx context.Context, spec *Spec) (bool, error) {
 	for k, v := range spec.Env {
 		env[k] = v
 	}
-	dep := map[string]any{"service": fn, "image": dir, "envVars": env,
-		"limits":      map[string]string{"memory": spec.Memory},
-		"annotations": map[string]string{"com.mitosis.policy": "fork", "com.mitosis.workflow": spec.Name, annotationDigest: digest}}
-	b, _ := json.Marshal(dep)
-	code, body, err = rn.do(ctx, method, "/system/functions", b)
-	if err != nil {
-		return false, fmt.Errorf("workflow %s: deploy its function: %w", spec.Name, err)
+	for k, v := range extra {
+		env[k] = v
 	}
-	switch code {
-	case http.StatusAccepted:
-		return true, nil
-	case http.StatusConflict: // deployed meanwhile by another run
-		return false, nil
-	}
-	return false, fmt.Errorf("workflow %s: deploy its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
+	annotations["com.mitosis.policy"] = "fork"
+	b, _ := json.Marshal(map[string]any{"service": fn, "image": dir, "envVars": env,
+		"limits": map[string]string{"memory": spec.Memory}, "annotations": annotations})
+	return rn.do(ctx, method, "/system/functions", b)
 }
 
 // Remove undeploys the workflow's function (its seed, instances and any
@@ -300,7 +318,34 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			sources = append(sources, st)
 		}
 	}
-	if run.Transfer == TransferFork {
+	if run.Transfer == TransferFork && !rn.StageSeed {
+		// A function of the run's own runs the sources in its
+		// initialization; its seed is the run's.
+		init := []map[string]string{}
+		for _, st := range sources {
+			init = append(init, map[string]string{"name": st.Name, "call": st.Call})
+		}
+		initJSON, _ := json.Marshal(init)
+		x.fn, x.runFn = "wf-"+run.ID, true
+		t := time.Now()
+		code, body, err := rn.deployFunction(ctx, spec, "POST", x.fn, rn.functionDir(spec)+"-"+run.ID,
+			map[string]string{"MITOSIS_WF_INIT": string(initJSON), "MITOSIS_WF_INPUT": string(input)},
+			map[string]string{"com.mitosis.workflow-run": run.ID})
+		if err != nil {
+			return fmt.Errorf("deploy the run's function: %w", err)
+		}
+		run.DeployMS += ms(time.Since(t))
+		if code != http.StatusAccepted {
+			msg := strings.TrimSpace(string(body))
+			if code == http.StatusInternalServerError { // a source raised in the init
+				return &StepError{Step: strings.Join(names(sources), ","), Err: errors.New(msg)}
+			}
+			return fmt.Errorf("deploy the run's function: HTTP %d: %s", code, msg)
+		}
+		for _, st := range sources {
+			run.Steps = append(run.Steps, StepResult{Name: st.Name, InInit: true, MS: ms(time.Since(t))})
+		}
+	} else if run.Transfer == TransferFork {
 		// One instance runs the sources, in order, and is kept as the
 		// run's stage seed: every later instance forks from it.
 		type initStep struct {
@@ -574,6 +619,18 @@ func (x *execution) cleanup() error {
 	var errs []error
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	if x.runFn {
+		b, _ := json.Marshal(map[string]string{"functionName": x.fn})
+		code, body, err := x.rn.do(ctx, "DELETE", "/system/functions", b)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("delete function %s: %w", x.fn, err))
+		} else if code != http.StatusAccepted && code != http.StatusNotFound {
+			errs = append(errs, fmt.Errorf("delete function %s: HTTP %d: %s", x.fn, code, strings.TrimSpace(string(body))))
+		}
+		if err := os.RemoveAll(x.rn.functionDir(x.spec) + "-" + x.run.ID); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if x.stage != "" {
 		b, _ := json.Marshal(gateway.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.stage})
 		code, body, err := x.rn.do(ctx, "DELETE", "/system/stage-seeds", b)

@@ -32,6 +32,10 @@ type WorkflowConfig struct {
 	// RunsOut, if set, receives every run's record (workflow.Run, one
 	// JSON object per line) with its steps' and instances' timings.
 	RunsOut *os.File
+	// ForkSeeds are the fork transfer's ways to make a run's seed, each
+	// measured in the same interleaved rounds: "per-run" (a fresh runtime
+	// per run; the default) and "stage" (workflow.Runner.StageSeed).
+	ForkSeeds []string
 }
 
 // WorkflowCell is the medians of one (trades, rules, transfer) cell.
@@ -40,6 +44,7 @@ type WorkflowCell struct {
 	StateMB    float64           `json:"state_mb"` // pickled size of the two sources
 	Rules      int               `json:"rules"`
 	Transfer   workflow.Transfer `json:"transfer"`
+	ForkSeed   string            `json:"fork_seed,omitempty"` // fork: "stage" or "per-run"
 	Runs       int               `json:"runs"`
 	MS         float64           `json:"ms_median"`     // end to end
 	SourcesMS  float64           `json:"sources_ms"`    // deploy (fork: sources in init) + storage's source steps
@@ -63,6 +68,14 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 	}
 	if wc.NodeConc <= 0 {
 		wc.NodeConc = 8
+	}
+	if len(wc.ForkSeeds) == 0 {
+		wc.ForkSeeds = []string{"per-run"}
+	}
+	for _, fs := range wc.ForkSeeds {
+		if fs != "stage" && fs != "per-run" {
+			return nil, fmt.Errorf("fork seed %q: want stage or per-run", fs)
+		}
 	}
 	dir, err := os.MkdirTemp("", "mitosis-wfbench-")
 	if err != nil {
@@ -112,15 +125,25 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 	for _, n := range wc.Trades {
 		for _, m := range wc.Rules {
 			input, _ := json.Marshal(map[string]int{"trades": n, "rules": m, "window": wc.Window})
-			var runs [2][]*workflow.Run
+			type variant struct {
+				tr   workflow.Transfer
+				seed string
+			}
+			var vs []variant
+			for _, fs := range wc.ForkSeeds {
+				vs = append(vs, variant{workflow.TransferFork, fs})
+			}
+			vs = append(vs, variant{tr: workflow.TransferStorage})
+			runs := make([][]*workflow.Run, len(vs))
 			for i := 0; i < wc.Runs; i++ {
-				for k, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+				for k, v := range vs {
 					if ctx.Err() != nil {
 						return cells, ctx.Err()
 					}
-					r, err := rn.Run(ctx, spec, input, tr)
+					rn.StageSeed = v.seed == "stage"
+					r, err := rn.Run(ctx, spec, input, v.tr)
 					if err != nil {
-						return cells, fmt.Errorf("trades %d rules %d %s: %w", n, m, tr, err)
+						return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
 					}
 					runs[k] = append(runs[k], r)
 					if wc.RunsOut != nil {
@@ -129,23 +152,26 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					}
 				}
 			}
-			var digest [2]string
-			for k, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			first := len(cells)
+			for k, v := range vs {
 				c := summarizeRuns(runs[k])
-				c.Trades, c.Rules, c.Transfer = n, m, tr
-				var res struct{ Digest string }
-				_ = json.Unmarshal(runs[k][0].Result, &res)
-				digest[k] = res.Digest
+				c.Trades, c.Rules, c.Transfer, c.ForkSeed = n, m, v.tr, v.seed
 				cells = append(cells, c)
 			}
-			if digest[0] != digest[1] || digest[0] == "" {
-				return cells, fmt.Errorf("trades %d rules %d: fork and storage verdicts differ (%q vs %q)", n, m, digest[0], digest[1])
+			st := cells[len(cells)-1]
+			var sd struct{ Digest string }
+			_ = json.Unmarshal(runs[len(vs)-1][0].Result, &sd)
+			for k := range vs[:len(vs)-1] {
+				var res struct{ Digest string }
+				_ = json.Unmarshal(runs[k][0].Result, &res)
+				if res.Digest != sd.Digest || res.Digest == "" {
+					return cells, fmt.Errorf("trades %d rules %d: fork (%s) and storage verdicts differ (%q vs %q)", n, m, vs[k].seed, res.Digest, sd.Digest)
+				}
+				f := &cells[first+k]
+				f.StateMB = st.StateMB
+				e.logf("workflow trades %d (%.0f MB pickled) rules %d: fork (%s seed) %.0f ms, storage %.0f ms (%.0f%% faster); per rule: fork %.1f ms, storage %.1f ms of which GET+unpickle %.1f ms",
+					n, st.StateMB, m, f.ForkSeed, f.MS, st.MS, 100*(1-f.MS/st.MS), f.RuleMS, st.RuleMS, st.RuleXferMS)
 			}
-			sm := cells[len(cells)-1].StateMB
-			cells[len(cells)-2].StateMB = sm
-			f, s := cells[len(cells)-2], cells[len(cells)-1]
-			e.logf("workflow trades %d (%.0f MB pickled) rules %d: fork %.0f ms, storage %.0f ms (%.0f%% faster); per rule: fork %.1f ms, storage %.1f ms of which GET+unpickle %.1f ms",
-				n, sm, m, f.MS, s.MS, 100*(1-f.MS/s.MS), f.RuleMS, s.RuleMS, s.RuleXferMS)
 		}
 	}
 	return cells, nil
@@ -212,11 +238,22 @@ func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, c := range cells {
 		faster := ""
-		if c.Transfer == workflow.TransferFork && i+1 < len(cells) {
-			faster = fmt.Sprintf("%.0f%%", 100*(1-c.MS/cells[i+1].MS))
+		if c.Transfer == workflow.TransferFork {
+			// Against the storage cell of the same grid point, after the
+			// fork variants.
+			for _, s := range cells[i+1:] {
+				if s.Transfer == workflow.TransferStorage {
+					faster = fmt.Sprintf("%.0f%%", 100*(1-c.MS/s.MS))
+					break
+				}
+			}
+		}
+		tr := string(c.Transfer)
+		if c.ForkSeed != "" {
+			tr += " (" + c.ForkSeed + " seed)"
 		}
 		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %s |\n",
-			c.Trades, c.StateMB, c.Rules, c.Transfer, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, faster)
+			c.Trades, c.StateMB, c.Rules, tr, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, faster)
 	}
 	return b.String()
 }
@@ -224,16 +261,24 @@ func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 // WorkflowChart renders end-to-end time per cell, fork vs storage.
 func WorkflowChart(cells []WorkflowCell) string {
 	var cats []string
-	fork := plot.Series{Name: "fork"}
-	stor := plot.Series{Name: "storage"}
+	var series []plot.Series
+	idx := map[string]int{}
 	for _, c := range cells {
-		if c.Transfer == workflow.TransferFork {
-			cats = append(cats, fmt.Sprintf("%dk trades, M=%d", c.Trades/1000, c.Rules))
-			fork.Values = append(fork.Values, c.MS)
-		} else {
-			stor.Values = append(stor.Values, c.MS)
+		name := string(c.Transfer)
+		if c.ForkSeed != "" {
+			name += " (" + c.ForkSeed + " seed)"
 		}
+		k, ok := idx[name]
+		if !ok {
+			k = len(series)
+			idx[name] = k
+			series = append(series, plot.Series{Name: name})
+		}
+		if k == 0 {
+			cats = append(cats, fmt.Sprintf("%dk trades, M=%d", c.Trades/1000, c.Rules))
+		}
+		series[k].Values = append(series[k].Values, c.MS)
 	}
 	return plot.BarChart(plot.Chart{Title: "FINRA workflow end to end: fork-based state transfer vs pickle through Redis", YLabel: "ms (log)", LogY: true,
-		Footer: "3 network-namespace nodes; medians; examples/finra"}, cats, []plot.Series{fork, stor})
+		Footer: "3 network-namespace nodes; medians; examples/finra"}, cats, series)
 }

@@ -21,7 +21,7 @@ import (
 type workflowFlags struct {
 	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
 	timeout                                                                 time.Duration
-	jsonOut                                                                 bool
+	jsonOut, stage                                                          bool
 }
 
 func newWorkflowCmd() *cobra.Command {
@@ -44,9 +44,10 @@ cluster's nodes.
 The workflow is deployed once as the function wf-NAME (the step runtime with
 the module imported: its seed); run deploys it when it is missing or its
 definition or module changed, and rm removes it. Under --transfer fork (the
-default) one instance runs a run's sources and is kept as the run's stage
-seed; every later step is a child forked from it, on any node, that reads
-their results in place. Under --transfer storage each source pickles its
+default) the run's sources run in the initialization of a runtime started
+for the run (or, with --stage-seed, in one instance of wf-NAME kept as the
+run's stage seed), and every later step is a child forked from that seed, on
+any node, that reads their results in place. Under --transfer storage each source pickles its
 result into Redis (--redis-socket) and each later step loads and unpickles
 it. The run's stage seed and keys are removed when it ends, also when a step
 fails (the step's error is the run's).`,
@@ -79,7 +80,7 @@ fails (the step's error is the run's).`,
 			if f.input != "" && !json.Valid([]byte(f.input)) {
 				return fmt.Errorf("--input %q is not JSON", f.input)
 			}
-			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout}
+			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, StageSeed: f.stage}
 			if err := f.auth(rn); err != nil {
 				return err
 			}
@@ -106,6 +107,7 @@ fails (the step's error is the run's).`,
 	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
 	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
 	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
+	run.Flags().BoolVar(&f.stage, "stage-seed", false, "fork: keep an instance of the workflow's function that ran the sources as the run's seed, instead of starting a runtime for the run (slower as measured: see BENCHMARKS.md)")
 
 	validate := &cobra.Command{
 		Use:   "validate SPEC.json",

@@ -94,8 +94,15 @@ func TestWorkflowFINRA(t *testing.T) {
 	}
 	deployedProcs := len(pythons())
 
-	for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
-		t.Run(string(tr), func(t *testing.T) {
+	for _, v := range []struct {
+		name  string
+		tr    workflow.Transfer
+		stage bool
+	}{{"fork", workflow.TransferFork, false}, {"fork-stage-seed", workflow.TransferFork, true}, {"storage", workflow.TransferStorage, false}} {
+		tr := v.tr
+		t.Run(v.name, func(t *testing.T) {
+			rn.StageSeed = v.stage
+			defer func() { rn.StageSeed = false }()
 			run, err := rn.Run(ctx, spec, json.RawMessage(input), tr)
 			if err != nil {
 				t.Fatalf("run: %v", err)
@@ -124,8 +131,8 @@ func TestWorkflowFINRA(t *testing.T) {
 				if transfer != 0 {
 					t.Errorf("fork run spent %.1f ms loading state from storage", transfer)
 				}
-				if st, _ := run.Step("fetch-portfolio"); !st.InInit {
-					t.Errorf("fork: fetch-portfolio did not run in the run's stage seed: %+v", st)
+				if st, _ := run.Step("fetch-portfolio"); !st.InInit || (v.stage && len(st.Instances) != 1) {
+					t.Errorf("fork: fetch-portfolio did not run in the run's seed: %+v", st)
 				}
 			case workflow.TransferStorage:
 				for _, in := range audit.Instances {
@@ -149,8 +156,11 @@ func TestWorkflowFINRA(t *testing.T) {
 		}
 		const in = `{"docs": 20000, "shards": 6}`
 		want := reference(t, wcPath, in)
-		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, wc, json.RawMessage(in), tr)
+			if tr == workflow.TransferFork {
+				rn.StageSeed = !rn.StageSeed // the second fork run keeps a stage seed
+			}
 			if err != nil {
 				t.Fatalf("%s: %v", tr, err)
 			}
@@ -168,8 +178,11 @@ func TestWorkflowFINRA(t *testing.T) {
 	})
 
 	t.Run("failing rule", func(t *testing.T) {
-		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, spec, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 2}`), tr)
+			if tr == workflow.TransferFork {
+				rn.StageSeed = !rn.StageSeed
+			}
 			if err == nil {
 				t.Fatalf("%s: the run succeeded with a raising rule", tr)
 			}
@@ -212,8 +225,9 @@ func assertProcs(t *testing.T, pythons func() []string, want int) {
 	}
 }
 
-// assertRunGone checks that a finished run left no stage seed on any node
-// (the workflow's function seed, and its imports, stay) and no Redis key.
+// assertRunGone checks that a finished run left no seed of its own on any
+// node (its stage seed or its function's; the workflow's function seed and
+// its imports stay), no function and no Redis key.
 func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.Run) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -221,7 +235,7 @@ func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.R
 		var left []string
 		for _, n := range p.lab.Nodes[:3] {
 			for _, s := range seeds(t, n) {
-				if strings.Contains(s.Name, ".stage.") {
+				if strings.Contains(s.Name, ".stage.") || strings.Contains(s.Name, run.ID) {
 					left = append(left, n.Name+":"+s.Name)
 				}
 			}
@@ -230,9 +244,12 @@ func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.R
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("run %s left stage seeds %v", run.ID, left)
+			t.Fatalf("run %s left seeds %v", run.ID, left)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	if code, _, body := p.request("GET", "/system/functions", "", true); code != 200 || strings.Contains(body, run.ID) {
+		t.Errorf("the run's function is still listed: %d %s", code, body)
 	}
 	if n, err := rdb.DBSize(context.Background()).Result(); err != nil || n != 0 {
 		t.Errorf("redis holds %d keys after run %s (%v)", n, run.ID, err)
