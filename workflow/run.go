@@ -44,15 +44,14 @@ type Runner struct {
 	WorkDir string
 	// Timeout bounds one step instance (default 5 minutes).
 	Timeout time.Duration
-	// StageSeed makes the fork transfer keep an instance of the
-	// workflow's function, which ran the sources, as the run's stage seed.
-	// By default each run starts a fresh step runtime instead: a function
-	// of the run's own whose initialization runs the sources and whose
-	// seed every later instance forks from (removed with the run). That
-	// pays the runtime's start and imports on every run, yet measured
-	// faster end to end (BENCHMARKS.md): its seed is one hop from the
-	// instances, where a stage seed is made of a lazily paged child.
-	StageSeed bool
+	// SeedPerRun makes the fork transfer start a fresh step runtime for
+	// each run: a function of the run's own whose initialization runs the
+	// sources and whose seed every later instance forks from (removed with
+	// the run), instead of keeping an instance of the workflow's function,
+	// which ran the sources, as the run's stage seed. It pays the
+	// runtime's start and imports on every run; its seed is one hop from
+	// the instances where a stage seed is two (BENCHMARKS.md compares).
+	SeedPerRun bool
 }
 
 // Instance is one step instance's outcome.
@@ -318,7 +317,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			sources = append(sources, st)
 		}
 	}
-	if run.Transfer == TransferFork && !rn.StageSeed {
+	if run.Transfer == TransferFork && rn.SeedPerRun {
 		// A function of the run's own runs the sources in its
 		// initialization; its seed is the run's.
 		init := []map[string]string{}

@@ -39,8 +39,8 @@ sys.path.insert(0, os.environ["MITOSIS_WF_DIR"])
 _wf = importlib.import_module(os.environ.get("MITOSIS_WF_MODULE") or "workflow")
 _STATE = {}  # step name -> result, for the source steps of a stage (fork transfer)
 
-# The fork transfer's default (Runner.StageSeed unset): a function of the
-# run's own runs the sources here, in its initialization; its seed is the run's.
+# Runner.SeedPerRun: a function of the run's own runs the sources here, in
+# its initialization; its seed is the run's.
 _INPUT = json.loads(os.environ.get("MITOSIS_WF_INPUT") or "null")
 for _st in json.loads(os.environ.get("MITOSIS_WF_INIT") or "[]"):
     _STATE[_st["name"]] = getattr(_wf, _st["call"])(_INPUT)

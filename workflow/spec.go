@@ -5,10 +5,10 @@
 // A workflow is deployed once as a gateway function (FunctionName) whose
 // seed holds the step runtime with the workflow's module imported. Under
 // TransferFork the run's source steps (the ones with no upstream) run in
-// the initialization of a runtime started for the run, prepared as the
-// run's seed (or, with Runner.StageSeed, in one instance of the workflow's
-// function, which the gateway keeps as the run's stage seed once it
-// answers); every later step instance is a child forked from that seed on
+// one instance of it, which the gateway keeps as the run's stage seed once
+// it answers (or, with Runner.SeedPerRun, in the initialization of a
+// runtime started for the run, prepared as the run's seed); every later
+// step instance is a child forked from that seed on
 // whichever node the gateway picks: it reads the upstream results as the
 // Python objects they are, in place, paging in only what it touches. Under
 // TransferStorage (the baseline platforms use today) every step instance

@@ -33,8 +33,9 @@ type WorkflowConfig struct {
 	// JSON object per line) with its steps' and instances' timings.
 	RunsOut *os.File
 	// ForkSeeds are the fork transfer's ways to make a run's seed, each
-	// measured in the same interleaved rounds: "per-run" (a fresh runtime
-	// per run; the default) and "stage" (workflow.Runner.StageSeed).
+	// measured in the same interleaved rounds: "stage" (an instance of the
+	// deployed workflow kept as the run's stage seed; the default) and
+	// "per-run" (workflow.Runner.SeedPerRun).
 	ForkSeeds []string
 }
 
@@ -70,7 +71,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		wc.NodeConc = 8
 	}
 	if len(wc.ForkSeeds) == 0 {
-		wc.ForkSeeds = []string{"per-run"}
+		wc.ForkSeeds = []string{"stage"}
 	}
 	for _, fs := range wc.ForkSeeds {
 		if fs != "stage" && fs != "per-run" {
@@ -140,7 +141,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					if ctx.Err() != nil {
 						return cells, ctx.Err()
 					}
-					rn.StageSeed = v.seed == "stage"
+					rn.SeedPerRun = v.seed == "per-run"
 					r, err := rn.Run(ctx, spec, input, v.tr)
 					if err != nil {
 						return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)

@@ -44,7 +44,7 @@ func main() {
 	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
 	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "16G", "each node's function memory")
-	forkSeeds := flag.String("fork-seeds", "per-run", "the fork transfer's run seeds to measure, comma-separated: per-run (a fresh runtime per run whose init runs the sources), stage (an instance of the deployed workflow kept as a stage seed)")
+	forkSeeds := flag.String("fork-seeds", "stage", "the fork transfer's run seeds to measure, comma-separated: stage (an instance of the deployed workflow kept as a stage seed), per-run (a fresh runtime per run whose init runs the sources)")
 	outDir := flag.String("out-dir", "", "write workflow.md, workflow.json, workflow.svg here")
 	runsOut := flag.String("runs-out", "", "write every run's record (steps and instances with their timings) to this file, one JSON object per line")
 	flag.Parse()

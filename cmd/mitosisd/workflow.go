@@ -21,7 +21,7 @@ import (
 type workflowFlags struct {
 	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
 	timeout                                                                 time.Duration
-	jsonOut, stage                                                          bool
+	jsonOut, perRun                                                         bool
 }
 
 func newWorkflowCmd() *cobra.Command {
@@ -44,10 +44,10 @@ cluster's nodes.
 The workflow is deployed once as the function wf-NAME (the step runtime with
 the module imported: its seed); run deploys it when it is missing or its
 definition or module changed, and rm removes it. Under --transfer fork (the
-default) the run's sources run in the initialization of a runtime started
-for the run (or, with --stage-seed, in one instance of wf-NAME kept as the
-run's stage seed), and every later step is a child forked from that seed, on
-any node, that reads their results in place. Under --transfer storage each source pickles its
+default) the run's sources run in one instance of wf-NAME, kept as the run's
+stage seed (or, with --seed-per-run, in the initialization of a runtime
+started for the run), and every later step is a child forked from that seed,
+on any node, that reads their results in place. Under --transfer storage each source pickles its
 result into Redis (--redis-socket) and each later step loads and unpickles
 it. The run's stage seed and keys are removed when it ends, also when a step
 fails (the step's error is the run's).`,
@@ -80,7 +80,7 @@ fails (the step's error is the run's).`,
 			if f.input != "" && !json.Valid([]byte(f.input)) {
 				return fmt.Errorf("--input %q is not JSON", f.input)
 			}
-			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, StageSeed: f.stage}
+			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, SeedPerRun: f.perRun}
 			if err := f.auth(rn); err != nil {
 				return err
 			}
@@ -107,7 +107,7 @@ fails (the step's error is the run's).`,
 	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
 	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
 	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
-	run.Flags().BoolVar(&f.stage, "stage-seed", false, "fork: keep an instance of the workflow's function that ran the sources as the run's seed, instead of starting a runtime for the run (slower as measured: see BENCHMARKS.md)")
+	run.Flags().BoolVar(&f.perRun, "seed-per-run", false, "fork: start a runtime for the run whose initialization runs the sources, instead of keeping an instance of the workflow's function as the run's stage seed (see BENCHMARKS.md)")
 
 	validate := &cobra.Command{
 		Use:   "validate SPEC.json",

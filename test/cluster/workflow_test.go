@@ -95,14 +95,14 @@ func TestWorkflowFINRA(t *testing.T) {
 	deployedProcs := len(pythons())
 
 	for _, v := range []struct {
-		name  string
-		tr    workflow.Transfer
-		stage bool
-	}{{"fork", workflow.TransferFork, false}, {"fork-stage-seed", workflow.TransferFork, true}, {"storage", workflow.TransferStorage, false}} {
+		name   string
+		tr     workflow.Transfer
+		perRun bool
+	}{{"fork", workflow.TransferFork, false}, {"fork-seed-per-run", workflow.TransferFork, true}, {"storage", workflow.TransferStorage, false}} {
 		tr := v.tr
 		t.Run(v.name, func(t *testing.T) {
-			rn.StageSeed = v.stage
-			defer func() { rn.StageSeed = false }()
+			rn.SeedPerRun = v.perRun
+			defer func() { rn.SeedPerRun = false }()
 			run, err := rn.Run(ctx, spec, json.RawMessage(input), tr)
 			if err != nil {
 				t.Fatalf("run: %v", err)
@@ -131,7 +131,7 @@ func TestWorkflowFINRA(t *testing.T) {
 				if transfer != 0 {
 					t.Errorf("fork run spent %.1f ms loading state from storage", transfer)
 				}
-				if st, _ := run.Step("fetch-portfolio"); !st.InInit || (v.stage && len(st.Instances) != 1) {
+				if st, _ := run.Step("fetch-portfolio"); !st.InInit || (!v.perRun && len(st.Instances) != 1) {
 					t.Errorf("fork: fetch-portfolio did not run in the run's seed: %+v", st)
 				}
 			case workflow.TransferStorage:
@@ -159,7 +159,7 @@ func TestWorkflowFINRA(t *testing.T) {
 		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, wc, json.RawMessage(in), tr)
 			if tr == workflow.TransferFork {
-				rn.StageSeed = !rn.StageSeed // the second fork run keeps a stage seed
+				rn.SeedPerRun = !rn.SeedPerRun // the second fork run starts a runtime of its own
 			}
 			if err != nil {
 				t.Fatalf("%s: %v", tr, err)
@@ -181,7 +181,7 @@ func TestWorkflowFINRA(t *testing.T) {
 		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, spec, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 2}`), tr)
 			if tr == workflow.TransferFork {
-				rn.StageSeed = !rn.StageSeed
+				rn.SeedPerRun = !rn.SeedPerRun
 			}
 			if err == nil {
 				t.Fatalf("%s: the run succeeded with a raising rule", tr)
