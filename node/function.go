@@ -852,28 +852,16 @@ func seedOf(fn, name string) bool {
 }
 
 // abandonStage forgets the stage waiter of an invocation that is over
-// and removes a stage seed that was made but not taken (the invocation
-// failed or timed out as the instance prepared itself).
+// and removes a stage seed made after it stopped waiting (it failed or
+// timed out as the instance prepared itself): a seed the invocation took
+// is no longer in the channel.
 func (f *fnRegistry) abandonStage(name string, ch chan stagePrepared) {
 	f.mu.Lock()
 	delete(f.stageWaiters, name)
 	f.mu.Unlock()
 	select {
 	case sp := <-ch:
-		f.mu.Lock()
-		taken := false
-		for _, fn := range f.fns {
-			if st := fn.stages[sp.seed.id]; st != nil {
-				taken = true
-			}
-		}
-		f.mu.Unlock()
-		if !taken {
-			f.dropStage(&stageRec{seed: sp.seed})
-			if k := f.d.childByPID(sp.pid); k != nil {
-				f.d.killChild(k)
-			}
-		}
+		f.dropStage(&stageRec{seed: sp.seed, parent: f.d.childByPID(sp.pid)})
 	default:
 	}
 }

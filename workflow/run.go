@@ -264,15 +264,24 @@ func (rn *Runner) deployFunction(ctx context.Context, spec *Spec, method, fn, di
 // Remove undeploys the workflow's function (its seed, instances and any
 // stage seed left on every node) and its generated directory.
 func (rn *Runner) Remove(ctx context.Context, spec *Spec) error {
-	b, _ := json.Marshal(map[string]string{"functionName": FunctionName(spec)})
-	code, body, err := rn.do(ctx, "DELETE", "/system/functions", b)
-	if err != nil {
-		return fmt.Errorf("workflow %s: delete its function: %w", spec.Name, err)
-	}
-	if code != http.StatusAccepted && code != http.StatusNotFound {
-		return fmt.Errorf("workflow %s: delete its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
+	if err := rn.deleteFunction(ctx, FunctionName(spec)); err != nil {
+		return fmt.Errorf("workflow %s: %w", spec.Name, err)
 	}
 	return os.RemoveAll(rn.functionDir(spec))
+}
+
+// deleteFunction removes function fn from the gateway (gone already is
+// not an error).
+func (rn *Runner) deleteFunction(ctx context.Context, fn string) error {
+	b, _ := json.Marshal(map[string]string{"functionName": fn})
+	code, body, err := rn.do(ctx, "DELETE", "/system/functions", b)
+	if err != nil {
+		return fmt.Errorf("delete function %s: %w", fn, err)
+	}
+	if code != http.StatusAccepted && code != http.StatusNotFound {
+		return fmt.Errorf("delete function %s: HTTP %d: %s", fn, code, strings.TrimSpace(string(body)))
+	}
+	return nil
 }
 
 // annotationDigest is the function annotation holding specDigest.
@@ -619,12 +628,8 @@ func (x *execution) cleanup() error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if x.runFn {
-		b, _ := json.Marshal(map[string]string{"functionName": x.fn})
-		code, body, err := x.rn.do(ctx, "DELETE", "/system/functions", b)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("delete function %s: %w", x.fn, err))
-		} else if code != http.StatusAccepted && code != http.StatusNotFound {
-			errs = append(errs, fmt.Errorf("delete function %s: HTTP %d: %s", x.fn, code, strings.TrimSpace(string(body))))
+		if err := x.rn.deleteFunction(ctx, x.fn); err != nil {
+			errs = append(errs, err)
 		}
 		if err := os.RemoveAll(x.rn.functionDir(x.spec) + "-" + x.run.ID); err != nil {
 			errs = append(errs, err)
