@@ -121,6 +121,7 @@ type Child struct {
 	tree   chan struct{} // closed when the child's whole process group is gone
 	status syscall.WaitStatus
 	pg     statser
+	space  *pager.Space // the child's address space; nil once TreeDone is closed
 
 	mu  sync.Mutex
 	err error

@@ -110,7 +110,12 @@ func (e *Engine) Prepare(pid int, opts PrepareOptions) (*Seed, error) {
 		return nil, errors.New("engine closed")
 	}
 	e.mu.Unlock()
-	res, err := snapshot.Prepare(e.tracer, pid, snapshot.Options{ChannelFD: opts.ChannelFD, Lazy: e.pagedHere(pid)})
+	lazy, sp := e.pagedHere(pid)
+	sopts := snapshot.Options{ChannelFD: opts.ChannelFD, Lazy: lazy}
+	if sp != nil {
+		sopts.LazyRuns = sp.LazyRuns
+	}
+	res, err := snapshot.Prepare(e.tracer, pid, sopts)
 	if err != nil {
 		return nil, err
 	}
@@ -204,6 +209,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			if err != nil {
 				return err
 			}
+			c.space = sp
 			if opts.Eager {
 				return sp.PreloadAll()
 			}
@@ -211,7 +217,17 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 				return err
 			}
 			if opts.Prefetch {
-				for _, r := range s.WorkingSet() {
+				ws := s.WorkingSet()
+				if cache != nil {
+					// Map what the node's cache holds; the child faults
+					// in the rest (or meets the working-set push that is
+					// fetching it), so a child that needs little of a
+					// big working set (a workflow's merge step forked
+					// from the state its rules read) starts at once
+					// instead of waiting for the whole set to arrive.
+					ws = cache.Held(ws)
+				}
+				for _, r := range ws {
 					if err := sp.Preload(r.Start, int((r.End-r.Start)/descriptor.PageSize), nil); err != nil {
 						return fmt.Errorf("prefetch working set: %w", err)
 					}
@@ -292,31 +308,38 @@ func (e *Engine) ImportSeed(d *descriptor.Descriptor, src pager.Source, origin s
 	e.mu.Unlock()
 	if len(ws) > 0 {
 		// Working-set push: the pages the seed's children touched
-		// elsewhere come into this node's cache in bulk now, so the
-		// first child here does not fault them in one window at a time.
-		// Best effort: children fault in whatever this misses.
+		// elsewhere come into this node's cache in bulk, in the
+		// background, so the first child here does not fault them in one
+		// window at a time and does not wait for them either: its faults
+		// on pages the push has claimed wait for that batch alone, and it
+		// fetches the others itself. Best effort; it ends with an error
+		// when the seed is removed (its cache closed) mid-way.
 		if c, err := s.pageCache(src); err == nil {
-			_, _ = c.EnsureRuns(clipRuns(ws, d))
+			go func() { _, _ = c.EnsureRuns(clipRuns(ws, d)) }()
 		}
 	}
 	return s, nil
 }
 
 // pagedHere reports whether pid belongs to the process tree of one of our
-// children (its process group), i.e. its memory is paged in lazily by us.
-func (e *Engine) pagedHere(pid int) bool {
+// children (its process group), i.e. its memory is paged in lazily by us,
+// and, when pid is that child itself, its address space in the pager.
+func (e *Engine) pagedHere(pid int) (bool, *pager.Space) {
 	st, err := procfs.ReadStat(pid)
 	if err != nil {
-		return false
+		return false, nil
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	for _, c := range e.children {
 		if c.PID == st.PGrp {
-			return true
+			if c.PID == pid {
+				return true, c.space
+			}
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
 // groupAlive reports whether process group pgid has a member that is not a
@@ -513,6 +536,7 @@ func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {
 	e.mu.Lock()
 	delete(e.children, c.ID)
 	c.Seed = nil
+	c.space = nil
 	e.mu.Unlock()
 	c.mu.Lock()
 	c.pg = final

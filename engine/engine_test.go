@@ -301,31 +301,46 @@ func TestMain(m *testing.M) {
 }
 
 // hopSrc stops twice: the parent at the first prepare point; a child,
-// after writing a marker, at the second one, where it is prepared as a
-// seed itself (multi-hop).
+// after writing a marker into every other page, freeing 1 MiB with
+// MADV_DONTNEED and leaving the rest, and 8 MiB more it never touches, as it
+// inherited them (still paged in lazily), at the second one, where it is prepared as a seed itself
+// (multi-hop). 64 MiB the parent mapped and never wrote stay zero.
 const hopSrc = `
 #include <stdio.h>
 #include <stdlib.h>
 #include <signal.h>
 #include <unistd.h>
+#include <sys/mman.h>
 int main(void) {
-	size_t n = 8 << 20;
-	unsigned char *a = malloc(n);
+	size_t n = 8 << 20, zn = 64 << 20;
+	unsigned char *a = mmap(NULL, n, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+	unsigned char *z = mmap(NULL, zn, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+	unsigned char *b = mmap(NULL, n, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+	if (a == MAP_FAILED || z == MAP_FAILED || b == MAP_FAILED) return 2;
 	for (size_t i = 0; i < n; i++) a[i] = (unsigned char)(i * 13 + 1);
+	for (size_t i = 0; i < n; i++) b[i] = (unsigned char)(i * 7 + 3);
 	printf("READY %d\n", getpid());
 	fflush(stdout);
 	raise(SIGSTOP);
-	for (size_t i = 0; i < n; i += 4096) a[i] ^= 0x5a;
+	for (size_t i = 0; i < n; i += 2 * 4096) a[i] ^= 0x5a;
+	if (madvise(a + n / 2, 1 << 20, MADV_DONTNEED) != 0) return 3;
 	printf("HOP %d\n", getpid());
 	fflush(stdout);
 	raise(SIGSTOP);
 	unsigned long h = 1469598103934665603UL;
 	for (size_t i = 0; i < n; i++) { h ^= a[i]; h *= 1099511628211UL; }
+	for (size_t i = 0; i < n; i++) { h ^= b[i]; h *= 1099511628211UL; }
+	for (size_t i = 0; i < zn; i += 512) { h ^= z[i]; h *= 1099511628211UL; }
 	printf("DIGEST %lx\n", h);
 	return 0;
 }
 `
 
+// TestMultiHop prepares a child as a seed and checks its child sees the
+// child's memory: the pages it wrote, the pages it never touched (still
+// paged from the first seed) and the pages it freed (zero). Only pages that
+// may hold data are marked present in the second seed: memory the parent
+// never wrote is not fetched across the network as zeros.
 func TestMultiHop(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
@@ -357,6 +372,9 @@ func TestMultiHop(t *testing.T) {
 	s2, err := e.Prepare(c1.PID, PrepareOptions{ChannelFD: -1})
 	if err != nil {
 		t.Fatalf("prepare a child as a seed: %v", err)
+	}
+	if p1, p2 := s1.Desc.PresentPages(), s2.Desc.PresentPages(); p2 > p1+256 || p2 < 3072 {
+		t.Errorf("second seed has %d present pages, the first %d: want about as many (the 16,384 never-written pages are zero, not present)", p2, p1)
 	}
 	got, st := runChild(t, e, s2, ForkOptions{})
 	if st.ExitStatus() != 0 {

@@ -1,6 +1,7 @@
 package pager
 
 import (
+	"errors"
 	"fmt"
 	"math/bits"
 	"os"
@@ -22,17 +23,41 @@ import (
 // source into the cache once per node; after that every child maps the same
 // page-cache page (UFFDIO_CONTINUE, read-only, copy-on-write on a write), so
 // clean pages are shared between children instead of copied into each.
+//
+// Fills run concurrently: a fill claims the pages it fetches, and a child
+// that needs pages another fill has claimed waits for that fill alone, so a
+// slow fetch from a remote node holds up only the children that need its
+// pages, and a working-set push can run while children fault.
 type Cache struct {
 	src     Source
 	present []descriptor.Run
-	fd      int
 	path    string
 	slots   []slot
-	buf     []byte // staging buffer for fills, under mu
+
+	// fdMu guards fd against Close while a fill writes or a reader reads
+	// (it is not held while a fill waits on the source).
+	fdMu sync.RWMutex
+	fd   int
+
+	// bufMu guards buf, the staging buffer of fills: a fetch reads into
+	// it and pwrites it (measured 1.7x faster than process_vm_readv
+	// straight into a shared mapping of the memfd, which takes a page
+	// fault per page). A fill that finds it busy stages through a buffer
+	// of its own.
+	bufMu sync.Mutex
+	buf   []byte
 
 	mu     sync.Mutex
-	filled map[uint64]uint64 // bitset of image pages present in the cache
+	filled map[uint64]uint64 // bitset of cache pages filled, by page>>6
+	fills  []*fill           // fills in flight
 	bytes  atomic.Uint64
+}
+
+// fill is a claim on cache pages [lo, hi) (page numbers of the memfd) that
+// one fetch is filling; done is closed when it ends, filled or not.
+type fill struct {
+	lo, hi uint64
+	done   chan struct{}
 }
 
 type slot struct{ start, end, off uint64 }
@@ -91,56 +116,153 @@ func (c *Cache) Bytes() uint64 { return c.bytes.Load() }
 
 // Ensure fills the cache for the n source-present pages at src (which must
 // lie in one slot) that it does not hold yet, and returns how many pages it
-// fetched from the source.
+// fetched from the source. Pages another fill is fetching are waited for,
+// and fetched here after all if that fill failed.
 func (c *Cache) Ensure(src uint64, n int) (int, error) {
 	off, ok := c.Offset(src)
 	if !ok {
 		return 0, fmt.Errorf("page cache: address %#x is not cached memory", src)
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.errClosed(); err != nil {
-		return 0, err
-	}
+	lo := off / pageSize
 	fetched := 0
-	for i := 0; i < n; {
-		pg := off/pageSize + uint64(i)
-		if c.filled[pg>>6]&(1<<(pg&63)) != 0 {
-			i++
+	for {
+		c.mu.Lock()
+		if err := c.errClosed(); err != nil {
+			c.mu.Unlock()
+			return fetched, err
+		}
+		mine, wait := c.claim(lo, lo+uint64(n))
+		c.mu.Unlock()
+		for i, f := range mine {
+			if err := c.fetch(f, src+(f.lo-lo)*pageSize); err != nil {
+				c.release(mine[i+1:])
+				return fetched, err
+			}
+			fetched += int(f.hi - f.lo)
+		}
+		if len(wait) == 0 {
+			return fetched, nil
+		}
+		for _, ch := range wait {
+			<-ch
+		}
+		// Check again: a fill waited for may have failed.
+	}
+}
+
+// claim splits the cache pages [lo, hi) into pages filled (skipped), pages
+// a fill in flight holds (its done channel is returned to wait on) and the
+// rest, which it claims as new fills for the caller to fetch.
+// Precondition: c.mu held.
+func (c *Cache) claim(lo, hi uint64) (mine []*fill, wait []chan struct{}) {
+	for pg := lo; pg < hi; {
+		if c.isFilled(pg) {
+			pg++
 			continue
 		}
-		j := i + 1
-		for j < n {
-			q := off/pageSize + uint64(j)
-			if c.filled[q>>6]&(1<<(q&63)) != 0 {
-				break
+		if f := c.inFlight(pg); f != nil {
+			if len(wait) == 0 || wait[len(wait)-1] != f.done {
+				wait = append(wait, f.done)
 			}
-			j++
+			pg = min(f.hi, hi)
+			continue
 		}
-		// Staged through a buffer and pwrite(2): measured 1.7x faster
-		// than process_vm_readv straight into a shared mapping of the
-		// memfd (which takes a page fault per page).
-		o := off + uint64(i)*pageSize
-		size := (j - i) * pageSize
+		end := pg + 1
+		for end < hi && !c.isFilled(end) && c.inFlight(end) == nil {
+			end++
+		}
+		f := &fill{lo: pg, hi: end, done: make(chan struct{})}
+		c.fills = append(c.fills, f)
+		mine = append(mine, f)
+		pg = end
+	}
+	return mine, wait
+}
+
+func (c *Cache) isFilled(pg uint64) bool { return c.filled[pg>>6]&(1<<(pg&63)) != 0 }
+
+// inFlight returns the fill in flight that holds page pg, if any.
+// Precondition: c.mu held.
+func (c *Cache) inFlight(pg uint64) *fill {
+	for _, f := range c.fills {
+		if f.lo <= pg && pg < f.hi {
+			return f
+		}
+	}
+	return nil
+}
+
+// fetch reads the claimed pages of f from the source at src into the cache
+// and ends the claim.
+func (c *Cache) fetch(f *fill, src uint64) error {
+	size := int(f.hi-f.lo) * pageSize
+	var b []byte
+	if c.bufMu.TryLock() {
 		if len(c.buf) < size {
 			c.buf = make([]byte, max(size, 64*pageSize))
 		}
-		b := c.buf[:size]
-		if err := c.src.ReadPages(src+uint64(i)*pageSize, b); err != nil {
-			return fetched, err
-		}
-		if _, err := unix.Pwrite(c.fd, b, int64(o)); err != nil {
-			return fetched, fmt.Errorf("page cache write: %w", err)
-		}
-		fetched += j - i
-		for k := i; k < j; k++ {
-			q := off/pageSize + uint64(k)
+		b = c.buf[:size]
+		defer c.bufMu.Unlock()
+	} else {
+		b = make([]byte, size)
+	}
+	err := c.src.ReadPages(src, b)
+	if err == nil {
+		err = c.write(b, f.lo*pageSize)
+	}
+	if err != nil {
+		c.release([]*fill{f})
+		return err
+	}
+	c.complete(f)
+	return nil
+}
+
+// write stores b in the memfd at off.
+func (c *Cache) write(b []byte, off uint64) error {
+	c.fdMu.RLock()
+	defer c.fdMu.RUnlock()
+	if c.fd < 0 {
+		return errCacheClosed
+	}
+	if _, err := unix.Pwrite(c.fd, b, int64(off)); err != nil {
+		return fmt.Errorf("page cache write: %w", err)
+	}
+	return nil
+}
+
+// complete marks f's pages filled and ends the claim.
+func (c *Cache) complete(f *fill) {
+	c.mu.Lock()
+	if c.filled != nil {
+		for q := f.lo; q < f.hi; q++ {
 			c.filled[q>>6] |= 1 << (q & 63)
 		}
-		c.bytes.Add(uint64(j-i) * pageSize)
-		i = j
+		c.bytes.Add((f.hi - f.lo) * pageSize)
 	}
-	return fetched, nil
+	c.drop(f)
+	c.mu.Unlock()
+	close(f.done)
+}
+
+// release ends claims without filling their pages (the fetch failed): whoever
+// waits on them claims the pages again.
+func (c *Cache) release(fs []*fill) {
+	c.mu.Lock()
+	for _, f := range fs {
+		c.drop(f)
+	}
+	c.mu.Unlock()
+	for _, f := range fs {
+		close(f.done)
+	}
+}
+
+// drop removes f from the fills in flight. Precondition: c.mu held.
+func (c *Cache) drop(f *fill) {
+	if i := slices.Index(c.fills, f); i >= 0 {
+		c.fills = slices.Delete(c.fills, i, i+1)
+	}
 }
 
 // Filled returns the runs of seed addresses the cache holds: the working
@@ -181,6 +303,28 @@ func (c *Cache) Filled() []descriptor.Run {
 	return runs
 }
 
+// Held returns the part of runs a child can map from the cache without a
+// fetch: their pages the cache holds, and the pages outside cached memory
+// (which are not the cache's to fetch).
+func (c *Cache) Held(runs []descriptor.Run) []descriptor.Run {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []descriptor.Run
+	for _, r := range runs {
+		for a := r.Start; a < r.End; a += pageSize {
+			if off, ok := c.Offset(a); ok && !c.isFilled(off/pageSize) {
+				continue
+			}
+			if n := len(out); n > 0 && out[n-1].End == a {
+				out[n-1].End = a + pageSize
+			} else {
+				out = append(out, descriptor.Run{Start: a, End: a + pageSize})
+			}
+		}
+	}
+	return out
+}
+
 // ReadAt fills b with the seed's pages at src (one slot, source-present),
 // filling the cache first with what it lacks. It returns how many pages it
 // fetched from the source.
@@ -191,10 +335,10 @@ func (c *Cache) ReadAt(src uint64, b []byte) (int, error) {
 		return f, err
 	}
 	off, _ := c.Offset(src)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.errClosed(); err != nil {
-		return f, err
+	c.fdMu.RLock()
+	defer c.fdMu.RUnlock()
+	if c.fd < 0 {
+		return f, errCacheClosed
 	}
 	if _, err := unix.Pread(c.fd, b, int64(off)); err != nil {
 		return f, fmt.Errorf("page cache read: %w", err)
@@ -210,8 +354,9 @@ type RunReader interface {
 }
 
 // EnsureRuns fills the cache with every page of runs it does not hold yet
-// (runs must be source-present memory), in as few source requests as the
-// Source allows. It returns the number of pages fetched.
+// and no other fill is fetching (runs must be source-present memory), in as
+// few source requests as the Source allows. It returns the number of pages
+// it fetched.
 func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 	rr, ok := c.src.(RunReader)
 	if !ok {
@@ -225,65 +370,83 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 		}
 		return n, nil
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if err := c.errClosed(); err != nil {
-		return 0, err
-	}
-	// The missing pages, as runs with their cache offsets.
+	// The runs' pages as pieces of one slot each, with their cache offsets.
 	type piece struct {
 		run descriptor.Run
 		off uint64
 	}
-	var missing []piece
+	var pieces []piece
 	for _, r := range runs {
-		for a := r.Start; a < r.End; a += pageSize {
+		for a := r.Start; a < r.End; {
 			off, ok := c.Offset(a)
 			if !ok {
 				return 0, fmt.Errorf("page cache: address %#x is not cached memory", a)
 			}
-			pg := off / pageSize
-			if c.filled[pg>>6]&(1<<(pg&63)) != 0 {
-				continue
-			}
-			if n := len(missing); n > 0 && missing[n-1].run.End == a && missing[n-1].off+(a-missing[n-1].run.Start) == off {
-				missing[n-1].run.End = a + pageSize
-				continue
-			}
-			missing = append(missing, piece{descriptor.Run{Start: a, End: a + pageSize}, off})
+			i := sort.Search(len(c.slots), func(i int) bool { return c.slots[i].end > a })
+			end := min(r.End, c.slots[i].end)
+			pieces = append(pieces, piece{descriptor.Run{Start: a, End: end}, off})
+			a = end
 		}
 	}
-	fetched := 0
+	// Claim, fetch and write at most batch bytes at a time, so that a
+	// child faulting on a page this push has not reached yet fetches it
+	// itself instead of waiting for the whole push. Pages another fill
+	// holds are left to it.
 	const batch = 16 << 20
-	for len(missing) > 0 {
+	type claimed struct {
+		f   *fill
+		src uint64
+	}
+	fetched := 0
+	for len(pieces) > 0 {
+		var part []claimed
 		var size uint64
-		k := 0
-		for k < len(missing) && (k == 0 || size+(missing[k].run.End-missing[k].run.Start) <= batch) {
-			size += missing[k].run.End - missing[k].run.Start
-			k++
+		c.mu.Lock()
+		if err := c.errClosed(); err != nil {
+			c.mu.Unlock()
+			return fetched, err
 		}
-		part := missing[:k]
-		missing = missing[k:]
+		for len(pieces) > 0 && size < batch {
+			p := &pieces[0]
+			lo := p.off / pageSize
+			hi := lo + min(p.run.End-p.run.Start, batch-size)/pageSize
+			mine, _ := c.claim(lo, hi)
+			for _, f := range mine {
+				part = append(part, claimed{f, p.run.Start + (f.lo-lo)*pageSize})
+				size += (f.hi - f.lo) * pageSize
+			}
+			adv := (hi - lo) * pageSize
+			p.run.Start += adv
+			p.off += adv
+			if p.run.Start >= p.run.End {
+				pieces = pieces[1:]
+			}
+		}
+		c.mu.Unlock()
+		if len(part) == 0 {
+			continue
+		}
 		buf := make([]byte, size)
 		rs := make([]descriptor.Run, len(part))
+		fs := make([]*fill, len(part))
 		for i, p := range part {
-			rs[i] = p.run
+			rs[i] = descriptor.Run{Start: p.src, End: p.src + (p.f.hi-p.f.lo)*pageSize}
+			fs[i] = p.f
 		}
 		if err := rr.ReadRuns(rs, buf); err != nil {
+			c.release(fs)
 			return fetched, err
 		}
 		var o uint64
-		for _, p := range part {
-			n := p.run.End - p.run.Start
-			if _, err := unix.Pwrite(c.fd, buf[o:o+n], int64(p.off)); err != nil {
-				return fetched, fmt.Errorf("page cache write: %w", err)
+		for i, p := range part {
+			n := (p.f.hi - p.f.lo) * pageSize
+			if err := c.write(buf[o:o+n], p.f.lo*pageSize); err != nil {
+				c.release(fs[i:])
+				return fetched, err
 			}
-			for q := p.off / pageSize; q < (p.off+n)/pageSize; q++ {
-				c.filled[q>>6] |= 1 << (q & 63)
-			}
+			c.complete(p.f)
 			o += n
 			fetched += int(n / pageSize)
-			c.bytes.Add(n)
 		}
 	}
 	return fetched, nil
@@ -293,24 +456,32 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 // memfd lives as long as they map it), but it is no longer filled.
 //
 // The staging buffer (up to MaxWindow pages) and the fill bitmap are
-// dropped too: the Cache itself stays reachable after its seed is removed,
-// from the pagers of the seed's children that the daemon keeps in its
-// bounded `ps` history, and would otherwise pin that memory for as long.
+// dropped too: the Cache itself stays reachable after
+// its seed is removed, from the pagers of the seed's children that the
+// daemon keeps in its bounded `ps` history, and would otherwise pin that
+// memory for as long. Fills in flight fail when they come to write.
 func (c *Cache) Close() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.filled = nil
+	c.mu.Unlock()
+	c.fdMu.Lock()
 	if c.fd >= 0 {
 		unix.Close(c.fd)
 		c.fd = -1
 	}
-	c.buf = nil
-	c.filled = nil
+	c.fdMu.Unlock()
+	if c.bufMu.TryLock() {
+		c.buf = nil
+		c.bufMu.Unlock()
+	}
 }
 
 // errClosed reports a fill after Close. Precondition: c.mu held.
 func (c *Cache) errClosed() error {
-	if c.fd < 0 {
-		return fmt.Errorf("page cache closed (the seed was removed)")
+	if c.filled == nil {
+		return errCacheClosed
 	}
 	return nil
 }
+
+var errCacheClosed = errors.New("page cache closed (the seed was removed)")

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -295,5 +296,187 @@ func BenchmarkCacheFilled(b *testing.B) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		_ = c.Filled()
+	}
+}
+
+// countingSource serves patternByte slowly, counts how often each page is
+// read, fails the first read that covers failPage, and reads runs in one
+// call (a RunReader, like the network transport).
+type countingSource struct {
+	mu       sync.Mutex
+	reads    map[uint64]int
+	failPage uint64
+	failed   bool
+}
+
+func (s *countingSource) ReadPages(addr uint64, buf []byte) error {
+	time.Sleep(200 * time.Microsecond) // a fetch takes a while: fills overlap
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.failed && addr <= s.failPage && s.failPage < addr+uint64(len(buf)) {
+		s.failed = true
+		return errors.New("link dropped once")
+	}
+	for a := addr; a < addr+uint64(len(buf)); a += pageSize {
+		s.reads[a]++
+	}
+	copy(buf, pattern(addr, len(buf)))
+	return nil
+}
+
+func (s *countingSource) ReadRuns(runs []descriptor.Run, buf []byte) error {
+	// One request: it fails as a whole, before any page is counted.
+	s.mu.Lock()
+	for _, r := range runs {
+		if !s.failed && r.Start <= s.failPage && s.failPage < r.End {
+			s.failed = true
+			s.mu.Unlock()
+			return errors.New("link dropped once")
+		}
+	}
+	s.mu.Unlock()
+	var o uint64
+	for _, r := range runs {
+		if err := s.ReadPages(r.Start, buf[o:o+r.End-r.Start]); err != nil {
+			return err
+		}
+		o += r.End - r.Start
+	}
+	return nil
+}
+
+// TestCacheConcurrentFills has children fault overlapping windows of one
+// seed while a working-set push fills it too: each page is read from the
+// source once (the page whose first fetch failed, twice: a fill that waited
+// on the failed one fetches it itself), the memfd holds the seed's bytes,
+// and no claim is left behind.
+func TestCacheConcurrentFills(t *testing.T) {
+	const pages = 2048
+	base := uint64(1 << 32)
+	d := &descriptor.Descriptor{SeedID: "concurrenttest",
+		VMAs:    []descriptor.VMA{{Start: base, End: base + pages*pageSize, Prot: 3, Kind: descriptor.KindAnon}},
+		Present: []descriptor.Run{{Start: base, End: base + pages*pageSize}}}
+	src := &countingSource{reads: map[uint64]int{}, failPage: base + 777*pageSize}
+	c, err := NewCache(d, src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var errs []error
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(g), 9))
+			for i := 0; i < 40; i++ {
+				first := rng.Uint64N(pages)
+				n := 1 + rng.Uint64N(min(256, pages-first))
+				if _, err := c.Ensure(base+first*pageSize, int(n)); err != nil {
+					mu.Lock()
+					errs = append(errs, err)
+					mu.Unlock()
+				}
+			}
+		}(g)
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, _ = c.EnsureRuns([]descriptor.Run{{Start: base + 100*pageSize, End: base + 1900*pageSize}})
+	}()
+	wg.Wait()
+	// Whatever the random windows missed, and the failed page if the push
+	// was the one that failed on it.
+	if _, err := c.Ensure(base, pages); err != nil {
+		t.Fatal(err)
+	}
+	for _, err := range errs {
+		if !strings.Contains(err.Error(), "link dropped once") {
+			t.Errorf("Ensure: %v", err)
+		}
+	}
+	if len(errs) > 1 {
+		t.Errorf("%d fills failed, want at most the one that met the dropped link", len(errs))
+	}
+	for pg := uint64(0); pg < pages; pg++ {
+		a := base + pg*pageSize
+		if n := src.reads[a]; n != 1 {
+			t.Errorf("page %d read %d times from the source, want 1", pg, n)
+		}
+	}
+	if !src.failed {
+		t.Error("the source never failed: the test did not exercise a failed fill")
+	}
+	b := make([]byte, pages*pageSize)
+	if _, err := unix.Pread(c.fd, b, 0); err != nil || !bytes.Equal(b, pattern(base, len(b))) {
+		t.Errorf("the cache does not hold the seed's bytes (%v)", err)
+	}
+	if c.Bytes() != pages*pageSize || len(c.fills) != 0 {
+		t.Errorf("Bytes %d (want %d), %d fills left in flight", c.Bytes(), pages*pageSize, len(c.fills))
+	}
+}
+
+// TestCacheCloseDuringFill holds a fill in its source: a fill of other pages
+// goes on meanwhile (a slow fetch holds up only the children that need its
+// pages), and closing the cache fails the held fill and later ones.
+func TestCacheCloseDuringFill(t *testing.T) {
+	d := &descriptor.Descriptor{SeedID: "closetest",
+		VMAs:    []descriptor.VMA{{Start: 1 << 32, End: 1<<32 + 16*pageSize, Prot: 3, Kind: descriptor.KindAnon}},
+		Present: []descriptor.Run{{Start: 1 << 32, End: 1<<32 + 16*pageSize}}}
+	gate := make(chan struct{})
+	c, err := NewCache(d, gatedSource{gate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error)
+	go func() { _, err := c.Ensure(1<<32, 4); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	other := make(chan error)
+	go func() { _, err := c.Ensure(1<<32+8*pageSize, 2); other <- err }()
+	select {
+	case err := <-other:
+		if err != nil {
+			t.Errorf("fill of other pages: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a fill of other pages waited for the held one")
+	}
+	c.Close()
+	close(gate)
+	if err := <-done; !errors.Is(err, errCacheClosed) {
+		t.Errorf("fill across Close: %v, want %v", err, errCacheClosed)
+	}
+	if _, err := c.Ensure(1<<32, 1); !errors.Is(err, errCacheClosed) {
+		t.Errorf("Ensure after Close: %v", err)
+	}
+}
+
+type gatedSource struct{ gate chan struct{} }
+
+func (g gatedSource) ReadPages(addr uint64, buf []byte) error {
+	if addr == 1<<32 {
+		<-g.gate
+	}
+	copy(buf, pattern(addr, len(buf)))
+	return nil
+}
+
+// TestCacheHeld keeps the filled pages of cached memory and every page
+// outside it.
+func TestCacheHeld(t *testing.T) {
+	c, err := NewCache(cacheDesc(), &fakeSource{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Ensure(0x11000, 2); err != nil {
+		t.Fatal(err)
+	}
+	got := c.Held([]descriptor.Run{{Start: 0x10000, End: 0x14000}, {Start: 0x20000, End: 0x22000}, {Start: 0x40000, End: 0x41000}})
+	want := []descriptor.Run{{Start: 0x11000, End: 0x13000}, {Start: 0x20000, End: 0x22000}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Held = %+v, want %+v", got, want)
 	}
 }

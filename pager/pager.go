@@ -125,23 +125,36 @@ type region struct {
 }
 
 type space struct {
-	p                  *Pager
-	fd                 int
-	f                  *os.File
-	mu                 sync.Mutex
-	regions            []region
-	served             map[uint64]uint64 // bitset of installed pages, by page>>6
-	buf                []byte
-	retry              []uint64
-	lastStart, lastEnd uint64
-	dir                int
-	window             int
+	p       *Pager
+	fd      int
+	f       *os.File
+	mu      sync.Mutex
+	regions []region
+	served  map[uint64]uint64 // bitset of installed pages, by page>>6
+	buf     []byte
+	retry   []uint64
+	streams [maxStreams]stream
+	tick    uint64
 }
+
+// stream is one run of faults walking through memory: a numpy ufunc over two
+// arrays faults on both in turn, so the pager follows several at once (as
+// the kernel's readahead keeps per-file state) instead of restarting the
+// window whenever faults alternate between them.
+type stream struct {
+	start, end uint64 // the window served last
+	dir        int    // 1 walking up, -1 down, 0 not yet known
+	window     int    // pages
+	used       uint64 // s.tick when last extended (for replacement)
+}
+
+// maxStreams is how many fault streams a space follows at once.
+const maxStreams = 8
 
 // Attach starts serving the userfaultfd ufd (API done, ranges registered)
 // of the root child. The pager owns ufd afterwards.
 func (p *Pager) Attach(ufd int) (*Space, error) {
-	s := &space{p: p, fd: ufd, served: map[uint64]uint64{}, window: p.cfg.Window}
+	s := &space{p: p, fd: ufd, served: map[uint64]uint64{}}
 	for _, v := range p.cfg.Desc.VMAs {
 		if v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty {
 			img := p.cfg.Cache != nil && CacheBacked(v)
@@ -215,6 +228,45 @@ func (sp *Space) PreloadAll() error {
 		}
 	}
 	return nil
+}
+
+// LazyRuns returns the child addresses whose pages may hold the seed's data
+// though the child's page tables do not map them: every page the pager
+// would fill from the source, whether it has installed it already or not
+// (an installed clean page of the node's cache can be reclaimed from the
+// page tables). Pages that read as zero (never present in the seed, or
+// freed by the child) are not in it. Prepare of the child itself as a
+// seed (multi-hop) uses it to mark present only pages that are: the rest
+// of its lazily paged memory is zero, and its own children need not fetch
+// it across the network.
+//
+// Precondition: the child is stopped, and every event it raised has been
+// read (remove and unmap events block it until they are). An event read
+// but not handled yet can only leave pages in that are zero now, which is
+// safe: they are read from the frozen copy as they are.
+func (sp *Space) LazyRuns() []descriptor.Run {
+	s := sp.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	present := s.p.present
+	var out []descriptor.Run
+	for _, r := range s.regions {
+		if r.zero {
+			continue
+		}
+		n := r.end - r.start
+		k := sort.Search(len(present), func(k int) bool { return present[k].End > r.src })
+		for ; k < len(present) && present[k].Start < r.src+n; k++ {
+			a := max(present[k].Start, r.src) - r.src + r.start
+			b := min(present[k].End, r.src+n) - r.src + r.start
+			if m := len(out); m > 0 && out[m-1].End == a {
+				out[m-1].End = b
+			} else {
+				out = append(out, descriptor.Run{Start: a, End: b})
+			}
+		}
+	}
+	return out
 }
 
 func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll bool) error {
@@ -495,7 +547,7 @@ func (s *space) handle(m uffd.Msg) error {
 		s.p.faults.Add(1)
 		return s.fault(m.Address &^ (pageSize - 1))
 	case uffd.EventFork:
-		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served)), window: s.p.cfg.Window}
+		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served))}
 		c.regions = append([]region(nil), s.regions...)
 		for k, v := range s.served {
 			c.served[k] = v
@@ -550,25 +602,40 @@ func (s *space) bounds(a uint64) (zero bool, lo, hi uint64) {
 	return true, lo, hi
 }
 
-// fault serves the page at a together with a fault-around window: forward
-// after a when faults walk up, backward when they walk down (the window
-// doubles on each step of a streak), otherwise the aligned block holding a.
-func (s *space) fault(a uint64) error {
-	w := uint64(s.window)
-	switch {
-	case a == s.lastEnd && s.dir >= 0:
-		s.dir = 1
-		w = min(w*2, uint64(s.p.cfg.MaxWindow))
-	case a+pageSize == s.lastStart && s.dir <= 0:
-		s.dir = -1
-		w = min(w*2, uint64(s.p.cfg.MaxWindow))
-	default:
-		s.dir = 0
-		w = uint64(s.p.cfg.Window)
+// stream returns the stream the fault at a continues (and its direction and
+// next window), or the least recently used one to restart at a.
+func (s *space) stream(a uint64) (st *stream, dir int, w uint64) {
+	s.tick++
+	maxW := uint64(s.p.cfg.MaxWindow)
+	for i := range s.streams {
+		st := &s.streams[i]
+		if st.window == 0 {
+			continue
+		}
+		switch {
+		case a == st.end && st.dir >= 0:
+			return st, 1, min(uint64(st.window)*2, maxW)
+		case a+pageSize == st.start && st.dir <= 0:
+			return st, -1, min(uint64(st.window)*2, maxW)
+		}
 	}
-	s.window = int(w)
+	st = &s.streams[0]
+	for i := range s.streams {
+		if s.streams[i].used < st.used {
+			st = &s.streams[i]
+		}
+	}
+	return st, 0, uint64(s.p.cfg.Window)
+}
+
+// fault serves the page at a together with a fault-around window: forward
+// after a when it continues a stream of faults walking up, backward when
+// one walks down (the window doubles on each step of a streak), otherwise
+// the aligned block holding a.
+func (s *space) fault(a uint64) error {
+	st, dir, w := s.stream(a)
 	var ws, we uint64
-	switch s.dir {
+	switch dir {
 	case 1:
 		ws, we = a, a+w*pageSize
 	case -1:
@@ -596,13 +663,13 @@ func (s *space) fault(a uint64) error {
 		start, end, n = a, a+pageSize, 1
 		err = s.install(a, 1, zero)
 	}
-	s.lastStart, s.lastEnd = start, end
+	*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
 	if debugFaults {
 		es := "ok"
 		if err != nil {
 			es = err.Error()
 		}
-		println("fault", s.fd, a, start, n, zero, s.dir, es)
+		println("fault", s.fd, a, start, n, zero, dir, es)
 	}
 	switch {
 	case err == nil:

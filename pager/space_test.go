@@ -14,7 +14,7 @@ const P = pageSize
 // holds the present runs. It is not attached to any userfaultfd.
 func newSpace(present []descriptor.Run, regions ...region) *space {
 	p := &Pager{present: present, cfg: Config{Window: 16, MaxWindow: 256}}
-	return &space{p: p, fd: -1, served: map[uint64]uint64{}, regions: regions, window: 16}
+	return &space{p: p, fd: -1, served: map[uint64]uint64{}, regions: regions}
 }
 
 // servedPages lists the served pages (page numbers) in ascending order.
@@ -308,5 +308,56 @@ func TestNewDefaults(t *testing.T) {
 	}
 	if p.Stats() != (Stats{}) || p.Err() != nil {
 		t.Errorf("fresh pager stats %+v err %v", p.Stats(), p.Err())
+	}
+}
+
+// TestStreams walks two arrays in lockstep (as a numpy ufunc over two
+// operands faults on each in turn) and one down: each walk keeps its own
+// growing window instead of restarting it whenever another walk faults.
+func TestStreams(t *testing.T) {
+	s := newSpace(nil)
+	// serve records a fault at a served with the window stream() picks,
+	// as fault does, and returns the window's size in pages.
+	serve := func(a uint64) (int, uint64, uint64) {
+		st, dir, w := s.stream(a)
+		var start, end uint64
+		switch dir {
+		case 1:
+			start, end = a, a+w*P
+		case -1:
+			start, end = a+P-w*P, a+P
+		default:
+			start = a &^ (w*P - 1)
+			end = start + w*P
+		}
+		*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
+		return dir, start, end
+	}
+	x, y, z := uint64(1<<30), uint64(2<<30), uint64(3<<30)+P*1024
+	_, _, xe := serve(x)
+	_, _, ye := serve(y)
+	_, zs, _ := serve(z)
+	for step := 1; step <= 6; step++ {
+		var dx, dy, dz int
+		dx, _, xe = serve(xe)
+		dy, _, ye = serve(ye)
+		if dx != 1 || dy != 1 {
+			t.Fatalf("step %d: directions %d %d, want 1 1 (streams lost)", step, dx, dy)
+		}
+		if dz, zs, _ = serve(zs - P); dz != -1 {
+			t.Fatalf("step %d: downward walk direction %d, want -1", step, dz)
+		}
+	}
+	// 16 pages, then doubling on each of the six steps up to MaxWindow 256.
+	if got := xe - x; got != (16+32+64+128+256+256+256)*P {
+		t.Errorf("x walked %d pages, want %d", got/P, 16+32+64+128+256+256+256)
+	}
+	// A fault nowhere near any stream restarts the least recently used one
+	// with the base window, and the others keep theirs.
+	if dir, _, _ := serve(5 << 30); dir != 0 {
+		t.Errorf("unrelated fault continued a stream (dir %d)", dir)
+	}
+	if dx, _, _ := serve(xe); dx != 1 {
+		t.Errorf("x's stream was replaced by an unrelated fault")
 	}
 }

@@ -36,6 +36,14 @@ type Options struct {
 	// of its private memory is read from the frozen copy, whose faults
 	// the child's pager serves.
 	Lazy bool
+	// LazyRuns, with Lazy, returns the addresses whose pages may hold data
+	// though the process's page tables do not map them (its pager's view,
+	// pager.Space.LazyRuns). Prepare calls it while the process is
+	// stopped, after the frozen copy exists, and marks present only those
+	// pages and the pages mapped: the rest of its lazily paged memory is
+	// zero. Without it every page of that memory is marked present (read
+	// from the frozen copy, zero or not).
+	LazyRuns func() []descriptor.Run
 }
 
 // Result is a prepared seed on this host.
@@ -298,6 +306,17 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		return nil, err
 	}
 	phase("s.altstacks", tq)
+	var lazyRuns []descriptor.Run
+	if opts.Lazy && opts.LazyRuns != nil {
+		// Precondition of LazyRuns: the parent is stopped. Asked after
+		// the frozen copy exists and before the parent runs again, so no
+		// page it frees later is taken for zero here while the frozen
+		// copy still holds it.
+		lazyRuns = opts.LazyRuns()
+		if lazyRuns == nil {
+			lazyRuns = []descriptor.Run{}
+		}
+	}
 	// A parent that was stopped gets SIGSTOP back with the detach: it
 	// re-enters its group-stop before running any of its own code (it may
 	// show state R for that moment).
@@ -306,7 +325,7 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 	phase("stopped", stopAt)
 	t1 := time.Now()
 
-	d, err := describe(pid, src, at, &regs, pmaps, &info, filesc, opts.Lazy)
+	d, err := describe(pid, src, at, &regs, pmaps, &info, filesc, opts.Lazy, lazyRuns)
 	if err != nil {
 		killSrc()
 		return nil, err
@@ -363,7 +382,10 @@ func Release(src int) error {
 // stopped right after the clone).
 //
 // Precondition: runs on the tracer thread.
-func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, info *procInfo, filesc chan map[string]fileStat, lazy bool) (*descriptor.Descriptor, error) {
+//
+// With lazy, the process's own memory is paged in lazily: lazyRuns (nil:
+// unknown) are the pages of it that may hold data though not mapped.
+func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapping, info *procInfo, filesc chan map[string]fileStat, lazy bool, lazyRuns []descriptor.Run) (*descriptor.Descriptor, error) {
 	d := &descriptor.Descriptor{PID: int32(pid), VDSOSyscall: at}
 	d.Regs = regsToArray(regs)
 	d.Kernel = kernelRelease
@@ -398,15 +420,30 @@ func describe(pid, src int, at uint64, regs *unix.PtraceRegs, maps []procfs.Mapp
 		if err != nil {
 			return nil, err
 		}
+		var lazyVMAs []descriptor.VMA
 		if lazy {
+			// Its anonymous memory, and its memory mapped from its
+			// node's page cache (a KindFileDirty without a path), may
+			// hold pages not mapped yet: all of them are present, or,
+			// when the pager said which, those it said.
 			for i := range vmas {
-				if vmas[i].Kind == descriptor.KindAnon {
-					vmas[i].Kind = descriptor.KindFileDirty
+				v := &vmas[i]
+				if v.Kind != descriptor.KindAnon && (v.Kind != descriptor.KindFileDirty || v.Path != "") {
+					continue
 				}
+				if lazyRuns == nil {
+					v.Kind = descriptor.KindFileDirty
+					continue
+				}
+				v.Kind = descriptor.KindAnon
+				lazyVMAs = append(lazyVMAs, *v)
 			}
 		}
 		d.VMAs = vmas
 		d.Present = presentRuns(vmas, sr.regions)
+		if lazyRuns != nil {
+			d.Present = unionRuns(d.Present, clipToVMAs(lazyRuns, lazyVMAs))
+		}
 		relativize(d, pid)
 		return d, nil
 	}

@@ -1,8 +1,10 @@
 package snapshot
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"unsafe"
 
@@ -175,6 +177,40 @@ func presentRuns(vmas []descriptor.VMA, regions []procfs.PageRegion) []descripto
 		}
 	}
 	return runs
+}
+
+// clipToVMAs returns the parts of runs inside vmas (both sorted by address,
+// vmas not overlapping).
+func clipToVMAs(runs []descriptor.Run, vmas []descriptor.VMA) []descriptor.Run {
+	var out []descriptor.Run
+	j := 0
+	for _, r := range runs {
+		for j < len(vmas) && vmas[j].End <= r.Start {
+			j++
+		}
+		for k := j; k < len(vmas) && vmas[k].Start < r.End; k++ {
+			if s, e := max(r.Start, vmas[k].Start), min(r.End, vmas[k].End); s < e {
+				out = append(out, descriptor.Run{Start: s, End: e})
+			}
+		}
+	}
+	return out
+}
+
+// unionRuns merges two sorted lists of runs into one sorted list of
+// disjoint, non-adjacent runs.
+func unionRuns(a, b []descriptor.Run) []descriptor.Run {
+	all := append(append(make([]descriptor.Run, 0, len(a)+len(b)), a...), b...)
+	slices.SortFunc(all, func(x, y descriptor.Run) int { return cmp.Compare(x.Start, y.Start) })
+	var out []descriptor.Run
+	for _, r := range all {
+		if n := len(out); n > 0 && r.Start <= out[n-1].End {
+			out[n-1].End = max(out[n-1].End, r.End)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // checkFDs records the fds a child must reopen or recreate and refuses
