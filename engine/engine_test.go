@@ -576,3 +576,85 @@ func TestThreadedParent(t *testing.T) {
 		}
 	}
 }
+
+// holeSrc has a 64 MiB mapping of which it wrote only the first and last
+// page: the rest is a hole the child gets as plain anonymous memory. The
+// child reads it (zero), writes it, forks, and checks both processes see
+// what they wrote, the first and last page what the parent wrote.
+const holeSrc = `
+#include <stdio.h>
+#include <string.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+static int check(unsigned char *a, size_t n, int v) {
+	if (a[0] != 1 || a[n - 1] != 2) return 1;
+	for (size_t i = 4096; i < n - 4096; i += 4096)
+		if (a[i] != v || a[i + 4095] != v) return 2;
+	return 0;
+}
+int main(void) {
+	size_t n = 64 << 20;
+	unsigned char *a = mmap(NULL, n, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+	if (a == MAP_FAILED) return 9;
+	a[0] = 1; a[n - 1] = 2;
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	if (check(a, n, 0)) { printf("hole not zero\n"); return 3; }
+	memset(a + 4096, 7, n - 8192);
+	if (check(a, n, 7)) { printf("write lost\n"); return 4; }
+	pid_t p = fork();
+	if (p == 0) {
+		memset(a + 4096, 5, 4096);
+		_exit(check(a + 0, n, 7) == 2 && a[4096] == 5 ? 0 : 1);
+	}
+	int st;
+	waitpid(p, &st, 0);
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || check(a, n, 7)) { printf("fork broke it\n"); return 5; }
+	printf("OK\n");
+	return 0;
+}
+`
+
+// TestZeroHole: memory the seed does not have in long runs is the child's
+// own anonymous memory (zero, writable, inherited by its forks), not paged
+// through the pager.
+func TestZeroHole(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "hole.c")
+	if err := os.WriteFile(src, []byte(holeSrc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "hole")
+	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("gcc: %v\n%s", err, out)
+	}
+	p := startParent(t, bin, "")
+	e, s := prepared(t, p.pid)
+	for _, opts := range []ForkOptions{{}, {NoCache: true}} {
+		r, w, _ := os.Pipe()
+		opts.Stdio = [3]*os.File{nil, w, w}
+		c, err := e.Fork(s, opts)
+		w.Close()
+		if err != nil {
+			r.Close()
+			t.Fatal(err)
+		}
+		out, _ := readAll(r)
+		r.Close()
+		<-c.TreeDone()
+		if st := c.Status(); st.ExitStatus() != 0 || string(out) != "OK\n" {
+			t.Errorf("NoCache %v: child exit %v, printed %q", opts.NoCache, st, out)
+		}
+		// 16,382 pages of the hole were read and written: the pager
+		// served none of them.
+		if z := c.Stats().PagesZero; z > 1024 {
+			t.Errorf("NoCache %v: the pager installed %d zero pages, want the hole left to the kernel", opts.NoCache, z)
+		}
+	}
+}

@@ -293,7 +293,7 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll 
 			b := s.buffer(cnt)
 			clear(b)
 			patch(a, b)
-			if _, err := s.copy(a, b); err != nil {
+			if _, err := s.copy(a, b, &s.p.copied); err != nil {
 				return err
 			}
 		case s.isImage(a) && patch == nil && !copyAll:
@@ -308,7 +308,7 @@ func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll 
 			if patch != nil {
 				patch(a, b)
 			}
-			if _, err := s.copy(a, b); err != nil {
+			if _, err := s.copy(a, b, &s.p.copied); err != nil {
 				return err
 			}
 		}
@@ -424,13 +424,14 @@ func (s *space) srcOf(a uint64) uint64 {
 	return r.src + (a - r.start)
 }
 
-func (s *space) copy(a uint64, b []byte) (int, error) {
+// copy installs b at a, counting the pages in ctr.
+func (s *space) copy(a uint64, b []byte, ctr *atomic.Uint64) (int, error) {
 	done := 0
 	for done < len(b) {
 		n, err := uffd.Copy(s.fd, a+uint64(done), unsafe.Pointer(&b[done]), uint64(len(b)-done), 0)
 		if n > 0 {
 			s.setServed(a+uint64(done), int(n)/pageSize, true)
-			s.p.copied.Add(uint64(n) / pageSize)
+			ctr.Add(uint64(n) / pageSize)
 			done += int(n)
 		}
 		if err == nil {
@@ -525,7 +526,7 @@ func (s *space) serve() {
 			pending := s.retry
 			s.retry = nil
 			for _, a := range pending {
-				if err := s.fault(a); err != nil {
+				if err := s.fault(a, false); err != nil {
 					s.mu.Unlock()
 					s.p.fail(err)
 					s.f.Close()
@@ -545,7 +546,7 @@ func (s *space) handle(m uffd.Msg) error {
 	switch m.Event {
 	case uffd.EventPagefault:
 		s.p.faults.Add(1)
-		return s.fault(m.Address &^ (pageSize - 1))
+		return s.fault(m.Address&^(pageSize-1), m.Flags&uffd.PagefaultFlagWrite != 0)
 	case uffd.EventFork:
 		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served))}
 		c.regions = append([]region(nil), s.regions...)
@@ -631,8 +632,8 @@ func (s *space) stream(a uint64) (st *stream, dir int, w uint64) {
 // fault serves the page at a together with a fault-around window: forward
 // after a when it continues a stream of faults walking up, backward when
 // one walks down (the window doubles on each step of a streak), otherwise
-// the aligned block holding a.
-func (s *space) fault(a uint64) error {
+// the aligned block holding a. write is a write fault.
+func (s *space) fault(a uint64, write bool) error {
 	st, dir, w := s.stream(a)
 	var ws, we uint64
 	switch dir {
@@ -654,14 +655,22 @@ func (s *space) fault(a uint64) error {
 	for end < we && !s.isServed(end) {
 		end += pageSize
 	}
+	if zero && write && end-start > zeroCopyPages*pageSize {
+		if dir < 0 {
+			start = end - zeroCopyPages*pageSize
+		} else {
+			start = max(start, a)
+			end = start + zeroCopyPages*pageSize
+		}
+	}
 	n := int((end - start) / pageSize)
-	err := s.install(start, n, zero)
+	err := s.install(start, n, zero, write)
 	if n > 1 && (errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EFAULT)) {
 		// The window ran past the VMA (the pager's regions do not see
 		// every VMA boundary, e.g. after mremap grew or shrank one):
 		// serve the faulting page alone.
 		start, end, n = a, a+pageSize, 1
-		err = s.install(a, 1, zero)
+		err = s.install(a, 1, zero, write)
 	}
 	*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
 	if debugFaults {
@@ -687,9 +696,15 @@ func (s *space) fault(a uint64) error {
 }
 
 // install serves n pages at start: zero pages, pages mapped from the cache,
-// or pages copied from the source.
-func (s *space) install(start uint64, n int, zero bool) error {
+// or pages copied from the source. Memory that reads as zero is installed
+// as fresh zeroed pages for a write fault (the child is about to write
+// them: memory it allocates anew in a heap the seed had freed), and as the
+// shared zero page for a read.
+func (s *space) install(start uint64, n int, zero, write bool) error {
 	switch {
+	case zero && write:
+		_, err := s.copy(start, zeroPages[:n*pageSize], &s.p.zeroed)
+		return err
 	case zero:
 		_, err := s.zero(start, n)
 		return err
@@ -700,7 +715,7 @@ func (s *space) install(start uint64, n int, zero bool) error {
 		if err := s.p.cfg.Source.ReadPages(s.srcOf(start), b); err != nil {
 			return fmt.Errorf("page source: %w", err)
 		}
-		_, err := s.copy(start, b)
+		_, err := s.copy(start, b, &s.p.copied)
 		return err
 	}
 }
@@ -772,6 +787,15 @@ func (s *space) remap(from, to, length uint64) {
 }
 
 var debugFaults = os.Getenv("MITOSIS_DEBUG_FAULTS") != ""
+
+// zeroCopyPages bounds the window of zeroed pages a write fault installs:
+// each is a page of memory (the zero page is not), so a child that writes
+// one page of a large freed range does not get megabytes it never uses.
+const zeroCopyPages = 256
+
+// zeroPages is the source of zeroed pages (UFFDIO_COPY reads it; it is
+// never written).
+var zeroPages = make([]byte, zeroCopyPages*pageSize)
 
 // retryPoll is how long the fault loop waits for new messages before it
 // retries faults that met EAGAIN.

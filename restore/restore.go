@@ -632,7 +632,8 @@ func (c *child) build(opts Options) error {
 
 	// Batch 2: recreate every VMA, close the files, create the uffd.
 	b = newBatch()
-	for _, v := range d.VMAs {
+	holes := zeroHoles(d)
+	for i, v := range d.VMAs {
 		size := v.End - v.Start
 		what := fmt.Sprintf("mmap %#x-%#x %s", v.Start, v.End, v.Path)
 		switch v.Kind {
@@ -649,6 +650,10 @@ func (c *child) build(opts Options) error {
 		case descriptor.KindAnon, descriptor.KindFileDirty:
 			if off, ok := cacheOffset(opts.Cache, v); ok {
 				b.Add(what+" (page cache)", unix.SYS_MMAP, v.Start, size, uint64(v.Prot), unix.MAP_PRIVATE|unix.MAP_FIXED|unix.MAP_NORESERVE, imageFD, off)
+				for _, h := range holes[i] {
+					b.Add(fmt.Sprintf("mmap %#x-%#x (zero)", h.Start, h.End), unix.SYS_MMAP, h.Start, h.End-h.Start, uint64(v.Prot),
+						unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_FIXED|unix.MAP_NORESERVE, ^uint64(0), 0)
+				}
 				continue
 			}
 			flags := uint64(unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_FIXED)
@@ -708,7 +713,7 @@ func (c *child) build(opts Options) error {
 		unix.Close(ufd)
 		return fmt.Errorf("uffd api: %w", err)
 	}
-	for _, r := range registerRanges(d.VMAs, opts.Cache) {
+	for _, r := range registerRanges(d.VMAs, holes, opts.Cache) {
 		if _, err := uffd.Register(ufd, r.Start, r.End-r.Start, r.mode); err != nil {
 			unix.Close(ufd)
 			return fmt.Errorf("uffd register %#x-%#x: %w", r.Start, r.End, err)
@@ -923,10 +928,21 @@ func cacheOffset(c *pager.Cache, v descriptor.VMA) (uint64, bool) {
 }
 
 // registerRanges merges adjacent lazily paged VMAs with the same mode into
-// the ranges to register with userfaultfd.
-func registerRanges(vmas []descriptor.VMA, c *pager.Cache) []regRange {
+// the ranges to register with userfaultfd, leaving out each VMA's holes
+// (holes[i] for d.VMAs[i], from zeroHoles).
+func registerRanges(vmas []descriptor.VMA, holes [][]descriptor.Run, c *pager.Cache) []regRange {
 	var out []regRange
-	for _, v := range vmas {
+	add := func(s, e, mode uint64) {
+		if s >= e {
+			return
+		}
+		if n := len(out); n > 0 && out[n-1].End == s && out[n-1].mode == mode {
+			out[n-1].End = e
+			return
+		}
+		out = append(out, regRange{descriptor.Run{Start: s, End: e}, mode})
+	}
+	for i, v := range vmas {
 		if v.Kind != descriptor.KindAnon && v.Kind != descriptor.KindFileDirty {
 			continue
 		}
@@ -934,13 +950,110 @@ func registerRanges(vmas []descriptor.VMA, c *pager.Cache) []regRange {
 		if _, ok := cacheOffset(c, v); ok {
 			mode |= uffd.RegisterModeMinor
 		}
-		if n := len(out); n > 0 && out[n-1].End == v.Start && out[n-1].mode == mode {
-			out[n-1].End = v.End
-			continue
+		at := v.Start
+		if i < len(holes) {
+			for _, h := range holes[i] {
+				add(at, h.Start, mode)
+				at = h.End
+			}
 		}
-		out = append(out, regRange{descriptor.Run{Start: v.Start, End: v.End}, mode})
+		add(at, v.End, mode)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Start < out[j].Start })
+	return out
+}
+
+// holeMinPages is the shortest run of pages a seed does not have (they read
+// as zero) that a child gets as plain anonymous memory, not registered with
+// userfaultfd: a child that allocates anew in a heap the seed had freed
+// (malloc_trim, a lean prepare) then takes the kernel's own zero-fill fault
+// per page, with no round trip to the pager and no copy-on-write of the
+// zero page after it. Shorter runs stay lazily paged: each hole costs the
+// child up to two VMAs.
+const holeMinPages = 64
+
+// maxHoles bounds the holes per child (the longest are kept), and so the
+// VMAs they add.
+const maxHoles = 1024
+
+// withHotPages returns d's present runs together with the pages the restore
+// preloads whether the seed has them or not, sorted and merged: each
+// thread's stack around its rsp (where a self-restoring thread's signal
+// frame goes, below rsp) and its TCB. They must stay registered with the
+// pager, which installs them.
+func withHotPages(d *descriptor.Descriptor) []descriptor.Run {
+	const P = descriptor.PageSize
+	runs := append([]descriptor.Run(nil), d.Present...)
+	hot := func(regs [27]uint64, tidAddr uint64) {
+		r := snapshot.RegsFromArray(regs)
+		sp := r.Rsp &^ (P - 1)
+		runs = append(runs, descriptor.Run{Start: sp - min(sp, 16*P), End: sp + 2*P})
+		if fs := r.Fs_base &^ (P - 1); fs != 0 {
+			runs = append(runs, descriptor.Run{Start: fs, End: fs + 2*P})
+		}
+		if t := tidAddr &^ (P - 1); t != 0 {
+			runs = append(runs, descriptor.Run{Start: t, End: t + P})
+		}
+	}
+	hot(d.Regs, d.TIDAddr)
+	for _, t := range d.Threads {
+		hot(t.Regs, t.TIDAddr)
+	}
+	sort.Slice(runs, func(i, j int) bool { return runs[i].Start < runs[j].Start })
+	out := runs[:0]
+	for _, r := range runs {
+		if n := len(out); n > 0 && r.Start <= out[n-1].End {
+			out[n-1].End = max(out[n-1].End, r.End)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// zeroHoles returns, for each VMA of d, the runs of at least holeMinPages
+// pages of its lazily paged memory that the seed does not have, except in
+// the main stack (MAP_GROWSDOWN) and the pages the restore installs before
+// the child runs (withHotPages). They read as zero in the child whatever it
+// does: the pager would only ever install zero pages there.
+func zeroHoles(d *descriptor.Descriptor) [][]descriptor.Run {
+	type hole struct {
+		vma int
+		run descriptor.Run
+	}
+	var all []hole
+	present := withHotPages(d)
+	k := 0
+	for i, v := range d.VMAs {
+		if (v.Kind != descriptor.KindAnon && v.Kind != descriptor.KindFileDirty) || v.Flags&descriptor.FlagGrowsDown != 0 {
+			continue
+		}
+		for k < len(present) && present[k].End <= v.Start {
+			k++
+		}
+		at := v.Start
+		gap := func(end uint64) {
+			if end >= at+holeMinPages*descriptor.PageSize {
+				all = append(all, hole{i, descriptor.Run{Start: at, End: end}})
+			}
+		}
+		for j := k; j < len(present) && present[j].Start < v.End; j++ {
+			gap(max(at, present[j].Start))
+			at = max(at, min(present[j].End, v.End))
+		}
+		gap(v.End)
+	}
+	if len(all) > maxHoles {
+		sort.Slice(all, func(i, j int) bool {
+			return all[i].run.End-all[i].run.Start > all[j].run.End-all[j].run.Start
+		})
+		all = all[:maxHoles]
+		sort.Slice(all, func(i, j int) bool { return all[i].run.Start < all[j].run.Start })
+	}
+	out := make([][]descriptor.Run, len(d.VMAs))
+	for _, h := range all {
+		out[h.vma] = append(out[h.vma], h.run)
+	}
 	return out
 }
 

@@ -67,7 +67,7 @@ func TestRegisterRanges(t *testing.T) {
 	const M, N = uffd.RegisterModeMissing, uffd.RegisterModeMissing | uffd.RegisterModeMinor
 	rr := func(s, e, mode uint64) regRange { return regRange{descriptor.Run{Start: s, End: e}, mode} }
 
-	got := registerRanges(vmas, nil)
+	got := registerRanges(vmas, nil, nil)
 	want := []regRange{rr(0x1000, 0x5000, M), rr(0x6000, 0xb000, M), rr(0xc000, 0xd000, M), rr(0xe000, 0xf000, M)}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("without a cache:\n%+v\nwant\n%+v", got, want)
@@ -78,7 +78,7 @@ func TestRegisterRanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	got = registerRanges(vmas, c)
+	got = registerRanges(vmas, nil, c)
 	want = []regRange{rr(0x1000, 0x5000, N), rr(0x6000, 0x9000, N), rr(0x9000, 0xb000, M), rr(0xc000, 0xd000, N), rr(0xe000, 0xf000, N)}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("with a cache:\n%+v\nwant\n%+v", got, want)
@@ -97,7 +97,7 @@ func TestRegisterRanges(t *testing.T) {
 	if _, ok := cacheOffset(nil, vmas[0]); ok {
 		t.Errorf("cacheOffset without a cache reported an offset")
 	}
-	if got := registerRanges(nil, c); len(got) != 0 {
+	if got := registerRanges(nil, nil, c); len(got) != 0 {
 		t.Errorf("no VMAs: %+v", got)
 	}
 }
@@ -337,5 +337,43 @@ func TestOpenFDsEventLoop(t *testing.T) {
 	// Empty: the child adds the watches itself, at its own fd numbers.
 	if n, err := unix.EpollWait(ep, make([]unix.EpollEvent, 1), 0); n != 0 || err != nil {
 		t.Errorf("epoll_wait on the new instance = %d, %v, want 0 events", n, err)
+	}
+}
+
+// TestZeroHoles finds the long runs of lazily paged memory the seed does not
+// have, and registerRanges leaves them out.
+func TestZeroHoles(t *testing.T) {
+	const P = descriptor.PageSize
+	h := uint64(holeMinPages * P)
+	base := uint64(1 << 30)
+	d := &descriptor.Descriptor{
+		VMAs: []descriptor.VMA{
+			{Start: base, End: base + 4*h, Kind: descriptor.KindAnon},                                                               // 0: hole, data, short gap, data, hole
+			{Start: base + 4*h, End: base + 5*h, Kind: descriptor.KindFile, Path: "/lib/x.so"},                                      // 1: not paged lazily
+			{Start: base + 5*h, End: base + 7*h, Kind: descriptor.KindAnon, Flags: descriptor.FlagStack | descriptor.FlagGrowsDown}, // 2: the stack, never
+			{Start: base + 7*h, End: base + 8*h, Kind: descriptor.KindAnon},                                                         // 3: all absent
+		},
+		Present: []descriptor.Run{
+			{Start: base + h, End: base + h + 10*P},
+			{Start: base + h + 20*P, End: base + 2*h},
+		},
+	}
+	got := zeroHoles(d)
+	want := [][]descriptor.Run{
+		{{Start: base, End: base + h}, {Start: base + 2*h, End: base + 4*h}},
+		nil, nil,
+		{{Start: base + 7*h, End: base + 8*h}},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("zeroHoles =\n%+v\nwant\n%+v", got, want)
+	}
+	const M = uffd.RegisterModeMissing
+	rr := registerRanges(d.VMAs, got, nil)
+	wantRR := []regRange{
+		{descriptor.Run{Start: base + h, End: base + 2*h}, M},
+		{descriptor.Run{Start: base + 5*h, End: base + 7*h}, M},
+	}
+	if !reflect.DeepEqual(rr, wantRR) {
+		t.Errorf("registerRanges =\n%+v\nwant\n%+v", rr, wantRR)
 	}
 }
