@@ -37,7 +37,15 @@ type WorkflowConfig struct {
 	// deployed workflow kept as the run's stage seed; the default) and
 	// "per-run" (workflow.Runner.SeedPerRun).
 	ForkSeeds []string
+	// Bound also measures, in the same interleaved rounds, the bound of any
+	// fork-based transfer on this host: the workflow in one process whose
+	// rules are os.fork()ed children (examples/finra/local_fork.py, next
+	// to the spec), with no platform, network or paging.
+	Bound bool
 }
+
+// TransferBound labels the local os.fork bound's cells.
+const TransferBound workflow.Transfer = "local os.fork (bound)"
 
 // WorkflowCell is the medians of one (trades, rules, transfer) cell.
 type WorkflowCell struct {
@@ -134,6 +142,9 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			for _, fs := range wc.ForkSeeds {
 				vs = append(vs, variant{workflow.TransferFork, fs})
 			}
+			if wc.Bound {
+				vs = append(vs, variant{tr: TransferBound})
+			}
 			vs = append(vs, variant{tr: workflow.TransferStorage})
 			runs := make([][]*workflow.Run, len(vs))
 			for i := 0; i < wc.Runs; i++ {
@@ -142,7 +153,13 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 						return cells, ctx.Err()
 					}
 					rn.SeedPerRun = v.seed == "per-run"
-					r, err := rn.Run(ctx, spec, input, v.tr)
+					var r *workflow.Run
+					var err error
+					if v.tr == TransferBound {
+						r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
+					} else {
+						r, err = rn.Run(ctx, spec, input, v.tr)
+					}
 					if err != nil {
 						return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
 					}
@@ -166,16 +183,45 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 				var res struct{ Digest string }
 				_ = json.Unmarshal(runs[k][0].Result, &res)
 				if res.Digest != sd.Digest || res.Digest == "" {
-					return cells, fmt.Errorf("trades %d rules %d: fork (%s) and storage verdicts differ (%q vs %q)", n, m, vs[k].seed, res.Digest, sd.Digest)
+					return cells, fmt.Errorf("trades %d rules %d: %s (%s) and storage verdicts differ (%q vs %q)", n, m, vs[k].tr, vs[k].seed, res.Digest, sd.Digest)
 				}
 				f := &cells[first+k]
 				f.StateMB = st.StateMB
+				if f.Transfer == TransferBound {
+					e.logf("workflow trades %d rules %d: local os.fork bound %.0f ms (%.0f%% faster than storage)", n, m, f.MS, 100*(1-f.MS/st.MS))
+					continue
+				}
 				e.logf("workflow trades %d (%.0f MB pickled) rules %d: fork (%s seed) %.0f ms, storage %.0f ms (%.0f%% faster); per rule: fork %.1f ms, storage %.1f ms of which GET+unpickle %.1f ms",
 					n, st.StateMB, m, f.ForkSeed, f.MS, st.MS, 100*(1-f.MS/st.MS), f.RuleMS, st.RuleMS, st.RuleXferMS)
 			}
 		}
 	}
 	return cells, nil
+}
+
+// runBound runs the workflow as one local process with os.fork()ed rule
+// children (script: examples/finra/local_fork.py) and returns its timings
+// as a run record: the sources as the deploy, the fan-out as the audit step.
+func runBound(ctx context.Context, script string, input []byte) (*workflow.Run, error) {
+	out, err := exec.CommandContext(ctx, "/usr/bin/python3", script, string(input)).Output()
+	if err != nil {
+		if ee, ok := err.(*exec.ExitError); ok {
+			return nil, fmt.Errorf("%s: %w: %s", script, err, ee.Stderr)
+		}
+		return nil, fmt.Errorf("%s: %w", script, err)
+	}
+	var res struct {
+		MS        float64 `json:"ms"`
+		SourcesMS float64 `json:"sources_ms"`
+		AuditMS   float64 `json:"audit_ms"`
+		Digest    string  `json:"digest"`
+	}
+	if err := json.Unmarshal(out, &res); err != nil {
+		return nil, fmt.Errorf("%s printed %q: %w", script, out, err)
+	}
+	result, _ := json.Marshal(map[string]string{"digest": res.Digest})
+	return &workflow.Run{Transfer: TransferBound, MS: res.MS, DeployMS: res.SourcesMS, Result: result,
+		Steps: []workflow.StepResult{{Name: "audit", MS: res.AuditMS}}}, nil
 }
 
 func summarizeRuns(runs []*workflow.Run) WorkflowCell {
@@ -239,7 +285,7 @@ func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, c := range cells {
 		faster := ""
-		if c.Transfer == workflow.TransferFork {
+		if c.Transfer != workflow.TransferStorage {
 			// Against the storage cell of the same grid point, after the
 			// fork variants.
 			for _, s := range cells[i+1:] {
