@@ -652,7 +652,7 @@ func (rm *remote) bytesGroup(p *parent) *Group {
 	g := &Group{Name: groupRemoteBytes, Title: "network bytes per child on b (64 MiB array seed of a)", Baseline: "cold cache",
 		Description: "Bytes node b fetched from a for one child, from b's `mitosis_peer_bytes_fetched_total` (read from /metrics inside b's namespace before and after; descriptor, pages and working set included) and the child's `pages_fetched` in `ps`. " +
 			"Per run a fresh seed of the array_ts parent is prepared on a. cold cache: b's first child of it. warm cache: a second child on b right after. " +
-			"prefetch: another fresh seed, one local child on a first (it records the working set), then b's first child forked with `--prefetch` (sent to b's daemon): b fetches the working set in bulk at import and maps it before the child runs. " +
+			"prefetch: another fresh seed, one local child on a first (it records the working set), then b's first child forked with `--prefetch` (sent to b's daemon): b fetches the working set in bulk at import, in the background, while the child starts (it maps what b holds by then and faults the rest, waiting only for the batch holding a page the push has claimed). " +
 			"Without the node cache every child would pay the cold-cache bytes: the table's last rows compare 10 children with and without it. Durations: fork request to the child's SUM timestamp.",
 	}
 	if p == nil {
