@@ -39,6 +39,9 @@ type Cache struct {
 	fdMu sync.RWMutex
 	fd   int
 
+	bufMu sync.Mutex // held while a fill uses buf
+	buf   []byte     // staging buffer of fills (fillBuffer)
+
 	mu     sync.Mutex
 	filled map[uint64]uint64 // bitset of cache pages filled, by page>>6
 	fills  []*fill           // fills in flight
@@ -187,7 +190,7 @@ func (c *Cache) inFlight(pg uint64) *fill {
 // fetch reads the claimed pages of f from the source at src into the cache
 // and ends the claim.
 func (c *Cache) fetch(f *fill, src uint64) error {
-	b, put := fillBuffer(int(f.hi-f.lo) * pageSize)
+	b, put := c.fillBuffer(int(f.hi-f.lo) * pageSize)
 	err := c.src.ReadPages(src, b)
 	if err == nil {
 		err = c.write(b, f.lo*pageSize)
@@ -201,24 +204,25 @@ func (c *Cache) fetch(f *fill, src uint64) error {
 	return nil
 }
 
-// fillBufSize is the size of the pooled staging buffers of fills: a fetch
-// reads into one and pwrites it (measured 1.7x faster than
-// process_vm_readv straight into a shared mapping of the memfd, which takes
-// a page fault per page). Reused, so neither the read nor the network
-// transport faults in fresh memory for every fill. 4 MiB is the largest
+// fillBufSize is the size of a cache's staging buffer: a fetch reads into
+// it and pwrites it (measured 1.7x faster than process_vm_readv straight
+// into a shared mapping of the memfd, which takes a page fault per page).
+// Kept per cache, so the read and the network transport do not fault in
+// fresh memory for every fill, and dropped with the cache, so a daemon's
+// memory does not keep one per seed it ever served. 4 MiB is the largest
 // fault-around window.
 const fillBufSize = 4 << 20
 
-var fillBufs = sync.Pool{New: func() any { b := make([]byte, fillBufSize); return &b }}
-
 // fillBuffer returns a staging buffer of n bytes and the function that
-// gives it back.
-func fillBuffer(n int) ([]byte, func()) {
-	if n > fillBufSize {
+// gives it back: the cache's own when it is free, else one of its own.
+func (c *Cache) fillBuffer(n int) ([]byte, func()) {
+	if n > fillBufSize || !c.bufMu.TryLock() {
 		return make([]byte, n), func() {}
 	}
-	bp := fillBufs.Get().(*[]byte)
-	return (*bp)[:n], func() { fillBufs.Put(bp) }
+	if c.buf == nil {
+		c.buf = make([]byte, fillBufSize)
+	}
+	return c.buf[:n], c.bufMu.Unlock
 }
 
 // write stores b in the memfd at off.
@@ -429,7 +433,7 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 		if len(part) == 0 {
 			continue
 		}
-		buf, put := fillBuffer(int(size))
+		buf, put := c.fillBuffer(int(size))
 		rs := make([]descriptor.Run, len(part))
 		fs := make([]*fill, len(part))
 		for i, p := range part {
@@ -461,7 +465,7 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 // Close releases the cache. Children mapping it keep their mappings (the
 // memfd lives as long as they map it), but it is no longer filled.
 //
-// The fill bitmap is dropped too: the Cache itself stays reachable after
+// The staging buffer and the fill bitmap are dropped too: the Cache itself stays reachable after
 // its seed is removed, from the pagers of the seed's children that the
 // daemon keeps in its bounded `ps` history, and would otherwise pin that
 // memory for as long. Fills in flight fail when they come to write.
@@ -475,6 +479,12 @@ func (c *Cache) Close() {
 		c.fd = -1
 	}
 	c.fdMu.Unlock()
+	// A fill in flight keeps the buffer until it ends; the next one
+	// (there is none once closed) would allocate again.
+	if c.bufMu.TryLock() {
+		c.buf = nil
+		c.bufMu.Unlock()
+	}
 }
 
 // errClosed reports a fill after Close. Precondition: c.mu held.
