@@ -580,9 +580,11 @@ func TestThreadedParent(t *testing.T) {
 // holeSrc has a 64 MiB mapping of which it wrote only the first and last
 // page: the rest is a hole the child gets as plain anonymous memory. The
 // child reads it (zero), writes it, forks, and checks both processes see
-// what they wrote, the first and last page what the parent wrote.
+// what they wrote, the first and last page what the parent wrote; then it
+// grows a malloc'd block with such a hole with realloc.
 const holeSrc = `
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <signal.h>
 #include <unistd.h>
@@ -599,6 +601,11 @@ int main(void) {
 	unsigned char *a = mmap(NULL, n, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
 	if (a == MAP_FAILED) return 9;
 	a[0] = 1; a[n - 1] = 2;
+	/* A malloc'd block written at both ends (glibc mmaps it): its middle
+	   is a hole too, and realloc must keep what it holds. */
+	unsigned char *m = malloc(n);
+	if (!m) return 9;
+	m[0] = 3; m[n - 1] = 4;
 	printf("READY %d\n", getpid());
 	fflush(stdout);
 	raise(SIGSTOP);
@@ -613,6 +620,11 @@ int main(void) {
 	int st;
 	waitpid(p, &st, 0);
 	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0 || check(a, n, 7)) { printf("fork broke it\n"); return 5; }
+	/* glibc grows it with mremap, which refuses a range of several
+	   mappings (EFAULT), and then falls back to a copy. */
+	m = realloc(m, 2 * n);
+	if (!m || m[0] != 3 || m[n - 1] != 4 || m[n / 2] != 0) { printf("realloc lost data\n"); return 6; }
+	m[2 * n - 1] = 5;
 	printf("OK\n");
 	return 0;
 }
