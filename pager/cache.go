@@ -314,18 +314,33 @@ func (c *Cache) Filled() []descriptor.Run {
 // fetch: their pages the cache holds, and the pages outside cached memory
 // (which are not the cache's to fetch).
 func (c *Cache) Held(runs []descriptor.Run) []descriptor.Run {
+	var out []descriptor.Run
+	add := func(s, e uint64) {
+		if n := len(out); n > 0 && out[n-1].End == s {
+			out[n-1].End = e
+		} else {
+			out = append(out, descriptor.Run{Start: s, End: e})
+		}
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	var out []descriptor.Run
 	for _, r := range runs {
-		for a := r.Start; a < r.End; a += pageSize {
-			if off, ok := c.Offset(a); ok && !c.isFilled(off/pageSize) {
-				continue
+		for a := r.Start; a < r.End; {
+			i := sort.Search(len(c.slots), func(i int) bool { return c.slots[i].end > a })
+			if i == len(c.slots) || c.slots[i].start >= r.End {
+				add(a, r.End) // the rest is not cached memory
+				break
 			}
-			if n := len(out); n > 0 && out[n-1].End == a {
-				out[n-1].End = a + pageSize
-			} else {
-				out = append(out, descriptor.Run{Start: a, End: a + pageSize})
+			sl := c.slots[i]
+			if a < sl.start {
+				add(a, sl.start)
+				a = sl.start
+			}
+			end := min(r.End, sl.end)
+			for pg := (sl.off + a - sl.start) / pageSize; a < end; a, pg = a+pageSize, pg+1 {
+				if c.isFilled(pg) {
+					add(a, a+pageSize)
+				}
 			}
 		}
 	}

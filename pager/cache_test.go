@@ -480,3 +480,57 @@ func TestCacheHeld(t *testing.T) {
 		t.Errorf("Held = %+v, want %+v", got, want)
 	}
 }
+
+// TestCacheHeldRandom compares Held with a page-by-page reading of the fill
+// bitmap over random fills and random runs that cross slots and holes.
+func TestCacheHeldRandom(t *testing.T) {
+	d := &descriptor.Descriptor{SeedID: "heldtest"}
+	a := uint64(0x100000)
+	for i, n := range []uint64{3, 64, 1, 70, 129} {
+		d.VMAs = append(d.VMAs, descriptor.VMA{Start: a, End: a + n*pageSize, Prot: 3, Kind: descriptor.KindAnon})
+		d.Present = append(d.Present, descriptor.Run{Start: a, End: a + n*pageSize})
+		a += n * pageSize
+		if i%2 == 0 {
+			a += 8 * pageSize // not cached memory between VMAs
+		}
+	}
+	c, err := NewCache(d, &fakeSource{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	lo, hi := d.VMAs[0].Start-4*pageSize, a+4*pageSize
+	rng := rand.New(rand.NewPCG(3, 4))
+	for round := 0; round < 200; round++ {
+		v := d.VMAs[rng.IntN(len(d.VMAs))]
+		np := (v.End - v.Start) / pageSize
+		first := rng.Uint64N(np)
+		if _, err := c.Ensure(v.Start+first*pageSize, int(1+rng.Uint64N(np-first))); err != nil {
+			t.Fatal(err)
+		}
+		var runs []descriptor.Run
+		for x := lo; x < hi; {
+			n := (1 + rng.Uint64N(40)) * pageSize
+			if rng.IntN(2) == 0 {
+				runs = append(runs, descriptor.Run{Start: x, End: min(x+n, hi)})
+			}
+			x += n
+		}
+		var want []descriptor.Run
+		for _, r := range runs {
+			for x := r.Start; x < r.End; x += pageSize {
+				if off, ok := c.Offset(x); ok && c.filled[off/pageSize>>6]&(1<<(off/pageSize&63)) == 0 {
+					continue
+				}
+				if n := len(want); n > 0 && want[n-1].End == x {
+					want[n-1].End = x + pageSize
+				} else {
+					want = append(want, descriptor.Run{Start: x, End: x + pageSize})
+				}
+			}
+		}
+		if got := c.Held(runs); !reflect.DeepEqual(got, want) {
+			t.Fatalf("round %d: Held(%+v) =\n%+v\nwant\n%+v", round, runs, got, want)
+		}
+	}
+}
