@@ -8,6 +8,11 @@
 // codec.go); Decode rejects anything it cannot fully validate.
 package descriptor
 
+import (
+	"cmp"
+	"slices"
+)
+
 // Version is the current encoding version written by Encode.
 const Version = 5
 
@@ -75,6 +80,21 @@ type FileID struct {
 // source (the seed's frozen copy).
 type Run struct {
 	Start, End uint64
+}
+
+// MergeRuns sorts runs by start, in place, and merges those that overlap or
+// touch; it returns the merged runs, which share runs' backing array.
+func MergeRuns(runs []Run) []Run {
+	slices.SortFunc(runs, func(a, b Run) int { return cmp.Compare(a.Start, b.Start) })
+	out := runs[:0]
+	for _, r := range runs {
+		if n := len(out); n > 0 && r.Start <= out[n-1].End {
+			out[n-1].End = max(out[n-1].End, r.End)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
 
 // SigAction is one installed signal disposition (kernel struct k_sigaction

@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"cmp"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
@@ -437,18 +436,7 @@ func addRun(runs []descriptor.Run, r descriptor.Run) []descriptor.Run {
 }
 
 // mergeRuns sorts runs and merges those that overlap or touch.
-func mergeRuns(runs []descriptor.Run) []descriptor.Run {
-	slices.SortFunc(runs, func(a, b descriptor.Run) int { return cmp.Compare(a.Start, b.Start) })
-	out := runs[:0]
-	for _, r := range runs {
-		if n := len(out); n > 0 && r.Start <= out[n-1].End {
-			out[n-1].End = max(out[n-1].End, r.End)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
-}
+func mergeRuns(runs []descriptor.Run) []descriptor.Run { return descriptor.MergeRuns(runs) }
 
 // WorkingSet returns the runs of seed memory its children have touched so
 // far: pages in this node's page cache, pages served to other nodes, and

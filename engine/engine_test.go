@@ -60,21 +60,30 @@ type parent struct {
 	out *bufio.Reader
 }
 
-func buildParent(t *testing.T) (bin, data string) {
+// compileC builds the C program src (gcc -O1 and flags) in a test
+// directory and returns its path. It skips the test unless root.
+func compileC(t *testing.T, src string, flags ...string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (ptrace, userfaultfd)")
 	}
 	dir := t.TempDir()
-	src := filepath.Join(dir, "p.c")
-	if err := os.WriteFile(src, []byte(parentSrc), 0o644); err != nil {
+	path := filepath.Join(dir, "p.c")
+	if err := os.WriteFile(path, []byte(src), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	bin = filepath.Join(dir, "p")
-	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
+	bin := filepath.Join(dir, "p")
+	args := append(append([]string{"-O1"}, flags...), "-o", bin, path)
+	if out, err := exec.Command("gcc", args...).CombinedOutput(); err != nil {
 		t.Fatalf("gcc: %v\n%s", err, out)
 	}
-	data = filepath.Join(dir, "data")
+	return bin
+}
+
+func buildParent(t *testing.T) (bin, data string) {
+	t.Helper()
+	bin = compileC(t, parentSrc)
+	data = filepath.Join(t.TempDir(), "data")
 	if err := os.WriteFile(data, []byte("abcdefgh"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -342,18 +351,7 @@ int main(void) {
 // may hold data are marked present in the second seed: memory the parent
 // never wrote is not fetched across the network as zeros.
 func TestMultiHop(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	dir := t.TempDir()
-	src := filepath.Join(dir, "hop.c")
-	if err := os.WriteFile(src, []byte(hopSrc), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "hop")
-	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
+	bin := compileC(t, hopSrc)
 	p := startParent(t, bin, "")
 	e, s1 := prepared(t, p.pid)
 	r, w, _ := os.Pipe()
@@ -535,18 +533,7 @@ int main(void) {
 // descriptor records them) and children continue every worker, vector
 // registers included, on both ways of restoring threads.
 func TestThreadedParent(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	dir := t.TempDir()
-	src := filepath.Join(dir, "threads.c")
-	if err := os.WriteFile(src, []byte(threadsSrc), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "threads")
-	if out, err := exec.Command("gcc", "-O1", "-pthread", "-o", bin, src).CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
+	bin := compileC(t, threadsSrc, "-pthread")
 	p := startCmd(t, exec.Command(bin))
 	e, s := prepared(t, p.pid)
 	if n := len(s.Desc.Threads); n != 6 {
@@ -634,18 +621,7 @@ int main(void) {
 // own anonymous memory (zero, writable, inherited by its forks), not paged
 // through the pager.
 func TestZeroHole(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
-	dir := t.TempDir()
-	src := filepath.Join(dir, "hole.c")
-	if err := os.WriteFile(src, []byte(holeSrc), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "hole")
-	if out, err := exec.Command("gcc", "-O1", "-o", bin, src).CombinedOutput(); err != nil {
-		t.Fatalf("gcc: %v\n%s", err, out)
-	}
+	bin := compileC(t, holeSrc)
 	p := startParent(t, bin, "")
 	e, s := prepared(t, p.pid)
 	for _, opts := range []ForkOptions{{}, {NoCache: true}} {

@@ -629,22 +629,27 @@ func (s *space) stream(a uint64) (st *stream, dir int, w uint64) {
 	return st, 0, uint64(s.p.cfg.Window)
 }
 
+// window returns the fault-around window of w pages for a fault at a: after
+// a walking up (dir 1), before it walking down (dir -1), else the aligned
+// block holding a.
+func window(a uint64, dir int, w uint64) (start, end uint64) {
+	switch dir {
+	case 1:
+		return a, a + w*pageSize
+	case -1:
+		return a + pageSize - min(w*pageSize, a), a + pageSize
+	}
+	start = a &^ (w*pageSize - 1)
+	return start, start + w*pageSize
+}
+
 // fault serves the page at a together with a fault-around window: forward
 // after a when it continues a stream of faults walking up, backward when
 // one walks down (the window doubles on each step of a streak), otherwise
 // the aligned block holding a. write is a write fault.
 func (s *space) fault(a uint64, write bool) error {
 	st, dir, w := s.stream(a)
-	var ws, we uint64
-	switch dir {
-	case 1:
-		ws, we = a, a+w*pageSize
-	case -1:
-		ws, we = a+pageSize-min(w*pageSize, a), a+pageSize
-	default:
-		ws = a &^ (w*pageSize - 1)
-		we = ws + w*pageSize
-	}
+	ws, we := window(a, dir, w)
 	zero, lo, hi := s.bounds(a)
 	ws, we = max(ws, lo), min(we, hi)
 	// Keep to the unserved pages contiguous with a.

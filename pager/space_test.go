@@ -320,16 +320,7 @@ func TestStreams(t *testing.T) {
 	// as fault does, and returns the window's size in pages.
 	serve := func(a uint64) (int, uint64, uint64) {
 		st, dir, w := s.stream(a)
-		var start, end uint64
-		switch dir {
-		case 1:
-			start, end = a, a+w*P
-		case -1:
-			start, end = a+P-w*P, a+P
-		default:
-			start = a &^ (w*P - 1)
-			end = start + w*P
-		}
+		start, end := window(a, dir, w)
 		*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
 		return dir, start, end
 	}

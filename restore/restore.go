@@ -999,16 +999,7 @@ func withHotPages(d *descriptor.Descriptor) []descriptor.Run {
 	for _, t := range d.Threads {
 		hot(t.Regs, t.TIDAddr)
 	}
-	sort.Slice(runs, func(i, j int) bool { return runs[i].Start < runs[j].Start })
-	out := runs[:0]
-	for _, r := range runs {
-		if n := len(out); n > 0 && r.Start <= out[n-1].End {
-			out[n-1].End = max(out[n-1].End, r.End)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
+	return descriptor.MergeRuns(runs)
 }
 
 // zeroHoles returns, for each VMA of d, the runs of at least holeMinPages

@@ -1,10 +1,8 @@
 package snapshot
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 	"unsafe"
 
@@ -197,20 +195,10 @@ func clipToVMAs(runs []descriptor.Run, vmas []descriptor.VMA) []descriptor.Run {
 	return out
 }
 
-// unionRuns merges two sorted lists of runs into one sorted list of
-// disjoint, non-adjacent runs.
+// unionRuns merges two lists of runs into one sorted list of disjoint,
+// non-adjacent runs.
 func unionRuns(a, b []descriptor.Run) []descriptor.Run {
-	all := append(append(make([]descriptor.Run, 0, len(a)+len(b)), a...), b...)
-	slices.SortFunc(all, func(x, y descriptor.Run) int { return cmp.Compare(x.Start, y.Start) })
-	var out []descriptor.Run
-	for _, r := range all {
-		if n := len(out); n > 0 && r.Start <= out[n-1].End {
-			out[n-1].End = max(out[n-1].End, r.End)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
+	return descriptor.MergeRuns(append(append(make([]descriptor.Run, 0, len(a)+len(b)), a...), b...))
 }
 
 // checkFDs records the fds a child must reopen or recreate and refuses
