@@ -166,6 +166,9 @@ type fnRec struct {
 type stageRec struct {
 	seed   *seedRec
 	parent *childRec
+	// reserved is the memory the parent instance keeps reserved on this
+	// node while it is a stage seed (its invocation's reservation).
+	reserved int64
 }
 
 // stagePrepared is a prepare-self of an instance asked to become a stage.
@@ -482,6 +485,9 @@ func (f *fnRegistry) remove(name string) error {
 	fn.seed, fn.parent = nil, nil
 	stages := fn.stages
 	fn.stages = map[string]*stageRec{}
+	for _, st := range stages {
+		f.unreserveLocked(st)
+	}
 	var imported []*seedRec
 	for s := range fn.forkedFrom {
 		if s.origin != "" && !f.usedByOtherLocked(s, fn) {
@@ -669,7 +675,7 @@ func (f *fnRegistry) invoke(ctx context.Context, req transport.InvokeRequest) (t
 	var resp transport.InvokeResponse
 	switch spec.Policy {
 	case function.PolicyFork, function.PolicyLocalFork:
-		resp, err = f.invokeFork(ctx, fn, req.Seed, freq, timeout)
+		resp, err = f.invokeFork(ctx, fn, req.Seed, freq, timeout, res)
 	case function.PolicyKeepAlive:
 		resp, err = f.invokeWarm(ctx, fn, w, freq, timeout, true)
 	default:
@@ -717,7 +723,7 @@ func replyResponse(kind uint8, start, run time.Duration, child string, r functio
 // invokeFork forks one child of the function's seed (seedRef, or this
 // node's own seed) with the request as its payload and reads its reply
 // from its channel.
-func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, freq function.Request, timeout time.Duration) (transport.InvokeResponse, error) {
+func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, freq function.Request, timeout time.Duration, res int64) (transport.InvokeResponse, error) {
 	d := f.d
 	f.mu.Lock()
 	local, initErr := fn.seed, fn.initErr
@@ -813,7 +819,11 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 		f.mu.Lock()
 		ok := !fn.removed && sp.pid == k.child.PID
 		if ok {
-			fn.stages[sp.seed.id] = &stageRec{seed: sp.seed, parent: k}
+			// The instance lives on as the stage seed's parent: its
+			// memory stays reserved (the invocation's reservation ends
+			// when it returns) until the stage seed is removed.
+			fn.stages[sp.seed.id] = &stageRec{seed: sp.seed, parent: k, reserved: res}
+			f.reserved += res
 		}
 		f.mu.Unlock()
 		if !ok {
@@ -867,6 +877,14 @@ func (f *fnRegistry) abandonStage(name string, ch chan stagePrepared) {
 }
 
 // dropStage removes a stage seed and ends the instance it was made of.
+// unreserveLocked gives back the memory a stage seed's parent instance
+// held reserved. Precondition: f.mu held, st taken out of its function's
+// stages.
+func (f *fnRegistry) unreserveLocked(st *stageRec) {
+	f.reserved -= st.reserved
+	st.reserved = 0
+}
+
 func (f *fnRegistry) dropStage(st *stageRec) {
 	if err := f.d.remove(st.seed.id, true); err != nil {
 		f.d.log.Warn("remove stage seed", "seed", st.seed.id, "err", err)
@@ -893,6 +911,9 @@ func (f *fnRegistry) removeStage(name, ref string) error {
 		if fn != nil {
 			st = fn.stages[id]
 			delete(fn.stages, id)
+		}
+		if st != nil {
+			f.unreserveLocked(st)
 		}
 		f.mu.Unlock()
 		if st == nil {

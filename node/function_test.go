@@ -197,3 +197,56 @@ func TestFunctionInitError(t *testing.T) {
 		t.Errorf("deploy of a missing image: %v", err)
 	}
 }
+
+// TestStageReservation: an instance kept as a stage seed keeps its memory
+// reserved on the node after its invocation returns, until the stage seed is
+// removed (by name, or with its function).
+func TestStageReservation(t *testing.T) {
+	needPython(t)
+	d, sock := startDaemon(t)
+	cl, err := client.Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	const mem = 64 << 20
+	spec := function.Spec{Name: "stager", Image: fnDir(t, fnSource), Policy: function.PolicyFork,
+		MemoryBytes: mem, Timeout: function.Duration(10 * time.Second)}
+	if err := cl.Call(client.OpFnDeploy, DeployRequest{Spec: spec, Seed: true}, &FunctionInfo{}); err != nil {
+		t.Fatal(err)
+	}
+	meta, _ := json.Marshal(function.Request{Stage: true})
+	reserved := func() int64 {
+		d.fn.mu.Lock()
+		defer d.fn.mu.Unlock()
+		return d.fn.reserved
+	}
+	stage := func() string {
+		t.Helper()
+		r, err := d.fn.invoke(context.Background(), transport.InvokeRequest{Function: "stager", Body: []byte("s"), Meta: meta})
+		if err != nil || r.Status != 200 || r.Seed == "" {
+			t.Fatalf("stage: %+v %v", r, err)
+		}
+		return r.Seed
+	}
+	first := stage()
+	if got := reserved(); got != mem {
+		t.Errorf("one stage seed kept: %d bytes reserved, want %d", got, mem)
+	}
+	stage()
+	if got := reserved(); got != 2*mem {
+		t.Errorf("two stage seeds kept: %d bytes reserved, want %d", got, 2*mem)
+	}
+	if err := d.fn.removeStage("stager", first); err != nil {
+		t.Fatal(err)
+	}
+	if got := reserved(); got != mem {
+		t.Errorf("after removing one: %d bytes reserved, want %d", got, mem)
+	}
+	if err := cl.Call(client.OpFnRm, RemoveRequest{Name: "stager"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := reserved(); got != 0 {
+		t.Errorf("after removing the function: %d bytes reserved, want 0", got)
+	}
+}
