@@ -52,7 +52,11 @@ public class MtParent {
         String before = pid();
         System.out.println("READY " + before);
         System.out.flush();
-        new ProcessBuilder("kill", "-STOP", before).inheritIO().start();
+        // The kill comes from a shell that waits first: a kill that
+        // arrived at once could stop this JVM inside start(), before it
+        // closes its end of the pipe it watches the exec through (an fd
+        // to another process, which prepare refuses).
+        new ProcessBuilder("sh", "-c", "sleep 0.3; exec kill -STOP " + before).inheritIO().start();
         // Stopped here (the kill arrives within this sleep); parent and
         // children go on below.
         Thread.sleep(2000);
