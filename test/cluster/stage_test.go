@@ -63,6 +63,28 @@ func TestStageSeeds(t *testing.T) {
 		t.Fatal("no stage seed of other")
 	}
 
+	// The stage seed is made of a lazily paged instance; it marks present
+	// only what can hold data (the function's seed's pages it inherited
+	// and what it wrote), not every page of its memory (which made it 27%
+	// larger than the function's seed here, every page of it read across
+	// the network by a child on another node).
+	stageNode, stageID, _ := strings.Cut(ref, "/")
+	var fnPages, stagePages uint64
+	for _, n := range p.lab.Nodes[:3] {
+		for _, s := range seeds(t, n) {
+			switch {
+			case s.Name == "fn.keeper" && s.Origin == "":
+				fnPages = s.PresentPages
+			case n.Name == stageNode && s.ID == stageID:
+				stagePages = s.PresentPages
+			}
+		}
+	}
+	t.Logf("present pages: function seed %d, stage seed %d", fnPages, stagePages)
+	if fnPages == 0 || stagePages == 0 || stagePages > fnPages+fnPages/10 {
+		t.Errorf("stage seed has %d present pages, the function's seed %d: want about as many", stagePages, fnPages)
+	}
+
 	nodes := map[string]int{}
 	for i := 0; i < 9; i++ {
 		code, h, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref)
