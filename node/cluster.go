@@ -188,6 +188,13 @@ func (c countingSource) ReadRuns(runs []descriptor.Run, buf []byte) error {
 // resolveSeed finds the seed a fork names: "NODE/SEED" with NODE another
 // node imports it from there (once), anything else is a seed held here.
 func (d *Daemon) resolveSeed(ctx context.Context, ref string) (*seedRec, error) {
+	return d.resolveSeedFor(ctx, ref, nil)
+}
+
+// resolveSeedFor is resolveSeed with accept (if not nil) asked about the
+// seed's name first: a seed it refuses is not imported (a request must not
+// leave an import behind, nor remove one a concurrent request made).
+func (d *Daemon) resolveSeedFor(ctx context.Context, ref string, accept func(name string) error) (*seedRec, error) {
 	node, key := splitSeedRef(ref)
 	if key == "" {
 		return nil, fmt.Errorf("seed reference %q names no seed (use SEED or NODE/SEED)", ref)
@@ -202,9 +209,14 @@ func (d *Daemon) resolveSeed(ctx context.Context, ref string) (*seedRec, error) 
 		if s.removing {
 			return nil, fmt.Errorf("seed %s is being removed", s.id)
 		}
+		if accept != nil {
+			if err := accept(s.name); err != nil {
+				return nil, err
+			}
+		}
 		return s, nil
 	}
-	return d.importSeed(ctx, node, key)
+	return d.importSeed(ctx, node, key, accept)
 }
 
 // importedLocked finds a seed imported from node by its origin id.
@@ -221,10 +233,15 @@ func (d *Daemon) importedLocked(node, originID string) *seedRec {
 // importSeed returns the seed key (id or name) of node, importing its
 // descriptor the first time: later children on this node share its page
 // cache, so each page crosses the network once.
-func (d *Daemon) importSeed(ctx context.Context, node, key string) (*seedRec, error) {
+func (d *Daemon) importSeed(ctx context.Context, node, key string, accept func(name string) error) (*seedRec, error) {
 	d.mu.Lock()
 	if s := d.importedLocked(node, key); s != nil {
 		d.mu.Unlock()
+		if accept != nil {
+			if err := accept(s.name); err != nil {
+				return nil, err
+			}
+		}
 		return s, nil
 	}
 	d.mu.Unlock()
@@ -245,6 +262,11 @@ func (d *Daemon) importSeed(ctx context.Context, node, key string) (*seedRec, er
 	desc, err := descriptor.Decode(raw)
 	if err != nil {
 		return nil, fmt.Errorf("seed %s from node %s: bad descriptor: %w", key, node, err)
+	}
+	if accept != nil {
+		if err := accept(desc.Name); err != nil {
+			return nil, err
+		}
 	}
 	runs := make([]descriptor.Run, 0, len(ws))
 	for _, r := range ws {

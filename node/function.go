@@ -732,18 +732,15 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 	switch {
 	case seedRef != "":
 		var err error
-		if s, err = d.resolveSeed(ctx, seedRef); err != nil {
-			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s: %w", fn.spec.Name, seedRef, err)
-		}
-		if !seedOf(fn.spec.Name, s.name) {
-			f.mu.Lock()
-			unused := s.origin != "" && !f.usedByOtherLocked(s, nil)
-			f.mu.Unlock()
-			if unused {
-				// Imported for this request alone: do not keep it.
-				_ = d.remove(s.id, true)
+		// A seed of another function is refused before it is imported.
+		accept := func(name string) error {
+			if !seedOf(fn.spec.Name, name) {
+				return fmt.Errorf("%q is not a seed of this function", name)
 			}
-			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s (%q) is not a seed of this function", fn.spec.Name, seedRef, s.name)
+			return nil
+		}
+		if s, err = d.resolveSeedFor(ctx, seedRef, accept); err != nil {
+			return transport.InvokeResponse{}, fmt.Errorf("invoke %s: seed %s: %w", fn.spec.Name, seedRef, err)
 		}
 	case local != nil:
 		s = local
