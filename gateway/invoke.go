@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/function"
+	"github.com/mitosis-fork/mitosis/gateway/gwapi"
 	"github.com/mitosis-fork/mitosis/transport"
 )
 
@@ -27,15 +28,10 @@ type call struct {
 	stage bool   // X-Mitosis-Stage: keep the instance as a stage seed
 }
 
-// Headers of stage seeds. A request with HeaderStage: true keeps its
-// instance, once it answered 200, as a seed of the function (a stage seed),
-// named NODE/SEED in the response's HeaderSeed; a request with HeaderSeed
-// forks from that seed instead of the function's own. A workflow step's
-// downstream steps inherit its memory this way. DELETE /system/stage-seeds
-// removes one.
+// Headers of stage seeds (gwapi.HeaderSeed, gwapi.HeaderStage).
 const (
-	HeaderSeed  = "X-Mitosis-Seed"
-	HeaderStage = "X-Mitosis-Stage"
+	HeaderSeed  = gwapi.HeaderSeed
+	HeaderStage = gwapi.HeaderStage
 )
 
 // outcome is what a call produced.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/function"
+	"github.com/mitosis-fork/mitosis/gateway/gwapi"
 )
 
 // The OpenFaaS REST API's types (github.com/openfaas/faas-provider/types),
@@ -64,13 +65,9 @@ type DeleteFunctionRequest struct {
 	FunctionName string `json:"functionName"`
 }
 
-// DeleteStageSeedRequest is the body of DELETE /system/stage-seeds: the
-// stage seed Seed ("NODE/SEED", from an invocation's X-Mitosis-Seed) of
-// function FunctionName. A mitosis extension of the OpenFaaS API.
-type DeleteStageSeedRequest struct {
-	FunctionName string `json:"functionName"`
-	Seed         string `json:"seed"`
-}
+// DeleteStageSeedRequest is the body of DELETE /system/stage-seeds (a
+// mitosis extension of the OpenFaaS API; gwapi.DeleteStageSeedRequest).
+type DeleteStageSeedRequest = gwapi.DeleteStageSeedRequest
 
 // Namespace is the only namespace this provider has (OpenFaaS's default).
 const Namespace = "openfaas-fn"

@@ -22,7 +22,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
-	"github.com/mitosis-fork/mitosis/gateway"
+	"github.com/mitosis-fork/mitosis/gateway/gwapi"
 )
 
 //go:embed shim.py
@@ -574,10 +574,10 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool
 		}
 		x.rn.auth(hreq)
 		if x.stage != "" {
-			hreq.Header.Set(gateway.HeaderSeed, x.stage)
+			hreq.Header.Set(gwapi.HeaderSeed, x.stage)
 		}
 		if stage {
-			hreq.Header.Set(gateway.HeaderStage, "true")
+			hreq.Header.Set(gwapi.HeaderStage, "true")
 		}
 		if resp, err = x.rn.client().Do(hreq); err != nil {
 			return Instance{}, nil, "", err
@@ -607,9 +607,9 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool
 	if resp.StatusCode != http.StatusOK {
 		return in, nil, "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
 	}
-	seed := resp.Header.Get(gateway.HeaderSeed)
+	seed := resp.Header.Get(gwapi.HeaderSeed)
 	if stage && seed == "" {
-		return in, nil, "", fmt.Errorf("the gateway kept no stage seed of the instance (no %s header in its response)", gateway.HeaderSeed)
+		return in, nil, "", fmt.Errorf("the gateway kept no stage seed of the instance (no %s header in its response)", gwapi.HeaderSeed)
 	}
 	var r reply
 	if err := json.Unmarshal(body, &r); err != nil {
@@ -636,7 +636,7 @@ func (x *execution) cleanup() error {
 		}
 	}
 	if x.stage != "" {
-		b, _ := json.Marshal(gateway.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.stage})
+		b, _ := json.Marshal(gwapi.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.stage})
 		code, body, err := x.rn.do(ctx, "DELETE", "/system/stage-seeds", b)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("remove stage seed %s: %w", x.stage, err))

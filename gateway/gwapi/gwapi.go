@@ -1,0 +1,24 @@
+// Package gwapi holds what a client of the gateway's HTTP API needs of its
+// mitosis extensions (headers and request bodies), without the gateway
+// itself: a workflow runner or any other client imports this, not package
+// gateway and the node and engine behind it.
+package gwapi
+
+// Headers of stage seeds. A request with HeaderStage: true keeps its
+// instance, once it answered 200, as a seed of the function (a stage seed),
+// named NODE/SEED in the response's HeaderSeed; a request with HeaderSeed
+// forks from that seed instead of the function's own. A workflow step's
+// downstream steps inherit its memory this way. DELETE /system/stage-seeds
+// removes one.
+const (
+	HeaderSeed  = "X-Mitosis-Seed"
+	HeaderStage = "X-Mitosis-Stage"
+)
+
+// DeleteStageSeedRequest is the body of DELETE /system/stage-seeds: the
+// stage seed Seed ("NODE/SEED", from an invocation's X-Mitosis-Seed) of
+// function FunctionName.
+type DeleteStageSeedRequest struct {
+	FunctionName string `json:"functionName"`
+	Seed         string `json:"seed"`
+}
