@@ -135,6 +135,7 @@ type space struct {
 	retry   []uint64
 	streams [maxStreams]stream
 	tick    uint64
+	closed  atomic.Bool // set by Pager.Close before it closes f
 }
 
 // stream is one run of faults walking through memory: a numpy ufunc over two
@@ -194,6 +195,7 @@ func (p *Pager) Close() {
 	p.mu.Lock()
 	p.closed = true
 	for s := range p.spaces {
+		s.closed.Store(true)
 		s.f.Close()
 	}
 	p.mu.Unlock()
@@ -240,16 +242,27 @@ func (sp *Space) PreloadAll() error {
 // of its lazily paged memory is zero, and its own children need not fetch
 // it across the network.
 //
-// Precondition: the child is stopped, and every event it raised has been
-// read (remove and unmap events block it until they are). An event read
-// but not handled yet can only leave pages in that are zero now, which is
-// safe: they are read from the frozen copy as they are.
-func (sp *Space) LazyRuns() []descriptor.Run {
+// Precondition: the child is stopped. LazyRuns first waits until every
+// event the child raised (an mremap, an madvise) has been handled, so the
+// answer is the child's layout as it stopped; ok is false if that did not
+// happen within a second (the caller must then take every page as
+// possibly holding data).
+func (sp *Space) LazyRuns() (runs []descriptor.Run, ok bool) {
 	s := sp.s
-	s.mu.Lock()
+	for start := time.Now(); ; {
+		s.mu.Lock()
+		if s.quiet() {
+			break
+		}
+		s.mu.Unlock()
+		if time.Since(start) > time.Second {
+			return nil, false
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
 	defer s.mu.Unlock()
 	present := s.p.present
-	var out []descriptor.Run
+	out := []descriptor.Run{}
 	for _, r := range s.regions {
 		if r.zero {
 			continue
@@ -266,7 +279,7 @@ func (sp *Space) LazyRuns() []descriptor.Run {
 			}
 		}
 	}
-	return out
+	return out, true
 }
 
 func (s *space) preload(addr uint64, n int, patch func(uint64, []byte), copyAll bool) error {
@@ -482,6 +495,15 @@ func (s *space) serve() {
 		delete(s.p.spaces, s)
 		s.p.mu.Unlock()
 	}()
+	stop := func(err error) {
+		s.p.fail(err)
+		s.f.Close()
+	}
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		stop(fmt.Errorf("userfaultfd: %w", err))
+		return
+	}
 	raw := make([]byte, 64*uffd.MsgSize)
 	deadline, waitRetry := false, false
 	for {
@@ -497,46 +519,86 @@ func (s *space) serve() {
 			_ = s.f.SetReadDeadline(time.Time{})
 			deadline = false
 		}
-		n, err := s.f.Read(raw)
-		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
-			n, err = 0, nil
-		}
-		if err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				return
+		var herr error
+		// Messages are read and handled in one step under s.mu: whoever
+		// holds s.mu and finds the userfaultfd empty knows that every
+		// event the child has raised is in s's state (Space.LazyRuns).
+		err := rc.Read(func(fd uintptr) bool {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			n, rerr := unix.Read(int(fd), raw)
+			switch {
+			case rerr == unix.EAGAIN || rerr == unix.EINTR:
+				return false // wait until readable (or the deadline)
+			case rerr != nil:
+				herr = fmt.Errorf("read userfaultfd: %w", rerr)
+				return true
 			}
-			s.p.fail(fmt.Errorf("read userfaultfd: %w", err))
-			s.f.Close()
+			herr = s.handleAll(raw[:n])
+			waitRetry = len(s.retry) > 0
+			return true
+		})
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			s.mu.Lock()
+			herr = s.handleAll(nil)
+			waitRetry = len(s.retry) > 0
+			s.mu.Unlock()
+			err = nil
+		}
+		switch {
+		case err != nil && (s.closed.Load() || errors.Is(err, os.ErrClosed)):
+			return // Pager.Close
+		case err != nil:
+			stop(fmt.Errorf("read userfaultfd: %w", err))
+			return
+		case herr != nil:
+			stop(herr)
 			return
 		}
-		s.mu.Lock()
-		for off := 0; off+uffd.MsgSize <= n; off += uffd.MsgSize {
-			m, err := uffd.ParseMsg(raw[off : off+uffd.MsgSize])
-			if err != nil {
-				continue
-			}
-			if err := s.handle(m); err != nil {
-				s.mu.Unlock()
-				s.p.fail(err)
-				s.f.Close()
-				return
-			}
-		}
-		if len(s.retry) > 0 {
-			pending := s.retry
-			s.retry = nil
-			for _, a := range pending {
-				if err := s.fault(a, false); err != nil {
-					s.mu.Unlock()
-					s.p.fail(err)
-					s.f.Close()
-					return
-				}
-			}
-		}
-		waitRetry = len(s.retry) > 0
-		s.mu.Unlock()
 	}
+}
+
+// handleAll handles the messages in raw, then retries the faults that met
+// EAGAIN before. Precondition: s.mu held.
+func (s *space) handleAll(raw []byte) error {
+	for off := 0; off+uffd.MsgSize <= len(raw); off += uffd.MsgSize {
+		m, err := uffd.ParseMsg(raw[off : off+uffd.MsgSize])
+		if err != nil {
+			continue
+		}
+		if err := s.handle(m); err != nil {
+			return err
+		}
+	}
+	if len(s.retry) > 0 {
+		pending := s.retry
+		s.retry = nil
+		for _, a := range pending {
+			if err := s.fault(a, false); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// quiet reports whether the child's userfaultfd holds no unread message.
+// Messages are read only under s.mu (serve), so with s.mu held a quiet
+// space has handled every event the child raised. Precondition: s.mu held.
+func (s *space) quiet() bool {
+	rc, err := s.f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	ready := true
+	if err := rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, perr := unix.Poll(fds, 0)
+		ready = perr != nil || n > 0
+	}); err != nil {
+		return false
+	}
+	return !ready
 }
 
 func (s *space) handle(m uffd.Msg) error {

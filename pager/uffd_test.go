@@ -2,8 +2,11 @@ package pager
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"os"
+	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -289,6 +292,19 @@ func TestPagerCopyFaults(t *testing.T) {
 		if c.addr < base+14*P || c.addr+uint64(c.n) > base+20*P {
 			t.Errorf("after the move the source was read at %#x+%d, want only pages 14-19", c.addr, c.n)
 		}
+	}
+	// Free pages 24 and 25. The pages that may still hold the seed's data
+	// (multi-hop prepare marks only these present) follow the move and
+	// leave out the freed ones.
+	if _, _, e := unix.Syscall(unix.SYS_MADVISE, uintptr(base+24*P), 2*P, unix.MADV_DONTNEED); e != 0 {
+		t.Fatalf("madvise: %v", e)
+	}
+	runs, ok := sp.LazyRuns()
+	wantRuns := []descriptor.Run{{Start: base, End: base + 12*P}, {Start: base + 20*P, End: base + 24*P},
+		{Start: base + 26*P, End: base + 32*P}, {Start: to.base, End: to.base + 8*P}}
+	slices.SortFunc(wantRuns, func(x, y descriptor.Run) int { return cmp.Compare(x.Start, y.Start) })
+	if !ok || !reflect.DeepEqual(runs, wantRuns) {
+		t.Errorf("LazyRuns = %+v, %v; want %+v", runs, ok, wantRuns)
 	}
 	if p.Err() != nil {
 		t.Errorf("pager error %v", p.Err())

@@ -38,12 +38,13 @@ type Options struct {
 	Lazy bool
 	// LazyRuns, with Lazy, returns the addresses whose pages may hold data
 	// though the process's page tables do not map them (its pager's view,
-	// pager.Space.LazyRuns). Prepare calls it while the process is
-	// stopped, after the frozen copy exists, and marks present only those
-	// pages and the pages mapped: the rest of its lazily paged memory is
-	// zero. Without it every page of that memory is marked present (read
-	// from the frozen copy, zero or not).
-	LazyRuns func() []descriptor.Run
+	// pager.Space.LazyRuns), and whether it knows them. Prepare calls it
+	// while the process is stopped, after the frozen copy exists, and marks
+	// present only those pages and the pages mapped: the rest of its
+	// lazily paged memory is zero. Without it, or when it does not know,
+	// every page of that memory is marked present (read from the frozen
+	// copy, zero or not).
+	LazyRuns func() ([]descriptor.Run, bool)
 }
 
 // Result is a prepared seed on this host.
@@ -312,9 +313,8 @@ func prepareLocked(pid int, wasStopped bool, opts Options) (*Result, error) {
 		// the frozen copy exists and before the parent runs again, so no
 		// page it frees later is taken for zero here while the frozen
 		// copy still holds it.
-		lazyRuns = opts.LazyRuns()
-		if lazyRuns == nil {
-			lazyRuns = []descriptor.Run{}
+		if runs, ok := opts.LazyRuns(); ok {
+			lazyRuns = append([]descriptor.Run{}, runs...) // not nil: known
 		}
 	}
 	// A parent that was stopped gets SIGSTOP back with the detach: it
