@@ -27,7 +27,7 @@ type WorkflowConfig struct {
 	Mitosis  string
 	Log      *os.File
 	Command  string
-	NodeMem  string // each node's function memory (default 16G: 8 instances of 2Gi)
+	NodeMem  string // each node's function memory (default 18G: 8 instances of 2Gi and the stage seed's instance)
 	NodeConc int    // each node's invocation limit (default 8)
 	// RunsOut, if set, receives every run's record (workflow.Run, one
 	// JSON object per line) with its steps' and instances' timings.
@@ -73,7 +73,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		wc.Runs = 5
 	}
 	if wc.NodeMem == "" {
-		wc.NodeMem = "16G"
+		wc.NodeMem = "18G"
 	}
 	if wc.NodeConc <= 0 {
 		wc.NodeConc = 8
