@@ -17,6 +17,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -73,9 +74,12 @@ type Pager struct {
 
 	faults, copied, zeroed, shared, fetched, eager, spacesN atomic.Uint64
 
-	mu      sync.Mutex
-	spaces  map[*space]struct{}
-	closed  bool
+	mu     sync.Mutex
+	spaces map[*space]struct{}
+	closed bool
+	// wakeFD is an eventfd (made with the first forked space, -1 before)
+	// that Close signals to wake the spaces blocked in poll(2).
+	wakeFD  int
 	wg      sync.WaitGroup
 	errOnce sync.Once
 	err     error
@@ -89,7 +93,7 @@ func New(cfg Config) *Pager {
 	if cfg.MaxWindow < cfg.Window {
 		cfg.MaxWindow = max(256, cfg.Window)
 	}
-	return &Pager{cfg: cfg, present: cfg.Desc.Present, spaces: map[*space]struct{}{}}
+	return &Pager{cfg: cfg, present: cfg.Desc.Present, spaces: map[*space]struct{}{}, wakeFD: -1}
 }
 
 // Stats returns the counters of all spaces.
@@ -136,6 +140,13 @@ type space struct {
 	streams [maxStreams]stream
 	tick    uint64
 	closed  atomic.Bool // set by Pager.Close before it closes f
+	// blocking spaces wait for messages in poll(2) on their own thread,
+	// not in Go's netpoller: a forked space's process (a multi-hop seed's
+	// frozen copy) mostly faults inside the daemon's own process_vm_readv,
+	// and Go noticed those messages only at its 10 ms background poll
+	// (measured: the first child of a stage seed took 1.4 s instead of
+	// 0.14 s). Root spaces, one per child, stay on the netpoller.
+	blocking bool
 }
 
 // stream is one run of faults walking through memory: a numpy ufunc over two
@@ -180,6 +191,14 @@ func (p *Pager) start(s *space) error {
 		s.f.Close()
 		return errors.New("pager closed")
 	}
+	if s.blocking && p.wakeFD < 0 {
+		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			s.blocking = false // serve it through the netpoller
+		} else {
+			p.wakeFD = fd
+		}
+	}
 	p.spaces[s] = struct{}{}
 	p.wg.Add(1)
 	p.mu.Unlock()
@@ -194,12 +213,28 @@ func (p *Pager) start(s *space) error {
 func (p *Pager) Close() {
 	p.mu.Lock()
 	p.closed = true
+	files := make([]*os.File, 0, len(p.spaces))
 	for s := range p.spaces {
 		s.closed.Store(true)
-		s.f.Close()
+		files = append(files, s.f)
 	}
+	wake := p.wakeFD
 	p.mu.Unlock()
+	// Wake the blocking spaces first: closing a file waits until nothing
+	// uses it, and a blocking space's poll(2) does. The eventfd is never
+	// drained, so a space that polls after this returns at once.
+	if wake >= 0 {
+		var one [8]byte
+		one[0] = 1
+		_, _ = unix.Write(wake, one[:])
+	}
+	for _, f := range files {
+		f.Close()
+	}
 	p.wg.Wait()
+	if wake >= 0 {
+		unix.Close(wake)
+	}
 }
 
 // Space is the root child's address space, for eager loading.
@@ -505,6 +540,10 @@ func (s *space) serve() {
 		return
 	}
 	raw := make([]byte, 64*uffd.MsgSize)
+	if s.blocking {
+		s.serveBlocking(rc, raw, stop)
+		return
+	}
 	deadline, waitRetry := false, false
 	for {
 		// A fault that met EAGAIN waits for a non-cooperative event
@@ -550,6 +589,53 @@ func (s *space) serve() {
 			return // Pager.Close
 		case err != nil:
 			stop(fmt.Errorf("read userfaultfd: %w", err))
+			return
+		case herr != nil:
+			stop(herr)
+			return
+		}
+	}
+}
+
+// serveBlocking is serve for a blocking space: it waits in ppoll(2) for a
+// message (or Pager.Close's wake-up, or the retry poll) and reads and
+// handles what is there under s.mu.
+func (s *space) serveBlocking(rc syscall.RawConn, raw []byte, stop func(error)) {
+	retryTS := unix.NsecToTimespec(retryPoll.Nanoseconds())
+	for {
+		var herr error
+		cerr := rc.Control(func(fd uintptr) {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(s.p.wakeFD), Events: unix.POLLIN}}
+			var ts *unix.Timespec
+			s.mu.Lock()
+			if len(s.retry) > 0 {
+				ts = &retryTS
+			}
+			s.mu.Unlock()
+			if _, err := unix.Ppoll(fds, ts, nil); err != nil && err != unix.EINTR {
+				herr = fmt.Errorf("poll userfaultfd: %w", err)
+				return
+			}
+			if s.closed.Load() {
+				return
+			}
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			n, rerr := unix.Read(int(fd), raw)
+			switch {
+			case rerr == unix.EAGAIN || rerr == unix.EINTR:
+				n = 0 // a retry poll, or a spurious wake-up
+			case rerr != nil:
+				herr = fmt.Errorf("read userfaultfd: %w", rerr)
+				return
+			}
+			herr = s.handleAll(raw[:max(n, 0)])
+		})
+		switch {
+		case s.closed.Load():
+			return // Pager.Close
+		case cerr != nil:
+			stop(fmt.Errorf("userfaultfd: %w", cerr))
 			return
 		case herr != nil:
 			stop(herr)
@@ -610,7 +696,7 @@ func (s *space) handle(m uffd.Msg) error {
 		s.p.faults.Add(1)
 		return s.fault(m.Address&^(pageSize-1), m.Flags&uffd.PagefaultFlagWrite != 0)
 	case uffd.EventFork:
-		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served))}
+		c := &space{p: s.p, fd: m.ForkUFD, served: make(map[uint64]uint64, len(s.served)), blocking: true}
 		c.regions = append([]region(nil), s.regions...)
 		for k, v := range s.served {
 			c.served[k] = v
