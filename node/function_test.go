@@ -42,6 +42,20 @@ func needPython(t *testing.T) {
 	}
 }
 
+// pythonDaemon starts a daemon for function tests and dials it (both
+// closed when the test ends); it skips the test without root or Python.
+func pythonDaemon(t *testing.T) (*Daemon, *client.Client) {
+	t.Helper()
+	needPython(t)
+	d, sock := startDaemon(t)
+	cl, err := client.Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return d, cl
+}
+
 func fnDir(t *testing.T, src string) string {
 	t.Helper()
 	dir := t.TempDir()
@@ -52,13 +66,7 @@ func fnDir(t *testing.T, src string) string {
 }
 
 func TestFunctionPolicies(t *testing.T) {
-	needPython(t)
-	d, sock := startDaemon(t)
-	cl, err := client.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	d, cl := pythonDaemon(t)
 	dir := fnDir(t, fnSource)
 	// The digest the handler must report: what the initialization computed.
 	want := ""
@@ -130,7 +138,7 @@ func TestFunctionPolicies(t *testing.T) {
 		}
 	}
 	// Unknown function: an error naming it, classed as not deployed.
-	_, err = d.fn.invoke(context.Background(), transport.InvokeRequest{Function: "nope"})
+	_, err := d.fn.invoke(context.Background(), transport.InvokeRequest{Function: "nope"})
 	if err == nil || !strings.Contains(err.Error(), `"nope" is not deployed`) {
 		t.Errorf("unknown function: %v", err)
 	}
@@ -169,13 +177,7 @@ func equalCounts(a, b map[string]int) bool {
 }
 
 func TestFunctionInitError(t *testing.T) {
-	needPython(t)
-	_, sock := startDaemon(t)
-	cl, err := client.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	_, cl := pythonDaemon(t)
 	dir := fnDir(t, "import json\nCONFIG = json.loads('{bad')\ndef handle(req):\n    return req\n")
 	for _, pol := range []function.Policy{function.PolicyFork, function.PolicyKeepAlive} {
 		name := "bad-" + string(pol)
@@ -202,13 +204,7 @@ func TestFunctionInitError(t *testing.T) {
 // reserved on the node after its invocation returns, until the stage seed is
 // removed (by name, or with its function).
 func TestStageReservation(t *testing.T) {
-	needPython(t)
-	d, sock := startDaemon(t)
-	cl, err := client.Dial(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
+	d, cl := pythonDaemon(t)
 	const mem = 64 << 20
 	spec := function.Spec{Name: "stager", Image: fnDir(t, fnSource), Policy: function.PolicyFork,
 		MemoryBytes: mem, Timeout: function.Duration(10 * time.Second)}

@@ -584,14 +584,7 @@ func (s *space) serve() {
 			s.mu.Unlock()
 			err = nil
 		}
-		switch {
-		case err != nil && (s.closed.Load() || errors.Is(err, os.ErrClosed)):
-			return // Pager.Close
-		case err != nil:
-			stop(fmt.Errorf("read userfaultfd: %w", err))
-			return
-		case herr != nil:
-			stop(herr)
+		if s.ended(err, herr, stop) {
 			return
 		}
 	}
@@ -631,17 +624,27 @@ func (s *space) serveBlocking(rc syscall.RawConn, raw []byte, stop func(error)) 
 			}
 			herr = s.handleAll(raw[:max(n, 0)])
 		})
-		switch {
-		case s.closed.Load():
-			return // Pager.Close
-		case cerr != nil:
-			stop(fmt.Errorf("userfaultfd: %w", cerr))
-			return
-		case herr != nil:
-			stop(herr)
+		if s.ended(cerr, herr, stop) {
 			return
 		}
 	}
+}
+
+// ended reports whether a serve loop must end after a wait that returned err
+// and a round of handling that returned herr, stopping the space on an error
+// (not after Pager.Close, which ends it quietly).
+func (s *space) ended(err, herr error, stop func(error)) bool {
+	switch {
+	case s.closed.Load() || (err != nil && errors.Is(err, os.ErrClosed)):
+		return true
+	case err != nil:
+		stop(fmt.Errorf("userfaultfd: %w", err))
+		return true
+	case herr != nil:
+		stop(herr)
+		return true
+	}
+	return false
 }
 
 // handleAll handles the messages in raw, then retries the faults that met
