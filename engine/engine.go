@@ -216,17 +216,7 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 				return err
 			}
 			if opts.Prefetch {
-				ws := s.WorkingSet()
-				if cache != nil {
-					// Map what the node's cache holds; the child faults
-					// in the rest (or meets the working-set push that is
-					// fetching it), so a child that needs little of a
-					// big working set (a workflow's merge step forked
-					// from the state its rules read) starts at once
-					// instead of waiting for the whole set to arrive.
-					ws = cache.Held(ws)
-				}
-				for _, r := range ws {
+				for _, r := range s.prefetchSet(cache) {
 					if err := sp.Preload(r.Start, int((r.End-r.Start)/descriptor.PageSize), nil); err != nil {
 						return fmt.Errorf("prefetch working set: %w", err)
 					}
@@ -450,6 +440,23 @@ func (s *Seed) WorkingSet() []descriptor.Run {
 		runs = append(runs, c.Filled()...)
 	}
 	return mergeRuns(runs)
+}
+
+// prefetchSet is what a prefetching fork maps before the child runs: the
+// working set, and with the node's cache c only the part c holds. The child
+// faults in the rest (or meets the working-set push that is fetching it),
+// so a child that needs little of a big working set (a workflow's merge
+// step forked from the state its rules read) starts at once instead of
+// waiting for the whole set to arrive. The cache's own pages are held by
+// definition; only the runs recorded elsewhere are checked against it.
+func (s *Seed) prefetchSet(c *pager.Cache) []descriptor.Run {
+	if c == nil {
+		return s.WorkingSet()
+	}
+	s.cacheMu.Lock()
+	other := append(append([]descriptor.Run(nil), s.remoteRuns...), s.imported...)
+	s.cacheMu.Unlock()
+	return mergeRuns(append(c.Filled(), c.Held(mergeRuns(other))...))
 }
 
 func kernelRelease() string {

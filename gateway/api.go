@@ -116,20 +116,24 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 	w.WriteHeader(http.StatusAccepted)
 }
 
-// deleteFunction: DELETE /system/functions {"functionName": NAME}.
-func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
+// readSmallJSON decodes a request body of at most 64 KiB into v.
+func readSmallJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
 	if err != nil {
-		httpError(w, http.StatusBadRequest, "read body: "+err.Error())
-		return
+		return err
 	}
+	return decodeJSON(b, v)
+}
+
+// deleteFunction: DELETE /system/functions {"functionName": NAME}.
+func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 	var req DeleteFunctionRequest
-	if err := decodeJSON(b, &req); err != nil || req.FunctionName == "" {
+	if err := readSmallJSON(w, r, &req); err != nil || req.FunctionName == "" {
 		httpError(w, http.StatusBadRequest, `malformed delete request: want {"functionName": "NAME"}`)
 		return
 	}
 	g.deployMu.Lock()
-	err = g.dir.DeleteFunction(r.Context(), req.FunctionName)
+	err := g.dir.DeleteFunction(r.Context(), req.FunctionName)
 	g.deployMu.Unlock()
 	if errors.Is(err, directory.ErrNotFound) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", req.FunctionName))
@@ -161,13 +165,8 @@ func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 // 502 when the seed's node is unreachable or failed (the seed may remain:
 // the function's removal removes it too).
 func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
-	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
-	if err != nil {
-		httpError(w, http.StatusBadRequest, "read body: "+err.Error())
-		return
-	}
 	var req DeleteStageSeedRequest
-	if err := decodeJSON(b, &req); err != nil || req.FunctionName == "" || req.Seed == "" {
+	if err := readSmallJSON(w, r, &req); err != nil || req.FunctionName == "" || req.Seed == "" {
 		httpError(w, http.StatusBadRequest, `malformed request: want {"functionName": "NAME", "seed": "NODE/SEED"}`)
 		return
 	}

@@ -162,8 +162,15 @@ func (c *Cache) claim(lo, hi uint64) (mine []*fill, wait []chan struct{}) {
 			pg = min(f.hi, hi)
 			continue
 		}
+		// Up to the next page filled or held by a fill in flight.
+		limit := hi
+		for _, f := range c.fills {
+			if f.lo > pg && f.lo < limit {
+				limit = f.lo
+			}
+		}
 		end := pg + 1
-		for end < hi && !c.isFilled(end) && c.inFlight(end) == nil {
+		for end < limit && !c.isFilled(end) {
 			end++
 		}
 		f := &fill{lo: pg, hi: end, done: make(chan struct{})}

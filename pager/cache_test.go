@@ -234,29 +234,9 @@ func readlink(p string) (string, error) {
 // a walk of every page of every slot, for random fills over slots of many
 // sizes (bitmap words that straddle slot boundaries included).
 func TestCacheFilledRandom(t *testing.T) {
-	d := &descriptor.Descriptor{SeedID: "filledtest"}
-	a := uint64(0x100000)
-	for i, n := range []uint64{3, 64, 1, 70, 129, 5, 200} {
-		d.VMAs = append(d.VMAs, descriptor.VMA{Start: a, End: a + n*pageSize, Prot: 3, Kind: descriptor.KindAnon})
-		d.Present = append(d.Present, descriptor.Run{Start: a, End: a + n*pageSize})
-		a += n * pageSize
-		if i%2 == 1 {
-			a += 16 * pageSize // a hole between VMAs
-		}
-	}
-	c, err := NewCache(d, &fakeSource{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	rng := rand.New(rand.NewPCG(1, 2))
+	_, c, fill := randomFill(t, "filledtest", []uint64{3, 64, 1, 70, 129, 5, 200}, 1)
 	for round := 0; round < 50; round++ {
-		v := d.VMAs[rng.IntN(len(d.VMAs))]
-		np := (v.End - v.Start) / pageSize
-		first := rng.Uint64N(np)
-		if _, err := c.Ensure(v.Start+first*pageSize, int(1+rng.Uint64N(np-first))); err != nil {
-			t.Fatal(err)
-		}
+		fill()
 		var want []descriptor.Run
 		for _, sl := range c.slots {
 			for pg := uint64(0); pg < (sl.end-sl.start)/pageSize; pg++ {
@@ -276,6 +256,38 @@ func TestCacheFilledRandom(t *testing.T) {
 			t.Fatalf("round %d: Filled = %+v, want %+v", round, got, want)
 		}
 	}
+}
+
+// randomFill builds a seed of anonymous VMAs of the given sizes (pages,
+// every other one followed by a hole of 16 pages) and a cache for it, and
+// returns a function that fills a random range of one VMA.
+func randomFill(t *testing.T, id string, sizes []uint64, seed uint64) (*descriptor.Descriptor, *Cache, func()) {
+	t.Helper()
+	d := &descriptor.Descriptor{SeedID: id}
+	a := uint64(0x100000)
+	for i, n := range sizes {
+		d.VMAs = append(d.VMAs, descriptor.VMA{Start: a, End: a + n*pageSize, Prot: 3, Kind: descriptor.KindAnon})
+		d.Present = append(d.Present, descriptor.Run{Start: a, End: a + n*pageSize})
+		a += n * pageSize
+		if i%2 == 1 {
+			a += 16 * pageSize // a hole between VMAs
+		}
+	}
+	c, err := NewCache(d, &fakeSource{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	rng := rand.New(rand.NewPCG(seed, seed+1))
+	fill := func() {
+		v := d.VMAs[rng.IntN(len(d.VMAs))]
+		np := (v.End - v.Start) / pageSize
+		first := rng.Uint64N(np)
+		if _, err := c.Ensure(v.Start+first*pageSize, int(1+rng.Uint64N(np-first))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return d, c, fill
 }
 
 // BenchmarkCacheFilled is a prefetching fork's working-set query on a seed
@@ -484,30 +496,11 @@ func TestCacheHeld(t *testing.T) {
 // TestCacheHeldRandom compares Held with a page-by-page reading of the fill
 // bitmap over random fills and random runs that cross slots and holes.
 func TestCacheHeldRandom(t *testing.T) {
-	d := &descriptor.Descriptor{SeedID: "heldtest"}
-	a := uint64(0x100000)
-	for i, n := range []uint64{3, 64, 1, 70, 129} {
-		d.VMAs = append(d.VMAs, descriptor.VMA{Start: a, End: a + n*pageSize, Prot: 3, Kind: descriptor.KindAnon})
-		d.Present = append(d.Present, descriptor.Run{Start: a, End: a + n*pageSize})
-		a += n * pageSize
-		if i%2 == 0 {
-			a += 8 * pageSize // not cached memory between VMAs
-		}
-	}
-	c, err := NewCache(d, &fakeSource{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	lo, hi := d.VMAs[0].Start-4*pageSize, a+4*pageSize
-	rng := rand.New(rand.NewPCG(3, 4))
+	d, c, fill := randomFill(t, "heldtest", []uint64{3, 64, 1, 70, 129}, 3)
+	lo, hi := d.VMAs[0].Start-4*pageSize, d.VMAs[len(d.VMAs)-1].End+4*pageSize
+	rng := rand.New(rand.NewPCG(5, 6))
 	for round := 0; round < 200; round++ {
-		v := d.VMAs[rng.IntN(len(d.VMAs))]
-		np := (v.End - v.Start) / pageSize
-		first := rng.Uint64N(np)
-		if _, err := c.Ensure(v.Start+first*pageSize, int(1+rng.Uint64N(np-first))); err != nil {
-			t.Fatal(err)
-		}
+		fill()
 		var runs []descriptor.Run
 		for x := lo; x < hi; {
 			n := (1 + rng.Uint64N(40)) * pageSize

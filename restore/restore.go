@@ -976,14 +976,13 @@ const holeMinPages = 64
 // VMAs they add.
 const maxHoles = 1024
 
-// withHotPages returns d's present runs together with the pages the restore
-// preloads whether the seed has them or not, sorted and merged: each
-// thread's stack around its rsp (where a self-restoring thread's signal
-// frame goes, below rsp) and its TCB. They must stay registered with the
-// pager, which installs them.
-func withHotPages(d *descriptor.Descriptor) []descriptor.Run {
+// hotPages returns the pages the restore preloads whether the seed has them
+// or not, sorted and merged: each thread's stack around its rsp (where a
+// self-restoring thread's signal frame goes, below rsp) and its TCB. They
+// must stay registered with the pager, which installs them.
+func hotPages(d *descriptor.Descriptor) []descriptor.Run {
 	const P = descriptor.PageSize
-	runs := append([]descriptor.Run(nil), d.Present...)
+	var runs []descriptor.Run
 	hot := func(regs [27]uint64, tidAddr uint64) {
 		r := snapshot.RegsFromArray(regs)
 		sp := r.Rsp &^ (P - 1)
@@ -1005,15 +1004,18 @@ func withHotPages(d *descriptor.Descriptor) []descriptor.Run {
 // zeroHoles returns, for each VMA of d, the runs of at least holeMinPages
 // pages of its lazily paged memory that the seed does not have, except in
 // the main stack (MAP_GROWSDOWN) and the pages the restore installs before
-// the child runs (withHotPages). They read as zero in the child whatever it
-// does: the pager would only ever install zero pages there.
+// the child runs (hotPages). They read as zero in the child whatever it
+// does: the pager would only ever install zero pages there. It runs on
+// every fork: one pass over the VMAs and the present runs, and a few hot
+// ranges cut out of the gaps.
 func zeroHoles(d *descriptor.Descriptor) [][]descriptor.Run {
 	type hole struct {
 		vma int
 		run descriptor.Run
 	}
 	var all []hole
-	present := withHotPages(d)
+	hot := hotPages(d)
+	present := d.Present
 	k := 0
 	for i, v := range d.VMAs {
 		if (v.Kind != descriptor.KindAnon && v.Kind != descriptor.KindFileDirty) || v.Flags&descriptor.FlagGrowsDown != 0 {
@@ -1023,9 +1025,20 @@ func zeroHoles(d *descriptor.Descriptor) [][]descriptor.Run {
 			k++
 		}
 		at := v.Start
+		// gap adds [at, end) less the hot pages, in pieces long enough.
 		gap := func(end uint64) {
-			if end >= at+holeMinPages*descriptor.PageSize {
-				all = append(all, hole{i, descriptor.Run{Start: at, End: end}})
+			s := at
+			for _, h := range hot {
+				if h.End <= s || h.Start >= end {
+					continue
+				}
+				if h.Start >= s+holeMinPages*descriptor.PageSize {
+					all = append(all, hole{i, descriptor.Run{Start: s, End: h.Start}})
+				}
+				s = max(s, h.End)
+			}
+			if end >= s+holeMinPages*descriptor.PageSize {
+				all = append(all, hole{i, descriptor.Run{Start: s, End: end}})
 			}
 		}
 		for j := k; j < len(present) && present[j].Start < v.End; j++ {

@@ -16,6 +16,7 @@ import (
 	"github.com/mitosis-fork/mitosis/internal/procfs"
 	"github.com/mitosis-fork/mitosis/internal/uffd"
 	"github.com/mitosis-fork/mitosis/pager"
+	"github.com/mitosis-fork/mitosis/snapshot"
 )
 
 func neg(n int64) uint64 { return uint64(-n) }
@@ -375,5 +376,26 @@ func TestZeroHoles(t *testing.T) {
 	}
 	if !reflect.DeepEqual(rr, wantRR) {
 		t.Errorf("registerRanges =\n%+v\nwant\n%+v", rr, wantRR)
+	}
+}
+
+// TestZeroHolesHotPages: the pages the restore preloads around a thread's
+// stack pointer stay out of the holes, which split around them.
+func TestZeroHolesHotPages(t *testing.T) {
+	const P = descriptor.PageSize
+	base := uint64(1 << 30)
+	d := &descriptor.Descriptor{VMAs: []descriptor.VMA{{Start: base, End: base + 1024*P, Kind: descriptor.KindAnon}}}
+	rsp := base + 500*P + 123
+	for i := range d.Regs { // the index of rsp in the register array
+		var a [27]uint64
+		a[i] = rsp
+		if snapshot.RegsFromArray(a).Rsp == rsp {
+			d.Regs[i] = rsp
+		}
+	}
+	got := zeroHoles(d)[0]
+	want := []descriptor.Run{{Start: base, End: base + 484*P}, {Start: base + 502*P, End: base + 1024*P}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("zeroHoles = %+v, want %+v (pages 484-501 around rsp kept registered)", got, want)
 	}
 }

@@ -80,8 +80,8 @@ fails (the step's error is the run's).`,
 			if f.input != "" && !json.Valid([]byte(f.input)) {
 				return fmt.Errorf("--input %q is not JSON", f.input)
 			}
-			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, SeedPerRun: f.perRun}
-			if err := f.auth(rn); err != nil {
+			rn, err := f.runner()
+			if err != nil {
 				return err
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -148,12 +148,8 @@ fails (the step's error is the run's).`,
 		Short: "Deploy a workflow's function now (run does it when needed)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			spec, err := workflow.ReadSpec(args[0])
+			spec, rn, err := f.specRunner(args[0])
 			if err != nil {
-				return err
-			}
-			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout}
-			if err := f.auth(rn); err != nil {
 				return err
 			}
 			deployed, err := rn.Deploy(cmd.Context(), spec)
@@ -175,12 +171,8 @@ fails (the step's error is the run's).`,
 		Short: "Remove a workflow's function (its seed and instances on every node)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			spec, err := workflow.ReadSpec(args[0])
+			spec, rn, err := f.specRunner(args[0])
 			if err != nil {
-				return err
-			}
-			rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/")}
-			if err := f.auth(rn); err != nil {
 				return err
 			}
 			return rn.Remove(cmd.Context(), spec)
@@ -188,6 +180,28 @@ fails (the step's error is the run's).`,
 	}
 	wf.AddCommand(run, deploy, rm, validate, ls)
 	return wf
+}
+
+// runner is the workflow runner the flags describe, with its credentials.
+func (f *workflowFlags) runner() (*workflow.Runner, error) {
+	rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, SeedPerRun: f.perRun}
+	if err := f.auth(rn); err != nil {
+		return nil, err
+	}
+	return rn, nil
+}
+
+// specRunner reads the definition at path and makes the runner.
+func (f *workflowFlags) specRunner(path string) (*workflow.Spec, *workflow.Runner, error) {
+	spec, err := workflow.ReadSpec(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	rn, err := f.runner()
+	if err != nil {
+		return nil, nil, err
+	}
+	return spec, rn, nil
 }
 
 func (f *workflowFlags) auth(rn *workflow.Runner) error {
