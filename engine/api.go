@@ -105,6 +105,10 @@ type ChildStats struct {
 	// origin node over the network).
 	PagesFetched uint64
 	Eager        uint64 // pages copied before the child ran
+	// Spaces counts the address spaces paged: the child's and one per
+	// fork in its tree; SpacesLive those of processes still running
+	// (0 once the tree has ended).
+	Spaces, SpacesLive uint64
 }
 
 // Child is a process forked from a seed on this host.

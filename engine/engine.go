@@ -498,7 +498,8 @@ type pagerStats struct{ p *pager.Pager }
 func (p pagerStats) Stats() ChildStats {
 	s := p.p.Stats()
 	return ChildStats{Faults: s.Faults, PagesCopied: s.PagesCopied, PagesZero: s.PagesZero,
-		PagesShared: s.PagesShared, PagesFetched: s.PagesFetched, Eager: s.Eager}
+		PagesShared: s.PagesShared, PagesFetched: s.PagesFetched, Eager: s.Eager,
+		Spaces: s.Spaces, SpacesLive: s.SpacesLive}
 }
 
 func (e *Engine) reap(c *Child, pg *pager.Pager, pidfd *os.File) {

@@ -646,3 +646,108 @@ func TestZeroHole(t *testing.T) {
 		}
 	}
 }
+
+// forkerSrc: the child forks 100 processes that read its lazily paged
+// memory and exit, and 20 that exec /bin/true, then says FORKED and blocks
+// until its stdin closes.
+const forkerSrc = `
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(void) {
+	size_t n = 1 << 20;
+	unsigned char *a = malloc(n);
+	if (!a) return 9;
+	for (size_t i = 0; i < n; i++) a[i] = (unsigned char)(i / 4096);
+	printf("READY %d\n", getpid());
+	fflush(stdout);
+	raise(SIGSTOP);
+	for (int i = 0; i < 120; i++) {
+		pid_t p = fork();
+		if (p < 0) return 8;
+		if (p == 0) {
+			if (i >= 100) { execl("/bin/true", "true", (char *)0); _exit(7); }
+			_exit(a[(i % 256) * 4096] == (unsigned char)(i % 256) ? 0 : 1);
+		}
+		int st;
+		if (waitpid(p, &st, 0) != p || !WIFEXITED(st) || WEXITSTATUS(st) != 0) { printf("fork %d failed\n", i); return 5; }
+	}
+	printf("FORKED\n");
+	fflush(stdout);
+	char c;
+	while (read(0, &c, 1) > 0) {}
+	return 0;
+}
+`
+
+// threadCount is the number of OS threads of this process.
+func threadCount(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads line in /proc/self/status")
+	return 0
+}
+
+// TestForkedSpacesEnd: the space of a process forked inside a child (the
+// pager serves it through the userfaultfd EVENT_FORK handed over) ends once
+// that process has exited or exec'd, while the child lives on: no thread
+// or descriptor per fork is kept until the child ends.
+func TestForkedSpacesEnd(t *testing.T) {
+	bin := compileC(t, forkerSrc)
+	p := startParent(t, bin, "")
+	e, s := prepared(t, p.pid)
+	threads := threadCount(t)
+	in, inW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inW.Close()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	c, err := e.Fork(s, ForkOptions{Stdio: [3]*os.File{in, w, w}})
+	in.Close()
+	w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Kill(syscall.SIGKILL)
+	line, err := bufio.NewReader(r).ReadString('\n')
+	if err != nil || line != "FORKED\n" {
+		t.Fatalf("child printed %q (%v), want FORKED", line, err)
+	}
+	if st := c.Stats(); st.Spaces < 121 {
+		t.Fatalf("%d spaces served, want the child's and one per fork (121)", st.Spaces)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for c.Stats().SpacesLive > 1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if live := c.Stats().SpacesLive; live != 1 {
+		t.Errorf("%d spaces still served with only the child alive, want 1", live)
+	}
+	if now := threadCount(t); now > threads+8 {
+		t.Errorf("engine threads %d after the forks, %d before", now, threads)
+	}
+	inW.Close()
+	<-c.TreeDone()
+	if st := c.Status(); st.ExitStatus() != 0 {
+		t.Errorf("child exit %v", st)
+	}
+}

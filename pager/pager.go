@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -64,7 +65,11 @@ type Stats struct {
 	// a remote node).
 	PagesFetched uint64
 	Eager        uint64
-	Spaces       uint64
+	// Spaces counts the address spaces served so far: the child's and
+	// one per fork inside its tree; SpacesLive those still served (a
+	// forked process's space ends once it has exited or exec'd).
+	Spaces     uint64
+	SpacesLive uint64
 }
 
 // Pager serves one child tree.
@@ -98,8 +103,12 @@ func New(cfg Config) *Pager {
 
 // Stats returns the counters of all spaces.
 func (p *Pager) Stats() Stats {
+	p.mu.Lock()
+	live := uint64(len(p.spaces))
+	p.mu.Unlock()
 	return Stats{Faults: p.faults.Load(), PagesCopied: p.copied.Load(), PagesZero: p.zeroed.Load(),
-		PagesShared: p.shared.Load(), PagesFetched: p.fetched.Load(), Eager: p.eager.Load(), Spaces: p.spacesN.Load()}
+		PagesShared: p.shared.Load(), PagesFetched: p.fetched.Load(), Eager: p.eager.Load(), Spaces: p.spacesN.Load(),
+		SpacesLive: live}
 }
 
 // Err returns the error that stopped a space, if any.
@@ -541,6 +550,10 @@ func (s *space) serve() {
 	}
 	raw := make([]byte, 64*uffd.MsgSize)
 	if s.blocking {
+		// Never unlocked: the thread, which spends the space's life in
+		// ppoll(2), exits with it instead of idling in Go's pool (a child
+		// that forked 200 times left the daemon 200 idle threads).
+		runtime.LockOSThread()
 		s.serveBlocking(rc, raw, stop)
 		return
 	}
@@ -592,20 +605,35 @@ func (s *space) serve() {
 
 // serveBlocking is serve for a blocking space: it waits in ppoll(2) for a
 // message (or Pager.Close's wake-up, or the retry poll) and reads and
-// handles what is there under s.mu.
+// handles what is there under s.mu. A forked process's userfaultfd does not
+// signal that process's end (exit, or exec, which drops the address space
+// the fork made): after every quiet wait the loop asks the kernel
+// (uffd.Alive) and ends the space once the address space is gone, so a
+// child that forks again and again does not leave the daemon a thread and a
+// descriptor per fork until the child itself ends. The wait starts at
+// livePollMin, for the many forks that exec or exit at once, and doubles up
+// to livePollMax for long-lived ones (a multi-hop seed's frozen copy).
 func (s *space) serveBlocking(rc syscall.RawConn, raw []byte, stop func(error)) {
 	retryTS := unix.NsecToTimespec(retryPoll.Nanoseconds())
+	live := livePollMin
+	probe := uint64(1 << 32) // any page-aligned user address will do
+	if len(s.regions) > 0 {
+		probe = s.regions[0].start
+	}
 	for {
 		var herr error
+		gone := false
 		cerr := rc.Control(func(fd uintptr) {
 			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}, {Fd: int32(s.p.wakeFD), Events: unix.POLLIN}}
-			var ts *unix.Timespec
+			liveTS := unix.NsecToTimespec(live.Nanoseconds())
+			ts := &liveTS
 			s.mu.Lock()
 			if len(s.retry) > 0 {
 				ts = &retryTS
 			}
 			s.mu.Unlock()
-			if _, err := unix.Ppoll(fds, ts, nil); err != nil && err != unix.EINTR {
+			n, err := unix.Ppoll(fds, ts, nil)
+			if err != nil && err != unix.EINTR {
 				herr = fmt.Errorf("poll userfaultfd: %w", err)
 				return
 			}
@@ -614,6 +642,13 @@ func (s *space) serveBlocking(rc syscall.RawConn, raw []byte, stop func(error)) 
 			}
 			s.mu.Lock()
 			defer s.mu.Unlock()
+			if n == 0 && ts == &liveTS {
+				if !uffd.Alive(int(fd), probe) {
+					gone = true
+					return
+				}
+				live = min(2*live, livePollMax)
+			}
 			n, rerr := unix.Read(int(fd), raw)
 			switch {
 			case rerr == unix.EAGAIN || rerr == unix.EINTR:
@@ -624,6 +659,10 @@ func (s *space) serveBlocking(rc syscall.RawConn, raw []byte, stop func(error)) 
 			}
 			herr = s.handleAll(raw[:max(n, 0)])
 		})
+		if gone {
+			s.f.Close()
+			return
+		}
 		if s.ended(cerr, herr, stop) {
 			return
 		}
@@ -956,3 +995,11 @@ var zeroPages = make([]byte, zeroCopyPages*pageSize)
 // retryPoll is how long the fault loop waits for new messages before it
 // retries faults that met EAGAIN.
 const retryPoll = 50 * time.Microsecond
+
+// livePollMin and livePollMax bound how long a forked space waits quietly
+// before it checks that its process's address space still exists
+// (serveBlocking).
+const (
+	livePollMin = 5 * time.Millisecond
+	livePollMax = time.Second
+)

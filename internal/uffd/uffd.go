@@ -10,6 +10,7 @@ package uffd
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"runtime"
 	"unsafe"
@@ -94,6 +95,7 @@ const (
 	ioctlCopy       = 0xc028aa03 // _IOWR(0xAA, 0x03, struct uffdio_copy)
 	ioctlZeroPage   = 0xc020aa04 // _IOWR(0xAA, 0x04, struct uffdio_zeropage)
 	ioctlContinue   = 0xc020aa07 // _IOWR(0xAA, 0x07, struct uffdio_continue)
+	ioctlWP         = 0xc018aa06 // _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
 )
 
 // Kernel argument structures. They hold no Go pointers except
@@ -226,6 +228,27 @@ func Continue(fd int, start, length uint64) (int64, error) {
 		return n, fmt.Errorf("UFFDIO_CONTINUE %#x+%#x (mapped %d): %w", start, length, n, err)
 	}
 	return n, nil
+}
+
+// uffdioWriteProtect is struct uffdio_writeprotect.
+type uffdioWriteProtect struct {
+	rng  uffdioRange
+	mode uint64
+}
+
+// Alive reports whether the address space of fd still exists. A
+// userfaultfd does not signal its process's exit: the one a fork handed over
+// (EventFork) stays open, and quiet, after that process has exited or
+// exec'd, so its reader must ask. Alive asks with UFFDIO_WRITEPROTECT
+// (mode 0: remove write protection) on the page at addr, any page-aligned
+// user address: the kernel answers ESRCH once the address space is gone,
+// before it looks at the range, and otherwise changes nothing in ranges not
+// registered for write protection (ENOENT), which no range of this
+// package's users is. Any answer but ESRCH counts as alive.
+func Alive(fd int, addr uint64) bool {
+	wp := uffdioWriteProtect{rng: uffdioRange{addr, uint64(unix.Getpagesize())}}
+	err := ioctl(fd, ioctlWP, unsafe.Pointer(&wp))
+	return !errors.Is(err, unix.ESRCH)
 }
 
 // Wake wakes the threads waiting on faults in [start, start+length).

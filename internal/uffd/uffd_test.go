@@ -1,11 +1,15 @@
 package uffd
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 	"unsafe"
@@ -429,5 +433,106 @@ func TestReadBatchAndErrors(t *testing.T) {
 	if got[0] != (Msg{Event: EventRemove, Start: e.page(0), End: e.page(1)}) ||
 		got[1] != (Msg{Event: EventRemove, Start: e.page(2), End: e.page(3)}) {
 		t.Errorf("events %+v", got)
+	}
+}
+
+// TestMain runs the helper process of TestAliveAfterExit when asked to.
+func TestMain(m *testing.M) {
+	if os.Getenv("UFFD_TEST_HELPER") == "alive" {
+		aliveHelper()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// aliveHelper creates a userfaultfd of its own address space, prints its
+// number and blocks until killed.
+func aliveHelper() {
+	fd, err := New(unix.O_CLOEXEC | unix.O_NONBLOCK)
+	if err == nil {
+		_, _, err = API(fd, 0)
+	}
+	if err != nil {
+		os.Stdout.WriteString("error " + err.Error() + "\n")
+		os.Exit(1)
+	}
+	os.Stdout.WriteString(strconv.Itoa(fd) + "\n")
+	select {}
+}
+
+// TestAlive: Alive on a live address space answers true and leaves a
+// missing page missing (the fault is still raised and served by Copy).
+func TestAlive(t *testing.T) {
+	e := newEnv(t, 0, 8)
+	for _, i := range []int{0, 3, 7} {
+		if !Alive(e.fd, e.page(i)) {
+			t.Fatalf("Alive(page %d) = false on a live address space", i)
+		}
+	}
+	if !Alive(e.fd, e.base+uint64(len(e.mem))+1<<30) {
+		t.Fatal("Alive on an unmapped address = false on a live address space")
+	}
+	pr, done := e.faultViaPipe(t, 3)
+	if m := e.next(t); m.Event != EventPagefault || m.Address != e.page(3) {
+		t.Fatalf("got %+v, want a fault at %#x (Alive must not map the page)", m, e.page(3))
+	}
+	src := bytes.Repeat([]byte{0xA5}, int(e.ps))
+	if _, err := Copy(e.fd, e.page(3), unsafe.Pointer(&src[0]), e.ps, 0); err != nil {
+		t.Fatal(err)
+	}
+	expectPipe(t, pr, done, src)
+}
+
+// TestAliveAfterExit: the userfaultfd of another process (taken with
+// pidfd_getfd, as the daemon holds a forked child's) is alive while that
+// process runs and not once it has exited, though the descriptor stays open.
+func TestAliveAfterExit(t *testing.T) {
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^$")
+	cmd.Env = append(os.Environ(), "UFFD_TEST_HELPER=alive")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := false
+	t.Cleanup(func() {
+		if !exited {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	theirs, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Skipf("helper could not make a userfaultfd: %s", strings.TrimSpace(line))
+	}
+	pidfd, err := unix.PidfdOpen(cmd.Process.Pid, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pidfd)
+	fd, err := unix.PidfdGetfd(pidfd, theirs, 0)
+	if err != nil {
+		t.Skipf("pidfd_getfd: %v", err)
+	}
+	defer unix.Close(fd)
+	addr := uint64(1 << 30)
+	if !Alive(fd, addr) {
+		t.Fatal("Alive = false while the helper runs")
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	exited = true
+	if Alive(fd, addr) {
+		t.Fatal("Alive = true after the helper exited")
 	}
 }
