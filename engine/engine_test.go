@@ -742,8 +742,11 @@ func TestForkedSpacesEnd(t *testing.T) {
 	if live := c.Stats().SpacesLive; live != 1 {
 		t.Errorf("%d spaces still served with only the child alive, want 1", live)
 	}
-	if now := threadCount(t); now > threads+8 {
-		t.Errorf("engine threads %d after the forks, %d before", now, threads)
+	// Go keeps idle threads, so this bounds the peak: spaces of exited
+	// processes that were never ended kept one thread each (129 threads
+	// after the 120 forks, 9 before).
+	if now := threadCount(t); now > threads+40 {
+		t.Errorf("engine threads %d after 120 forks, %d before", now, threads)
 	}
 	inW.Close()
 	<-c.TreeDone()

@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -550,10 +549,12 @@ func (s *space) serve() {
 	}
 	raw := make([]byte, 64*uffd.MsgSize)
 	if s.blocking {
-		// Never unlocked: the thread, which spends the space's life in
-		// ppoll(2), exits with it instead of idling in Go's pool (a child
-		// that forked 200 times left the daemon 200 idle threads).
-		runtime.LockOSThread()
+		// Not runtime.LockOSThread to end the thread with the space: a
+		// thread that exits takes with it the processes the daemon
+		// started from it with Pdeathsig (function runtimes), and this
+		// goroutine may run on any thread. The probe in serveBlocking
+		// keeps the threads parked in ppoll(2) to the spaces of
+		// processes alive or just ended.
 		s.serveBlocking(rc, raw, stop)
 		return
 	}
