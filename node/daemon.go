@@ -4,8 +4,6 @@
 package node
 
 import (
-	"syscall"
-
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -21,14 +19,15 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
-
-	"github.com/mitosis-fork/mitosis/container"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/container"
 	"github.com/mitosis-fork/mitosis/engine"
+	"github.com/mitosis-fork/mitosis/pager"
 	"github.com/mitosis-fork/mitosis/transport"
 )
 
@@ -344,7 +343,7 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	d.log.Info("listening", "socket", cfg.Socket, "state_dir", cfg.StateDir, "pid", os.Getpid(), "version", Version,
 		"node", cfg.Node, "peer_listen", d.peerAddr, "peers", len(peers), "tls", cfg.TLS != nil, "insecure", cfg.Insecure,
-		"metrics", d.MetricsAddr())
+		"metrics", d.MetricsAddr(), "page_cache", pager.CacheBacking())
 	return d, nil
 }
 

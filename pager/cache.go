@@ -15,8 +15,9 @@ import (
 	"github.com/mitosis-fork/mitosis/descriptor"
 )
 
-// Cache is a node's page cache for one seed: a memfd that holds the seed's
-// lazily paged memory at fixed offsets, filled from the Source on first use.
+// Cache is a node's page cache for one seed: a file (of a private huge-page
+// tmpfs, or a memfd: see SetHugePageCache) that holds the seed's lazily
+// paged memory at fixed offsets, filled from the Source on first use.
 //
 // Children map it MAP_PRIVATE at their VMAs' addresses and register those
 // ranges for MISSING and MINOR userfaultfd faults. A page crosses from the
@@ -80,9 +81,9 @@ func NewCache(d *descriptor.Descriptor, src Source) (*Cache, error) {
 			off += v.End - v.Start
 		}
 	}
-	fd, err := unix.MemfdCreate(descriptor.CacheMemfdPrefix+d.SeedID, unix.MFD_CLOEXEC)
+	fd, err := cacheFile(d.SeedID)
 	if err != nil {
-		return nil, fmt.Errorf("page cache memfd: %w", err)
+		return nil, err
 	}
 	c.fd = fd
 	c.path = fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), fd)

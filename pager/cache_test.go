@@ -3,12 +3,15 @@ package pager
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"math/rand/v2"
+	"os"
 	"reflect"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -98,7 +101,19 @@ func cacheDesc() *descriptor.Descriptor {
 	}
 }
 
+// TestCache runs testCache on both backings: a file of the private
+// huge-page tmpfs (where this process may mount one) and a memfd.
 func TestCache(t *testing.T) {
+	for _, huge := range []bool{true, false} {
+		t.Run(map[bool]string{true: "huge", false: "memfd"}[huge], func(t *testing.T) {
+			SetHugePageCache(huge)
+			defer SetHugePageCache(true)
+			testCache(t, huge && !strings.HasPrefix(CacheBacking(), "memfd"))
+		})
+	}
+}
+
+func testCache(t *testing.T, huge bool) {
 	src := &fakeSource{}
 	c, err := NewCache(cacheDesc(), src)
 	if err != nil {
@@ -108,13 +123,17 @@ func TestCache(t *testing.T) {
 	if !strings.HasPrefix(c.Path(), "/proc/") {
 		t.Errorf("Path %q", c.Path())
 	}
-	// The memfd is named for the seed and spans imageSpan.
+	// The file is named for the seed and spans imageSpan.
 	var st unix.Stat_t
 	if err := unix.Fstat(c.fd, &st); err != nil || st.Size != imageSpan {
-		t.Errorf("memfd size %d (%v), want %d", st.Size, err, int64(imageSpan))
+		t.Errorf("cache file size %d (%v), want %d", st.Size, err, int64(imageSpan))
 	}
-	if link, err := readlink(c.Path()); err != nil || !strings.HasPrefix(link, "/memfd:"+descriptor.CacheMemfdPrefix+"cachetest") {
-		t.Errorf("memfd link %q (%v)", link, err)
+	want := "/memfd:" + descriptor.CacheMemfdPrefix + "cachetest"
+	if huge {
+		want = "/" + descriptor.CacheMemfdPrefix + "cachetest."
+	}
+	if link, err := readlink(c.Path()); err != nil || !strings.HasPrefix(link, want) {
+		t.Errorf("cache file link %q (%v), want %s...", link, err, want)
 	}
 
 	for _, tc := range []struct {
@@ -164,13 +183,13 @@ func TestCache(t *testing.T) {
 		t.Errorf("Ensure(0x43000, 1) after filling it = %d, %v", n, err)
 	}
 	src.reset()
-	want := []descriptor.Run{{Start: 0x10000, End: 0x14000}, {Start: 0x42000, End: 0x43000}, {Start: 0x43000, End: 0x44000}}
+	wantRuns := []descriptor.Run{{Start: 0x10000, End: 0x14000}, {Start: 0x42000, End: 0x43000}, {Start: 0x43000, End: 0x44000}}
 	got := c.Filled()
 	// Runs of different slots may or may not be merged; compare pages.
-	if pagesOf(got) != pagesOf(want) {
-		t.Errorf("Filled = %+v, want %+v", got, want)
+	if pagesOf(got) != pagesOf(wantRuns) {
+		t.Errorf("Filled = %+v, want %+v", got, wantRuns)
 	}
-	if len(got) < 2 || got[0] != want[0] || got[1].Start != 0x42000 {
+	if len(got) < 2 || got[0] != wantRuns[0] || got[1].Start != 0x42000 {
 		t.Errorf("Filled = %+v", got)
 	}
 	if c.Bytes() != 6*pageSize {
@@ -525,5 +544,62 @@ func TestCacheHeldRandom(t *testing.T) {
 		if got := c.Held(runs); !reflect.DeepEqual(got, want) {
 			t.Fatalf("round %d: Held(%+v) =\n%+v\nwant\n%+v", round, runs, got, want)
 		}
+	}
+}
+
+// TestCacheHugePages: as root, a cache is a file of the huge-page tmpfs and
+// a filled, 2 MiB-aligned extent of it is one huge folio: a shared mapping
+// of it at a 2 MiB-aligned address is mapped by one PMD.
+func TestCacheHugePages(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting the huge-page tmpfs needs root")
+	}
+	if b := CacheBacking(); b != "tmpfs huge=always (2 MiB folios)" {
+		t.Fatalf("CacheBacking() = %q as root", b)
+	}
+	const huge = 2 << 20
+	d := &descriptor.Descriptor{SeedID: "hugetest", VMAs: []descriptor.VMA{
+		{Start: 0x40000000, End: 0x40000000 + 2*huge, Prot: 3, Kind: descriptor.KindAnon}}}
+	d.Present = []descriptor.Run{{Start: 0x40000000, End: 0x40000000 + 2*huge}}
+	c, err := NewCache(d, &fakeSource{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Ensure(0x40000000, huge/pageSize); err != nil {
+		t.Fatal(err)
+	}
+	// Reserve 4 MiB, map the first 2 MiB of the file at the aligned
+	// address inside, read it.
+	res, err := unix.Mmap(-1, 0, 2*huge, unix.PROT_NONE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(res)
+	skip := (huge - uintptr(unsafe.Pointer(&res[0]))%huge) % huge
+	p, err := unix.MmapPtr(c.fd, 0, unsafe.Pointer(&res[skip]), huge, unix.PROT_READ, unix.MAP_SHARED|unix.MAP_FIXED)
+	if err != nil {
+		t.Fatalf("mmap cache: %v", err)
+	}
+	base := uint64(uintptr(p))
+	m := unsafe.Slice((*byte)(p), huge)
+	if !bytes.Equal(m[:pageSize], pattern(0x40000000, pageSize)) {
+		t.Fatal("the mapped cache does not hold the filled page")
+	}
+	smaps, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	head := fmt.Sprintf("%x-%x ", base, base+huge)
+	i := strings.Index(string(smaps), head)
+	if i < 0 {
+		t.Fatalf("no smaps entry %s", head)
+	}
+	entry := string(smaps[i:])
+	if j := strings.Index(entry[1:], "\nVmFlags"); j > 0 {
+		entry = entry[:j+1]
+	}
+	if !strings.Contains(entry, "ShmemPmdMapped:     2048 kB") {
+		t.Errorf("the filled extent is not one huge folio:\n%s", entry)
 	}
 }

@@ -87,6 +87,7 @@ func TestClassifySpecialAndAnon(t *testing.T) {
 		{Start: 0x13000, End: 0x15000, Prot: unix.PROT_READ | unix.PROT_EXEC, Path: "[vdso]"},
 		{Start: 0x20000, End: 0x40000, Prot: rw, Path: "[stack]"},
 		{Start: 0x50000, End: 0x52000, Prot: rw, Path: "/memfd:" + descriptor.CacheMemfdPrefix + "abc", Inode: 77},
+		{Start: 0x60000, End: 0x62000, Prot: rw, Path: "/" + descriptor.CacheMemfdPrefix + "abc.3", Deleted: true, Inode: 2},
 		{Start: 0xffffffffff600000, End: 0xffffffffff601000, Prot: unix.PROT_EXEC, Path: "[vsyscall]"},
 	}
 	got, err := classify(maps, nil, nil)
@@ -102,6 +103,7 @@ func TestClassifySpecialAndAnon(t *testing.T) {
 		{Start: 0x13000, End: 0x15000, Prot: unix.PROT_READ | unix.PROT_EXEC, Kind: descriptor.KindVDSO, Path: "[vdso]"},
 		{Start: 0x20000, End: 0x40000, Prot: rw, Kind: descriptor.KindAnon, Flags: descriptor.FlagStack | descriptor.FlagGrowsDown, Path: "[stack]"},
 		{Start: 0x50000, End: 0x52000, Prot: rw, Kind: descriptor.KindFileDirty},
+		{Start: 0x60000, End: 0x62000, Prot: rw, Kind: descriptor.KindFileDirty},
 		{Start: 0xffffffffff600000, End: 0xffffffffff601000, Prot: unix.PROT_EXEC, Kind: descriptor.KindVsyscall, Path: "[vsyscall]"},
 	}
 	if !reflect.DeepEqual(got, want) {

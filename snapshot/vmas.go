@@ -81,11 +81,13 @@ func classify(maps []procfs.Mapping, regions []procfs.PageRegion, files map[stri
 			case "[stack]":
 				v.Flags |= descriptor.FlagStack | descriptor.FlagGrowsDown
 			}
-		case strings.HasPrefix(m.Path, "/memfd:"+descriptor.CacheMemfdPrefix) && !m.Shared:
+		case !m.Shared && (strings.HasPrefix(m.Path, "/memfd:"+descriptor.CacheMemfdPrefix) ||
+			m.Deleted && strings.HasPrefix(m.Path, "/"+descriptor.CacheMemfdPrefix)):
 			// A mitosis child's memory, mapped privately from its node's
-			// page cache (multi-hop: a child prepared as a seed). Every
-			// page is read from the frozen copy, whose faults the
-			// child's pager serves.
+			// page cache (multi-hop: a child prepared as a seed): a memfd,
+			// or an unlinked file at the root of the daemon's private
+			// huge-page tmpfs (pager.SetHugePageCache). Every page is read
+			// from the frozen copy, whose faults the child's pager serves.
 			v.Kind = descriptor.KindFileDirty
 			v.Path = ""
 		case strings.HasPrefix(m.Path, "/memfd:"):

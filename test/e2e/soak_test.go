@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/client"
+	"github.com/mitosis-fork/mitosis/descriptor"
 	"github.com/mitosis-fork/mitosis/node"
 )
 
@@ -91,7 +92,8 @@ func (m *soakMonitor) measure() (daemonUsage, error) {
 			continue // closed meanwhile
 		}
 		u.fds++
-		if strings.HasPrefix(l, "/memfd:") {
+		// Page caches: memfds, or files of the huge-page tmpfs.
+		if strings.HasPrefix(l, "/memfd:") || strings.HasPrefix(l, "/"+descriptor.CacheMemfdPrefix) {
 			u.memfds++
 		}
 		u.fdTargets[fdKind(l)]++
@@ -156,6 +158,9 @@ func fdKind(l string) string {
 	}
 	if strings.HasPrefix(l, "anon_inode:") {
 		return l
+	}
+	if strings.HasPrefix(l, "/"+descriptor.CacheMemfdPrefix) { // the huge-page cache's files
+		return "/" + descriptor.CacheMemfdPrefix + "*"
 	}
 	if strings.HasPrefix(l, "/memfd:") {
 		l = strings.TrimSuffix(l, " (deleted)")
