@@ -84,14 +84,15 @@ type Seed struct {
 	remoteRuns []descriptor.Run // pages served to other nodes
 }
 
-// CacheBytes is how much of the seed's memory the node's page cache holds.
+// CacheBytes is the memory the node's page cache of the seed takes (with
+// the huge-page cache, whole 2 MiB folios: pager.Cache.Allocated).
 func (s *Seed) CacheBytes() uint64 {
 	s.cacheMu.Lock()
 	defer s.cacheMu.Unlock()
 	if s.cache == nil {
 		return 0
 	}
-	return s.cache.Bytes()
+	return s.cache.Allocated()
 }
 
 // ChildStats are counters of one child's paging.

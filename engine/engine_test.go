@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/internal/testenv"
+	"github.com/mitosis-fork/mitosis/pager"
 
 	"golang.org/x/sys/unix"
 )
@@ -350,7 +351,24 @@ int main(void) {
 // paged from the first seed) and the pages it freed (zero). Only pages that
 // may hold data are marked present in the second seed: memory the parent
 // never wrote is not fetched across the network as zeros.
-func TestMultiHop(t *testing.T) {
+func TestMultiHop(t *testing.T) { bothBackings(t, testMultiHop) }
+
+// bothBackings runs f with the node page cache a memfd and a file of the
+// huge-page tmpfs (pager.SetHugePageCache).
+func bothBackings(t *testing.T, f func(*testing.T)) {
+	for _, huge := range []bool{false, true} {
+		t.Run(map[bool]string{false: "memfd", true: "huge"}[huge], func(t *testing.T) {
+			pager.SetHugePageCache(huge)
+			defer pager.SetHugePageCache(false)
+			if huge && strings.HasPrefix(pager.CacheBacking(), "memfd") {
+				t.Skipf("no huge-page cache here: %s", pager.CacheBacking())
+			}
+			f(t)
+		})
+	}
+}
+
+func testMultiHop(t *testing.T) {
 	bin := compileC(t, hopSrc)
 	p := startParent(t, bin, "")
 	e, s1 := prepared(t, p.pid)
@@ -620,7 +638,9 @@ int main(void) {
 // TestZeroHole: memory the seed does not have in long runs is the child's
 // own anonymous memory (zero, writable, inherited by its forks), not paged
 // through the pager.
-func TestZeroHole(t *testing.T) {
+func TestZeroHole(t *testing.T) { bothBackings(t, testZeroHole) }
+
+func testZeroHole(t *testing.T) {
 	bin := compileC(t, holeSrc)
 	p := startParent(t, bin, "")
 	e, s := prepared(t, p.pid)

@@ -108,7 +108,7 @@ func newMetrics(d *Daemon) *metrics {
 		Name: "mitosis_children_running", Help: "Children running on this node.",
 	}, func() float64 { return float64(d.runningCount()) }))
 	f(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "mitosis_cache_bytes", Help: "Bytes of seed memory held in this node's page caches.",
+		Name: "mitosis_cache_bytes", Help: "Memory taken by this node's page caches (whole 2 MiB folios with the huge-page cache).",
 	}, func() float64 { return float64(d.cacheBytes()) }))
 	return m
 }

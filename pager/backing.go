@@ -11,9 +11,10 @@ import (
 	"github.com/mitosis-fork/mitosis/descriptor"
 )
 
-// A Cache's file is, by default, a file of a private tmpfs mounted with
-// huge=always, not a memfd: its page cache is then made of 2 MiB folios
-// instead of 4 KiB pages. Every page still reaches a child one PTE at a time
+// A Cache's file is a memfd, or, with SetHugePageCache(true) (mitosis
+// daemon --huge-page-cache), a file of a private tmpfs mounted with
+// huge=always: its page cache is then made of 2 MiB folios instead of
+// 4 KiB pages. Every page still reaches a child one PTE at a time
 // (UFFDIO_CONTINUE), but the kernel's per-page work shrinks: the page-cache
 // lookup finds one large entry, filling the cache allocates a folio per
 // 2 MiB instead of per page, and a child's exit unmaps runs of one folio in
@@ -21,10 +22,20 @@ import (
 // warm cache): 60 ms of CPU per remote-fork rule with a memfd, 49.5 ms with
 // the huge tmpfs (the os.fork bound: 32 ms).
 //
-// The price is memory: a fill that writes one page of a 2 MiB extent the
-// cache has not touched yet allocates the whole folio (the rest zero). A
-// seed whose children touch scattered pages can cost its node's cache up to
-// 512 times the pages filled; Cache.Bytes counts the pages filled.
+// It is not the default because filling it costs more, on this project's
+// VM far more than the mapping saves where a cache serves few children:
+// the fills write into freshly allocated 2 MiB folios (zeroing what a fill
+// does not write), which the hypervisor must back first (the guest reports
+// free 2 MiB blocks to it). Per rule of the FINRA workflow at 132 MB, 32
+// rules: the node caches' writes took 23 ms of CPU against 6.5, and the
+// per-run-seed workflow ran 25% slower, the stage-seed one 14% faster
+// (BENCHMARKS.md).
+//
+// It also costs memory: a fill that writes one page of a 2 MiB extent the
+// cache has not touched yet allocates the whole folio. A seed whose
+// children touch scattered pages can cost its node's cache up to 512 times
+// the pages filled; Cache.Bytes counts the pages filled, Cache.Allocated
+// the memory taken.
 //
 // The tmpfs is mounted on a temporary directory and detached at once
 // (MNT_DETACH) while the daemon holds a descriptor of its root: it lives as
@@ -34,22 +45,22 @@ import (
 // allowed (no CAP_SYS_ADMIN), caches are memfds as before.
 var backing struct {
 	once   sync.Once
-	memfd  atomic.Bool // SetHugePageCache(false)
+	huge   atomic.Bool // SetHugePageCache(true)
 	dirFD  int
 	err    error
 	serial atomic.Uint64
 }
 
 // SetHugePageCache chooses what caches made from now on are backed by: true
-// (the default) a private tmpfs with transparent huge pages where the
-// process may mount one, false a memfd of 4 KiB pages.
-func SetHugePageCache(on bool) { backing.memfd.Store(!on) }
+// a private tmpfs with transparent huge pages where the process may mount
+// one, false (the default) a memfd of 4 KiB pages.
+func SetHugePageCache(on bool) { backing.huge.Store(on) }
 
 // CacheBacking describes what a cache made now is backed by, and why not
 // huge pages when it is not: for the daemon's start-up log.
 func CacheBacking() string {
-	if backing.memfd.Load() {
-		return "memfd (4 KiB pages: huge-page cache turned off)"
+	if !backing.huge.Load() {
+		return "memfd (4 KiB pages)"
 	}
 	if _, err := hugeDir(); err != nil {
 		return fmt.Sprintf("memfd (4 KiB pages: %v)", err)
@@ -94,7 +105,7 @@ func mountHuge() (int, error) {
 // in a child prepared as a seed (snapshot).
 func cacheFile(id string) (int, error) {
 	name := descriptor.CacheMemfdPrefix + id
-	if !backing.memfd.Load() {
+	if backing.huge.Load() {
 		if dir, err := hugeDir(); err == nil {
 			// Unique even if the same seed's cache is made twice.
 			name = fmt.Sprintf("%s.%d", name, backing.serial.Add(1))

@@ -110,6 +110,19 @@ func (c *Cache) Offset(src uint64) (uint64, bool) {
 // Bytes is how much of the seed's memory the cache holds.
 func (c *Cache) Bytes() uint64 { return c.bytes.Load() }
 
+// Allocated is the memory the cache's file takes: Bytes rounded up to the
+// 2 MiB folios of the huge-page cache (about Bytes for a memfd), 0 once
+// closed.
+func (c *Cache) Allocated() uint64 {
+	c.fdMu.RLock()
+	defer c.fdMu.RUnlock()
+	var st unix.Stat_t
+	if c.fd < 0 || unix.Fstat(c.fd, &st) != nil {
+		return 0
+	}
+	return uint64(st.Blocks) * 512
+}
+
 // Ensure fills the cache for the n source-present pages at src (which must
 // lie in one slot) that it does not hold yet, and returns how many pages it
 // fetched from the source. Pages another fill is fetching are waited for,

@@ -107,7 +107,7 @@ func TestCache(t *testing.T) {
 	for _, huge := range []bool{true, false} {
 		t.Run(map[bool]string{true: "huge", false: "memfd"}[huge], func(t *testing.T) {
 			SetHugePageCache(huge)
-			defer SetHugePageCache(true)
+			defer SetHugePageCache(false)
 			testCache(t, huge && !strings.HasPrefix(CacheBacking(), "memfd"))
 		})
 	}
@@ -225,9 +225,21 @@ func testCache(t *testing.T, huge bool) {
 	if c.Bytes() != 6*pageSize || pagesOf(c.Filled()) != 6 {
 		t.Errorf("a failed fill changed the cache: %d bytes, %+v", c.Bytes(), c.Filled())
 	}
+	// Memory taken: the pages filled, or with huge pages the one 2 MiB
+	// folio they all lie in (the slots take the file's first 64 KiB).
+	alloc := c.Bytes()
+	if huge {
+		alloc = 2 << 20
+	}
+	if c.Allocated() != alloc {
+		t.Errorf("Allocated = %d, want %d", c.Allocated(), alloc)
+	}
 	c.Close()
 	if c.fd != -1 {
 		t.Errorf("fd %d after Close", c.fd)
+	}
+	if c.Allocated() != 0 {
+		t.Errorf("Allocated = %d after Close", c.Allocated())
 	}
 	c.Close() // idempotent
 }
@@ -554,6 +566,8 @@ func TestCacheHugePages(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("mounting the huge-page tmpfs needs root")
 	}
+	SetHugePageCache(true)
+	defer SetHugePageCache(false)
 	if b := CacheBacking(); b != "tmpfs huge=always (2 MiB folios)" {
 		t.Fatalf("CacheBacking() = %q as root", b)
 	}
@@ -568,6 +582,13 @@ func TestCacheHugePages(t *testing.T) {
 	defer c.Close()
 	if _, err := c.Ensure(0x40000000, huge/pageSize); err != nil {
 		t.Fatal(err)
+	}
+	// One page of the second extent costs a whole folio.
+	if _, err := c.Ensure(0x40000000+huge, 1); err != nil {
+		t.Fatal(err)
+	}
+	if c.Bytes() != huge+pageSize || c.Allocated() != 2*huge {
+		t.Errorf("Bytes %d, Allocated %d; want %d and two folios", c.Bytes(), c.Allocated(), huge+pageSize)
 	}
 	// Reserve 4 MiB, map the first 2 MiB of the file at the aligned
 	// address inside, read it.
