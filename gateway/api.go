@@ -112,6 +112,10 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 		httpError(w, http.StatusInternalServerError, fmt.Sprintf("function %s deployed, but its initialization failed: %v", d.Service, err))
 		return
 	}
+	if update {
+		// A new generation replaces the old one's stage seeds too.
+		g.sched.dropStages("", d.Service, "")
+	}
 	g.log.Info("deploy", "function", d.Service, "policy", fr.Spec.Policy, "generation", fr.Spec.Generation, "update", update, "took", time.Since(start))
 	w.WriteHeader(http.StatusAccepted)
 }
@@ -208,6 +212,9 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 		}()
 	}
 	wg.Wait()
+	if found && ownerErr == nil {
+		g.sched.dropStages(owner, req.FunctionName, req.Seed)
+	}
 	switch {
 	case !found:
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("node %s of seed %s is not live", owner, req.Seed))
@@ -316,8 +323,11 @@ func (g *Gateway) getFunction(w http.ResponseWriter, r *http.Request) {
 // NodeStatus is an element of GET /system/nodes (a mitosis extension).
 type NodeStatus struct {
 	directory.NodeInfo
-	Inflight int  `json:"inflight"` // invocations from this gateway
-	Down     bool `json:"down"`     // left out of placement after a failure
+	Inflight int `json:"inflight"` // invocations from this gateway
+	// ReservedBytes is the memory this gateway's invocations in flight
+	// and stage seeds reserve on the node (of Capacity.MemoryBytes).
+	ReservedBytes int64 `json:"reserved_bytes"`
+	Down          bool  `json:"down"` // left out of placement after a failure
 }
 
 func (g *Gateway) listNodes(w http.ResponseWriter, r *http.Request) {
@@ -325,7 +335,7 @@ func (g *Gateway) listNodes(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
 	for _, n := range g.sched.snapshot() {
 		g.sched.mu.Lock()
-		ns := NodeStatus{NodeInfo: n.info, Inflight: n.inflight, Down: now.Before(n.downUntil)}
+		ns := NodeStatus{NodeInfo: n.info, Inflight: n.inflight, ReservedBytes: n.reserved, Down: now.Before(n.downUntil)}
 		g.sched.mu.Unlock()
 		out = append(out, ns)
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/mitosis-fork/mitosis/function"
 	"github.com/mitosis-fork/mitosis/gateway/gwapi"
+	"github.com/mitosis-fork/mitosis/node"
 	"github.com/mitosis-fork/mitosis/transport"
 )
 
@@ -208,6 +209,7 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		return outcome{status: http.StatusBadRequest, msg: fmt.Sprintf("%s and %s need a function of policy fork or local-fork; %s is %s", HeaderSeed, HeaderStage, c.fn, spec.Policy)}
 	}
 	avoid := map[string]bool{}
+	mem := node.Reservation(&spec)
 	var queued time.Duration
 	var last outcome
 	for attempt := 0; attempt < maxAttempts; attempt++ {
@@ -224,12 +226,15 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		}
 		qctx, cancel := context.WithTimeout(ctx, g.cfg.QueueTimeout)
 		g.m.queued.Inc()
-		n, q, err := g.sched.acquire(qctx, c.fn, avoid)
+		n, q, err := g.sched.acquire(qctx, c.fn, mem, avoid)
 		g.m.queued.Dec()
 		cancel()
 		queued += q
 		g.m.queueDelay.WithLabelValues(c.fn).Observe(q.Seconds())
 		switch {
+		case errors.Is(err, errTooBig):
+			return outcome{status: http.StatusInsufficientStorage, queued: queued,
+				msg: fmt.Sprintf("function %s: %v; lower its memory limit or give the nodes more (mitosis daemon --max-memory)", c.fn, err)}
 		case errors.Is(err, errQueueFull):
 			return outcome{status: http.StatusTooManyRequests, retry: true, queued: queued, msg: "cluster at capacity: " + err.Error()}
 		case errors.Is(err, errNoNodes):
@@ -241,7 +246,10 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 				msg: fmt.Sprintf("cluster at capacity: no free slot within %v", g.cfg.QueueTimeout)}
 		}
 		o := g.invokeOn(ctx, n, c, spec, seed)
-		g.sched.release(n)
+		g.sched.release(n, mem)
+		if c.stage && o.msg == "" && o.resp.Seed != "" {
+			g.sched.keepStage(n, c.fn, o.resp.Seed, mem)
+		}
 		o.queued = queued
 		if o.msg == "" {
 			if spec.Policy == function.PolicyKeepAlive {

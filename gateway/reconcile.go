@@ -350,6 +350,8 @@ func (r *reconciler) dropSeed(ctx context.Context, n directory.NodeInfo, spec fu
 // removeOn removes a function from a node.
 func (r *reconciler) removeOn(ctx context.Context, n directory.NodeInfo, fn string) {
 	g := r.g
+	// The node removes the function's stage seeds with it.
+	g.sched.dropStages(n.Name, fn, "")
 	defer func() {
 		r.mu.Lock()
 		if fs := r.deployed[n.Name]; fs != nil {

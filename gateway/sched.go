@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -12,15 +13,28 @@ import (
 
 // Placement: every invocation takes a slot on one node, chosen among the
 // live nodes (the directory's view, minus nodes this gateway saw fail in
-// the last downFor) with a free slot: the least loaded, i.e. the fewest
-// invocations in flight from this gateway relative to the node's
-// concurrency, ties broken at random. Keep-alive invocations prefer nodes
-// where this gateway left idle warm instances of the function. When no
-// node has a free slot the invocation waits in one FIFO queue (bounded;
-// full: 429) until a slot frees.
+// the last downFor) with a free slot and room for the instance's memory
+// reservation: the least loaded, i.e. the fewest invocations in flight
+// from this gateway relative to the node's concurrency, ties broken at
+// random. Keep-alive invocations prefer nodes where this gateway left idle
+// warm instances of the function. When no node has a free slot the
+// invocation waits in one FIFO queue (bounded; full: 429) until a slot
+// frees.
+//
+// Memory: a node registers the memory its function instances may reserve
+// (Capacity.MemoryBytes); each instance reserves its function's memory
+// limit (node.Reservation) while it runs, and a stage seed's instance until
+// the stage seed is removed. The gateway counts what its own invocations
+// and stage seeds reserve, so a burst of big instances queues here rather
+// than being refused by nodes short of memory and retried elsewhere (what
+// other gateways place there still meets the node's own refusal). An
+// instance larger than every node's memory is refused at once.
 
 // errQueueFull is returned when the wait queue is full.
 var errQueueFull = errors.New("every node is at capacity and the queue is full")
+
+// errTooBig is returned for an instance no node has the memory for.
+var errTooBig = errors.New("no node has the memory for one instance")
 
 // errNoNodes is returned when the directory lists no live node.
 var errNoNodes = errors.New("no live node in the cluster directory")
@@ -37,9 +51,24 @@ type slot struct {
 type nodeState struct {
 	info      directory.NodeInfo
 	inflight  int
+	reserved  int64               // memory this gateway's invocations and stage seeds reserve
+	stages    map[string]stageRes // stage seed ID -> what its instance keeps reserved
 	downUntil time.Time
 	gone      bool           // no longer in the directory
 	idle      map[string]int // function -> idle warm instances believed there
+}
+
+// stageRes is a stage seed's reservation on its node.
+type stageRes struct {
+	fn  string
+	mem int64
+}
+
+// fits reports whether mem more bytes may be reserved on n (always, for a
+// node that registered no memory capacity).
+func (n *nodeState) fits(mem int64) bool {
+	c := int64(n.info.Capacity.MemoryBytes)
+	return c <= 0 || n.reserved+mem <= c
 }
 
 // capacity is the node's concurrency limit as it registered it.
@@ -52,6 +81,7 @@ func (n *nodeState) capacity() int {
 
 type waiter struct {
 	fn   string
+	mem  int64
 	ch   chan *nodeState // receives the node whose slot it got
 	done bool            // given a slot or abandoned
 }
@@ -81,9 +111,15 @@ func (s *sched) setNodes(infos []directory.NodeInfo) {
 			// New node, or the same name restarted: nothing of ours
 			// is deployed there any more.
 			old := n
-			n = &nodeState{idle: map[string]int{}}
+			// Stage seeds did not survive a restart; the invocations
+			// in flight still hold their slots and memory.
+			n = &nodeState{idle: map[string]int{}, stages: map[string]stageRes{}}
 			if old != nil {
 				n.inflight = old.inflight
+				n.reserved = old.reserved
+				for _, st := range old.stages {
+					n.reserved -= st.mem
+				}
 				old.gone = true
 			}
 			s.nodes[in.Name] = n
@@ -112,13 +148,13 @@ func (s *sched) liveLocked(now time.Time) []*nodeState {
 	return out
 }
 
-// pickLocked chooses a node with a free slot for fn, or nil. s.mu must be
-// held.
-func (s *sched) pickLocked(fn string, avoid map[string]bool) *nodeState {
+// pickLocked chooses a node with a free slot and mem bytes of memory for
+// fn, or nil. s.mu must be held.
+func (s *sched) pickLocked(fn string, mem int64, avoid map[string]bool) *nodeState {
 	var best []*nodeState
 	bestIdle, bestLoad := 0, 2.0
 	for _, n := range s.liveLocked(time.Now()) {
-		if avoid[n.info.Name] || n.inflight >= n.capacity() {
+		if avoid[n.info.Name] || n.inflight >= n.capacity() || !n.fits(mem) {
 			continue
 		}
 		idle := min(n.idle[fn], 1)
@@ -136,17 +172,33 @@ func (s *sched) pickLocked(fn string, avoid map[string]bool) *nodeState {
 	return best[rand.IntN(len(best))]
 }
 
-// acquire takes a slot for an invocation of fn, waiting in the queue while
-// every node is full. queued reports how long it waited.
-func (s *sched) acquire(ctx context.Context, fn string, avoid map[string]bool) (n *nodeState, queued time.Duration, err error) {
+// acquire takes a slot and mem bytes of memory for an invocation of fn,
+// waiting in the queue while no node has both. queued reports how long it
+// waited.
+func (s *sched) acquire(ctx context.Context, fn string, mem int64, avoid map[string]bool) (n *nodeState, queued time.Duration, err error) {
 	s.mu.Lock()
-	if len(s.liveLocked(time.Now())) == 0 {
+	live := s.liveLocked(time.Now())
+	if len(live) == 0 {
 		s.mu.Unlock()
 		return nil, 0, errNoNodes
 	}
+	var most int64
+	for _, n := range live {
+		if c := int64(n.info.Capacity.MemoryBytes); c <= 0 || c >= mem {
+			most = -1
+			break
+		} else if c > most {
+			most = c
+		}
+	}
+	if most > 0 {
+		s.mu.Unlock()
+		return nil, 0, fmt.Errorf("%w: it reserves %d bytes, the largest node offers %d", errTooBig, mem, most)
+	}
 	if len(s.waiters) == 0 {
-		if n := s.pickLocked(fn, avoid); n != nil {
+		if n := s.pickLocked(fn, mem, avoid); n != nil {
 			n.inflight++
+			n.reserved += mem
 			s.mu.Unlock()
 			return n, 0, nil
 		}
@@ -155,7 +207,7 @@ func (s *sched) acquire(ctx context.Context, fn string, avoid map[string]bool) (
 		s.mu.Unlock()
 		return nil, 0, errQueueFull
 	}
-	w := &waiter{fn: fn, ch: make(chan *nodeState, 1)}
+	w := &waiter{fn: fn, mem: mem, ch: make(chan *nodeState, 1)}
 	s.waiters = append(s.waiters, w)
 	s.mu.Unlock()
 	start := time.Now()
@@ -168,6 +220,7 @@ func (s *sched) acquire(ctx context.Context, fn string, avoid map[string]bool) (
 	if w.done { // given a slot just now: hand it back
 		n := <-w.ch
 		n.inflight--
+		n.reserved -= mem
 		s.dispatchLocked()
 	} else {
 		w.done = true
@@ -182,12 +235,45 @@ func (s *sched) acquire(ctx context.Context, fn string, avoid map[string]bool) (
 	return nil, time.Since(start), ctx.Err()
 }
 
-// release gives a slot back.
-func (s *sched) release(n *nodeState) {
+// release gives a slot and its mem bytes back.
+func (s *sched) release(n *nodeState, mem int64) {
 	s.mu.Lock()
 	n.inflight--
+	n.reserved -= mem
 	s.dispatchLocked()
 	s.mu.Unlock()
+}
+
+// keepStage records that the instance of fn that became stage seed seed on
+// n keeps its mem bytes reserved there until dropStage.
+func (s *sched) keepStage(n *nodeState, fn, seed string, mem int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := n.stages[seed]; ok || n.gone {
+		return
+	}
+	n.stages[seed] = stageRes{fn: fn, mem: mem}
+	n.reserved += mem
+}
+
+// dropStages forgets the reservations of the stage seeds of fn on node
+// (every node when node is ""), of one stage seed when seed is not "",
+// and dispatches the memory freed.
+func (s *sched) dropStages(node, fn, seed string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, n := range s.nodes {
+		if node != "" && name != node {
+			continue
+		}
+		for id, st := range n.stages {
+			if st.fn == fn && (seed == "" || id == seed) {
+				n.reserved -= st.mem
+				delete(n.stages, id)
+			}
+		}
+	}
+	s.dispatchLocked()
 }
 
 // dispatchLocked hands free slots to waiters, first come first served.
@@ -195,11 +281,12 @@ func (s *sched) release(n *nodeState) {
 func (s *sched) dispatchLocked() {
 	for len(s.waiters) > 0 {
 		w := s.waiters[0]
-		n := s.pickLocked(w.fn, nil)
+		n := s.pickLocked(w.fn, w.mem, nil)
 		if n == nil {
 			return
 		}
 		n.inflight++
+		n.reserved += w.mem
 		w.done = true
 		w.ch <- n
 		s.waiters = s.waiters[1:]

@@ -190,8 +190,9 @@ func newFnRegistry(d *Daemon) *fnRegistry {
 	return &fnRegistry{d: d, fns: map[string]*fnRec{}, waiters: map[int]chan *seedRec{}, stageWaiters: map[string]chan stagePrepared{}}
 }
 
-// reservation is the memory one instance of spec reserves.
-func reservation(spec *function.Spec) int64 {
+// Reservation is the memory one instance of spec reserves on a node: its
+// memory limit, or DefaultInstanceMemory without one.
+func Reservation(spec *function.Spec) int64 {
 	if spec.MemoryBytes > 0 {
 		return spec.MemoryBytes
 	}
@@ -663,7 +664,7 @@ func (f *fnRegistry) invoke(ctx context.Context, req transport.InvokeRequest) (t
 	if timeout <= 0 || timeout > spec.ExecTimeout() {
 		timeout = spec.ExecTimeout()
 	}
-	res := reservation(&spec)
+	res := Reservation(&spec)
 	w, err := f.admit(fn, res, spec.Policy == function.PolicyKeepAlive)
 	if err != nil {
 		return transport.InvokeResponse{}, err
@@ -1053,7 +1054,7 @@ func (f *fnRegistry) park(fn *fnRec, w *warmInst) {
 		f.dropBusy(fn, w)
 		return
 	}
-	res := reservation(&fn.spec)
+	res := Reservation(&fn.spec)
 	f.mu.Lock()
 	delete(fn.busy, w)
 	if fn.removed || f.closed {

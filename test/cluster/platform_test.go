@@ -192,11 +192,16 @@ func (p *platform) request(method, path, body string, auth bool, extra ...string
 }
 
 type nodeStatus struct {
-	Name string `json:"name"`
-	Down bool   `json:"down"`
+	Name     string `json:"name"`
+	Down     bool   `json:"down"`
+	Capacity struct {
+		MemoryBytes int64 `json:"memory_bytes"`
+	} `json:"capacity"`
+	ReservedBytes int64 `json:"reserved_bytes"`
 }
 
-func (p *platform) nodes() []string {
+// nodeStatuses is GET /system/nodes.
+func (p *platform) nodeStatuses() []nodeStatus {
 	p.t.Helper()
 	code, _, body := p.request("GET", "/system/nodes", "", true)
 	if code != 200 {
@@ -206,8 +211,13 @@ func (p *platform) nodes() []string {
 	if err := json.Unmarshal([]byte(body), &ns); err != nil {
 		p.t.Fatalf("GET /system/nodes: %v: %s", err, body)
 	}
+	return ns
+}
+
+func (p *platform) nodes() []string {
+	p.t.Helper()
 	var out []string
-	for _, n := range ns {
+	for _, n := range p.nodeStatuses() {
 		if !n.Down {
 			out = append(out, n.Name)
 		}
@@ -234,12 +244,20 @@ func (p *platform) waitNodes(n int, timeout time.Duration) []string {
 // deploy deploys the frame function under name with a policy.
 func (p *platform) deploy(name, policy string, env map[string]string) {
 	p.t.Helper()
+	p.deployMem(name, policy, "1Gi", env)
+}
+
+// deployMem deploys the frame function with a memory limit.
+func (p *platform) deployMem(name, policy, memory string, env map[string]string) {
+	p.t.Helper()
 	if env == nil {
 		env = map[string]string{}
 	}
-	env["INIT_LOG"] = p.initLog
+	if _, ok := env["INIT_LOG"]; !ok {
+		env["INIT_LOG"] = p.initLog
+	}
 	d := map[string]any{"service": name, "image": p.fnDir, "envProcess": "python3 index.py", "envVars": env,
-		"limits": map[string]string{"memory": "1Gi"}, "annotations": map[string]string{"com.mitosis.policy": policy}}
+		"limits": map[string]string{"memory": memory}, "annotations": map[string]string{"com.mitosis.policy": policy}}
 	b, _ := json.Marshal(d)
 	start := time.Now()
 	code, _, body := p.request("POST", "/system/functions", string(b), true)
@@ -384,6 +402,49 @@ func TestPlatform(t *testing.T) {
 		code, _, body = p.request("GET", "/metrics", "", false)
 		if code != 200 || !strings.Contains(body, `gateway_function_invocation_total{code="200",function_name="frame"} 200`) {
 			t.Errorf("metrics lack 200 invocations of frame: %d", code)
+		}
+	})
+
+	// Instances too big for a third on any node: the gateway queues the
+	// burst's extra invocations until memory frees instead of sending
+	// them to nodes that refuse them busy (429s after its retries).
+	t.Run("memory", func(t *testing.T) {
+		ns := p.nodeStatuses()
+		least := ns[0].Capacity.MemoryBytes
+		for _, n := range ns {
+			least = min(least, n.Capacity.MemoryBytes)
+		}
+		if least <= 0 {
+			t.Fatalf("nodes register no memory capacity: %+v", ns)
+		}
+		mem := least/2/(1<<20) - 1 // MiB: two fit on every node, three on none
+		// Not in the initialization log the other subtests count.
+		p.deployMem("big", "fork", fmt.Sprintf("%dMi", mem), map[string]string{"INIT_LOG": ""})
+		res := p.burst("big", "sleep 1", 8, 8, 60*time.Second)
+		perNode := map[string]int{}
+		for _, r := range res {
+			if r.code != 200 || r.body != want {
+				t.Errorf("response %d %q (node %s), want 200 with the digest", r.code, r.body, r.node)
+			}
+			perNode[r.node]++
+		}
+		// 6 run at once, 2 wait for the first to end: two waves.
+		slowest := 0.0
+		for _, r := range res {
+			slowest = max(slowest, r.seconds)
+		}
+		if slowest < 1.9 {
+			t.Errorf("8 one-second invocations of %d MiB on 3 nodes with room for 2 each ended within %.1fs: they did not wait", mem, slowest)
+		}
+		for _, n := range p.nodeStatuses() {
+			if n.ReservedBytes != 0 {
+				t.Errorf("node %s: %d bytes still reserved after the burst", n.Name, n.ReservedBytes)
+			}
+		}
+		t.Logf("8 invocations of %d MiB: per node %v, slowest %.1fs", mem, perNode, slowest)
+		code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"big"}`, true)
+		if code != http.StatusAccepted {
+			t.Errorf("delete big: %d %s", code, body)
 		}
 	})
 
