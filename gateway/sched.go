@@ -52,9 +52,10 @@ type nodeState struct {
 	info      directory.NodeInfo
 	inflight  int
 	reserved  int64               // memory this gateway's invocations and stage seeds reserve
-	stages    map[string]stageRes // stage seed ID -> what its instance keeps reserved
+	stages    map[string]stageRes // stage seed (NODE/SEED) -> what its instance keeps reserved
 	downUntil time.Time
 	gone      bool           // no longer in the directory
+	successor *nodeState     // the state of the same node restarted, which took over its in-flight counts
 	idle      map[string]int // function -> idle warm instances believed there
 }
 
@@ -121,6 +122,7 @@ func (s *sched) setNodes(infos []directory.NodeInfo) {
 					n.reserved -= st.mem
 				}
 				old.gone = true
+				old.successor = n
 			}
 			s.nodes[in.Name] = n
 		}
@@ -218,9 +220,7 @@ func (s *sched) acquire(ctx context.Context, fn string, mem int64, avoid map[str
 	}
 	s.mu.Lock()
 	if w.done { // given a slot just now: hand it back
-		n := <-w.ch
-		n.inflight--
-		n.reserved -= mem
+		s.putLocked(<-w.ch, mem)
 		s.dispatchLocked()
 	} else {
 		w.done = true
@@ -238,10 +238,19 @@ func (s *sched) acquire(ctx context.Context, fn string, mem int64, avoid map[str
 // release gives a slot and its mem bytes back.
 func (s *sched) release(n *nodeState, mem int64) {
 	s.mu.Lock()
-	n.inflight--
-	n.reserved -= mem
+	s.putLocked(n, mem)
 	s.dispatchLocked()
 	s.mu.Unlock()
+}
+
+// putLocked gives back a slot and mem bytes taken on n, and on every state
+// of the same node since restarted (each took over n's counts). s.mu must
+// be held.
+func (s *sched) putLocked(n *nodeState, mem int64) {
+	for ; n != nil; n = n.successor {
+		n.inflight--
+		n.reserved -= mem
+	}
 }
 
 // keepStage records that the instance of fn that became stage seed seed on

@@ -139,3 +139,27 @@ func TestSchedStages(t *testing.T) {
 		t.Fatalf("after a restart: %d reserved, stages %v; want 2 GiB and none", n.reserved, n.stages)
 	}
 }
+
+// TestSchedRestart: invocations in flight when their node restarted give
+// their slot and memory back to the restarted node's state, which counted
+// them (a gateway used to lose that capacity for good).
+func TestSchedRestart(t *testing.T) {
+	s := newSched(100)
+	nodes := testNodes(4 * gib)
+	s.setNodes(nodes)
+	old := acquireNow(t, s, "f", gib)
+	nodes[0].Started = time.Unix(2, 0)
+	s.setNodes(nodes)
+	cur := s.node("a")
+	if cur == old || cur.inflight != 1 || cur.reserved != gib {
+		t.Fatalf("after the restart: same state %v, %d in flight, %d reserved; want a new state with 1 and 1 GiB", cur == old, cur.inflight, cur.reserved)
+	}
+	nodes[0].Started = time.Unix(3, 0)
+	s.setNodes(nodes)
+	s.release(old, gib)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.nodes["a"]; n.inflight != 0 || n.reserved != 0 {
+		t.Errorf("after the release: %d in flight, %d reserved on a; want 0 and 0", n.inflight, n.reserved)
+	}
+}
