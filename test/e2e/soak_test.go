@@ -276,13 +276,18 @@ func meminfoKB(field string) int {
 
 // settle measures until the counters that must come back exactly are back
 // at before's (reaping, log renames and connection teardown are
-// asynchronous), for at most 15 s, and returns the last measurement.
+// asynchronous) and RSS is within its bound, for at most 15 s, and returns
+// the last measurement.
 func (m *soakMonitor) settle(t *testing.T, before daemonUsage) daemonUsage {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		u := m.usage(t)
-		if exactDiffs(before, u) == nil || time.Now().After(deadline) {
+		// RSS too: the Go runtime returns a burst's heap to the system
+		// over seconds (its background scavenger), and a leak does not
+		// come back within the deadline.
+		settled := exactDiffs(before, u) == nil && u.rssKB*100 <= before.rssKB*(100+soakRSSPercent)
+		if settled || time.Now().After(deadline) {
 			return u
 		}
 		time.Sleep(100 * time.Millisecond)
