@@ -184,16 +184,13 @@ func (s *sched) acquire(ctx context.Context, fn string, mem int64, avoid map[str
 		s.mu.Unlock()
 		return nil, 0, errNoNodes
 	}
-	var most int64
+	fits, most := false, int64(0)
 	for _, n := range live {
-		if c := int64(n.info.Capacity.MemoryBytes); c <= 0 || c >= mem {
-			most = -1
-			break
-		} else if c > most {
-			most = c
-		}
+		c := int64(n.info.Capacity.MemoryBytes)
+		fits = fits || c <= 0 || c >= mem
+		most = max(most, c)
 	}
-	if most > 0 {
+	if !fits {
 		s.mu.Unlock()
 		return nil, 0, fmt.Errorf("%w: it reserves %d bytes, the largest node offers %d", errTooBig, mem, most)
 	}

@@ -69,6 +69,8 @@ type Config struct {
 	NodeConcurrency int
 	NodeMemory      string
 	FnMemory        string
+	// HugePageCache starts the daemons with --huge-page-cache.
+	HugePageCache bool
 	// KeepAlive is the warm instances' TTL (default 10 minutes of trace
 	// time: 10m / Compression).
 	KeepAlive time.Duration
@@ -190,6 +192,9 @@ func setup(cfg Config) (*env, error) {
 	// gw is the fourth host of the lab: 198.19.20.4.
 	etcd := fmt.Sprintf("http://198.19.20.4:%d", netlab.EtcdPort)
 	args := []string{"--etcd-endpoints", etcd, "--max-concurrency", strconv.Itoa(cfg.NodeConcurrency), "--max-memory", cfg.NodeMemory}
+	if cfg.HugePageCache {
+		args = append(args, "--huge-page-cache")
+	}
 	lab, err := netlab.New(netlab.Config{Bin: bin, Dir: filepath.Join(e.dir, "cluster"), Subnet: "198.19.20",
 		Nodes: []netlab.NodeSpec{{Name: "a", Args: args}, {Name: "b", Args: args}, {Name: "c", Args: args}, {Name: "gw", NoDaemon: true}}})
 	if err != nil {

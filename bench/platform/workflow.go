@@ -29,6 +29,7 @@ type WorkflowConfig struct {
 	Command  string
 	NodeMem  string // each node's function memory (default 18G: 8 instances of 2Gi and the stage seed's instance)
 	NodeConc int    // each node's invocation limit (default 8)
+	HugePage bool   // the daemons' page caches of 2 MiB pages (--huge-page-cache)
 	// RunsOut, if set, receives every run's record (workflow.Run, one
 	// JSON object per line) with its steps' and instances' timings.
 	RunsOut *os.File
@@ -91,7 +92,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	cfg := Config{Dir: dir, Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem}
+	cfg := Config{Dir: dir, Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem, HugePageCache: wc.HugePage}
 	cfg.defaults()
 	e, err := setup(cfg)
 	if e != nil {

@@ -43,6 +43,7 @@ func main() {
 	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
 	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
 	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
+	flag.BoolVar(&wc.HugePage, "huge-page-cache", false, "start the node daemons with --huge-page-cache (page caches of 2 MiB pages)")
 	flag.IntVar(&wc.NodeConc, "node-concurrency", 8, "invocations each node runs at once (the gateway queues the rest)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "18G", "each node's function memory (default: 8 invocations of 2Gi and one 2Gi stage seed)")
 	forkSeeds := flag.String("fork-seeds", "stage", "the fork transfer's run seeds to measure, comma-separated: stage (an instance of the deployed workflow kept as a stage seed), per-run (a fresh runtime per run whose init runs the sources)")
