@@ -266,6 +266,7 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		if !o.retry {
 			return o
 		}
+		g.log.Info("invocation refused by its node; placing it elsewhere", "function", c.fn, "node", n.info.Name, "attempt", attempt+1, "status", o.status, "reason", o.msg)
 		avoid[n.info.Name] = true
 	}
 	return last

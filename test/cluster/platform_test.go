@@ -194,6 +194,7 @@ func (p *platform) request(method, path, body string, auth bool, extra ...string
 type nodeStatus struct {
 	Name     string `json:"name"`
 	Down     bool   `json:"down"`
+	Inflight int    `json:"inflight"`
 	Capacity struct {
 		MemoryBytes int64 `json:"memory_bytes"`
 	} `json:"capacity"`

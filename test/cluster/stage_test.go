@@ -94,7 +94,7 @@ func TestStageSeeds(t *testing.T) {
 		nodes[h.Get("X-Mitosis-Node")]++
 	}
 	if len(nodes) < 2 {
-		t.Errorf("forks of the stage seed ran on %v only", nodes)
+		t.Errorf("forks of the stage seed ran on %v only; the gateway's nodes: %+v", nodes, p.nodeStatuses())
 	}
 	if code, _, out := p.request("POST", "/function/keeper", "put:z", true); code != 200 || strings.TrimSpace(out) != "z" {
 		t.Errorf("the function's own seed changed: %d %q, want z", code, out)
