@@ -279,6 +279,7 @@ func (g *Gateway) invokeOn(ctx context.Context, n *nodeState, c *call, spec func
 	cl, err := g.peers.client(ctx, node, n.info.PeerAddr)
 	if err != nil {
 		g.sched.markDown(n)
+		g.log.Warn("node unreachable; leaving it out of placement", "node", node, "for", downFor, "err", err)
 		return outcome{node: node, status: http.StatusBadGateway, retry: true, msg: err.Error()}
 	}
 	req := transport.InvokeRequest{Function: c.fn, Seed: seed, Timeout: spec.ExecTimeout(), Meta: c.meta, Body: c.body}
