@@ -157,6 +157,16 @@ func (s *Spec) validateGraph() error {
 	if _, err := ParseTransfer(string(s.Transfer)); err != nil {
 		return fmt.Errorf("workflow %s: %w", s.Name, err)
 	}
+	for k, v := range s.Env {
+		switch {
+		case !identRE.MatchString(k):
+			return fmt.Errorf("workflow %s: env name %q: want letters, digits and '_', not starting with a digit", s.Name, k)
+		case strings.HasPrefix(k, "MITOSIS_"):
+			return fmt.Errorf("workflow %s: env name %s: the MITOSIS_ prefix is the step runtime's own", s.Name, k)
+		case strings.IndexByte(v, 0) >= 0:
+			return fmt.Errorf("workflow %s: env %s holds a NUL byte", s.Name, k)
+		}
+	}
 	if len(s.Steps) == 0 {
 		return fmt.Errorf("workflow %s: no steps", s.Name)
 	}

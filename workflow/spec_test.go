@@ -1,6 +1,8 @@
 package workflow
 
 import (
+	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,6 +26,9 @@ func TestParseSpecErrors(t *testing.T) {
 		{"private call", `{"name":"w","steps":[{"name":"a","call":"_x"}]}`, "public Python function"},
 		{"transfer", `{"name":"w","transfer":"pickle","steps":[{"name":"a"}]}`, "unknown transfer"},
 		{"module", `{"name":"w","module":"a.b","steps":[{"name":"a"}]}`, "not a Python identifier"},
+		{"env name", `{"name":"w","env":{"A=B":"x"},"steps":[{"name":"a"}]}`, "env name"},
+		{"env reserved", `{"name":"w","env":{"MITOSIS_WF_DIR":"/x"},"steps":[{"name":"a"}]}`, "MITOSIS_ prefix"},
+		{"env nul", `{"name":"w","env":{"A":"x\u0000y"},"steps":[{"name":"a"}]}`, "NUL"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -95,4 +100,71 @@ func TestParseTransfer(t *testing.T) {
 	if _, err := ParseTransfer("redis"); err == nil {
 		t.Error("no error")
 	}
+}
+
+// FuzzParseSpec: any input is either refused with an error or gives a spec
+// whose every step appears once in the run order, after its upstream steps
+// and its map source, and which survives a round trip through JSON.
+func FuzzParseSpec(f *testing.F) {
+	for _, seed := range []string{
+		`{"name":"finra","steps":[{"name":"merge","after":["audit"]},{"name":"audit","after":["p","m"],"map":"r"},{"name":"p"},{"name":"m"},{"name":"r"}]}`,
+		`{"name":"w","env":{"A":"b"},"memory":"2Gi","transfer":"storage","steps":[{"name":"a"},{"name":"b","after":["a"],"call":"go"}]}`,
+		`{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`,
+		`{"name":"w","steps":[]}`, `[]`, `{`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		s, err := ParseSpec(b)
+		if err != nil {
+			if s != nil {
+				t.Fatalf("error %v with a spec", err)
+			}
+			return
+		}
+		order, err := s.order()
+		if err != nil {
+			t.Fatalf("accepted spec has no order: %v", err)
+		}
+		if len(order) != len(s.Steps) {
+			t.Fatalf("order has %d steps, the spec %d", len(order), len(s.Steps))
+		}
+		pos := map[string]int{}
+		for i, st := range order {
+			if _, dup := pos[st.Name]; dup {
+				t.Fatalf("step %s twice in the order", st.Name)
+			}
+			pos[st.Name] = i
+		}
+		for _, st := range s.Steps {
+			for _, a := range st.After {
+				if pos[a] >= pos[st.Name] {
+					t.Fatalf("step %s ordered before its upstream %s", st.Name, a)
+				}
+			}
+			if st.Map != "" && len(s.Steps[indexOf(s, st.Map)].After) != 0 {
+				t.Fatalf("step %s maps over non-source %s", st.Name, st.Map)
+			}
+		}
+		again, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s2, err := ParseSpec(again)
+		if err != nil {
+			t.Fatalf("round trip refused: %v (%s)", err, again)
+		}
+		if third, _ := json.Marshal(s2); !bytes.Equal(again, third) {
+			t.Fatalf("round trip changed the spec: %s -> %s", again, third)
+		}
+	})
+}
+
+func indexOf(s *Spec, name string) int {
+	for i, st := range s.Steps {
+		if st.Name == name {
+			return i
+		}
+	}
+	return -1
 }
