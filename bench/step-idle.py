@@ -1,12 +1,13 @@
 """How busy the machine's CPUs were during each workflow run's audit step
-(BENCHMARKS.md, workflows: the stage seed's audit step is partly idle).
+(BENCHMARKS.md, workflows: why the stage seed's audit step is slower).
 
     python3 bench/step-idle.py RUNS_OUT -- COMMAND...
 
 runs COMMAND (a mitosis-workflow-bench invocation given -runs-out RUNS_OUT)
 while sampling the first line of /proc/stat every 50 ms, then prints, for
 every run in RUNS_OUT, its way, its audit step's length and the share of
-that step the CPUs spent idle, in user and in system time. Example:
+that step the CPUs spent idle, in user and in system time. The step is
+placed by its start in the run record (at_ms). Example:
 
     python3 bench/step-idle.py /tmp/runs.jsonl -- go run ./cmd/mitosis-workflow-bench \\
         -rules 32 -trades 4000000 -runs 3 -fork-seeds stage,per-run -bound=false -runs-out /tmp/runs.jsonl
@@ -46,15 +47,11 @@ def main():
     for line in open(runs_out):
         r = json.loads(line)
         start = datetime.datetime.fromisoformat(r["started"].replace("Z", "+00:00")).timestamp()
-        t0 = start + r["deploy_ms"] / 1000
-        for st in r["steps"]:
-            if st.get("in_init"):
-                continue
-            if st["name"] == "audit":
-                break
-            t0 += st["ms"] / 1000
-        else:
-            continue
+        audit = [st for st in r["steps"] if st["name"] == "audit"]
+        if not audit or "at_ms" not in audit[0]:
+            continue  # a record from before steps carried their start (at_ms)
+        st = audit[0]
+        t0 = start + st["at_ms"] / 1000
         t1 = t0 + st["ms"] / 1000
         i, j = bisect.bisect_left(times, t0), bisect.bisect_left(times, t1) - 1
         if j <= i:

@@ -74,7 +74,8 @@ type Instance struct {
 // StepResult is one step of a run.
 type StepResult struct {
 	Name      string     `json:"name"`
-	MS        float64    `json:"ms"` // wall time of the step (all its instances)
+	AtMS      float64    `json:"at_ms"` // when it started (its first request), after the run's start
+	MS        float64    `json:"ms"`    // wall time of the step (all its instances)
 	InInit    bool       `json:"in_init,omitempty"`
 	Instances []Instance `json:"instances,omitempty"`
 	Nodes     []string   `json:"nodes,omitempty"`
@@ -351,7 +352,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			return fmt.Errorf("deploy the run's function: HTTP %d: %s", code, msg)
 		}
 		for _, st := range sources {
-			run.Steps = append(run.Steps, StepResult{Name: st.Name, InInit: true, MS: ms(time.Since(t))})
+			run.Steps = append(run.Steps, StepResult{Name: st.Name, InInit: true, AtMS: x.at(t), MS: ms(time.Since(t))})
 		}
 	} else if run.Transfer == TransferFork {
 		// One instance runs the sources, in order, and is kept as the
@@ -367,7 +368,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 		t := time.Now()
 		in, out, seed, err := x.invokeAs(ctx, map[string]any{"init": init, "input": input}, true)
 		if err != nil {
-			run.Steps = append(run.Steps, StepResult{Name: strings.Join(names(sources), ","), InInit: true, MS: ms(time.Since(t)),
+			run.Steps = append(run.Steps, StepResult{Name: strings.Join(names(sources), ","), InInit: true, AtMS: x.at(t), MS: ms(time.Since(t)),
 				Instances: []Instance{in}, Error: err.Error()})
 			return &StepError{Step: strings.Join(names(sources), ","), Err: err}
 		}
@@ -375,7 +376,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 		var took map[string]float64
 		_ = json.Unmarshal(out, &took)
 		for i, st := range sources {
-			r := StepResult{Name: st.Name, InInit: true, MS: took[st.Name], Nodes: nodes([]Instance{in})}
+			r := StepResult{Name: st.Name, InInit: true, AtMS: x.at(t), MS: took[st.Name], Nodes: nodes([]Instance{in})}
 			if i == 0 {
 				r.Instances = []Instance{in}
 			}
@@ -395,7 +396,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 				defer wg.Done()
 				t := time.Now()
 				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key})
-				res[i] = StepResult{Name: st.Name, MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
+				res[i] = StepResult{Name: st.Name, AtMS: x.at(t), MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
 				errs[i] = err
 			}()
 		}
@@ -434,9 +435,12 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 
 // step runs one non-source step: one instance, or one per element of its
 // Map step's list, all at once.
+// at is t in ms after the run's start.
+func (x *execution) at(t time.Time) float64 { return ms(t.Sub(x.run.Started)) }
+
 func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	t0 := time.Now()
-	res := StepResult{Name: st.Name}
+	res := StepResult{Name: st.Name, AtMS: x.at(t0)}
 	base := map[string]any{"call": st.Call}
 	var after []string
 	load := map[string]string{}

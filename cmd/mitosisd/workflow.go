@@ -230,14 +230,14 @@ func printRun(cmd *cobra.Command, r *workflow.Run) {
 	w := cmd.OutOrStdout()
 	fmt.Fprintf(w, "run %s (%s): %.1f ms end to end, deploy %.1f ms\n", r.ID, r.Transfer, r.MS, r.DeployMS)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "STEP\tINSTANCES\tNODES\tMS\tTRANSFER MS\tERROR")
+	fmt.Fprintln(tw, "STEP\tINSTANCES\tNODES\tAT MS\tMS\tTRANSFER MS\tERROR")
 	for _, s := range r.Steps {
 		n := len(s.Instances)
 		where := strings.Join(s.Nodes, ",")
 		if s.InInit {
 			n, where = 1, "(stage seed) "+where
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%s\n", s.Name, n, where, s.MS, s.TransferMS(), s.Error)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%.1f\t%s\n", s.Name, n, where, s.AtMS, s.MS, s.TransferMS(), s.Error)
 	}
 	tw.Flush()
 	if len(r.Result) > 0 {
