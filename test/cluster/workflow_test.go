@@ -122,6 +122,19 @@ func TestWorkflowFINRA(t *testing.T) {
 			if len(audit.Nodes) < 2 {
 				t.Errorf("the 8 rules ran on %v only; want more than one node", audit.Nodes)
 			}
+			// The timeline: every step starts after its upstream steps
+			// ended (at_ms + ms; 1 ms of rounding) and within the run.
+			for _, st := range spec.Steps {
+				r, _ := run.Step(st.Name)
+				if r.AtMS < 0 || r.AtMS > run.MS {
+					t.Errorf("step %s starts at %.1f ms, outside the run's %.1f ms", st.Name, r.AtMS, run.MS)
+				}
+				for _, a := range st.After {
+					if up, _ := run.Step(a); r.AtMS+1 < up.AtMS+up.MS {
+						t.Errorf("step %s starts at %.1f ms, before %s ended (%.1f + %.1f ms)", st.Name, r.AtMS, a, up.AtMS, up.MS)
+					}
+				}
+			}
 			var transfer float64
 			for _, in := range audit.Instances {
 				transfer += in.LoadMS + in.DeserMS
