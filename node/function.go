@@ -127,6 +127,7 @@ type fnRegistry struct {
 	running      int   // invocations in progress on this node
 	reserved     int64 // memory reserved by instances (running and warm)
 	closed       bool
+	pss          *pssCache // the stats' memory measures
 
 	bootstrapOnce sync.Once
 	bootstrap     string
@@ -187,7 +188,7 @@ type warmInst struct {
 }
 
 func newFnRegistry(d *Daemon) *fnRegistry {
-	return &fnRegistry{d: d, fns: map[string]*fnRec{}, waiters: map[int]chan *seedRec{}, stageWaiters: map[string]chan stagePrepared{}}
+	return &fnRegistry{d: d, fns: map[string]*fnRec{}, waiters: map[int]chan *seedRec{}, stageWaiters: map[string]chan stagePrepared{}, pss: newPssCache()}
 }
 
 // Reservation is the memory one instance of spec reserves on a node: its
@@ -1123,6 +1124,7 @@ func (f *fnRegistry) list(measure bool) []FunctionInfo {
 	}
 	f.mu.Unlock()
 	out := make([]FunctionInfo, 0, len(all))
+	now, live := time.Now(), map[int]bool{}
 	for _, p := range all {
 		for _, s := range p.seeds {
 			if s.seed.SourcePID > 0 {
@@ -1131,12 +1133,16 @@ func (f *fnRegistry) list(measure bool) []FunctionInfo {
 			p.in.CacheBytes += s.seed.CacheBytes()
 		}
 		for _, pid := range p.pids {
-			if sm, err := procfs.ReadSmaps(pid); err == nil {
-				p.in.MemoryBytes += sm.Pss
+			if pss, ok := f.pss.pss(pid, now); ok {
+				p.in.MemoryBytes += pss
+				live[pid] = true
 			}
 		}
 		p.in.MemoryBytes += p.in.CacheBytes
 		out = append(out, p.in)
+	}
+	if measure {
+		f.pss.keepOnly(live)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out

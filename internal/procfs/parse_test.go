@@ -126,7 +126,7 @@ func mkStat(comm string, over map[int]string) string {
 }
 
 func TestParseStat(t *testing.T) {
-	base := Stat{State: 'S', PPid: 4000, PGrp: 5000, NumThreads: 20000, StartCode: 26000, EndCode: 27000,
+	base := Stat{State: 'S', PPid: 4000, PGrp: 5000, NumThreads: 20000, StartTime: 22000, RSSPages: 24000, StartCode: 26000, EndCode: 27000,
 		StartStack: 28000, StartData: 45000, EndData: 46000, StartBrk: 47000,
 		ArgStart: 48000, ArgEnd: 49000, EnvStart: 50000, EnvEnd: 51000}
 	tests := []struct {
@@ -145,6 +145,8 @@ func TestParseStat(t *testing.T) {
 		{"no newline", strings.TrimSuffix(mkStat("x", nil), "\n"), base, false},
 		{"huge number", mkStat("x", map[int]string{27: "18446744073709551616"}), Stat{}, true},
 		{"huge thread count", mkStat("x", map[int]string{20: "99999999999999999999"}), Stat{}, true},
+		{"bad start time", mkStat("x", map[int]string{22: "-5"}), Stat{}, true},
+		{"bad rss", mkStat("x", map[int]string{24: "1x"}), Stat{}, true},
 		{"negative address", mkStat("x", map[int]string{45: "-1"}), Stat{}, true},
 		{"long state", mkStat("x", map[int]string{3: "SS"}), Stat{}, true},
 		{"empty field", mkStat("x", map[int]string{48: ""}), Stat{}, true},

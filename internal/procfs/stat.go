@@ -19,6 +19,11 @@ type Stat struct {
 	PGrp int
 	// NumThreads is the number of threads (20).
 	NumThreads int
+	// StartTime is when the process started, in clock ticks after boot
+	// (22): with the pid, it names one process (pids are reused).
+	StartTime uint64
+	// RSSPages is the resident set size in pages (24).
+	RSSPages int
 	// StartCode and EndCode delimit the program text (26, 27).
 	StartCode, EndCode uint64
 	// StartStack is the bottom of the main thread's stack (28).
@@ -102,6 +107,8 @@ func ParseStat(data []byte) (Stat, error) {
 	st.PPid = atoi(4, "ppid")
 	st.PGrp = atoi(5, "pgrp")
 	st.NumThreads = atoi(20, "num_threads")
+	st.StartTime = atou(22, "starttime")
+	st.RSSPages = atoi(24, "rss")
 	st.StartCode = atou(26, "startcode")
 	st.EndCode = atou(27, "endcode")
 	st.StartStack = atou(28, "startstack")
