@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -65,7 +66,37 @@ type WorkflowCell struct {
 	RuleFaults float64           `json:"rule_start_ms"` // per rule instance: the fork (start) as the gateway saw it
 	All        []float64         `json:"ms_all"`
 	Nodes      int               `json:"nodes_used_max"` // nodes the rules ran on
+	// CPUSec is the machine's busy CPU time over the run (every process:
+	// the steps, the daemons, the gateway, Redis; /proc/stat), and
+	// SystemShare the part of it in the kernel: what bounds a run on a
+	// host whose vCPUs it keeps busy.
+	CPUSec      float64 `json:"cpu_s"`
+	SystemShare float64 `json:"system_share"`
 }
+
+// cpuTimes is the machine's busy and kernel CPU time so far, in seconds
+// (the first line of /proc/stat: user nice system idle iowait irq softirq
+// steal; busy leaves out idle, iowait and steal).
+func cpuTimes() (busy, system float64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, 0
+	}
+	var v [8]float64
+	for i := range v {
+		x, _ := strconv.ParseFloat(f[i+1], 64)
+		v[i] = x / clockTicks
+	}
+	return v[0] + v[1] + v[2] + v[5] + v[6], v[2] + v[5] + v[6]
+}
+
+// clockTicks is USER_HZ, the unit of /proc/stat (100 on Linux x86-64).
+const clockTicks = 100
 
 // RunWorkflows builds the three-node cluster with a Redis server and runs
 // the grid.
@@ -148,6 +179,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			}
 			vs = append(vs, variant{tr: workflow.TransferStorage})
 			runs := make([][]*workflow.Run, len(vs))
+			cpu := make([][][2]float64, len(vs)) // per run: busy s, system s
 			for i := 0; i < wc.Runs; i++ {
 				// The order rotates each round: a run right after a
 				// storage run meets the memory that run freed coming
@@ -163,6 +195,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					rn.SeedPerRun = v.seed == "per-run"
 					var r *workflow.Run
 					var err error
+					b0, s0 := cpuTimes()
 					if v.tr == TransferBound {
 						r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
 					} else {
@@ -171,7 +204,9 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					if err != nil {
 						return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
 					}
+					b1, s1 := cpuTimes()
 					runs[k] = append(runs[k], r)
+					cpu[k] = append(cpu[k], [2]float64{b1 - b0, s1 - s0})
 					if wc.RunsOut != nil {
 						b, _ := json.Marshal(r)
 						fmt.Fprintf(wc.RunsOut, "%s\n", b)
@@ -180,7 +215,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			}
 			first := len(cells)
 			for k, v := range vs {
-				c := summarizeRuns(runs[k])
+				c := summarizeRuns(runs[k], cpu[k])
 				c.Trades, c.Rules, c.Transfer, c.ForkSeed = n, m, v.tr, v.seed
 				cells = append(cells, c)
 			}
@@ -232,8 +267,16 @@ func runBound(ctx context.Context, script string, input []byte) (*workflow.Run, 
 		Steps: []workflow.StepResult{{Name: "audit", MS: res.AuditMS}}}, nil
 }
 
-func summarizeRuns(runs []*workflow.Run) WorkflowCell {
+func summarizeRuns(runs []*workflow.Run, cpu [][2]float64) WorkflowCell {
 	c := WorkflowCell{Runs: len(runs)}
+	var busy, sys []float64
+	for _, u := range cpu {
+		busy = append(busy, u[0])
+		if u[0] > 0 {
+			sys = append(sys, u[1]/u[0])
+		}
+	}
+	c.CPUSec, c.SystemShare = median(busy), median(sys)
 	var src, audit, xfer, rx, rms, rst []float64
 	for _, r := range runs {
 		c.All = append(c.All, r.MS)
@@ -290,7 +333,7 @@ func median(v []float64) float64 {
 func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, fork and storage interleaved, the order rotating each round.\n\n", wc.Command, wc.Runs)
-	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | machine CPU s (kernel) | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, c := range cells {
 		faster := ""
 		if c.Transfer != workflow.TransferStorage {
@@ -307,8 +350,8 @@ func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 		if c.ForkSeed != "" {
 			tr += " (" + c.ForkSeed + " seed)"
 		}
-		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %s |\n",
-			c.Trades, c.StateMB, c.Rules, tr, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, faster)
+		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %.2f (%.0f%%) | %s |\n",
+			c.Trades, c.StateMB, c.Rules, tr, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, c.CPUSec, 100*c.SystemShare, faster)
 	}
 	return b.String()
 }
