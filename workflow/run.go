@@ -433,11 +433,11 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 	return nil
 }
 
-// step runs one non-source step: one instance, or one per element of its
-// Map step's list, all at once.
 // at is t in ms after the run's start.
 func (x *execution) at(t time.Time) float64 { return ms(t.Sub(x.run.Started)) }
 
+// step runs one non-source step: one instance, or one per element of its
+// Map step's list, all at once.
 func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	t0 := time.Now()
 	res := StepResult{Name: st.Name, AtMS: x.at(t0)}
