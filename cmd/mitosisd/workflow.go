@@ -132,11 +132,11 @@ fails (the step's error is the run's).`,
 				return err
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "RUN\tTRANSFER\tSTARTED\tMS\tSTEPS\tERROR")
+			fmt.Fprintln(tw, "RUN\tTRANSFER\tSTARTED\tMS\tSTEPS (NAME=MS@START MS)\tERROR")
 			for _, r := range runs {
 				var st []string
 				for _, s := range r.Steps {
-					st = append(st, fmt.Sprintf("%s=%.0f", s.Name, s.MS))
+					st = append(st, fmt.Sprintf("%s=%.0f@%.0f", s.Name, s.MS, s.AtMS))
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%.0f\t%s\t%s\n", r.ID, r.Transfer, r.Started.Format(time.RFC3339), r.MS, strings.Join(st, " "), r.Error)
 			}

@@ -190,6 +190,52 @@ func TestWorkflowFINRA(t *testing.T) {
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// The CLI a user runs: mitosis workflow run, ls and rm against the
+	// gateway, from a client next to it.
+	t.Run("cli", func(t *testing.T) {
+		tok := filepath.Join(p.dir, "cli-token")
+		if err := os.WriteFile(tok, []byte(platformToken+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		runsDir := filepath.Join(p.dir, "cli-runs")
+		cli := func(args ...string) (string, error) {
+			argv := append([]string{mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", runsDir}, args...)
+			out, err := p.gw.Command(argv...).CombinedOutput()
+			return string(out), err
+		}
+		wcPath := filepath.Join(repoRoot, "examples", "wordcount", "wordcount.json")
+		out, err := cli("run", wcPath, "--input", `{"docs": 2000, "shards": 3}`)
+		if err != nil {
+			t.Fatalf("workflow run: %v\n%s", err, out)
+		}
+		for _, want := range []string{"(fork)", "AT MS", "load-corpus", "count", "reduce-counts", "result: "} {
+			if !strings.Contains(out, want) {
+				t.Errorf("workflow run printed no %q:\n%s", want, out)
+			}
+		}
+		t.Logf("mitosis workflow run:\n%s", out)
+		ents, _ := os.ReadDir(runsDir)
+		if len(ents) != 1 {
+			t.Fatalf("%d run records in %s, want 1", len(ents), runsDir)
+		}
+		var run workflow.Run
+		if b, err := os.ReadFile(filepath.Join(runsDir, ents[0].Name())); err != nil || json.Unmarshal(b, &run) != nil || run.Error != "" {
+			t.Fatalf("run record %s: %v %+v", ents[0].Name(), err, run)
+		}
+		assertRunGone(t, p, rdb, &run)
+		if out, err := cli("ls"); err != nil || !strings.Contains(out, run.ID) || !strings.Contains(out, "reduce-counts=") || !strings.Contains(out, "@") {
+			t.Errorf("workflow ls: %v\n%s", err, out)
+		}
+		// A bad input is refused before anything runs.
+		if out, err := cli("run", wcPath, "--input", "{nope"); err == nil || !strings.Contains(out, "is not JSON") {
+			t.Errorf("run with a bad input: %v\n%s", err, out)
+		}
+		if out, err := cli("rm", wcPath); err != nil {
+			t.Fatalf("workflow rm: %v\n%s", err, out)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
 	t.Run("failing rule", func(t *testing.T) {
 		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, spec, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 2}`), tr)
