@@ -283,6 +283,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("GET /system/function/{name}", g.authed(g.getFunction))
 	mux.HandleFunc("DELETE /system/stage-seeds", g.authed(g.deleteStageSeed))
 	mux.HandleFunc("GET /system/nodes", g.authed(g.listNodes))
+	mux.HandleFunc("GET /system/logs", g.authed(g.logs))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/async-function/{name}", fnAuth(g.invokeAsync))

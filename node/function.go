@@ -1195,10 +1195,16 @@ func (f *fnRegistry) call(ctx context.Context, op string, body []byte) (any, err
 		return struct{}{}, f.removeStage(req.Function, req.Seed)
 	case CallFnList:
 		return f.list(false), nil
+	case CallFnLogs:
+		var req LogsRequest
+		if err := json.Unmarshal(body, &req); err != nil {
+			return nil, fmt.Errorf("%s: malformed request: %w", op, err)
+		}
+		return f.logs(req)
 	case CallNodeStats:
 		return f.stats(), nil
 	}
-	return nil, fmt.Errorf("unknown call %q (want %s, %s, %s, %s or %s)", op, CallFnDeploy, CallFnRemove, CallFnStageRemove, CallFnList, CallNodeStats)
+	return nil, fmt.Errorf("unknown call %q (want %s, %s, %s, %s, %s or %s)", op, CallFnDeploy, CallFnRemove, CallFnStageRemove, CallFnList, CallFnLogs, CallNodeStats)
 }
 
 // maxConcurrency is the node's limit of invocations at once.

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/mitosis-fork/mitosis/bench/netlab"
+	"github.com/mitosis-fork/mitosis/gateway"
 )
 
 const platformToken = "test-token-0123456789abcdef"
@@ -519,6 +520,115 @@ func TestPlatform(t *testing.T) {
 			}
 		case <-time.After(30 * time.Second):
 			t.Fatal("no callback within 30 s")
+		}
+	})
+
+	// GET /system/logs (faas-cli logs): what the instances wrote to stderr
+	// (stdout is the response, as in the OpenFaaS classic template), by
+	// node, as a tail and as a follow that streams new lines.
+	t.Run("logs", func(t *testing.T) {
+		dir := filepath.Join(p.dir, "logger")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "handler.py"), []byte("import sys\nprint('INIT logger', file=sys.stderr, flush=True)\n\ndef handle(req):\n    print('LOG ' + req, file=sys.stderr, flush=True)\n    return 'ok'\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(map[string]any{"service": "logger", "image": dir, "annotations": map[string]string{"com.mitosis.policy": "fork"}})
+		if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
+			t.Fatalf("deploy logger: %d %s", code, body)
+		}
+		defer p.request("DELETE", "/system/functions", `{"functionName":"logger"}`, true)
+		ran := map[string]string{} // marker -> node
+		for i := 0; i < 6; i++ {
+			m := fmt.Sprintf("m%d-%d", i, time.Now().UnixNano())
+			code, h, out := p.request("POST", "/function/logger", m, true)
+			if code != 200 || strings.TrimSpace(out) != "ok" {
+				t.Fatalf("invoke logger: %d %q", code, out)
+			}
+			ran[m] = h.Get("X-Mitosis-Node")
+		}
+		parse := func(body string) []gateway.LogMessage {
+			var out []gateway.LogMessage
+			for _, l := range strings.Split(strings.TrimSpace(body), "\n") {
+				if l == "" {
+					continue
+				}
+				var m gateway.LogMessage
+				if err := json.Unmarshal([]byte(l), &m); err != nil {
+					t.Fatalf("log line %q: %v", l, err)
+				}
+				if m.Name != "logger" || m.Namespace != "openfaas-fn" || m.Instance == "" || m.Timestamp.IsZero() {
+					t.Errorf("log message %+v", m)
+				}
+				out = append(out, m)
+			}
+			return out
+		}
+		code, _, body := p.request("GET", "/system/logs?name=logger", "", true)
+		if code != 200 {
+			t.Fatalf("logs: %d %s", code, body)
+		}
+		seen := map[string]string{}
+		for _, m := range parse(body) {
+			if mk, ok := strings.CutPrefix(m.Text, "LOG "); ok {
+				seen[mk] = m.Instance
+			}
+		}
+		for mk, n := range ran {
+			if seen[mk] != n {
+				t.Errorf("request %s ran on %s; its line came from %q", mk, n, seen[mk])
+			}
+		}
+		if code, _, body := p.request("GET", "/system/logs?name=logger&tail=1", "", true); code == 200 {
+			per := map[string]int{}
+			for _, m := range parse(body) {
+				per[m.Instance]++
+			}
+			for n, c := range per {
+				if c > 1 {
+					t.Errorf("tail=1 gave %d lines of node %s", c, n)
+				}
+			}
+		} else {
+			t.Errorf("logs tail=1: %d %s", code, body)
+		}
+		for _, c := range []struct {
+			path string
+			auth bool
+			want int
+		}{
+			{"/system/logs", true, 400},
+			{"/system/logs?name=nope", true, 404},
+			{"/system/logs?name=logger&tail=x", true, 400},
+			{"/system/logs?name=logger&follow=maybe", true, 400},
+			{"/system/logs?name=logger&since=yesterday", true, 400},
+			{"/system/logs?name=logger", false, 401},
+		} {
+			if code, _, body := p.request("GET", c.path, "", c.auth); code != c.want {
+				t.Errorf("GET %s: %d %s, want %d", c.path, code, strings.TrimSpace(body), c.want)
+			}
+		}
+		// A follow streams lines written after it began.
+		cmd := p.gw.Command("curl", "-sS", "-N", "--max-time", "5", "-H", "Authorization: Bearer "+platformToken,
+			p.url+"/system/logs?name=logger&tail=1&follow=true")
+		var out strings.Builder
+		cmd.Stdout = &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(1500 * time.Millisecond)
+		late := fmt.Sprintf("late-%d", time.Now().UnixNano())
+		if code, _, _ := p.request("POST", "/function/logger", late, true); code != 200 {
+			t.Errorf("invoke logger: %d", code)
+		}
+		_ = cmd.Wait() // curl ends at its --max-time (exit 28)
+		found := false
+		for _, m := range parse(out.String()) {
+			found = found || m.Text == "LOG "+late
+		}
+		if !found {
+			t.Errorf("the follow did not stream the line written after it began:\n%s", out.String())
 		}
 	})
 

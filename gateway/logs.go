@@ -1,0 +1,197 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/directory"
+	"github.com/mitosis-fork/mitosis/node"
+)
+
+// LogMessage is one line of GET /system/logs, the OpenFaaS log provider
+// API (faas-cli logs): newline-delimited JSON. Instance is the node whose
+// instances wrote the line. A node's log lines carry no time of their
+// own: Timestamp is when the log was last written for the lines of a
+// tail, and when the gateway read them for the lines of a follow.
+type LogMessage struct {
+	Name      string    `json:"name"`
+	Namespace string    `json:"namespace"`
+	Instance  string    `json:"instance"`
+	Timestamp time.Time `json:"timestamp"`
+	Text      string    `json:"text"`
+}
+
+// logPoll is how often a follow asks the nodes for new lines.
+const logPoll = 500 * time.Millisecond
+
+// logs serves GET /system/logs?name=F[&tail=N][&follow=true][&since=T][&instance=NODE]:
+// the function's log on every node (or one), its last tail lines per node
+// (all, up to a megabyte a node, when tail <= 0 or absent), then, with
+// follow, the lines written since, as they come, until the client goes.
+// since (RFC 3339) leaves out the nodes whose log was last written before
+// it (lines have no time of their own).
+func (g *Gateway) logs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	name := q.Get("name")
+	if name == "" {
+		httpError(w, http.StatusBadRequest, "logs: the name query parameter (the function) is required")
+		return
+	}
+	if _, ok := g.function(name); !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", name))
+		return
+	}
+	tail, follow := 0, false
+	var since time.Time
+	var err error
+	if s := q.Get("tail"); s != "" {
+		if tail, err = strconv.Atoi(s); err != nil {
+			httpError(w, http.StatusBadRequest, fmt.Sprintf("logs: tail %q is not a number", s))
+			return
+		}
+	}
+	if s := q.Get("follow"); s != "" {
+		if follow, err = strconv.ParseBool(s); err != nil {
+			httpError(w, http.StatusBadRequest, fmt.Sprintf("logs: follow %q is not true or false", s))
+			return
+		}
+	}
+	if s := q.Get("since"); s != "" {
+		if since, err = time.Parse(time.RFC3339, s); err != nil {
+			httpError(w, http.StatusBadRequest, fmt.Sprintf("logs: since %q is not an RFC 3339 time", s))
+			return
+		}
+	}
+	instance := q.Get("instance")
+	nodes := func() []directory.NodeInfo {
+		var out []directory.NodeInfo
+		for _, n := range g.view.Nodes() {
+			if instance == "" || n.Name == instance {
+				out = append(out, n)
+			}
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+		return out
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	flush := func() {
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+	ctx := r.Context()
+	next := map[string]int64{}
+	for _, rep := range g.readLogs(ctx, nodes(), node.LogsRequest{Name: name, Tail: tail, From: -1}, nil) {
+		next[rep.node] = rep.Next
+		if rep.Modified.Before(since) {
+			continue
+		}
+		for _, l := range rep.Lines {
+			if enc.Encode(LogMessage{Name: name, Namespace: Namespace, Instance: rep.node, Timestamp: rep.Modified, Text: l}) != nil {
+				return
+			}
+		}
+	}
+	flush()
+	if !follow {
+		return
+	}
+	t := time.NewTicker(logPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.ctx.Done(): // the gateway is shutting down
+			return
+		case <-t.C:
+		}
+		if _, ok := g.function(name); !ok {
+			return // removed: nothing more will come
+		}
+		now := time.Now().UTC()
+		for _, rep := range g.readLogs(ctx, nodes(), node.LogsRequest{Name: name, Tail: 0, From: 0}, next) {
+			next[rep.node] = rep.Next
+			for _, l := range rep.Lines {
+				if enc.Encode(LogMessage{Name: name, Namespace: Namespace, Instance: rep.node, Timestamp: now, Text: l}) != nil {
+					return
+				}
+			}
+		}
+		flush()
+	}
+}
+
+// nodeLog is one node's answer to a logs call.
+type nodeLog struct {
+	node.LogsReply
+	node string
+}
+
+// readLogs asks every node in ns for req, each from its own offset in from
+// (a node not in from, new to a follow, is asked for its end: nothing of
+// what it wrote before joins the stream), and returns the answers of the
+// nodes that have the function's log, by node name. A node that cannot be
+// reached or has no log is left out.
+func (g *Gateway) readLogs(ctx context.Context, ns []directory.NodeInfo, req node.LogsRequest, from map[string]int64) []nodeLog {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	out := make([]*nodeLog, len(ns))
+	var wg sync.WaitGroup
+	for i, n := range ns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := req
+			if from != nil {
+				off, ok := from[n.Name]
+				if !ok {
+					off, r.Tail = -1, 1 // its end: the reply's Next
+				}
+				r.From = off
+			}
+			rep, err := g.nodeLog(ctx, n, r)
+			if err != nil {
+				return
+			}
+			if from != nil && r.From < 0 {
+				rep.Lines = nil
+			}
+			out[i] = &nodeLog{LogsReply: rep, node: n.Name}
+		}()
+	}
+	wg.Wait()
+	var got []nodeLog
+	for _, l := range out {
+		if l != nil {
+			got = append(got, *l)
+		}
+	}
+	return got
+}
+
+// nodeLog runs one CallFnLogs on node n.
+func (g *Gateway) nodeLog(ctx context.Context, n directory.NodeInfo, req node.LogsRequest) (node.LogsReply, error) {
+	cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
+	if err != nil {
+		return node.LogsReply{}, err
+	}
+	body, _ := json.Marshal(req)
+	b, err := cl.Call(ctx, node.CallFnLogs, body, 5*time.Second)
+	if err != nil {
+		return node.LogsReply{}, err
+	}
+	var rep node.LogsReply
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return node.LogsReply{}, fmt.Errorf("node %s: logs reply: %w", n.Name, err)
+	}
+	return rep, nil
+}

@@ -1,0 +1,61 @@
+package node
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestReadLog(t *testing.T) {
+	long := strings.Repeat("x", MaxLogRead)
+	tests := []struct {
+		name      string
+		content   string
+		tail      int
+		from      int64
+		want      []string
+		wantNext  int64
+		wantFirst int // with want nil: the length of the only line
+	}{
+		{"all", "a\nb\nc\n", 0, -1, []string{"a", "b", "c"}, 6, 0},
+		{"tail 2", "a\nb\nc\n", 2, -1, []string{"b", "c"}, 6, 0},
+		{"tail more than there is", "a\nb\n", 10, -1, []string{"a", "b"}, 4, 0},
+		{"line being written", "a\nb\nc", 0, -1, []string{"a", "b"}, 4, 0},
+		{"empty", "", 0, -1, []string{}, 0, 0},
+		{"from an offset", "a\nb\nc\n", 0, 2, []string{"b", "c"}, 6, 0},
+		{"from the end", "a\nb\nc\n", 0, 6, []string{}, 6, 0},
+		{"from past the end: replaced", "a\nb\n", 0, 100, []string{"a", "b"}, 4, 0},
+		{"follow a line being written", "a\nb", 0, 2, []string{}, 2, 0},
+		{"tail starts inside a long line", long + "\nlast\n", 0, -1, []string{"last"}, int64(len(long)) + 6, 0},
+		{"a line longer than a read", long + "yz", 0, 0, nil, int64(len(long)), len(long)},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "f.log")
+			if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			rep, err := readLog(path, tc.tail, tc.from)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.want != nil && !slices.Equal(rep.Lines, tc.want) {
+				t.Errorf("lines %q, want %q", rep.Lines, tc.want)
+			}
+			if tc.want == nil && (len(rep.Lines) != 1 || len(rep.Lines[0]) != tc.wantFirst) {
+				t.Errorf("%d lines, want one of %d bytes", len(rep.Lines), tc.wantFirst)
+			}
+			if rep.Next != tc.wantNext {
+				t.Errorf("next %d, want %d", rep.Next, tc.wantNext)
+			}
+			if rep.Modified.IsZero() {
+				t.Error("no modification time")
+			}
+		})
+	}
+	if _, err := readLog(filepath.Join(t.TempDir(), "none.log"), 0, -1); err == nil {
+		t.Error("no error for a missing log")
+	}
+}
