@@ -103,6 +103,9 @@ type Gateway struct {
 	wg     sync.WaitGroup
 
 	async chan asyncCall
+	// follows bounds the /system/logs follows streaming at once (each
+	// polls every node twice a second).
+	follows chan struct{}
 
 	deployMu sync.Mutex // serializes deploys, updates and deletes
 	rec      *reconciler
@@ -156,7 +159,8 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	g := &Gateway{cfg: cfg, dir: cfg.Directory, view: view, log: cfg.Logger, sched: newSched(cfg.MaxQueue),
-		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue)}
+		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue),
+		follows: make(chan struct{}, maxFollows)}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)

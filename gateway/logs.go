@@ -30,6 +30,9 @@ type LogMessage struct {
 // logPoll is how often a follow asks the nodes for new lines.
 const logPoll = 500 * time.Millisecond
 
+// maxFollows bounds the follows streaming at once; more get 429.
+const maxFollows = 64
+
 // logs serves GET /system/logs?name=F[&tail=N][&follow=true][&since=T][&instance=NODE]:
 // the function's log on every node (or one), its last tail lines per node
 // (all, up to a megabyte a node, when tail <= 0 or absent), then, with
@@ -65,6 +68,16 @@ func (g *Gateway) logs(w http.ResponseWriter, r *http.Request) {
 	if s := q.Get("since"); s != "" {
 		if since, err = time.Parse(time.RFC3339, s); err != nil {
 			httpError(w, http.StatusBadRequest, fmt.Sprintf("logs: since %q is not an RFC 3339 time", s))
+			return
+		}
+	}
+	if follow {
+		select {
+		case g.follows <- struct{}{}:
+			defer func() { <-g.follows }()
+		default:
+			w.Header().Set("Retry-After", "5")
+			httpError(w, http.StatusTooManyRequests, fmt.Sprintf("logs: %d follows are streaming already; ask without follow, or later", maxFollows))
 			return
 		}
 	}
