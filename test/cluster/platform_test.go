@@ -593,6 +593,17 @@ func TestPlatform(t *testing.T) {
 		} else {
 			t.Errorf("logs tail=1: %d %s", code, body)
 		}
+		for _, n := range []string{"a", "b", "c"} {
+			code, _, body := p.request("GET", "/system/logs?name=logger&instance="+n, "", true)
+			if code != 200 {
+				t.Fatalf("logs of instance %s: %d %s", n, code, body)
+			}
+			for _, m := range parse(body) {
+				if m.Instance != n {
+					t.Errorf("instance=%s gave a line of %s: %q", n, m.Instance, m.Text)
+				}
+			}
+		}
 		for _, c := range []struct {
 			path string
 			auth bool
