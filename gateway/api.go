@@ -34,6 +34,12 @@ func (g *Gateway) info(w http.ResponseWriter, r *http.Request) {
 	})
 }
 
+// namespaces serves GET /system/namespaces: the one namespace functions
+// live in (faas-cli namespaces list).
+func (g *Gateway) namespaces(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, []string{Namespace})
+}
+
 // readDeployment decodes a deployment body.
 func (g *Gateway) readDeployment(w http.ResponseWriter, r *http.Request) (FunctionDeployment, []byte, bool) {
 	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))

@@ -280,6 +280,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("GET /healthz", g.healthz)
 	mux.Handle("GET /metrics", g.m.handler())
 	mux.HandleFunc("GET /system/info", g.authed(g.info))
+	mux.HandleFunc("GET /system/namespaces", g.authed(g.namespaces))
 	mux.HandleFunc("GET /system/functions", g.authed(g.listFunctions))
 	mux.HandleFunc("POST /system/functions", g.authed(g.deployFunction))
 	mux.HandleFunc("PUT /system/functions", g.authed(g.updateFunction))

@@ -523,6 +523,19 @@ func TestPlatform(t *testing.T) {
 		}
 	})
 
+	t.Run("info", func(t *testing.T) {
+		code, _, body := p.request("GET", "/system/info", "", true)
+		var info struct {
+			Provider struct{ Orchestration string } `json:"provider"`
+		}
+		if code != 200 || json.Unmarshal([]byte(body), &info) != nil || info.Provider.Orchestration != "mitosis" {
+			t.Errorf("GET /system/info: %d %s", code, body)
+		}
+		if code, _, body := p.request("GET", "/system/namespaces", "", true); code != 200 || strings.TrimSpace(body) != `["openfaas-fn"]` {
+			t.Errorf("GET /system/namespaces: %d %s", code, body)
+		}
+	})
+
 	// GET /system/logs (faas-cli logs): what the instances wrote to stderr
 	// (stdout is the response, as in the OpenFaaS classic template), by
 	// node, as a tail and as a follow that streams new lines.
