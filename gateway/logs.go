@@ -35,7 +35,7 @@ const maxFollows = 64
 
 // logs serves GET /system/logs?name=F[&tail=N][&follow=true][&since=T][&instance=NODE]:
 // the function's log on every node (or one), its last tail lines per node
-// (all, up to a megabyte a node, when tail <= 0 or absent), then, with
+// (all, up to node.MaxLogRead bytes a node, when tail <= 0 or absent), then, with
 // follow, the lines written since, as they come, until the client goes.
 // since (RFC 3339) leaves out the nodes whose log was last written before
 // it (lines have no time of their own).

@@ -20,8 +20,10 @@ import (
 const CallFnLogs = "fn-logs"
 
 // MaxLogRead bounds the bytes of log one call reads: the last MaxLogRead
-// bytes for a tail, MaxLogRead from the offset to follow.
-const MaxLogRead = 1 << 20
+// bytes for a tail, MaxLogRead from the offset to follow. Its JSON answer
+// stays within transport.MaxCallBody even if every byte needs escaping
+// (\u00XX: six bytes each).
+const MaxLogRead = 512 << 10
 
 // LogsRequest asks for lines of a function's log on one node.
 type LogsRequest struct {
