@@ -1,11 +1,14 @@
 package node
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/mitosis-fork/mitosis/transport"
 )
 
 func TestReadLog(t *testing.T) {
@@ -54,6 +57,21 @@ func TestReadLog(t *testing.T) {
 				t.Error("no modification time")
 			}
 		})
+	}
+	// The worst log for its answer's size: every byte escaped in JSON.
+	path := filepath.Join(t.TempDir(), "ctl.log")
+	if err := os.WriteFile(path, []byte(strings.Repeat(strings.Repeat("\x01", 99)+"\n", 2*MaxLogRead/100)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, from := range []int64{-1, 0} {
+		rep, err := readLog(path, 0, from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(rep)
+		if len(rep.Lines) == 0 || len(b) > transport.MaxCallBody {
+			t.Errorf("from %d: %d lines, a %d-byte answer (a call carries %d)", from, len(rep.Lines), len(b), transport.MaxCallBody)
+		}
 	}
 	if _, err := readLog(filepath.Join(t.TempDir(), "none.log"), 0, -1); err == nil {
 		t.Error("no error for a missing log")
