@@ -101,6 +101,9 @@ type Config struct {
 	// this node (default 80% of RAM): each running or warm instance
 	// reserves its function's memory limit (128 MiB without one).
 	MaxMemory int64
+	// FunctionLogMax is the size at which a function's log on this node is
+	// rotated to NAME.log.1 (default 64 MiB).
+	FunctionLogMax int64
 	// Etcd lists the endpoints of the cluster directory (etcd) the node
 	// registers in; empty: no directory.
 	Etcd []string

@@ -137,7 +137,7 @@ type fnRegistry struct {
 // fnRec is one function deployed on this node.
 type fnRec struct {
 	spec    function.Spec
-	log     *os.File // init output and the instances' stdout/stderr
+	log     *fnLog // init output and the instances' stdout/stderr
 	logPath string
 
 	// The seed (fork policies, when this node holds one).
@@ -352,7 +352,7 @@ func (f *fnRegistry) newFn(spec function.Spec) (*fnRec, error) {
 		return nil, fmt.Errorf("deploy %s: %w", spec.Name, err)
 	}
 	path := filepath.Join(dir, spec.Name+".log")
-	log, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	log, err := openFnLog(path, f.d.cfg.FunctionLogMax)
 	if err != nil {
 		return nil, fmt.Errorf("deploy %s: log: %w", spec.Name, err)
 	}
@@ -377,9 +377,10 @@ func (f *fnRegistry) makeSeed(ctx context.Context, fn *fnRec) (*seedRec, *functi
 		}
 	}
 	ready := make(chan *seedRec, 1)
+	logf, releaseLog := fn.log.acquire()
 	p, err := function.Start(function.StartOptions{
 		Spec: spec, Mode: function.ModeSeed, Bootstrap: bs, Dir: spec.Image,
-		SeedName: "fn." + spec.Name, Socket: d.cfg.Socket, Log: fn.log,
+		SeedName: "fn." + spec.Name, Socket: d.cfg.Socket, Log: logf,
 		OnStart: func(pid int) error {
 			f.mu.Lock()
 			f.waiters[pid] = ready
@@ -395,6 +396,7 @@ func (f *fnRegistry) makeSeed(ctx context.Context, fn *fnRec) (*seedRec, *functi
 			return nil
 		},
 	})
+	releaseLog() // the process has its own descriptor of the log
 	cleanup := func() {
 		if p != nil {
 			f.mu.Lock()
@@ -524,7 +526,7 @@ func (f *fnRegistry) remove(name string) error {
 	if f.d.dir != nil {
 		f.d.dir.deleteSeed(name)
 	}
-	_ = fn.log.Close()
+	fn.log.close()
 	f.d.log.Info("function removed", "function", name, "warm_killed", len(warm)+len(busy))
 	return nil
 }
@@ -775,7 +777,9 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 	if err != nil {
 		return transport.InvokeResponse{}, fmt.Errorf("invoke %s: encode request: %w", fn.spec.Name, err)
 	}
-	inv := &invocation{payload: payload, log: fn.log}
+	logf, releaseLog := fn.log.acquire()
+	defer releaseLog()
+	inv := &invocation{payload: payload, log: logf}
 	start := time.Now()
 	k, err := d.forkOne(ctx, s, client.Request{Op: client.OpFork, Seed: s.id, Prefetch: true}, [3]*os.File{}, false, inv)
 	if err != nil {
@@ -1012,8 +1016,9 @@ func (f *fnRegistry) startInstance(ctx context.Context, fn *fnRec) (*warmInst, e
 			return nil, fmt.Errorf("instance cgroup: %w", err)
 		}
 	}
+	logf, releaseLog := fn.log.acquire()
 	p, err := function.Start(function.StartOptions{
-		Spec: &fn.spec, Mode: function.ModeServe, Bootstrap: bs, Dir: fn.spec.Image, Log: fn.log,
+		Spec: &fn.spec, Mode: function.ModeServe, Bootstrap: bs, Dir: fn.spec.Image, Log: logf,
 		OnStart: func(pid int) error {
 			if w.group != nil {
 				return w.group.Add(pid)
@@ -1021,6 +1026,7 @@ func (f *fnRegistry) startInstance(ctx context.Context, fn *fnRec) (*warmInst, e
 			return nil
 		},
 	})
+	releaseLog() // the process has its own descriptor of the log
 	if err != nil {
 		if w.group != nil {
 			_ = w.group.Delete()

@@ -200,6 +200,8 @@ func TestSocketModeDefault(t *testing.T) {
 	d.asUser(uidA, "seeds").wantFail(t, "permission denied")
 	r := runCLI(t, nil, "daemon", "--socket", filepath.Join(t.TempDir(), "s"), "--socket-mode", "0644")
 	r.wantFail(t, `--socket-mode "0644"`)
+	r = runCLI(t, nil, "daemon", "--socket", filepath.Join(t.TempDir(), "s"), "--function-log-max", "lots")
+	r.wantFail(t, `--function-log-max "lots"`)
 }
 
 // connFlood is a Python client that opens n connections to a socket, pings

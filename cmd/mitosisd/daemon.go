@@ -46,6 +46,7 @@ type daemonFlags struct {
 	advertise      string
 	maxConcurrency int
 	maxMemory      string
+	fnLogMax       string
 	socketMode     string
 	socketGroup    string
 	handover       time.Duration
@@ -189,6 +190,7 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.DurationVar(&f.handover, "handover-timeout", 30*time.Second, "on SIGTERM, how long to wait for a new daemon on the same --state-dir to adopt the seeds (0: stop at once, as on SIGINT)")
 	fl.StringVar(&f.socketGroup, "socket-group", "", "group (name or gid) of the socket, for --socket-mode 0660")
 	fl.StringVar(&f.maxMemory, "max-memory", "", "memory function instances may reserve on this node, e.g. 16G (default 80% of RAM)")
+	fl.StringVar(&f.fnLogMax, "function-log-max", "64M", "size at which a function's log (what its instances write to stderr, served by /system/logs) is rotated to NAME.log.1")
 	return cmd
 }
 
@@ -227,6 +229,11 @@ func (f *daemonFlags) config(g *cli.Globals) (node.Config, error) {
 		}
 		cfg.MaxMemory = m
 	}
+	m, err := container.ParseMemory(f.fnLogMax)
+	if err != nil || m <= 0 {
+		return cfg, fmt.Errorf("--function-log-max %q: want a size such as 64M", f.fnLogMax)
+	}
+	cfg.FunctionLogMax = m
 	if f.peersFile != "" {
 		peers, err := readPeersFile(f.peersFile)
 		if err != nil {

@@ -234,8 +234,8 @@ func stateLeftovers(dir string) []string {
 		if err != nil || info.IsDir() {
 			return nil
 		}
-		if info.Mode().IsRegular() && strings.HasSuffix(path, ".log") {
-			return nil
+		if info.Mode().IsRegular() && (strings.HasSuffix(path, ".log") || strings.HasSuffix(path, ".log.1")) {
+			return nil // logs, rotated ones included, are kept
 		}
 		probs = append(probs, fmt.Sprintf("leftover in the state dir after the daemon stopped: %s (%s)", path, info.Mode()))
 		return nil

@@ -50,7 +50,7 @@ func startPlatform(t *testing.T) *platform {
 	}
 	// Node i of the lab gets 198.18.0.(i+1): gw is the fourth.
 	gwIP := "198.18.0.4"
-	args := []string{"--etcd-endpoints", "http://" + gwIP + ":2379", "--max-concurrency", "8"}
+	args := []string{"--etcd-endpoints", "http://" + gwIP + ":2379", "--max-concurrency", "8", "--function-log-max", "4K"}
 	specs := []netlab.NodeSpec{{Name: "a", Args: args}, {Name: "b", Args: args}, {Name: "c", Args: args}, {Name: "gw", NoDaemon: true}}
 	lab, err := netlab.New(netlab.Config{Bin: mitosisBin, Dir: dir, Nodes: specs})
 	if err != nil {
@@ -633,6 +633,33 @@ func TestPlatform(t *testing.T) {
 				t.Errorf("GET %s: %d %s, want %d", c.path, code, strings.TrimSpace(body), c.want)
 			}
 		}
+		// Past --function-log-max (4K here) a node rotates the log: the
+		// next invocation there writes to a new one, which /system/logs
+		// serves; the old lines are in logger.log.1.
+		big := strings.Repeat("z", 5000)
+		code, h, _ := p.request("POST", "/function/logger", big, true)
+		if code != 200 {
+			t.Fatalf("invoke logger: %d", code)
+		}
+		x := h.Get("X-Mitosis-Node")
+		after := ""
+		for i := 0; i < 30 && after == ""; i++ {
+			m := fmt.Sprintf("after-%d-%d", i, time.Now().UnixNano())
+			if _, h, _ := p.request("POST", "/function/logger", m, true); h.Get("X-Mitosis-Node") == x {
+				after = m
+			}
+		}
+		if after == "" {
+			t.Fatalf("30 invocations, none on node %s", x)
+		}
+		_, _, body = p.request("GET", "/system/logs?name=logger&instance="+x, "", true)
+		if !strings.Contains(body, "LOG "+after) || strings.Contains(body, big) {
+			t.Errorf("node %s after its log passed 4K: /system/logs has the new line %v, the old one %v", x, strings.Contains(body, "LOG "+after), strings.Contains(body, big))
+		}
+		if b, err := os.ReadFile(filepath.Join(p.lab.Node(x).StateDir, "functions", "logger.log.1")); err != nil || !strings.Contains(string(b), "LOG "+big) {
+			t.Errorf("node %s: logger.log.1 lacks the line that filled the log (%v)", x, err)
+		}
+
 		// A follow streams lines written after it began.
 		cmd := p.gw.Command("curl", "-sS", "-N", "--max-time", "5", "-H", "Authorization: Bearer "+platformToken,
 			p.url+"/system/logs?name=logger&tail=1&follow=true")
