@@ -33,7 +33,9 @@ type LogsRequest struct {
 	Tail int `json:"tail"`
 	// From, when not negative, asks instead for the complete lines from
 	// that byte offset (the Next of a previous reply). An offset past the
-	// end (the log was replaced) starts again from the beginning.
+	// end means the log was rotated since: the answer is the rest of the
+	// rotated log (NAME.log.1) from that offset, with Next 0, so that the
+	// next call reads the new log from its beginning.
 	From int64 `json:"from"`
 }
 
@@ -44,6 +46,8 @@ type LogsReply struct {
 	Next int64 `json:"next"`
 	// Modified is when the log was last written.
 	Modified time.Time `json:"modified"`
+
+	size int64 // the log's size when read
 }
 
 // errNoLog is returned for a function that has no log on this node.
@@ -61,6 +65,16 @@ func (f *fnRegistry) logs(req LogsRequest) (LogsReply, error) {
 	if !ok {
 		return LogsReply{}, fmt.Errorf("%s: %w", req.Name, errNoLog)
 	}
+	if req.From >= 0 {
+		if st, err := os.Stat(path); err == nil && req.From > st.Size() {
+			// Rotated since the last call: the rest of the old log now,
+			// the new one from its beginning at the next call.
+			if old, err := readLog(path+".1", 0, req.From); err == nil && old.size >= req.From {
+				old.Next = 0
+				return old, nil
+			}
+		}
+	}
 	return readLog(path, req.Tail, req.From)
 }
 
@@ -77,7 +91,7 @@ func readLog(path string, tail int, from int64) (LogsReply, error) {
 		return LogsReply{}, err
 	}
 	size := st.Size()
-	rep := LogsReply{Lines: []string{}, Modified: st.ModTime()}
+	rep := LogsReply{Lines: []string{}, Modified: st.ModTime(), size: size}
 	start, end := from, size
 	if from < 0 {
 		start = max(0, size-MaxLogRead)

@@ -77,3 +77,42 @@ func TestReadLog(t *testing.T) {
 		t.Error("no error for a missing log")
 	}
 }
+
+// TestLogsFollowRotation: a follow whose offset is past the end of the
+// log gets the rest of the rotated log first, then the new log from its
+// beginning; lines written to the old log after the last call are not lost.
+func TestLogsFollowRotation(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.log")
+	f := &fnRegistry{fns: map[string]*fnRec{"x": {logPath: path}}}
+	appendTo := func(p, s string) {
+		fl, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer fl.Close()
+		if _, err := fl.WriteString(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	appendTo(path, "a\nb\n")
+	rep, err := f.logs(LogsRequest{Name: "x", From: -1})
+	if err != nil || rep.Next != 4 {
+		t.Fatalf("tail: %+v %v", rep, err)
+	}
+	appendTo(path, "c\n") // written after the last call, then rotated
+	if err := os.Rename(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+	appendTo(path, "d\n")
+	rep, err = f.logs(LogsRequest{Name: "x", From: rep.Next})
+	if err != nil || !slices.Equal(rep.Lines, []string{"c"}) || rep.Next != 0 {
+		t.Fatalf("after the rotation: %q next %d %v, want [c] next 0", rep.Lines, rep.Next, err)
+	}
+	rep, err = f.logs(LogsRequest{Name: "x", From: rep.Next})
+	if err != nil || !slices.Equal(rep.Lines, []string{"d"}) || rep.Next != 2 {
+		t.Fatalf("the new log: %q next %d %v, want [d] next 2", rep.Lines, rep.Next, err)
+	}
+	if _, err := f.logs(LogsRequest{Name: "nope", From: -1}); err == nil {
+		t.Error("no error for a function without a log here")
+	}
+}
