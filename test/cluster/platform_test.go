@@ -661,7 +661,7 @@ func TestPlatform(t *testing.T) {
 		}
 
 		// A follow streams lines written after it began.
-		cmd := p.gw.Command("curl", "-sS", "-N", "--max-time", "5", "-H", "Authorization: Bearer "+platformToken,
+		cmd := p.gw.Command("curl", "-sS", "-N", "--max-time", "8", "-H", "Authorization: Bearer "+platformToken,
 			p.url+"/system/logs?name=logger&tail=1&follow=true")
 		var out strings.Builder
 		cmd.Stdout = &out
