@@ -35,7 +35,7 @@ func TestThreadsJVM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := runTimeout(2*time.Minute, dir, javacExe, "-d", dir, src); err != nil {
+	if out, err := runTimeout(2*time.Minute, dir, javacExe, "-J-XX:-UsePerfData", "-d", dir, src); err != nil {
 		t.Fatalf("javac: %v\n%s", err, out)
 	}
 	// No hsperfdata: a shared file mapping in /tmp that children would
