@@ -226,6 +226,20 @@ func TestWorkflowFINRA(t *testing.T) {
 		if out, err := cli("ls"); err != nil || !strings.Contains(out, run.ID) || !strings.Contains(out, "reduce-counts=") || !strings.Contains(out, "@") {
 			t.Errorf("workflow ls: %v\n%s", err, out)
 		}
+		// A definition that sets the step runtime's own variables is
+		// refused, by validate and by run alike.
+		bad := filepath.Join(p.dir, "bad-wordcount.json")
+		if err := os.WriteFile(bad, []byte(`{"name":"wordcount","dir":"`+filepath.Dir(wcPath)+`","env":{"MITOSIS_WF_DIR":"/tmp"},"steps":[{"name":"load-corpus"}]}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, verb := range []string{"validate", "run"} {
+			if out, err := cli(verb, bad); err == nil || !strings.Contains(out, "MITOSIS_ prefix") {
+				t.Errorf("workflow %s of a definition setting MITOSIS_WF_DIR: %v\n%s", verb, err, out)
+			}
+		}
+		if out, err := cli("validate", wcPath); err != nil || !strings.Contains(out, "workflow wordcount: 4 steps") {
+			t.Errorf("workflow validate: %v\n%s", err, out)
+		}
 		// A bad input is refused before anything runs.
 		if out, err := cli("run", wcPath, "--input", "{nope"); err == nil || !strings.Contains(out, "is not JSON") {
 			t.Errorf("run with a bad input: %v\n%s", err, out)
