@@ -192,32 +192,17 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 	body, _ := json.Marshal(node.StageRemoveRequest{Function: req.FunctionName, Seed: req.Seed})
 	ctx, cancel := context.WithTimeout(r.Context(), removeTimeout)
 	defer cancel()
-	var mu sync.Mutex
 	var ownerErr error
 	found := false
-	var wg sync.WaitGroup
-	for _, n := range g.view.Nodes() {
-		if n.Name == owner {
-			found = true
+	for _, a := range g.callNodes(ctx, g.view.Nodes(), node.CallFnStageRemove, removeTimeout, func(directory.NodeInfo) []byte { return body }) {
+		found = found || a.node == owner
+		if a.err != nil {
+			g.log.Warn("remove stage seed", "node", a.node, "function", req.FunctionName, "seed", req.Seed, "err", a.err)
+			if a.node == owner {
+				ownerErr = a.err
+			}
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
-			if err == nil {
-				_, err = cl.Call(ctx, node.CallFnStageRemove, body, removeTimeout)
-			}
-			if err != nil {
-				g.log.Warn("remove stage seed", "node", n.Name, "function", req.FunctionName, "seed", req.Seed, "err", err)
-				if n.Name == owner {
-					mu.Lock()
-					ownerErr = err
-					mu.Unlock()
-				}
-			}
-		}()
 	}
-	wg.Wait()
 	if found && ownerErr == nil {
 		g.sched.dropStages(owner, req.FunctionName, req.Seed)
 	}
@@ -231,41 +216,61 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// nodeFunctions asks every live node for its functions (bounded).
-func (g *Gateway) nodeFunctions(ctx context.Context, op string) map[string][]node.FunctionInfo {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	var mu sync.Mutex
-	out := map[string][]node.FunctionInfo{}
+// nodeAnswer is one node's answer to a control call made on many nodes.
+type nodeAnswer struct {
+	node string
+	body []byte
+	err  error
+}
+
+// callNodes makes control call op on every node of ns at once, with the
+// request body(n) (body nil: none), within ctx and timeout, and returns the
+// answers in the order of ns.
+func (g *Gateway) callNodes(ctx context.Context, ns []directory.NodeInfo, op string, timeout time.Duration, body func(directory.NodeInfo) []byte) []nodeAnswer {
+	out := make([]nodeAnswer, len(ns))
 	var wg sync.WaitGroup
-	for _, n := range g.view.Nodes() {
+	for i, n := range ns {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			out[i].node = n.Name
 			cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
-			if err != nil {
-				return
-			}
-			b, err := cl.Call(ctx, op, nil, 2*time.Second)
-			if err != nil {
-				return
-			}
-			var fns []node.FunctionInfo
-			if op == node.CallNodeStats {
-				var st node.NodeStats
-				if json.Unmarshal(b, &st) != nil {
-					return
+			if err == nil {
+				var b []byte
+				if body != nil {
+					b = body(n)
 				}
-				fns = st.Functions
-			} else if json.Unmarshal(b, &fns) != nil {
-				return
+				out[i].body, err = cl.Call(ctx, op, b, timeout)
 			}
-			mu.Lock()
-			out[n.Name] = fns
-			mu.Unlock()
+			out[i].err = err
 		}()
 	}
 	wg.Wait()
+	return out
+}
+
+// nodeFunctions asks every live node for its functions (bounded); a node
+// that does not answer is left out.
+func (g *Gateway) nodeFunctions(ctx context.Context, op string) map[string][]node.FunctionInfo {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	out := map[string][]node.FunctionInfo{}
+	for _, a := range g.callNodes(ctx, g.view.Nodes(), op, 2*time.Second, nil) {
+		if a.err != nil {
+			continue
+		}
+		var fns []node.FunctionInfo
+		if op == node.CallNodeStats {
+			var st node.NodeStats
+			if json.Unmarshal(a.body, &st) != nil {
+				continue
+			}
+			fns = st.Functions
+		} else if json.Unmarshal(a.body, &fns) != nil {
+			continue
+		}
+		out[a.node] = fns
+	}
 	return out
 }
 

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"sort"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/mitosis-fork/mitosis/directory"
@@ -157,54 +156,29 @@ type nodeLog struct {
 func (g *Gateway) readLogs(ctx context.Context, ns []directory.NodeInfo, req node.LogsRequest, from map[string]int64) []nodeLog {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	out := make([]*nodeLog, len(ns))
-	var wg sync.WaitGroup
-	for i, n := range ns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r := req
-			if from != nil {
-				off, ok := from[n.Name]
-				if !ok {
-					off, r.Tail = -1, 1 // its end: the reply's Next
-				}
-				r.From = off
+	bodies, atEnd := map[string][]byte{}, map[string]bool{}
+	for _, n := range ns {
+		r := req
+		if from != nil {
+			off, ok := from[n.Name]
+			if !ok {
+				// Its end, the reply's Next: one line, dropped.
+				off, r.Tail, atEnd[n.Name] = -1, 1, true
 			}
-			rep, err := g.nodeLog(ctx, n, r)
-			if err != nil {
-				return
-			}
-			if from != nil && r.From < 0 {
-				rep.Lines = nil
-			}
-			out[i] = &nodeLog{LogsReply: rep, node: n.Name}
-		}()
-	}
-	wg.Wait()
-	var got []nodeLog
-	for _, l := range out {
-		if l != nil {
-			got = append(got, *l)
+			r.From = off
 		}
+		bodies[n.Name], _ = json.Marshal(r)
+	}
+	var got []nodeLog
+	for _, a := range g.callNodes(ctx, ns, node.CallFnLogs, 5*time.Second, func(n directory.NodeInfo) []byte { return bodies[n.Name] }) {
+		var rep node.LogsReply
+		if a.err != nil || json.Unmarshal(a.body, &rep) != nil {
+			continue
+		}
+		if atEnd[a.node] {
+			rep.Lines = nil
+		}
+		got = append(got, nodeLog{LogsReply: rep, node: a.node})
 	}
 	return got
-}
-
-// nodeLog runs one CallFnLogs on node n.
-func (g *Gateway) nodeLog(ctx context.Context, n directory.NodeInfo, req node.LogsRequest) (node.LogsReply, error) {
-	cl, err := g.peers.client(ctx, n.Name, n.PeerAddr)
-	if err != nil {
-		return node.LogsReply{}, err
-	}
-	body, _ := json.Marshal(req)
-	b, err := cl.Call(ctx, node.CallFnLogs, body, 5*time.Second)
-	if err != nil {
-		return node.LogsReply{}, err
-	}
-	var rep node.LogsReply
-	if err := json.Unmarshal(b, &rep); err != nil {
-		return node.LogsReply{}, fmt.Errorf("node %s: logs reply: %w", n.Name, err)
-	}
-	return rep, nil
 }

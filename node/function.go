@@ -778,10 +778,10 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 		return transport.InvokeResponse{}, fmt.Errorf("invoke %s: encode request: %w", fn.spec.Name, err)
 	}
 	logf, releaseLog := fn.log.acquire()
-	defer releaseLog()
 	inv := &invocation{payload: payload, log: logf}
 	start := time.Now()
 	k, err := d.forkOne(ctx, s, client.Request{Op: client.OpFork, Seed: s.id, Prefetch: true}, [3]*os.File{}, false, inv)
+	releaseLog() // the child has its own descriptor of the log
 	if err != nil {
 		return transport.InvokeResponse{}, fmt.Errorf("invoke %s: %w", fn.spec.Name, err)
 	}
