@@ -73,10 +73,14 @@ type Instance struct {
 
 // StepResult is one step of a run.
 type StepResult struct {
-	Name      string     `json:"name"`
-	AtMS      float64    `json:"at_ms"` // when it started (its first request), after the run's start
-	MS        float64    `json:"ms"`    // wall time of the step (all its instances)
-	InInit    bool       `json:"in_init,omitempty"`
+	Name   string  `json:"name"`
+	AtMS   float64 `json:"at_ms"` // when it started (its first request), after the run's start
+	MS     float64 `json:"ms"`    // wall time of the step (all its instances)
+	InInit bool    `json:"in_init,omitempty"`
+	// Kept: the step's result stayed where downstream steps take it in
+	// place (fork: its instance became a stage seed) or went to storage,
+	// instead of coming back as JSON (Spec.Kept).
+	Kept      bool       `json:"kept,omitempty"`
 	Instances []Instance `json:"instances,omitempty"`
 	Nodes     []string   `json:"nodes,omitempty"`
 	Error     string     `json:"error,omitempty"`
@@ -153,7 +157,7 @@ func (rn *Runner) Run(ctx context.Context, spec *Spec, input json.RawMessage, tr
 	var idb [4]byte
 	_, _ = rand.Read(idb[:])
 	run := &Run{ID: spec.Name + "-" + hex.EncodeToString(idb[:]), Workflow: spec.Name, Transfer: transfer, Started: time.Now().UTC()}
-	x := &execution{rn: rn, spec: spec, run: run, results: map[string]json.RawMessage{}, keys: map[string]string{}}
+	x := &execution{rn: rn, spec: spec, run: run, results: map[string]json.RawMessage{}, keys: map[string]string{}, seedOf: map[string]string{}}
 	if transfer == TransferStorage {
 		x.rdb = redis.NewClient(&redis.Options{Network: "unix", Addr: rn.RedisSocket})
 		defer x.rdb.Close()
@@ -178,12 +182,14 @@ type execution struct {
 	spec    *Spec
 	run     *Run
 	fn      string // the workflow's function, or the run's own
-	stage   string // NODE/SEED of the run's stage seed (fork)
+	stage   string // NODE/SEED of the run's stage seed (fork; "" is fn's own seed)
 	runFn   bool   // fn is the run's own function, removed with it
 	rdb     *redis.Client
 	mu      sync.Mutex
 	results map[string]json.RawMessage // non-source step -> result
-	keys    map[string]string          // source step -> storage key
+	keys    map[string]string          // kept step -> storage key (storage)
+	seedOf  map[string]string          // kept non-source step -> the stage seed its instance became (fork)
+	seeds   []string                   // the run's stage seeds, in the order they were made
 }
 
 // FunctionName is the gateway function of a workflow: its step runtime,
@@ -366,7 +372,8 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			init = append(init, initStep{Name: st.Name, Call: st.Call})
 		}
 		t := time.Now()
-		in, out, seed, err := x.invokeAs(ctx, map[string]any{"init": init, "input": input}, true)
+		in, out, seed, err := x.invokeAs(ctx, map[string]any{"init": init, "input": input}, "", true)
+		x.addSeed(seed)
 		if err != nil {
 			run.Steps = append(run.Steps, StepResult{Name: strings.Join(names(sources), ","), InInit: true, AtMS: x.at(t), MS: ms(time.Since(t)),
 				Instances: []Instance{in}, Error: err.Error()})
@@ -395,7 +402,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			go func() {
 				defer wg.Done()
 				t := time.Now()
-				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key})
+				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key}, "")
 				res[i] = StepResult{Name: st.Name, AtMS: x.at(t), MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
 				errs[i] = err
 			}()
@@ -425,7 +432,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 	if sinks := spec.sinks(); len(sinks) == 1 {
 		if v, ok := x.results[sinks[0]]; ok {
 			last = v
-		} else if v, err := x.sourceResult(ctx, sinks[0]); err == nil {
+		} else if v, err := x.resultOf(ctx, sinks[0], x.stage); err == nil {
 			last = v
 		}
 	}
@@ -437,21 +444,35 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 func (x *execution) at(t time.Time) float64 { return ms(t.Sub(x.run.Started)) }
 
 // step runs one non-source step: one instance, or one per element of its
-// Map step's list, all at once.
+// Map step's list, all at once. Its instances fork from the seed that
+// holds its upstream steps' state (fork): its single-instance non-source
+// upstream's stage seed if it has one, else the run's seed. A kept step
+// (Spec.Kept) keeps its result: under fork its instance is kept as a stage
+// seed, under storage the result is pickled into Redis.
 func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	t0 := time.Now()
 	res := StepResult{Name: st.Name, AtMS: x.at(t0)}
-	base := map[string]any{"call": st.Call}
+	base := map[string]any{"call": st.Call, "name": st.Name}
 	var after []string
 	load := map[string]string{}
+	from := x.stage
+	parent := x.spec.Parent(st.Name)
 	for _, a := range st.After {
-		if up := x.stepByName(a); len(up.After) == 0 {
+		switch up := x.stepByName(a); {
+		case len(up.After) == 0:
 			after = append(after, a)
-			if k, ok := x.keys[a]; ok {
-				load[a] = k
-			}
-		} else {
+		case a != parent: // a fan-out
 			base["inputs"] = x.results[a]
+		}
+		if k, ok := x.keys[a]; ok {
+			load[a] = k
+		}
+	}
+	if parent != "" {
+		// Last, where a fan-in's inputs go: the one non-source upstream.
+		after = append(after, parent)
+		if seed, ok := x.seedOf[parent]; ok {
+			from = seed
 		}
 	}
 	base["after"] = after
@@ -460,12 +481,23 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	}
 	var items []json.RawMessage
 	if st.Map != "" {
-		v, err := x.sourceResult(ctx, st.Map)
+		v, err := x.resultOf(ctx, st.Map, from)
 		if err != nil {
 			return res, fmt.Errorf("read the list of %s to map over: %w", st.Map, err)
 		}
 		if err := json.Unmarshal(v, &items); err != nil {
 			return res, fmt.Errorf("step %s maps over %s, whose result is not a JSON list: %s", st.Name, st.Map, abbrev(v))
+		}
+	}
+	keep := x.spec.Kept(st.Name)
+	key := ""
+	if keep {
+		res.Kept = true
+		if x.run.Transfer == TransferStorage {
+			key = "mitosis:wf:" + x.run.ID + ":" + st.Name
+			base["store"] = key
+		} else {
+			base["keep"] = true
 		}
 	}
 	n := 1
@@ -487,7 +519,18 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ins[i], outs[i], errs[i] = x.invoke(ctx, req)
+			if keep && key == "" {
+				var seed string
+				ins[i], outs[i], seed, errs[i] = x.invokeAs(ctx, req, from, true)
+				x.addSeed(seed)
+				if errs[i] == nil {
+					x.mu.Lock()
+					x.seedOf[st.Name] = seed
+					x.mu.Unlock()
+				}
+				return
+			}
+			ins[i], outs[i], errs[i] = x.invoke(ctx, req, from)
 		}()
 	}
 	wg.Wait()
@@ -512,18 +555,31 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	}
 	x.mu.Lock()
 	x.results[st.Name] = out
+	if key != "" {
+		x.keys[st.Name] = key
+	}
 	x.mu.Unlock()
 	return res, nil
 }
 
-// sourceResult reads a source step's result as JSON (through a child:
-// in place under fork, from storage otherwise).
-func (x *execution) sourceResult(ctx context.Context, name string) (json.RawMessage, error) {
+// addSeed records a stage seed the run made (none for ""), for cleanup.
+func (x *execution) addSeed(seed string) {
+	if seed == "" {
+		return
+	}
+	x.mu.Lock()
+	x.seeds = append(x.seeds, seed)
+	x.mu.Unlock()
+}
+
+// resultOf reads a kept step's result as JSON, through a child of seed
+// (fork: in place; a seed that holds the step's state) or from storage.
+func (x *execution) resultOf(ctx context.Context, name, seed string) (json.RawMessage, error) {
 	req := map[string]any{"result_of": name}
 	if k, ok := x.keys[name]; ok {
 		req["load"] = map[string]string{name: k}
 	}
-	_, out, err := x.invoke(ctx, req)
+	_, out, err := x.invoke(ctx, req, seed)
 	return out, err
 }
 
@@ -551,16 +607,17 @@ type reply struct {
 	} `json:"t"`
 }
 
-// invoke runs one step instance through the gateway (under fork, a child
-// of the run's stage seed).
-func (x *execution) invoke(ctx context.Context, req map[string]any) (Instance, json.RawMessage, error) {
-	in, out, _, err := x.invokeAs(ctx, req, false)
+// invoke runs one step instance through the gateway: a child of the
+// stage seed from (NODE/SEED), or of the function's own seed if from is "".
+func (x *execution) invoke(ctx context.Context, req map[string]any, from string) (Instance, json.RawMessage, error) {
+	in, out, _, err := x.invokeAs(ctx, req, from, false)
 	return in, out, err
 }
 
-// invokeAs runs one step instance; with stage it is kept as a stage seed
-// once it answered, and its NODE/SEED is returned.
-func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool) (Instance, json.RawMessage, string, error) {
+// invokeAs runs one step instance, forked from from (see invoke); with
+// stage it is kept as a stage seed once it answered, and its NODE/SEED is
+// returned (also with an error, if the seed was made: it must be removed).
+func (x *execution) invokeAs(ctx context.Context, req map[string]any, from string, stage bool) (Instance, json.RawMessage, string, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
 		return Instance{}, nil, "", err
@@ -577,8 +634,8 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool
 			return Instance{}, nil, "", err
 		}
 		x.rn.auth(hreq)
-		if x.stage != "" {
-			hreq.Header.Set(gwapi.HeaderSeed, x.stage)
+		if from != "" {
+			hreq.Header.Set(gwapi.HeaderSeed, from)
 		}
 		if stage {
 			hreq.Header.Set(gwapi.HeaderStage, "true")
@@ -608,10 +665,13 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool
 	}
 	in := Instance{Node: resp.Header.Get("X-Mitosis-Node"), MS: ms(time.Since(t0)),
 		StartMS: hdrMS(resp.Header, "X-Mitosis-Start-Seconds"), RunMS: hdrMS(resp.Header, "X-Mitosis-Run-Seconds")}
-	if resp.StatusCode != http.StatusOK {
-		return in, nil, "", fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
-	}
 	seed := resp.Header.Get(gwapi.HeaderSeed)
+	if !stage {
+		seed = ""
+	}
+	if resp.StatusCode != http.StatusOK {
+		return in, nil, seed, fmt.Errorf("HTTP %d: %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	}
 	if stage && seed == "" {
 		return in, nil, "", fmt.Errorf("the gateway kept no stage seed of the instance (no %s header in its response)", gwapi.HeaderSeed)
 	}
@@ -624,28 +684,31 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, stage bool
 	return in, r.Result, seed, nil
 }
 
-// cleanup removes what the run made: its stage seed (the instance that ran
-// the sources, and every node's import of it) and its storage keys. The
+// cleanup removes what the run made: its stage seeds (the instances that
+// ran the sources and the kept steps, and every node's import of them),
+// its own function (Runner.SeedPerRun) and its storage keys. The
 // workflow's function stays deployed for the next run (Runner.Remove).
 func (x *execution) cleanup() error {
 	var errs []error
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	// Newest first: a stage seed made of a child of another pages from
+	// it until it is removed.
+	for i := len(x.seeds) - 1; i >= 0; i-- {
+		b, _ := json.Marshal(gwapi.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.seeds[i]})
+		code, body, err := x.rn.do(ctx, "DELETE", "/system/stage-seeds", b)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("remove stage seed %s: %w", x.seeds[i], err))
+		} else if code != http.StatusAccepted {
+			errs = append(errs, fmt.Errorf("remove stage seed %s: HTTP %d: %s", x.seeds[i], code, strings.TrimSpace(string(body))))
+		}
+	}
 	if x.runFn {
 		if err := x.rn.deleteFunction(ctx, x.fn); err != nil {
 			errs = append(errs, err)
 		}
 		if err := os.RemoveAll(x.rn.functionDir(x.spec) + "-" + x.run.ID); err != nil {
 			errs = append(errs, err)
-		}
-	}
-	if x.stage != "" {
-		b, _ := json.Marshal(gwapi.DeleteStageSeedRequest{FunctionName: x.fn, Seed: x.stage})
-		code, body, err := x.rn.do(ctx, "DELETE", "/system/stage-seeds", b)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("remove stage seed %s: %w", x.stage, err))
-		} else if code != http.StatusAccepted {
-			errs = append(errs, fmt.Errorf("remove stage seed %s: HTTP %d: %s", x.stage, code, strings.TrimSpace(string(body))))
 		}
 	}
 	if x.rdb != nil {

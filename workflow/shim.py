@@ -10,8 +10,9 @@ handle(req) serves one request) with the environment
 
 so its seed holds the imported module. A request is one step instance, JSON:
 
-    {"call": F, "item": X?, "after": [UPSTREAM...], "inputs": [...]?,
-     "load": {UPSTREAM: KEY}?, "store": KEY?, "source": true?, "input": I?}
+    {"call": F, "name": STEP?, "item": X?, "after": [UPSTREAM...],
+     "inputs": [...]?, "load": {UPSTREAM: KEY}?, "store": KEY?,
+     "keep": true?, "source": true?, "input": I?}
 
 or {"result_of": STEP, "load": {...}?}, which returns that step's result,
 or (the fork transfer) {"init": [{"name": N, "call": F}...], "input": I},
@@ -24,8 +25,11 @@ Arguments, in order: the workflow input (source steps), the map item (a
 fan-out step), each upstream's result (taken in place from this process
 under fork, or GET + unpickled from Redis under storage), then "inputs" (a
 fan-in step's list of its upstream instances' results). With "store" the
-result is pickled and SET under KEY instead of returned. The reply is JSON:
-{"result": R} or {"stored": KEY, "bytes": N}, with "t": timings in ms.
+result is pickled and SET under KEY instead of returned; with "keep" (the
+fork transfer) it stays in this process as STEP's result, for the runner
+asks the gateway to keep this instance as a stage seed that the step's
+downstream instances fork from. The reply is JSON: {"result": R},
+{"stored": KEY, "bytes": N} or {"kept": STEP}, with "t": timings in ms.
 """
 
 import importlib
@@ -37,7 +41,7 @@ import time
 
 sys.path.insert(0, os.environ["MITOSIS_WF_DIR"])
 _wf = importlib.import_module(os.environ.get("MITOSIS_WF_MODULE") or "workflow")
-_STATE = {}  # step name -> result, for the source steps of a stage (fork transfer)
+_STATE = {}  # step name -> result: source and kept steps of this process's ancestry (fork transfer)
 
 # Runner.SeedPerRun: a function of the run's own runs the sources here, in
 # its initialization; its seed is the run's.
@@ -104,6 +108,9 @@ def handle(req):
     t0 = time.perf_counter()
     out = getattr(_wf, r["call"])(*args)
     t["run_ms"] = _ms(t0)
+    if r.get("keep"):
+        _STATE[r["name"]] = out
+        return json.dumps({"kept": r["name"], "t": t})
     key = r.get("store")
     if key:
         t0 = time.perf_counter()

@@ -10,17 +10,24 @@
 // runtime started for the run, prepared as the run's seed); every later
 // step instance is a child forked from that seed on
 // whichever node the gateway picks: it reads the upstream results as the
-// Python objects they are, in place, paging in only what it touches. Under
-// TransferStorage (the baseline platforms use today) every step instance
-// is a child of the function's seed: source steps pickle their results into
-// Redis and downstream steps GET and unpickle them.
+// Python objects they are, in place, paging in only what it touches. A
+// later single-instance step whose result other steps need (Spec.Kept)
+// is kept the same way: its instance becomes a stage seed once it
+// answers, and its downstream steps fork from it, so they see its result
+// and everything it inherited, in place, and a pipeline passes any Python
+// object (a numpy array, a DataFrame) from step to step without
+// serializing it. Under TransferStorage (the baseline platforms use
+// today) every step instance is a child of the function's seed: every
+// kept result is pickled into Redis and downstream steps GET and unpickle
+// it.
 //
 // A later step takes, in order: the map item (a fan-out step, one instance
 // per element of its Map step's list result), every source upstream's
-// result, and the result of its one non-source upstream if it has one (a
-// list, one element per instance, when that upstream fanned out). Those
-// non-source results travel as JSON in the request under both transfers:
-// they are the small verdicts and counts of the fan-in, not the state.
+// result, and the result of its one non-source upstream if it has one.
+// A single-instance upstream's result is kept (above); a fan-out
+// upstream's results arrive as a JSON list in the request, one element
+// per instance, under both transfers: they are the small verdicts and
+// counts of a fan-in, not the state.
 package workflow
 
 import (
@@ -29,6 +36,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 )
 
@@ -209,8 +217,10 @@ func (s *Spec) validateGraph() error {
 				return fmt.Errorf("workflow %s: step %s maps over %s but has no upstream: a source step cannot fan out", s.Name, st.Name, st.Map)
 			case m == nil:
 				return fmt.Errorf("workflow %s: step %s maps over %q, which is not a step", s.Name, st.Name, st.Map)
-			case len(m.After) > 0:
-				return fmt.Errorf("workflow %s: step %s maps over %s, which is not a source step", s.Name, st.Name, st.Map)
+			case m.Map != "":
+				return fmt.Errorf("workflow %s: step %s maps over %s, which is itself a fan-out: map over a source step or a single-instance upstream step", s.Name, st.Name, st.Map)
+			case len(m.After) > 0 && !slices.Contains(st.After, st.Map):
+				return fmt.Errorf("workflow %s: step %s maps over %s, which is neither a source step nor one of its upstream steps (add it to \"after\")", s.Name, st.Name, st.Map)
 			}
 		}
 	}
@@ -260,6 +270,46 @@ func (s *Spec) order() ([]*Step, error) {
 		}
 	}
 	return out, nil
+}
+
+// Kept reports whether step name's result is kept for downstream steps
+// instead of returned as JSON: it is a single-instance (not "map") step
+// other steps run after or map over. Under fork its instance is kept as a
+// stage seed that those steps fork from; under storage the result is
+// pickled into the store. Source steps are always kept (in the run's
+// seed, or in storage).
+func (s *Spec) Kept(name string) bool {
+	var st *Step
+	used := false
+	for i := range s.Steps {
+		if s.Steps[i].Name == name {
+			st = &s.Steps[i]
+		}
+		if s.Steps[i].Map == name || slices.Contains(s.Steps[i].After, name) {
+			used = true
+		}
+	}
+	return st != nil && st.Map == "" && (used || len(st.After) == 0)
+}
+
+// Parent returns the step whose kept instance step name's instances fork
+// from under the fork transfer (its single-instance non-source upstream),
+// or "" for the run's seed (which holds every source step's result).
+func (s *Spec) Parent(name string) string {
+	byName := map[string]*Step{}
+	for i := range s.Steps {
+		byName[s.Steps[i].Name] = &s.Steps[i]
+	}
+	st := byName[name]
+	if st == nil {
+		return ""
+	}
+	for _, a := range st.After {
+		if up := byName[a]; up != nil && len(up.After) > 0 && up.Map == "" {
+			return a
+		}
+	}
+	return ""
 }
 
 // sinks returns the steps no other step runs after.

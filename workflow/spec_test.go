@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -21,7 +22,8 @@ func TestParseSpecErrors(t *testing.T) {
 		{"cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`, "cycle a -> b -> a"},
 		{"pure cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["b"]},{"name":"b","after":["a"]}]}`, "cycle"},
 		{"two non-sources", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},{"name":"c","after":["a","b"]}]}`, "at most one"},
-		{"map a non-source", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"],"map":"a"}]}`, "not a source step"},
+		{"map a non-source", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"],"map":"a"}]}`, "neither a source step nor one of its upstream steps"},
+		{"map a fan-out", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"],"map":"s"},{"name":"b","after":["a"],"map":"a"}]}`, "itself a fan-out"},
 		{"source map", `{"name":"w","steps":[{"name":"s"},{"name":"a","map":"s"}]}`, "cannot fan out"},
 		{"private call", `{"name":"w","steps":[{"name":"a","call":"_x"}]}`, "public Python function"},
 		{"transfer", `{"name":"w","transfer":"pickle","steps":[{"name":"a"}]}`, "unknown transfer"},
@@ -70,6 +72,42 @@ func TestSpecOrderAndDefaults(t *testing.T) {
 	}
 }
 
+func TestSpecKept(t *testing.T) {
+	s, err := ParseSpec([]byte(`{"name":"p","steps":[
+		{"name":"model"},{"name":"samples"},{"name":"shards"},{"name":"unused"},
+		{"name":"prep","after":["samples"]},
+		{"name":"project","after":["model","prep"]},
+		{"name":"batches","after":["project"]},
+		{"name":"infer","after":["model","batches"],"map":"batches"},
+		{"name":"tally","after":["infer"]}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		step string
+		kept bool
+	}{
+		{"model", true}, {"unused", true}, // sources live in the run's seed
+		{"prep", true}, {"project", true}, // single instances others run after
+		{"batches", true}, // mapped over (and run after)
+		{"infer", false},  // a fan-out: its results are the fan-in's JSON inputs
+		{"tally", false},  // the sink returns its result
+		{"nope", false},
+	} {
+		if got := s.Kept(tt.step); got != tt.kept {
+			t.Errorf("Kept(%s) = %v, want %v", tt.step, got, tt.kept)
+		}
+	}
+	// The instance each step forks from: its single-instance non-source
+	// upstream's, else the run's seed ("").
+	for step, want := range map[string]string{"prep": "", "project": "prep", "batches": "project",
+		"infer": "batches", "tally": "", "model": "", "nope": ""} {
+		if got := s.Parent(step); got != want {
+			t.Errorf("Parent(%s) = %q, want %q", step, got, want)
+		}
+	}
+}
+
 func TestReadSpecRelativeDir(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte("def a(x):\n    return x\n"), 0o644); err != nil {
@@ -111,6 +149,7 @@ func FuzzParseSpec(f *testing.F) {
 		`{"name":"w","env":{"A":"b"},"memory":"2Gi","transfer":"storage","steps":[{"name":"a"},{"name":"b","after":["a"],"call":"go"}]}`,
 		`{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`,
 		`{"name":"w","steps":[]}`, `[]`, `{`,
+		`{"name":"p","steps":[{"name":"m"},{"name":"s"},{"name":"pre","after":["s"]},{"name":"b","after":["m","pre"]},{"name":"i","after":["b"],"map":"b"},{"name":"t","after":["i"]}]}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -142,8 +181,23 @@ func FuzzParseSpec(f *testing.F) {
 					t.Fatalf("step %s ordered before its upstream %s", st.Name, a)
 				}
 			}
-			if st.Map != "" && len(s.Steps[indexOf(s, st.Map)].After) != 0 {
-				t.Fatalf("step %s maps over non-source %s", st.Name, st.Map)
+			// What the runner relies on: a step maps over a source or
+			// over the upstream it forks from, whose result is kept; it
+			// forks from a kept single-instance upstream or the run's seed.
+			parent := s.Parent(st.Name)
+			if st.Map != "" {
+				if m := s.Steps[indexOf(s, st.Map)]; len(m.After) != 0 && st.Map != parent {
+					t.Fatalf("step %s maps over %s, neither a source nor the step it forks from (%q)", st.Name, st.Map, parent)
+				}
+				if !s.Kept(st.Map) {
+					t.Fatalf("step %s maps over %s, whose result is not kept", st.Name, st.Map)
+				}
+			}
+			if parent != "" {
+				up := s.Steps[indexOf(s, parent)]
+				if !slices.Contains(st.After, parent) || up.Map != "" || len(up.After) == 0 || !s.Kept(parent) {
+					t.Fatalf("step %s forks from %s: %+v", st.Name, parent, up)
+				}
 			}
 		}
 		again, err := json.Marshal(s)

@@ -118,50 +118,20 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			return nil, fmt.Errorf("fork seed %q: want stage or per-run", fs)
 		}
 	}
-	dir, err := os.MkdirTemp("", "mitosis-wfbench-")
+	c, err := startWorkflowCluster(wc.Spec, Config{Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem, HugePageCache: wc.HugePage})
+	if c != nil {
+		defer c.close()
+	}
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(dir)
-	cfg := Config{Dir: dir, Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem, HugePageCache: wc.HugePage}
-	cfg.defaults()
-	e, err := setup(cfg)
-	if e != nil {
-		defer e.close()
-	}
-	if err != nil {
-		return nil, fmt.Errorf("platform setup: %w", err)
-	}
-	sock := filepath.Join(dir, "redis.sock")
-	redis := exec.Command("redis-server", "--port", "0", "--unixsocket", sock, "--unixsocketperm", "777",
-		"--save", "", "--appendonly", "no", "--dir", dir, "--proto-max-bulk-len", "2gb")
-	if err := redis.Start(); err != nil {
-		return nil, fmt.Errorf("redis-server: %w", err)
-	}
-	defer func() { _ = redis.Process.Kill(); _, _ = redis.Process.Wait() }()
-	for i := 0; i < 200; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	spec, err := workflow.ReadSpec(wc.Spec)
-	if err != nil {
-		return nil, err
-	}
-	spec.Memory = "2Gi"
-	rn := &workflow.Runner{Gateway: e.gw.URL, Token: token, HTTP: e.http, RedisSocket: sock, WorkDir: dir, Timeout: 10 * time.Minute}
+	e, spec, rn := c.e, c.spec, c.rn
 	// The workflow is deployed once, as a platform user would; each run
 	// then forks its instances (and, under fork, its stage seed) from the
 	// function's seed.
 	if _, err := rn.Deploy(ctx, spec); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err := rn.Remove(context.Background(), spec); err != nil && wc.Log != nil {
-			fmt.Fprintln(wc.Log, "remove the workflow:", err)
-		}
-	}()
 	var cells []WorkflowCell
 	for _, n := range wc.Trades {
 		for _, m := range wc.Rules {
@@ -240,6 +210,70 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		}
 	}
 	return cells, nil
+}
+
+// workflowCluster is a workflow benchmark's platform: three node daemons
+// in network namespaces behind a gateway, a Redis server on a unix socket,
+// and a runner for one workflow definition (its step instances 2Gi).
+type workflowCluster struct {
+	e     *env
+	spec  *workflow.Spec
+	rn    *workflow.Runner
+	dir   string
+	redis *exec.Cmd
+}
+
+// startWorkflowCluster starts the cluster of cfg (its Dir is made here) for
+// the workflow defined at specPath. On error the returned cluster, if not
+// nil, must still be closed.
+func startWorkflowCluster(specPath string, cfg Config) (*workflowCluster, error) {
+	dir, err := os.MkdirTemp("", "mitosis-wfbench-")
+	if err != nil {
+		return nil, err
+	}
+	c := &workflowCluster{dir: dir}
+	cfg.Dir = dir
+	cfg.defaults()
+	if c.e, err = setup(cfg); err != nil {
+		return c, fmt.Errorf("platform setup: %w", err)
+	}
+	sock := filepath.Join(dir, "redis.sock")
+	c.redis = exec.Command("redis-server", "--port", "0", "--unixsocket", sock, "--unixsocketperm", "777",
+		"--save", "", "--appendonly", "no", "--dir", dir, "--proto-max-bulk-len", "2gb")
+	if err := c.redis.Start(); err != nil {
+		c.redis = nil
+		return c, fmt.Errorf("redis-server: %w", err)
+	}
+	for i := 0; i < 200; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	if c.spec, err = workflow.ReadSpec(specPath); err != nil {
+		return c, err
+	}
+	c.spec.Memory = "2Gi"
+	c.rn = &workflow.Runner{Gateway: c.e.gw.URL, Token: token, HTTP: c.e.http, RedisSocket: sock, WorkDir: dir, Timeout: 10 * time.Minute}
+	return c, nil
+}
+
+// close removes the workflow (if it was deployed) and stops everything
+// startWorkflowCluster started.
+func (c *workflowCluster) close() {
+	if c.rn != nil {
+		if err := c.rn.Remove(context.Background(), c.spec); err != nil {
+			c.e.logf("remove the workflow: %v", err)
+		}
+	}
+	if c.redis != nil {
+		_ = c.redis.Process.Kill()
+		_, _ = c.redis.Process.Wait()
+	}
+	if c.e != nil {
+		c.e.close()
+	}
+	os.RemoveAll(c.dir)
 }
 
 // runBound runs the workflow as one local process with os.fork()ed rule

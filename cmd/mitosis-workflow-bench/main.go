@@ -50,6 +50,9 @@ func main() {
 	flag.BoolVar(&wc.Bound, "bound", true, "also measure the bound of any fork-based transfer: the workflow in one local process whose rules are os.fork()ed children (examples/finra/local_fork.py)")
 	outDir := flag.String("out-dir", "", "write workflow.md, workflow.json, workflow.svg here")
 	runsOut := flag.String("runs-out", "", "write every run's record (steps and instances with their timings) to this file, one JSON object per line")
+	pipeline := flag.Bool("pipeline", false, "measure the ML inference pipeline instead (examples/pipeline: kept steps hand numpy matrices on; fork vs storage), for each of -samples")
+	samples := flag.String("samples", "250000,1000000", "with -pipeline: sample counts (32 float64 features each: 256 bytes)")
+	shards := flag.Int("shards", 8, "with -pipeline: inference instances")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: must run as root")
@@ -77,6 +80,9 @@ func main() {
 	wc.Command = strings.Join(append([]string{"go run ./cmd/mitosis-workflow-bench"}, os.Args[1:]...), " ")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *pipeline {
+		os.Exit(runPipeline(ctx, wc, *samples, *shards, *outDir))
+	}
 	cells, err := platform.RunWorkflows(ctx, wc)
 	md := platform.WorkflowMarkdown(wc, cells)
 	fmt.Print(md)
@@ -94,4 +100,36 @@ func main() {
 		stop()
 		os.Exit(1)
 	}
+}
+
+// runPipeline runs the -pipeline benchmark and returns the exit code.
+func runPipeline(ctx context.Context, wc platform.WorkflowConfig, samples string, shards int, outDir string) int {
+	pc := platform.PipelineConfig{Spec: "examples/pipeline/pipeline.json", Shards: shards, Runs: wc.Runs,
+		ForkSeeds: wc.ForkSeeds, Mitosis: wc.Mitosis, Log: wc.Log, Command: wc.Command,
+		NodeMem: wc.NodeMem, NodeConc: wc.NodeConc, RunsOut: wc.RunsOut}
+	if wc.Spec != "examples/finra/finra.json" {
+		pc.Spec = wc.Spec
+	}
+	var err error
+	if pc.Samples, err = ints(samples); err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: -samples", err)
+		return 2
+	}
+	cells, err := platform.RunPipelines(ctx, pc)
+	md := platform.PipelineMarkdown(pc, cells)
+	fmt.Print(md)
+	if outDir != "" && len(cells) > 0 {
+		b, _ := json.MarshalIndent(cells, "", "  ")
+		_ = os.MkdirAll(outDir, 0o755)
+		for name, data := range map[string][]byte{"pipeline.md": []byte(md), "pipeline.json": b} {
+			if werr := os.WriteFile(filepath.Join(outDir, name), data, 0o644); werr != nil {
+				fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", werr)
+			}
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
+		return 1
+	}
+	return 0
 }

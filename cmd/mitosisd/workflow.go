@@ -38,8 +38,9 @@ steps:
      {"name": "merge", "after": ["audit"]}]}
 
 Steps without "after" are sources and get the run's input; "map" runs a step
-once per element of a source step's list result, concurrently, over the
-cluster's nodes.
+once per element of a list result (a source's, or its single-instance
+upstream's), concurrently, over the cluster's nodes. A step takes the map
+item, its sources' results, then its one non-source upstream's result.
 
 The workflow is deployed once as the function wf-NAME (the step runtime with
 the module imported: its seed); run deploys it when it is missing or its
@@ -47,10 +48,15 @@ definition or module changed, and rm removes it. Under --transfer fork (the
 default) the run's sources run in one instance of wf-NAME, kept as the run's
 stage seed (or, with --seed-per-run, in the initialization of a runtime
 started for the run), and every later step is a child forked from that seed,
-on any node, that reads their results in place. Under --transfer storage each source pickles its
-result into Redis (--redis-socket) and each later step loads and unpickles
-it. The run's stage seed and keys are removed when it ends, also when a step
-fails (the step's error is the run's).`,
+on any node, that reads their results in place. A later single-instance step
+that others run after (a pipeline's preprocess) is kept the same way: its
+instance becomes a stage seed and its downstream steps fork from it, taking
+its result (a numpy array, a DataFrame: any Python object) in place. A
+fan-out's results reach its downstream step as a JSON list. Under --transfer
+storage each kept result is pickled into Redis (--redis-socket) and each
+later step loads and unpickles it. The run's stage seeds and keys are
+removed when it ends, also when a step fails (the step's error is the
+run's).`,
 	}
 	pf := wf.PersistentFlags()
 	pf.StringVar(&f.gateway, "gateway", "http://127.0.0.1:8080", "the gateway's URL")
@@ -118,8 +124,28 @@ fails (the step's error is the run's).`,
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "workflow %s: %d steps, module %s/%s.py, transfer %s\n", s.Name, len(s.Steps), s.Dir, s.Module, s.Transfer)
-			return nil
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "workflow %s: %d steps, module %s/%s.py, transfer %s\n", s.Name, len(s.Steps), s.Dir, s.Module, s.Transfer)
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "STEP\tCALL\tAFTER\tMAP OVER\tFORKS FROM (fork)\tRESULT")
+			for _, st := range s.Steps {
+				from, result := "-", "JSON"
+				if len(st.After) > 0 {
+					if from = s.Parent(st.Name); from == "" {
+						from = "the run's seed"
+					}
+				}
+				switch {
+				case len(st.After) == 0:
+					result = "in the run's seed (storage: Redis)"
+				case s.Kept(st.Name):
+					result = "kept: a stage seed (storage: Redis)"
+				case st.Map != "":
+					result = "JSON list, one per item"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Call, orDash(strings.Join(st.After, ",")), orDash(st.Map), from, result)
+			}
+			return tw.Flush()
 		},
 	}
 	ls := &cobra.Command{
@@ -234,8 +260,13 @@ func printRun(cmd *cobra.Command, r *workflow.Run) {
 	for _, s := range r.Steps {
 		n := len(s.Instances)
 		where := strings.Join(s.Nodes, ",")
-		if s.InInit {
+		switch {
+		case s.InInit:
 			n, where = 1, "(stage seed) "+where
+		case s.Kept && r.Transfer == workflow.TransferFork:
+			where = "(stage seed) " + where
+		case s.Kept:
+			where = "(stored) " + where
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%.1f\t%s\n", s.Name, n, where, s.AtMS, s.MS, s.TransferMS(), s.Error)
 	}
@@ -288,4 +319,11 @@ func loadRuns(dir string) ([]*workflow.Run, error) {
 	}
 	sort.Slice(runs, func(i, j int) bool { return runs[i].Started.After(runs[j].Started) })
 	return runs, nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

@@ -190,6 +190,132 @@ func TestWorkflowFINRA(t *testing.T) {
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// A chain of steps that hand numpy arrays on (no JSON could carry
+	// them): under fork preprocess and project are kept as stage seeds,
+	// project forked from preprocess's instance and every infer instance
+	// from project's; under storage each array goes through Redis.
+	t.Run("pipeline", func(t *testing.T) {
+		plPath := filepath.Join(repoRoot, "examples", "pipeline", "pipeline.json")
+		pl, err := workflow.ReadSpec(plPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const in = `{"samples": 60000, "features": 32, "shards": 6}`
+		want := reference(t, plPath, in)
+		for _, v := range []struct {
+			tr     workflow.Transfer
+			perRun bool
+		}{{workflow.TransferFork, false}, {workflow.TransferStorage, false}, {workflow.TransferFork, true}} {
+			rn.SeedPerRun = v.perRun
+			run, err := rn.Run(ctx, pl, json.RawMessage(in), v.tr)
+			rn.SeedPerRun = false
+			if err != nil {
+				t.Fatalf("%s (seed per run %v): %v", v.tr, v.perRun, err)
+			}
+			var got map[string]any
+			_ = json.Unmarshal(run.Result, &got)
+			if g, w := mustJSON(got), mustJSON(want); g != w {
+				t.Fatalf("%s: predictions differ from the reference:\n got %s\nwant %s", v.tr, g, w)
+			}
+			infer, _ := run.Step("infer")
+			if len(infer.Instances) != 6 || len(infer.Nodes) < 2 {
+				t.Errorf("%s: infer ran %d instances on %v; want 6 on more than one node", v.tr, len(infer.Instances), infer.Nodes)
+			}
+			for _, name := range []string{"preprocess", "project"} {
+				st, _ := run.Step(name)
+				if !st.Kept || len(st.Instances) != 1 {
+					t.Errorf("%s: step %s was not kept: %+v", v.tr, name, st)
+				}
+			}
+			// project's 60000 x 16 float64 matrix: 7.7 MB.
+			for _, ins := range infer.Instances {
+				switch v.tr {
+				case workflow.TransferFork:
+					if ins.BytesIn != 0 || ins.LoadMS+ins.DeserMS != 0 {
+						t.Errorf("fork: an infer instance loaded %d bytes from storage", ins.BytesIn)
+					}
+				case workflow.TransferStorage:
+					if ins.BytesIn < 7<<20 {
+						t.Errorf("storage: an infer instance loaded only %d bytes", ins.BytesIn)
+					}
+				}
+			}
+			t.Logf("%s (seed per run %v): %.0f ms; preprocess %v, project %v, infer on %v",
+				v.tr, v.perRun, run.MS, stepNodes(run, "preprocess"), stepNodes(run, "project"), infer.Nodes)
+			assertRunGone(t, p, rdb, run)
+		}
+		// A kept step that raises fails the run with its message, and
+		// the stage seeds made before it go with the run.
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, pl, json.RawMessage(`{"samples": 6000, "shards": 3, "fail": "project"}`), tr)
+			var se *workflow.StepError
+			if !errors.As(err, &se) || se.Step != "project" || !strings.Contains(err.Error(), "ValueError: pipeline step project: failing as the input asked") {
+				t.Fatalf("%s: a raising project step gave %v", tr, err)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+		if err := rn.Remove(ctx, pl); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
+	// A fan-out over a kept step's list, and module state: under fork a
+	// step forked from a kept step sees what that step left in module
+	// globals, as a child of a process does; under storage only results
+	// travel.
+	t.Run("kept map", func(t *testing.T) {
+		dir := filepath.Join(p.dir, "keptmap")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		mod := `SEEN = {}
+
+def base(inp):
+    return list(range(inp["n"]))
+
+def plan(base):
+    SEEN["plan"] = len(base)
+    return [{"lo": i, "hi": i + 3} for i in range(0, len(base), 3)]
+
+def work(part, base, plan):
+    return {"sum": sum(base[part["lo"]:part["hi"]]), "plans": len(plan), "seen": SEEN.get("plan")}
+
+def total(parts):
+    return {"sum": sum(p["sum"] for p in parts), "plans": parts[0]["plans"], "seen": sorted({str(p["seen"]) for p in parts})}
+`
+		if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(mod), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		km, err := workflow.ParseSpec([]byte(`{"name":"keptmap","dir":"` + dir + `","steps":[
+			{"name":"base"},{"name":"plan","after":["base"]},
+			{"name":"work","after":["base","plan"],"map":"plan"},{"name":"total","after":["work"]}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, km, json.RawMessage(`{"n": 30}`), tr)
+			if err != nil {
+				t.Fatalf("%s: %v", tr, err)
+			}
+			seen := `["30"]` // plan's module global, inherited
+			if tr == workflow.TransferStorage {
+				seen = `["None"]`
+			}
+			if want := `{"plans":10,"seen":` + seen + `,"sum":435}`; mustJSON(jsonMap(t, run.Result)) != want {
+				t.Errorf("%s: result %s, want %s", tr, run.Result, want)
+			}
+			if w, _ := run.Step("work"); len(w.Instances) != 10 {
+				t.Errorf("%s: work ran %d instances, want one per element of plan's list (10)", tr, len(w.Instances))
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+		if err := rn.Remove(ctx, km); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
 	// The CLI a user runs: mitosis workflow run, ls and rm against the
 	// gateway, from a client next to it.
 	t.Run("cli", func(t *testing.T) {
@@ -330,6 +456,20 @@ func assertRunGone(t *testing.T, p *platform, rdb *redis.Client, run *workflow.R
 	if run.Cleanup != "" {
 		t.Errorf("cleanup: %s", run.Cleanup)
 	}
+}
+
+func jsonMap(t *testing.T, b []byte) map[string]any {
+	t.Helper()
+	var v map[string]any
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatalf("result %s: %v", b, err)
+	}
+	return v
+}
+
+func stepNodes(run *workflow.Run, name string) []string {
+	st, _ := run.Step(name)
+	return st.Nodes
 }
 
 func mustJSON(v any) string {
