@@ -164,7 +164,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)
-	g.sched.setNodes(view.Nodes())
+	g.logNodes(g.sched.setNodes(view.Nodes()))
 	g.routes()
 	g.wg.Add(1)
 	go g.watch()
@@ -179,6 +179,19 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	return g, nil
 }
 
+// logNodes logs changes of the placement's node set: a node that left
+// (its directory lease lapsed or it unregistered) gets no invocations
+// until it registers again.
+func (g *Gateway) logNodes(changes []nodeChange) {
+	for _, c := range changes {
+		if c.what == "left" {
+			g.log.Warn("node left the directory; out of placement until it registers again", "node", c.node)
+			continue
+		}
+		g.log.Info("node in placement", "node", c.node, "event", c.what)
+	}
+}
+
 // watch follows the directory: node changes go to placement, and every
 // change (and a tick) runs the reconciler.
 func (g *Gateway) watch() {
@@ -187,7 +200,7 @@ func (g *Gateway) watch() {
 	defer tick.Stop()
 	for {
 		ch := g.view.Changed()
-		g.sched.setNodes(g.view.Nodes())
+		g.logNodes(g.sched.setNodes(g.view.Nodes()))
 		g.rec.run(g.ctx)
 		select {
 		case <-g.ctx.Done():

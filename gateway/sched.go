@@ -100,15 +100,27 @@ func newSched(maxQueue int) *sched {
 	return &sched{maxQueue: maxQueue, nodes: map[string]*nodeState{}, changed: make(chan struct{})}
 }
 
-// setNodes replaces the node set with the directory's.
-func (s *sched) setNodes(infos []directory.NodeInfo) {
+// nodeChange is a change setNodes made to the node set, for the log.
+type nodeChange struct {
+	node, what string // what: "joined", "restarted" or "left"
+}
+
+// setNodes replaces the node set with the directory's and returns what
+// changed.
+func (s *sched) setNodes(infos []directory.NodeInfo) []nodeChange {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var changes []nodeChange
 	seen := map[string]bool{}
 	for _, in := range infos {
 		seen[in.Name] = true
 		n := s.nodes[in.Name]
 		if n == nil || !n.info.Started.Equal(in.Started) {
+			what := "joined"
+			if n != nil {
+				what = "restarted"
+			}
+			changes = append(changes, nodeChange{in.Name, what})
 			// New node, or the same name restarted: nothing of ours
 			// is deployed there any more.
 			old := n
@@ -132,11 +144,13 @@ func (s *sched) setNodes(infos []directory.NodeInfo) {
 		if !seen[name] {
 			n.gone = true
 			delete(s.nodes, name)
+			changes = append(changes, nodeChange{name, "left"})
 		}
 	}
 	close(s.changed)
 	s.changed = make(chan struct{})
 	s.dispatchLocked()
+	return changes
 }
 
 // live lists the usable nodes. s.mu must be held.

@@ -3,6 +3,8 @@ package gateway
 import (
 	"context"
 	"errors"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -161,5 +163,33 @@ func TestSchedRestart(t *testing.T) {
 	defer s.mu.Unlock()
 	if n := s.nodes["a"]; n.inflight != 0 || n.reserved != 0 {
 		t.Errorf("after the release: %d in flight, %d reserved on a; want 0 and 0", n.inflight, n.reserved)
+	}
+}
+
+// TestSchedNodeChanges: setNodes reports each node that joined, restarted
+// or left placement (the gateway logs them), and nothing when nothing
+// changed.
+func TestSchedNodeChanges(t *testing.T) {
+	s := newSched(100)
+	nodes := testNodes(gib, gib, gib)
+	steps := []struct {
+		nodes []directory.NodeInfo
+		want  string
+	}{
+		{nodes, "a joined, b joined, c joined"},
+		{nodes, ""},
+		{[]directory.NodeInfo{nodes[0], nodes[2]}, "b left"},
+		{[]directory.NodeInfo{nodes[0], {Name: "b", Started: time.Unix(1, 0)}, {Name: "c", Started: time.Unix(9, 0)}}, "b joined, c restarted"},
+		{nil, "a left, b left, c left"},
+	}
+	for i, st := range steps {
+		var got []string
+		for _, c := range s.setNodes(st.nodes) {
+			got = append(got, c.node+" "+c.what)
+		}
+		sort.Strings(got)
+		if g := strings.Join(got, ", "); g != st.want {
+			t.Errorf("step %d: changes %q, want %q", i, g, st.want)
+		}
 	}
 }
