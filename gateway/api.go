@@ -188,24 +188,10 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", req.FunctionName))
 		return
 	}
-	owner, _, _ := strings.Cut(req.Seed, "/")
-	body, _ := json.Marshal(node.StageRemoveRequest{Function: req.FunctionName, Seed: req.Seed})
 	ctx, cancel := context.WithTimeout(r.Context(), removeTimeout)
 	defer cancel()
-	var ownerErr error
-	found := false
-	for _, a := range g.callNodes(ctx, g.view.Nodes(), node.CallFnStageRemove, removeTimeout, func(directory.NodeInfo) []byte { return body }) {
-		found = found || a.node == owner
-		if a.err != nil {
-			g.log.Warn("remove stage seed", "node", a.node, "function", req.FunctionName, "seed", req.Seed, "err", a.err)
-			if a.node == owner {
-				ownerErr = a.err
-			}
-		}
-	}
-	if found && ownerErr == nil {
-		g.sched.dropStages(owner, req.FunctionName, req.Seed)
-	}
+	found, ownerErr := g.removeStageSeed(ctx, req.FunctionName, req.Seed)
+	owner, _, _ := strings.Cut(req.Seed, "/")
 	switch {
 	case !found:
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("node %s of seed %s is not live", owner, req.Seed))
@@ -214,6 +200,71 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 	default:
 		w.WriteHeader(http.StatusAccepted)
 	}
+}
+
+// removeStageSeed removes stage seed ref (NODE/SEED) of function fn on
+// every node (the seed and its instance on NODE, imports elsewhere) and,
+// once its node did, its memory reservation. It reports whether the seed's
+// node was live, and that node's error.
+func (g *Gateway) removeStageSeed(ctx context.Context, fn, ref string) (found bool, ownerErr error) {
+	g.stageMu.Lock()
+	if t := g.stageTimers[ref]; t != nil {
+		t.Stop()
+		delete(g.stageTimers, ref)
+	}
+	g.stageMu.Unlock()
+	owner, _, _ := strings.Cut(ref, "/")
+	body, _ := json.Marshal(node.StageRemoveRequest{Function: fn, Seed: ref})
+	for _, a := range g.callNodes(ctx, g.view.Nodes(), node.CallFnStageRemove, removeTimeout, func(directory.NodeInfo) []byte { return body }) {
+		found = found || a.node == owner
+		if a.err != nil {
+			g.log.Warn("remove stage seed", "node", a.node, "function", fn, "seed", ref, "err", a.err)
+			if a.node == owner {
+				ownerErr = a.err
+			}
+		}
+	}
+	if found && ownerErr == nil {
+		g.sched.dropStages(owner, fn, ref)
+	}
+	return found, ownerErr
+}
+
+// expireStageAfter removes stage seed ref of fn after ttl unless it is
+// removed before (X-Mitosis-Stage-TTL). The timer is this gateway's: a
+// gateway that stops forgets it, as it forgets its reservations.
+func (g *Gateway) expireStageAfter(fn, ref string, ttl time.Duration) {
+	g.stageMu.Lock()
+	defer g.stageMu.Unlock()
+	if g.ctx.Err() != nil {
+		return
+	}
+	if g.stageTimers == nil {
+		g.stageTimers = map[string]*time.Timer{}
+	}
+	if t := g.stageTimers[ref]; t != nil {
+		t.Stop()
+	}
+	g.stageTimers[ref] = time.AfterFunc(ttl, func() {
+		g.stageMu.Lock()
+		delete(g.stageTimers, ref)
+		if g.ctx.Err() != nil {
+			g.stageMu.Unlock()
+			return
+		}
+		g.wg.Add(1)
+		g.stageMu.Unlock()
+		defer g.wg.Done()
+		ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
+		defer cancel()
+		found, err := g.removeStageSeed(ctx, fn, ref)
+		switch {
+		case err != nil || !found:
+			g.log.Warn("stage seed's TTL ran out; removing it failed", "function", fn, "seed", ref, "ttl", ttl, "node live", found, "err", err)
+		default:
+			g.log.Info("stage seed's TTL ran out; removed", "function", fn, "seed", ref, "ttl", ttl)
+		}
+	})
 }
 
 // nodeAnswer is one node's answer to a control call made on many nodes.

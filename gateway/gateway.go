@@ -112,6 +112,11 @@ type Gateway struct {
 
 	srvMu sync.Mutex
 	srv   *http.Server
+
+	// stageTimers remove stage seeds whose X-Mitosis-Stage-TTL ran out,
+	// by NODE/SEED.
+	stageMu     sync.Mutex
+	stageTimers map[string]*time.Timer
 }
 
 // New starts a gateway on the directory: it loads the directory's view and
@@ -242,7 +247,15 @@ func (g *Gateway) Close() error {
 		err = srv.Shutdown(sctx)
 		cancel()
 	}
+	// Under stageMu: a TTL timer that fires now either sees the gateway
+	// closed or joins g.wg before Wait.
+	g.stageMu.Lock()
 	g.cancel()
+	for ref, t := range g.stageTimers {
+		t.Stop()
+		delete(g.stageTimers, ref)
+	}
+	g.stageMu.Unlock()
 	g.wg.Wait()
 	g.view.Close()
 	g.peers.close()

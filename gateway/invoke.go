@@ -27,13 +27,21 @@ type call struct {
 	start time.Time
 	seed  string // X-Mitosis-Seed: fork from this seed (NODE/SEED)
 	stage bool   // X-Mitosis-Stage: keep the instance as a stage seed
+	// stageTTL (X-Mitosis-Stage-TTL): remove the stage seed after this
+	// long (0: when asked).
+	stageTTL time.Duration
 }
 
-// Headers of stage seeds (gwapi.HeaderSeed, gwapi.HeaderStage).
+// Headers of stage seeds (gwapi.HeaderSeed, gwapi.HeaderStage,
+// gwapi.HeaderStageTTL).
 const (
-	HeaderSeed  = gwapi.HeaderSeed
-	HeaderStage = gwapi.HeaderStage
+	HeaderSeed     = gwapi.HeaderSeed
+	HeaderStage    = gwapi.HeaderStage
+	HeaderStageTTL = gwapi.HeaderStageTTL
 )
+
+// maxStageTTL bounds X-Mitosis-Stage-TTL.
+const maxStageTTL = 7 * 24 * time.Hour
 
 // outcome is what a call produced.
 type outcome struct {
@@ -68,7 +76,7 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool
 func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 	hdr := map[string]string{}
 	for k, v := range r.Header {
-		if k == "Authorization" || k == HeaderSeed || k == HeaderStage || len(v) == 0 {
+		if k == "Authorization" || k == HeaderSeed || k == HeaderStage || k == HeaderStageTTL || len(v) == 0 {
 			continue
 		}
 		hdr[k] = v[0]
@@ -86,6 +94,16 @@ func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 			return nil, &badRequest{fmt.Sprintf("%s: %q is not true or false", HeaderStage, v)}
 		}
 	}
+	var ttl time.Duration
+	if v := r.Header.Get(HeaderStageTTL); v != "" {
+		var err error
+		switch ttl, err = time.ParseDuration(v); {
+		case !stage:
+			return nil, &badRequest{fmt.Sprintf("%s needs %s: true (it bounds the life of the stage seed the request makes)", HeaderStageTTL, HeaderStage)}
+		case err != nil || ttl < time.Second || ttl > maxStageTTL:
+			return nil, &badRequest{fmt.Sprintf("%s: %q is not a duration from 1s to %v (e.g. 30m)", HeaderStageTTL, v, maxStageTTL)}
+		}
+	}
 	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr, Stage: stage}
 	meta, err := json.Marshal(m)
 	if err != nil {
@@ -94,7 +112,7 @@ func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 	if len(meta) > transport.MaxInvokeMeta {
 		return nil, fmt.Errorf("request headers of %d bytes exceed the limit of %d", len(meta), transport.MaxInvokeMeta)
 	}
-	return &call{fn: fn, meta: meta, body: body, start: time.Now(), seed: seed, stage: stage}, nil
+	return &call{fn: fn, meta: meta, body: body, start: time.Now(), seed: seed, stage: stage, stageTTL: ttl}, nil
 }
 
 // badRequest is a malformed request header (400, where newCall's other
@@ -249,6 +267,9 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		g.sched.release(n, mem)
 		if c.stage && o.msg == "" && o.resp.Seed != "" {
 			g.sched.keepStage(n, c.fn, o.resp.Seed, mem)
+			if c.stageTTL > 0 {
+				g.expireStageAfter(c.fn, o.resp.Seed, c.stageTTL)
+			}
 		}
 		o.queued = queued
 		if o.msg == "" {

@@ -44,6 +44,13 @@ type Runner struct {
 	WorkDir string
 	// Timeout bounds one step instance (default 5 minutes).
 	Timeout time.Duration
+	// StageTTL bounds the life of each stage seed a run makes (the
+	// gateway removes it then, gwapi.HeaderStageTTL) and of its storage
+	// keys (a Redis expiry), so a runner that dies mid-run (SIGKILL, a
+	// lost machine) leaves no seed, memory reservation or key behind for
+	// good. A run that ends removes them at once. Default: Timeout for
+	// every step of the workflow, and one more.
+	StageTTL time.Duration
 	// SeedPerRun makes the fork transfer start a fresh step runtime for
 	// each run: a function of the run's own whose initialization runs the
 	// sources and whose seed every later instance forks from (removed with
@@ -402,7 +409,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			go func() {
 				defer wg.Done()
 				t := time.Now()
-				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key}, "")
+				in, _, err := x.invoke(ctx, map[string]any{"call": st.Call, "source": true, "input": input, "store": key, "store_ttl": x.storeTTL()}, "")
 				res[i] = StepResult{Name: st.Name, AtMS: x.at(t), MS: ms(time.Since(t)), Instances: []Instance{in}, Nodes: nodes([]Instance{in})}
 				errs[i] = err
 			}()
@@ -495,7 +502,7 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 		res.Kept = true
 		if x.run.Transfer == TransferStorage {
 			key = "mitosis:wf:" + x.run.ID + ":" + st.Name
-			base["store"] = key
+			base["store"], base["store_ttl"] = key, x.storeTTL()
 		} else {
 			base["keep"] = true
 		}
@@ -560,6 +567,12 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	}
 	x.mu.Unlock()
 	return res, nil
+}
+
+// storeTTL is the expiry of the run's storage keys, in seconds: the stage
+// seeds' TTL (Runner.StageTTL), so a runner that dies leaves neither.
+func (x *execution) storeTTL() int {
+	return int(max(x.rn.stageTTL(x.spec).Seconds(), 1))
 }
 
 // addSeed records a stage seed the run made (none for ""), for cleanup.
@@ -639,6 +652,7 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, from strin
 		}
 		if stage {
 			hreq.Header.Set(gwapi.HeaderStage, "true")
+			hreq.Header.Set(gwapi.HeaderStageTTL, x.rn.stageTTL(x.spec).String())
 		}
 		if resp, err = x.rn.client().Do(hreq); err != nil {
 			return Instance{}, nil, "", err
@@ -728,6 +742,13 @@ func (x *execution) cleanup() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func (rn *Runner) stageTTL(spec *Spec) time.Duration {
+	if rn.StageTTL > 0 {
+		return rn.StageTTL
+	}
+	return time.Duration(len(spec.Steps)+1) * rn.timeout()
 }
 
 func (rn *Runner) timeout() time.Duration {

@@ -12,7 +12,7 @@ so its seed holds the imported module. A request is one step instance, JSON:
 
     {"call": F, "name": STEP?, "item": X?, "after": [UPSTREAM...],
      "inputs": [...]?, "load": {UPSTREAM: KEY}?, "store": KEY?,
-     "keep": true?, "source": true?, "input": I?}
+     "store_ttl": SECONDS?, "keep": true?, "source": true?, "input": I?}
 
 or {"result_of": STEP, "load": {...}?}, which returns that step's result,
 or (the fork transfer) {"init": [{"name": N, "call": F}...], "input": I},
@@ -25,7 +25,8 @@ Arguments, in order: the workflow input (source steps), the map item (a
 fan-out step), each upstream's result (taken in place from this process
 under fork, or GET + unpickled from Redis under storage), then "inputs" (a
 fan-in step's list of its upstream instances' results). With "store" the
-result is pickled and SET under KEY instead of returned; with "keep" (the
+result is pickled and SET under KEY (expiring after store_ttl seconds, if
+given) instead of returned; with "keep" (the
 fork transfer) it stays in this process as STEP's result, for the runner
 asks the gateway to keep this instance as a stage seed that the step's
 downstream instances fork from. The reply is JSON: {"result": R},
@@ -117,7 +118,7 @@ def handle(req):
         blob = pickle.dumps(out, protocol=5)
         t["ser_ms"] = _ms(t0)
         t0 = time.perf_counter()
-        _store().set(key, blob)
+        _store().set(key, blob, ex=r.get("store_ttl") or None)
         t["store_ms"] = _ms(t0)
         return json.dumps({"stored": key, "bytes": len(blob), "t": t})
     return json.dumps({"result": out, "t": t})

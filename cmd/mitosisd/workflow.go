@@ -20,7 +20,7 @@ import (
 
 type workflowFlags struct {
 	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
-	timeout                                                                 time.Duration
+	timeout, stageTTL                                                       time.Duration
 	jsonOut, perRun                                                         bool
 }
 
@@ -112,6 +112,7 @@ run's).`,
 	run.Flags().StringVar(&f.transfer, "transfer", "", "fork or storage (default: the definition's, else fork)")
 	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
 	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
+	run.Flags().DurationVar(&f.stageTTL, "stage-ttl", 0, "fork: the gateway removes each stage seed of the run this long after it was made, if the run did not (a run killed midway leaves nothing for good); default: --step-timeout for every step, and one more")
 	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
 	run.Flags().BoolVar(&f.perRun, "seed-per-run", false, "fork: start a runtime for the run whose initialization runs the sources, instead of keeping an instance of the workflow's function as the run's stage seed (see BENCHMARKS.md)")
 
@@ -210,7 +211,10 @@ run's).`,
 
 // runner is the workflow runner the flags describe, with its credentials.
 func (f *workflowFlags) runner() (*workflow.Runner, error) {
-	rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, SeedPerRun: f.perRun}
+	if f.timeout < 0 || f.stageTTL < 0 {
+		return nil, fmt.Errorf("--step-timeout %v, --stage-ttl %v: want positive durations", f.timeout, f.stageTTL)
+	}
+	rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, StageTTL: f.stageTTL, SeedPerRun: f.perRun}
 	if err := f.auth(rn); err != nil {
 		return nil, err
 	}

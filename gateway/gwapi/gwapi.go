@@ -9,10 +9,14 @@ package gwapi
 // named NODE/SEED in the response's HeaderSeed; a request with HeaderSeed
 // forks from that seed instead of the function's own. A workflow step's
 // downstream steps inherit its memory this way. DELETE /system/stage-seeds
-// removes one.
+// removes one. HeaderStageTTL (a Go duration, e.g. "30m") on a stage
+// request bounds the stage seed's life: the gateway removes it then if
+// nobody did, so a client that dies leaves no seed (and no memory
+// reservation) behind for good.
 const (
-	HeaderSeed  = "X-Mitosis-Seed"
-	HeaderStage = "X-Mitosis-Stage"
+	HeaderSeed     = "X-Mitosis-Seed"
+	HeaderStage    = "X-Mitosis-Stage"
+	HeaderStageTTL = "X-Mitosis-Stage-TTL"
 )
 
 // DeleteStageSeedRequest is the body of DELETE /system/stage-seeds: the

@@ -111,6 +111,9 @@ func TestStageSeeds(t *testing.T) {
 		{"another function's seed", "keeper", []string{"-H", "X-Mitosis-Seed: " + oref}, 502, "is not a seed of this function"},
 		{"unknown seed", "keeper", []string{"-H", "X-Mitosis-Seed: a/s-nosuch"}, 502, "s-nosuch"},
 		{"keep-alive function", "warmfn", []string{"-H", "X-Mitosis-Stage: true"}, 400, "policy fork or local-fork"},
+		{"ttl without stage", "keeper", []string{"-H", "X-Mitosis-Stage-TTL: 1m"}, 400, "needs X-Mitosis-Stage: true"},
+		{"malformed ttl", "keeper", []string{"-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: soon"}, 400, "is not a duration"},
+		{"ttl too short", "keeper", []string{"-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 10ms"}, 400, "is not a duration from 1s"},
 	} {
 		code, _, out := p.request("POST", "/function/"+c.fn, "put:q", true, c.hdr...)
 		if code != c.code || !strings.Contains(out, c.msg) {
@@ -150,6 +153,56 @@ func TestStageSeeds(t *testing.T) {
 	if code, out := rm("keeper", ref); code != http.StatusAccepted {
 		t.Fatalf("remove the stage seed: %d %q", code, out)
 	}
+	// A stage seed with a TTL that nobody removes is removed by the
+	// gateway when it runs out, its instance ended and its reservation
+	// given back; one removed before its TTL is not touched again.
+	_, early, _ := p.request("POST", "/function/keeper", "put:e", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 2s")
+	if early.Get("X-Mitosis-Seed") == "" {
+		t.Fatal("no stage seed with a TTL")
+	}
+	if code, out := rm("keeper", early.Get("X-Mitosis-Seed")); code != http.StatusAccepted {
+		t.Fatalf("remove the stage seed with a TTL: %d %q", code, out)
+	}
+	procsBefore := len(pythons())
+	reserved := func() (r int64) {
+		for _, n := range p.nodeStatuses() {
+			r += n.ReservedBytes
+		}
+		return r
+	}
+	keeperStages := func() (left []string) {
+		for _, s := range stageSeeds() {
+			if strings.Contains(s, "fn.keeper.stage.") {
+				left = append(left, s)
+			}
+		}
+		return left
+	}
+	resBefore := reserved() // other's stage seed
+	code, h, out := p.request("POST", "/function/keeper", "put:t", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 2s")
+	tref := h.Get("X-Mitosis-Seed")
+	if code != 200 || tref == "" {
+		t.Fatalf("stage with a TTL: %d seed %q %q", code, tref, out)
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:u", true, "-H", "X-Mitosis-Seed: "+tref); code != 200 || strings.TrimSpace(out) != "t,u" {
+		t.Fatalf("fork of the stage seed with a TTL: %d %q, want t,u", code, out)
+	}
+	if r := reserved(); r <= resBefore {
+		t.Errorf("the stage seed with a TTL reserves no memory (%d bytes reserved, %d before)", r, resBefore)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for (len(keeperStages()) > 0 || reserved() > resBefore || len(pythons()) > procsBefore) && time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if left, r := keeperStages(), reserved(); len(left) > 0 || r != resBefore {
+		t.Errorf("after its TTL: stage seeds %v, %d bytes reserved (%d before it); want none", left, r, resBefore)
+	}
+	if n := len(pythons()); n > procsBefore {
+		t.Errorf("after its TTL: %d step processes, %d before the stage seed was made", n, procsBefore)
+	}
+	if code, _, _ := p.request("POST", "/function/keeper", "put:v", true, "-H", "X-Mitosis-Seed: "+tref); code == 200 {
+		t.Errorf("an expired stage seed still forks")
+	}
 	if code, _, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
 		t.Errorf("a removed stage seed still forks: %q", out)
 	}
@@ -157,7 +210,7 @@ func TestStageSeeds(t *testing.T) {
 	if code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"other"}`, true); code != http.StatusAccepted {
 		t.Fatalf("delete other: %d %s", code, body)
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for len(stageSeeds()) > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
 	}

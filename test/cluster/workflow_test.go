@@ -316,6 +316,84 @@ def total(parts):
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// A runner killed midway (SIGKILL: no cleanup) leaves its stage seed
+	// only until the TTL it gave the gateway runs out.
+	t.Run("killed runner", func(t *testing.T) {
+		dir := filepath.Join(p.dir, "slow")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		mod := "import time\n\ndef base(inp):\n    return 1\n\ndef hold(base):\n    time.sleep(60)\n    return base\n"
+		if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(mod), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		specPath := filepath.Join(dir, "slow.json")
+		if err := os.WriteFile(specPath, []byte(`{"name":"slow","dir":".","steps":[{"name":"base"},{"name":"hold","after":["base"]}]}`), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		tok := filepath.Join(p.dir, "killed-token")
+		if err := os.WriteFile(tok, []byte(platformToken+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		stageSeeds := func() (left []string) {
+			for _, n := range p.lab.Nodes[:3] {
+				for _, s := range seeds(t, n) {
+					if strings.Contains(s.Name, "fn.wf-slow.stage.") {
+						left = append(left, n.Name+":"+s.Name)
+					}
+				}
+			}
+			return left
+		}
+		keys := func() []string {
+			k, _ := rdb.Keys(ctx, "*").Result()
+			return k
+		}
+		for _, v := range []struct {
+			transfer string
+			left     func() []string
+		}{{"fork", stageSeeds}, {"storage", keys}} {
+			cmd := p.gw.Command(mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"),
+				"run", specPath, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock)
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(60 * time.Second)
+			for len(v.left()) == 0 && time.Now().Before(deadline) {
+				time.Sleep(100 * time.Millisecond)
+			}
+			if len(v.left()) == 0 {
+				_ = cmd.Process.Kill()
+				_ = cmd.Wait()
+				t.Fatalf("%s: the run made no stage seed or key within 60 s", v.transfer)
+			}
+			time.Sleep(300 * time.Millisecond) // hold is running
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+			t0 := time.Now()
+			for len(v.left()) > 0 && time.Since(t0) < 15*time.Second {
+				time.Sleep(200 * time.Millisecond)
+			}
+			if left := v.left(); len(left) > 0 {
+				t.Fatalf("%s: the killed run's stage seed or keys are still there %v after the kill: %v", v.transfer, time.Since(t0).Round(time.Second), left)
+			}
+			t.Logf("%s: the killed run's stage seed or keys were gone %v after the kill", v.transfer, time.Since(t0).Round(100*time.Millisecond))
+		}
+		// hold ends at its step timeout; then only the workflow's
+		// function is left, which rm removes.
+		spec, err := workflow.ReadSpec(specPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rn.Remove(ctx, spec); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
+		if n, err := rdb.DBSize(ctx).Result(); err != nil || n != 0 {
+			t.Errorf("redis holds %d keys (%v)", n, err)
+		}
+	})
+
 	// The CLI a user runs: mitosis workflow run, ls and rm against the
 	// gateway, from a client next to it.
 	t.Run("cli", func(t *testing.T) {
