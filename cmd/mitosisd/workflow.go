@@ -56,7 +56,7 @@ fan-out's results reach its downstream step as a JSON list. Under --transfer
 storage each kept result is pickled into Redis (--redis-socket) and each
 later step loads and unpickles it. The run's stage seeds and keys are
 removed when it ends, also when a step fails (the step's error is the
-run's).`,
+run's); those of a run killed midway expire after --stage-ttl.`,
 	}
 	pf := wf.PersistentFlags()
 	pf.StringVar(&f.gateway, "gateway", "http://127.0.0.1:8080", "the gateway's URL")
@@ -112,7 +112,7 @@ run's).`,
 	run.Flags().StringVar(&f.transfer, "transfer", "", "fork or storage (default: the definition's, else fork)")
 	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
 	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
-	run.Flags().DurationVar(&f.stageTTL, "stage-ttl", 0, "fork: the gateway removes each stage seed of the run this long after it was made, if the run did not (a run killed midway leaves nothing for good); default: --step-timeout for every step, and one more")
+	run.Flags().DurationVar(&f.stageTTL, "stage-ttl", 0, "the gateway removes each stage seed of the run (fork), and Redis each of its keys (storage), this long after it was made, if the run did not (a run killed midway leaves nothing for good); default: --step-timeout for every step, and one more")
 	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
 	run.Flags().BoolVar(&f.perRun, "seed-per-run", false, "fork: start a runtime for the run whose initialization runs the sources, instead of keeping an instance of the workflow's function as the run's stage seed (see BENCHMARKS.md)")
 
