@@ -262,6 +262,7 @@ func (g *Gateway) expireStageAfter(fn, ref string, ttl time.Duration) {
 		case err != nil || !found:
 			g.log.Warn("stage seed's TTL ran out; removing it failed", "function", fn, "seed", ref, "ttl", ttl, "node live", found, "err", err)
 		default:
+			g.m.expired.Inc()
 			g.log.Info("stage seed's TTL ran out; removed", "function", fn, "seed", ref, "ttl", ttl)
 		}
 	})

@@ -29,6 +29,41 @@ type metrics struct {
 	memory      *prometheus.GaugeVec // mitosis_function_memory_bytes{function_name,node}
 	replicas    *prometheus.GaugeVec // gateway_service_count{function_name}
 	inflight    *prometheus.GaugeVec // mitosis_node_inflight{node}
+	expired     prometheus.Counter   // mitosis_gateway_stage_seeds_expired_total
+}
+
+// schedCollector reports, at each scrape, what this gateway holds on each
+// node: its stage seeds and the memory its invocations and stage seeds
+// reserve (a stage seed nobody removes shows here before it fills a node).
+type schedCollector struct {
+	s                *sched
+	stages, reserved *prometheus.Desc
+}
+
+func newSchedCollector(s *sched) *schedCollector {
+	return &schedCollector{s: s,
+		stages: prometheus.NewDesc("mitosis_gateway_stage_seeds",
+			"Stage seeds this gateway keeps, per node (each holds its instance's memory reservation).", []string{"node"}, nil),
+		reserved: prometheus.NewDesc("mitosis_node_reserved_bytes",
+			"Memory this gateway's invocations and stage seeds reserve on the node.", []string{"node"}, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *schedCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.stages
+	ch <- c.reserved
+}
+
+// Collect implements prometheus.Collector.
+func (c *schedCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, n := range c.s.snapshot() {
+		c.s.mu.Lock()
+		stages, reserved := len(n.stages), n.reserved
+		c.s.mu.Unlock()
+		ch <- prometheus.MustNewConstMetric(c.stages, prometheus.GaugeValue, float64(stages), n.info.Name)
+		ch <- prometheus.MustNewConstMetric(c.reserved, prometheus.GaugeValue, float64(reserved), n.info.Name)
+	}
 }
 
 func newMetrics(g *Gateway) *metrics {
@@ -55,8 +90,10 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "Instances alive per function, polled."}, []string{"function_name"})
 	m.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mitosis_node_inflight",
 		Help: "Invocations in flight from this gateway, per node."}, []string{"node"})
+	m.expired = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_stage_seeds_expired_total",
+		Help: "Stage seeds removed because their X-Mitosis-Stage-TTL ran out (a client that made them did not)."})
 	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.callbacks,
-		m.instances, m.memory, m.replicas, m.inflight)
+		m.instances, m.memory, m.replicas, m.inflight, m.expired, newSchedCollector(g.sched))
 	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -190,6 +191,24 @@ func TestStageSeeds(t *testing.T) {
 	if r := reserved(); r <= resBefore {
 		t.Errorf("the stage seed with a TTL reserves no memory (%d bytes reserved, %d before)", r, resBefore)
 	}
+	// /metrics shows it where it is (other's stage seed too).
+	tnode, _, _ := strings.Cut(tref, "/")
+	metric := func(name string) float64 {
+		_, _, body := p.request("GET", "/metrics", "", false)
+		for _, l := range strings.Split(body, "\n") {
+			if v, ok := strings.CutPrefix(l, name+" "); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				return f
+			}
+		}
+		return -1
+	}
+	if n := metric(`mitosis_gateway_stage_seeds{node="` + tnode + `"}`); n < 1 {
+		t.Errorf("mitosis_gateway_stage_seeds on %s: %v, want at least 1", tnode, n)
+	}
+	if b := metric(`mitosis_node_reserved_bytes{node="` + tnode + `"}`); b < 256<<20 {
+		t.Errorf("mitosis_node_reserved_bytes on %s: %v, want at least 256Mi", tnode, b)
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for (len(keeperStages()) > 0 || reserved() > resBefore || len(pythons()) > procsBefore) && time.Now().Before(deadline) {
 		time.Sleep(200 * time.Millisecond)
@@ -202,6 +221,9 @@ func TestStageSeeds(t *testing.T) {
 	}
 	if code, _, _ := p.request("POST", "/function/keeper", "put:v", true, "-H", "X-Mitosis-Seed: "+tref); code == 200 {
 		t.Errorf("an expired stage seed still forks")
+	}
+	if n := metric("mitosis_gateway_stage_seeds_expired_total"); n != 1 {
+		t.Errorf("mitosis_gateway_stage_seeds_expired_total %v, want 1 (the one removed early does not count)", n)
 	}
 	if code, _, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
 		t.Errorf("a removed stage seed still forks: %q", out)
