@@ -169,6 +169,32 @@ func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusAccepted)
 }
 
+// renewStageSeed re-arms a stage seed's TTL (gwapi.RenewStageSeedRequest):
+// 202, or 404 when this gateway keeps no such stage seed of the function
+// (unknown, removed, or expired already), 400 for a malformed request.
+func (g *Gateway) renewStageSeed(w http.ResponseWriter, r *http.Request) {
+	var req RenewStageSeedRequest
+	if err := readSmallJSON(w, r, &req); err != nil || req.FunctionName == "" || req.Seed == "" || req.TTL == "" {
+		httpError(w, http.StatusBadRequest, `malformed request: want {"functionName": "NAME", "seed": "NODE/SEED", "ttl": "2m"}`)
+		return
+	}
+	if err := checkSeedRef(req.Seed); err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	ttl, err := time.ParseDuration(req.TTL)
+	if err != nil || ttl < time.Second || ttl > maxStageTTL {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a duration from 1s to %v (e.g. 2m)", req.TTL, maxStageTTL))
+		return
+	}
+	if !g.sched.hasStage(req.FunctionName, req.Seed) {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("this gateway keeps no stage seed %s of function %q (unknown, removed, or its TTL ran out)", req.Seed, req.FunctionName))
+		return
+	}
+	g.expireStageAfter(req.FunctionName, req.Seed, ttl)
+	w.WriteHeader(http.StatusAccepted)
+}
+
 // deleteStageSeed removes a stage seed: on its node the seed and the
 // instance it was made of, on every other live node its import and page
 // cache. 202 once the seed's node removed it; 404 for an unknown function;

@@ -313,6 +313,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("DELETE /system/functions", g.authed(g.deleteFunction))
 	mux.HandleFunc("GET /system/function/{name}", g.authed(g.getFunction))
 	mux.HandleFunc("DELETE /system/stage-seeds", g.authed(g.deleteStageSeed))
+	mux.HandleFunc("PATCH /system/stage-seeds", g.authed(g.renewStageSeed))
 	mux.HandleFunc("GET /system/nodes", g.authed(g.listNodes))
 	mux.HandleFunc("GET /system/logs", g.authed(g.logs))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))

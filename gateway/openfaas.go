@@ -69,6 +69,10 @@ type DeleteFunctionRequest struct {
 // mitosis extension of the OpenFaaS API; gwapi.DeleteStageSeedRequest).
 type DeleteStageSeedRequest = gwapi.DeleteStageSeedRequest
 
+// RenewStageSeedRequest is the body of PATCH /system/stage-seeds
+// (gwapi.RenewStageSeedRequest).
+type RenewStageSeedRequest = gwapi.RenewStageSeedRequest
+
 // Namespace is the only namespace this provider has (OpenFaaS's default).
 const Namespace = "openfaas-fn"
 

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -44,12 +45,12 @@ type Runner struct {
 	WorkDir string
 	// Timeout bounds one step instance (default 5 minutes).
 	Timeout time.Duration
-	// StageTTL bounds the life of each stage seed a run makes (the
-	// gateway removes it then, gwapi.HeaderStageTTL) and of its storage
-	// keys (a Redis expiry), so a runner that dies mid-run (SIGKILL, a
-	// lost machine) leaves no seed, memory reservation or key behind for
-	// good. A run that ends removes them at once. Default: Timeout for
-	// every step of the workflow, and one more.
+	// StageTTL is how long a run's stage seeds (gwapi.HeaderStageTTL)
+	// and storage keys (a Redis expiry) outlive a runner that died
+	// mid-run (SIGKILL, a lost machine): the runner renews both every
+	// third of it while it runs, so a run may take any time, and one
+	// that dies leaves no seed, memory reservation or key behind for
+	// longer. A run that ends removes them at once. Default 2 minutes.
 	StageTTL time.Duration
 	// SeedPerRun makes the fork transfer start a fresh step runtime for
 	// each run: a function of the run's own whose initialization runs the
@@ -169,8 +170,10 @@ func (rn *Runner) Run(ctx context.Context, spec *Spec, input json.RawMessage, tr
 		x.rdb = redis.NewClient(&redis.Options{Network: "unix", Addr: rn.RedisSocket})
 		defer x.rdb.Close()
 	}
+	stopRenewing := x.keepAlive()
 	err = x.execute(ctx, order, input)
 	run.MS = ms(time.Since(run.Started))
+	stopRenewing()
 	if err != nil {
 		run.Error = err.Error()
 	}
@@ -572,7 +575,51 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 // storeTTL is the expiry of the run's storage keys, in seconds: the stage
 // seeds' TTL (Runner.StageTTL), so a runner that dies leaves neither.
 func (x *execution) storeTTL() int {
-	return int(max(x.rn.stageTTL(x.spec).Seconds(), 1))
+	return int(max(x.rn.stageTTL().Seconds(), 1))
+}
+
+// keepAlive renews the run's stage seeds and storage keys every third of
+// their TTL until the returned stop is called.
+func (x *execution) keepAlive() (stop func()) {
+	ttl := x.rn.stageTTL()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(ttl / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			x.renew(ttl)
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+// renew re-arms the TTL of the run's stage seeds and storage keys. Errors
+// are left for the steps to meet: a seed or key that is gone fails the
+// step that needs it.
+func (x *execution) renew(ttl time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), ttl/3)
+	defer cancel()
+	x.mu.Lock()
+	seeds := slices.Clone(x.seeds)
+	x.mu.Unlock()
+	for _, s := range seeds {
+		b, _ := json.Marshal(gwapi.RenewStageSeedRequest{FunctionName: x.fn, Seed: s, TTL: ttl.String()})
+		_, _, _ = x.rn.do(ctx, "PATCH", "/system/stage-seeds", b)
+	}
+	if x.rdb != nil {
+		iter := x.rdb.Scan(ctx, 0, "mitosis:wf:"+x.run.ID+":*", 1000).Iterator()
+		for iter.Next(ctx) {
+			x.rdb.Expire(ctx, iter.Val(), ttl)
+		}
+	}
 }
 
 // addSeed records a stage seed the run made (none for ""), for cleanup.
@@ -652,7 +699,7 @@ func (x *execution) invokeAs(ctx context.Context, req map[string]any, from strin
 		}
 		if stage {
 			hreq.Header.Set(gwapi.HeaderStage, "true")
-			hreq.Header.Set(gwapi.HeaderStageTTL, x.rn.stageTTL(x.spec).String())
+			hreq.Header.Set(gwapi.HeaderStageTTL, x.rn.stageTTL().String())
 		}
 		if resp, err = x.rn.client().Do(hreq); err != nil {
 			return Instance{}, nil, "", err
@@ -744,11 +791,11 @@ func (x *execution) cleanup() error {
 	return errors.Join(errs...)
 }
 
-func (rn *Runner) stageTTL(spec *Spec) time.Duration {
+func (rn *Runner) stageTTL() time.Duration {
 	if rn.StageTTL > 0 {
-		return rn.StageTTL
+		return max(rn.StageTTL, time.Second)
 	}
-	return time.Duration(len(spec.Steps)+1) * rn.timeout()
+	return 2 * time.Minute
 }
 
 func (rn *Runner) timeout() time.Duration {

@@ -19,6 +19,17 @@ const (
 	HeaderStageTTL = "X-Mitosis-Stage-TTL"
 )
 
+// RenewStageSeedRequest is the body of PATCH /system/stage-seeds: the
+// stage seed Seed of function FunctionName is removed TTL (a Go duration,
+// e.g. "2m") from now unless renewed again or removed, as if it had been
+// made with HeaderStageTTL: TTL. A client that holds stage seeds renews
+// them while it needs them, so that they outlive it by at most TTL.
+type RenewStageSeedRequest struct {
+	FunctionName string `json:"functionName"`
+	Seed         string `json:"seed"`
+	TTL          string `json:"ttl"`
+}
+
 // DeleteStageSeedRequest is the body of DELETE /system/stage-seeds: the
 // stage seed Seed ("NODE/SEED", from an invocation's X-Mitosis-Seed) of
 // function FunctionName.

@@ -164,6 +164,23 @@ func TestStageSeeds(t *testing.T) {
 	if code, out := rm("keeper", early.Get("X-Mitosis-Seed")); code != http.StatusAccepted {
 		t.Fatalf("remove the stage seed with a TTL: %d %q", code, out)
 	}
+	// One renewed (PATCH) for a minute outlives the TTL it was made with.
+	_, rh, _ := p.request("POST", "/function/keeper", "put:r", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 2s")
+	rref := rh.Get("X-Mitosis-Seed")
+	renew := func(fn, ref, ttl string) (int, string) {
+		b, _ := json.Marshal(map[string]string{"functionName": fn, "seed": ref, "ttl": ttl})
+		code, _, out := p.request("PATCH", "/system/stage-seeds", string(b), true)
+		return code, out
+	}
+	for _, c := range []struct {
+		fn, ref, ttl string
+		code         int
+	}{{"keeper", rref, "forever", 400}, {"keeper", rref, "", 400}, {"keeper", "nonode", "1m", 400},
+		{"other", rref, "1m", 404}, {"keeper", early.Get("X-Mitosis-Seed"), "1m", 404}, {"keeper", rref, "1m", 202}} {
+		if code, out := renew(c.fn, c.ref, c.ttl); code != c.code {
+			t.Errorf("renew %s %s for %q: %d %q, want %d", c.fn, c.ref, c.ttl, code, out, c.code)
+		}
+	}
 	procsBefore := len(pythons())
 	reserved := func() (r int64) {
 		for _, n := range p.nodeStatuses() {
@@ -171,10 +188,12 @@ func TestStageSeeds(t *testing.T) {
 		}
 		return r
 	}
-	keeperStages := func() (left []string) {
-		for _, s := range stageSeeds() {
-			if strings.Contains(s, "fn.keeper.stage.") {
-				left = append(left, s)
+	keeperStages := func() (left []string) { // but the renewed one
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if strings.Contains(s.Name, "fn.keeper.stage.") && n.Name+"/"+s.ID != rref {
+					left = append(left, n.Name+":"+s.Name)
+				}
 			}
 		}
 		return left
@@ -188,6 +207,7 @@ func TestStageSeeds(t *testing.T) {
 	if code, _, out := p.request("POST", "/function/keeper", "put:u", true, "-H", "X-Mitosis-Seed: "+tref); code != 200 || strings.TrimSpace(out) != "t,u" {
 		t.Fatalf("fork of the stage seed with a TTL: %d %q, want t,u", code, out)
 	}
+
 	if r := reserved(); r <= resBefore {
 		t.Errorf("the stage seed with a TTL reserves no memory (%d bytes reserved, %d before)", r, resBefore)
 	}
@@ -224,6 +244,12 @@ func TestStageSeeds(t *testing.T) {
 	}
 	if n := metric("mitosis_gateway_stage_seeds_expired_total"); n != 1 {
 		t.Errorf("mitosis_gateway_stage_seeds_expired_total %v, want 1 (the one removed early does not count)", n)
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:s", true, "-H", "X-Mitosis-Seed: "+rref); code != 200 || strings.TrimSpace(out) != "r,s" {
+		t.Errorf("the renewed stage seed is gone after its first TTL: %d %q", code, out)
+	}
+	if code, out := rm("keeper", rref); code != http.StatusAccepted {
+		t.Errorf("remove the renewed stage seed: %d %q", code, out)
 	}
 	if code, _, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
 		t.Errorf("a removed stage seed still forks: %q", out)

@@ -316,19 +316,21 @@ def total(parts):
 		assertProcs(t, pythons, deployedProcs)
 	})
 
-	// A runner killed midway (SIGKILL: no cleanup) leaves its stage seed
-	// only until the TTL it gave the gateway runs out.
-	t.Run("killed runner", func(t *testing.T) {
+	// Stage seeds and keys live by a lease the runner renews: a run longer
+	// than their TTL keeps them, and a runner killed midway (SIGKILL: no
+	// cleanup) leaves them only until the TTL runs out.
+	t.Run("stage ttl", func(t *testing.T) {
 		dir := filepath.Join(p.dir, "slow")
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		mod := "import time\n\ndef base(inp):\n    return 1\n\ndef hold(base):\n    time.sleep(60)\n    return base\n"
+		mod := "import time\n\ndef base(inp):\n    return {'v': 1, 'sleep': inp['sleep']}\n\n" +
+			"def hold(base):\n    time.sleep(base['sleep'])\n    return 2\n\ndef fin(base, hold):\n    return base['v'] + hold\n"
 		if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(mod), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		specPath := filepath.Join(dir, "slow.json")
-		if err := os.WriteFile(specPath, []byte(`{"name":"slow","dir":".","steps":[{"name":"base"},{"name":"hold","after":["base"]}]}`), 0o644); err != nil {
+		if err := os.WriteFile(specPath, []byte(`{"name":"slow","dir":".","steps":[{"name":"base"},{"name":"hold","after":["base"]},{"name":"fin","after":["base","hold"]}]}`), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		tok := filepath.Join(p.dir, "killed-token")
@@ -349,12 +351,28 @@ def total(parts):
 			k, _ := rdb.Keys(ctx, "*").Result()
 			return k
 		}
+		spec, err := workflow.ReadSpec(specPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// hold takes 4 s, twice the TTL: the runner's renewals keep the
+		// run's seed (which hold's and fin's instances page from) and
+		// base's key (which fin loads after hold) alive.
+		short := *rn
+		short.StageTTL = 2 * time.Second
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := short.Run(ctx, spec, json.RawMessage(`{"sleep": 4}`), tr)
+			if err != nil || string(run.Result) != "3" {
+				t.Fatalf("%s: a run twice as long as its stage TTL: %v, result %s", tr, err, run.Result)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
 		for _, v := range []struct {
 			transfer string
 			left     func() []string
 		}{{"fork", stageSeeds}, {"storage", keys}} {
 			cmd := p.gw.Command(mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"),
-				"run", specPath, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock)
+				"run", specPath, "--input", `{"sleep": 60}`, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock)
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -381,16 +399,13 @@ def total(parts):
 		}
 		// hold ends at its step timeout; then only the workflow's
 		// function is left, which rm removes.
-		spec, err := workflow.ReadSpec(specPath)
-		if err != nil {
-			t.Fatal(err)
-		}
 		if err := rn.Remove(ctx, spec); err != nil {
 			t.Fatal(err)
 		}
 		assertProcs(t, pythons, deployedProcs)
-		if n, err := rdb.DBSize(ctx).Result(); err != nil || n != 0 {
-			t.Errorf("redis holds %d keys (%v)", n, err)
+		if k := keys(); len(k) != 0 {
+			ttl, _ := rdb.TTL(ctx, k[0]).Result()
+			t.Errorf("redis holds keys %v (the first expires in %v)", k, ttl)
 		}
 	})
 
