@@ -39,7 +39,11 @@ type ForkOptions struct {
 	// Prefetch maps the seed's recorded working set (the pages earlier
 	// children touched) into the child before it runs, fetching into the
 	// node's page cache what it does not hold yet, so the child takes
-	// fewer faults.
+	// fewer faults. One prefetching fork in probeEvery runs without it (a
+	// probe): the pages its faults bring in are what such a child needs,
+	// and the working set a prefetch maps is what each of the last
+	// keptProbes probes touched, so it follows what children do now
+	// instead of growing to everything any child ever touched.
 	Prefetch bool
 	// Root, if set, runs the child in a container of its own: new mount,
 	// (A seed whose parent runs chrooted, in an image, gets containerized
@@ -82,6 +86,8 @@ type Seed struct {
 	cacheMu    sync.Mutex
 	cache      *pager.Cache
 	remoteRuns []descriptor.Run // pages served to other nodes
+	prefetches int              // prefetching forks so far
+	probes     [][]descriptor.Run
 }
 
 // CacheBytes is the memory the node's page cache of the seed takes (with
@@ -127,6 +133,7 @@ type Child struct {
 	status syscall.WaitStatus
 	pg     statser
 	space  *pager.Space // the child's address space; nil once TreeDone is closed
+	probe  bool         // forked without its prefetch, to learn the working set
 
 	mu  sync.Mutex
 	err error

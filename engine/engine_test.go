@@ -2,9 +2,11 @@ package engine
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -211,6 +213,15 @@ func TestForkModesAgree(t *testing.T) {
 		{"nocache", ForkOptions{NoCache: true}},
 		{"eager", ForkOptions{Eager: true}},
 	}
+	// Prefetching children, the probeEvery-th of them a probe (no
+	// prefetch: it records what its faults bring in), then one that
+	// prefetches what the probe touched.
+	for i := 1; i <= probeEvery+1; i++ {
+		cases = append(cases, struct {
+			name string
+			opts ForkOptions
+		}{fmt.Sprintf("prefetch-%d", i), ForkOptions{Prefetch: true}})
+	}
 	outs := map[string]string{}
 	for _, tc := range cases {
 		out, st := runChild(t, e, s, tc.opts)
@@ -240,6 +251,12 @@ func TestForkModesAgree(t *testing.T) {
 	}
 	if s.CacheBytes() == 0 {
 		t.Errorf("page cache stayed empty")
+	}
+	s.cacheMu.Lock()
+	probes := slices.Clone(s.probes)
+	s.cacheMu.Unlock()
+	if len(probes) != 1 || len(probes[0]) == 0 {
+		t.Errorf("after %d prefetching children: probes %v, want one that touched the seed's data", probeEvery+1, probes)
 	}
 }
 

@@ -70,3 +70,69 @@ func TestRunsRandom(t *testing.T) {
 		}
 	}
 }
+
+// TestIntersectRuns checks intersectRuns against sets of units.
+func TestIntersectRuns(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	toRuns := func(set map[uint64]bool) []descriptor.Run {
+		var out []descriptor.Run
+		for u := uint64(0); u < 200; u++ {
+			if set[u] {
+				out = addRun(out, descriptor.Run{Start: u, End: u + 1})
+			}
+		}
+		return out
+	}
+	randomSet := func() map[uint64]bool {
+		set := map[uint64]bool{}
+		for k := 0; k < rng.IntN(12); k++ {
+			s := rng.Uint64N(190)
+			for u := s; u < s+1+rng.Uint64N(15) && u < 200; u++ {
+				set[u] = true
+			}
+		}
+		return set
+	}
+	for round := 0; round < 500; round++ {
+		a, b := randomSet(), randomSet()
+		both := map[uint64]bool{}
+		for u := range a {
+			if b[u] {
+				both[u] = true
+			}
+		}
+		got := intersectRuns(toRuns(a), toRuns(b))
+		if want := toRuns(both); !reflect.DeepEqual(got, want) && !(len(got) == 0 && len(want) == 0) {
+			t.Fatalf("round %d: intersectRuns(%v, %v) = %v, want %v", round, toRuns(a), toRuns(b), got, want)
+		}
+	}
+}
+
+// TestProbes: one prefetching fork in probeEvery is a probe (never the
+// first), and the prefetch set is what each of the last keptProbes
+// probes touched.
+func TestProbes(t *testing.T) {
+	s := &Seed{}
+	var probes []int
+	for i := 1; i <= 3*probeEvery; i++ {
+		if s.nextPrefetchProbes() {
+			probes = append(probes, i)
+		}
+	}
+	if !reflect.DeepEqual(probes, []int{probeEvery, 2 * probeEvery, 3 * probeEvery}) {
+		t.Errorf("probes at forks %v, want every %dth", probes, probeEvery)
+	}
+	r := func(s, e uint64) descriptor.Run { return descriptor.Run{Start: s, End: e} }
+	s.addProbe([]descriptor.Run{r(0, 100)}) // a request that reads the whole state
+	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, []descriptor.Run{r(0, 100)}) {
+		t.Errorf("after one probe: %v, want what it touched", got)
+	}
+	s.addProbe([]descriptor.Run{r(0, 10), r(50, 60)}) // then light ones
+	s.addProbe([]descriptor.Run{r(0, 10), r(55, 70)})
+	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, []descriptor.Run{r(0, 10), r(55, 60)}) {
+		t.Errorf("after three probes: %v, want what both of the last two touched", got)
+	}
+	if len(s.probes) != keptProbes {
+		t.Errorf("%d probes kept, want %d", len(s.probes), keptProbes)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -147,6 +148,9 @@ type space struct {
 	retry   []uint64
 	streams [maxStreams]stream
 	tick    uint64
+	// touched holds the seed addresses of the data pages this space's
+	// faults installed (fault-around windows included), for Touched.
+	touched []descriptor.Run
 	closed  atomic.Bool // set by Pager.Close before it closes f
 	// blocking spaces wait for messages in poll(2) on their own thread,
 	// not in Go's netpoller: a forked space's process (a multi-hop seed's
@@ -273,6 +277,37 @@ func (sp *Space) PreloadAll() error {
 		}
 	}
 	return nil
+}
+
+// maxTouched bounds the runs a space keeps for Touched (16 bytes each): a
+// child faulting more scattered windows than this records only the first.
+const maxTouched = 1 << 16
+
+// touch records that a fault installed the n data pages at seed address
+// src. Precondition: s.mu held.
+func (s *space) touch(src uint64, n int) {
+	if k := len(s.touched); k > 0 && s.touched[k-1].End == src {
+		s.touched[k-1].End += uint64(n) * pageSize
+		return
+	}
+	if len(s.touched) >= maxTouched {
+		if s.touched = descriptor.MergeRuns(s.touched); len(s.touched) >= maxTouched {
+			return
+		}
+	}
+	s.touched = append(s.touched, descriptor.Run{Start: src, End: src + uint64(n)*pageSize})
+}
+
+// Touched returns the runs of seed memory (seed addresses, merged) whose
+// data this child's faults brought in, fault-around windows included: what
+// it read or wrote beyond the pages preloaded before it ran. A child forked
+// without a prefetch shows what it needs (its working set), which a
+// prefetching child's page tables cannot tell apart from what it was given.
+func (sp *Space) Touched() []descriptor.Run {
+	s := sp.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return descriptor.MergeRuns(slices.Clone(s.touched))
 }
 
 // LazyRuns returns the child addresses whose pages may hold the seed's data
@@ -869,6 +904,9 @@ func (s *space) fault(a uint64, write bool) error {
 		err = s.install(a, 1, zero, write)
 	}
 	*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
+	if err == nil && !zero {
+		s.touch(s.srcOf(start), n)
+	}
 	if debugFaults {
 		es := "ok"
 		if err != nil {

@@ -152,7 +152,7 @@ func TestPagerCacheFaults(t *testing.T) {
 	mmapFixed(t, base, 8*P, unix.MAP_PRIVATE|unix.MAP_NORESERVE, cfd, off)
 	unix.Close(cfd)
 	ufd := newUFFD(t, base, 8*P, uffd.RegisterModeMissing|uffd.RegisterModeMinor)
-	p, _ := startPager(t, Config{Desc: d, Source: src, Cache: c}, ufd)
+	p, sp := startPager(t, Config{Desc: d, Source: src, Cache: c}, ufd)
 
 	// A present page: the aligned window is clipped to the run (0-3).
 	got := kread(t, p, base+P, P)
@@ -192,6 +192,11 @@ func TestPagerCacheFaults(t *testing.T) {
 	}
 	if calls := src.reset(); len(calls) != 1 || calls[0] != (readCall{base + 6*P, P}) {
 		t.Errorf("source reads %+v, want one page at 6", calls)
+	}
+	// What the faults brought in: the data pages 0-3 and 6, not the zero
+	// pages 4, 5 and 7.
+	if got := sp.Touched(); !slices.Equal(got, []descriptor.Run{{Start: base, End: base + 4*P}, {Start: base + 6*P, End: base + 7*P}}) {
+		t.Errorf("Touched() = %+v, want pages 0-3 and 6", got)
 	}
 	st = settled(p, func(st Stats) bool { return st.PagesShared >= 5 && st.PagesZero >= 3 })
 	if st.PagesShared != 5 || st.PagesZero != 3 || st.PagesFetched != 5 {
@@ -250,6 +255,9 @@ func TestPagerCopyFaults(t *testing.T) {
 	}
 	if st := p.Stats(); st.Faults != 0 || st.Eager != 1 || st.PagesCopied != 1 {
 		t.Errorf("stats after preload %+v, want 0 faults, 1 eager, 1 copied", st)
+	}
+	if got := sp.Touched(); len(got) != 0 {
+		t.Errorf("a preloaded page counts as touched: %+v", got)
 	}
 	// Preloading it again is a no-op.
 	if err := sp.Preload(base+20*P, 1, nil); err != nil || p.Stats().Eager != 1 {
