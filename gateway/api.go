@@ -274,7 +274,9 @@ func (g *Gateway) expireStageAfter(fn, ref string, ttl time.Duration) {
 	g.stageTimers[ref] = time.AfterFunc(ttl, func() {
 		g.stageMu.Lock()
 		delete(g.stageTimers, ref)
-		if g.ctx.Err() != nil {
+		if g.ctx.Err() != nil || !g.sched.hasStage(fn, ref) {
+			// Closing, or the seed went another way meanwhile (its
+			// function removed, its node restarted).
 			g.stageMu.Unlock()
 			return
 		}
