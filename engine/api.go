@@ -39,11 +39,12 @@ type ForkOptions struct {
 	// Prefetch maps the seed's recorded working set (the pages earlier
 	// children touched) into the child before it runs, fetching into the
 	// node's page cache what it does not hold yet, so the child takes
-	// fewer faults. One prefetching fork in probeEvery runs without it (a
-	// probe): the pages its faults bring in are what such a child needs,
-	// and the working set a prefetch maps is what each of the last
-	// keptProbes probes touched, so it follows what children do now
-	// instead of growing to everything any child ever touched.
+	// fewer faults. Now and then a prefetching fork runs without it (a
+	// probe: one in 8, growing rarer while probes agree): the pages its
+	// faults bring in are what such a child needs, and the working set a
+	// prefetch maps is what each of the last two probes touched, so it
+	// follows what children do now instead of growing to everything any
+	// child ever touched.
 	Prefetch bool
 	// Root, if set, runs the child in a container of its own: new mount,
 	// (A seed whose parent runs chrooted, in an image, gets containerized
@@ -85,9 +86,10 @@ type Seed struct {
 
 	cacheMu    sync.Mutex
 	cache      *pager.Cache
-	remoteRuns []descriptor.Run // pages served to other nodes
-	prefetches int              // prefetching forks so far
-	probes     [][]descriptor.Run
+	remoteRuns []descriptor.Run   // pages served to other nodes
+	sinceProbe int                // prefetching forks since the last probe
+	probeGap   int                // prefetching forks from one probe to the next (0: probeEvery)
+	probes     [][]descriptor.Run // what the last keptProbes probes touched
 }
 
 // CacheBytes is the memory the node's page cache of the seed takes (with

@@ -108,31 +108,71 @@ func TestIntersectRuns(t *testing.T) {
 	}
 }
 
-// TestProbes: one prefetching fork in probeEvery is a probe (never the
-// first), and the prefetch set is what each of the last keptProbes
-// probes touched.
+// TestProbes: the first prefetching fork is never a probe; probes come one
+// in probeEvery, then rarer (up to maxProbeGap) while they touch the same
+// pages, and often again once one differs; the prefetch set is what each of
+// the last keptProbes probes touched.
 func TestProbes(t *testing.T) {
 	s := &Seed{}
-	var probes []int
-	for i := 1; i <= 3*probeEvery; i++ {
-		if s.nextPrefetchProbes() {
-			probes = append(probes, i)
-		}
-	}
-	if !reflect.DeepEqual(probes, []int{probeEvery, 2 * probeEvery, 3 * probeEvery}) {
-		t.Errorf("probes at forks %v, want every %dth", probes, probeEvery)
-	}
 	r := func(s, e uint64) descriptor.Run { return descriptor.Run{Start: s, End: e} }
-	s.addProbe([]descriptor.Run{r(0, 100)}) // a request that reads the whole state
-	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, []descriptor.Run{r(0, 100)}) {
-		t.Errorf("after one probe: %v, want what it touched", got)
+	whole := []descriptor.Run{r(0, 100)}
+	// forksToProbe counts the forks up to and including the next probe.
+	forksToProbe := func() int {
+		for i := 1; i <= 10*maxProbeGap; i++ {
+			if s.nextPrefetchProbes() {
+				return i
+			}
+		}
+		t.Fatal("no probe")
+		return 0
 	}
-	s.addProbe([]descriptor.Run{r(0, 10), r(50, 60)}) // then light ones
+	var gaps []int
+	for k := 0; k < 7; k++ {
+		gaps = append(gaps, forksToProbe())
+		s.addProbe(whole) // every child reads the whole state
+	}
+	if want := []int{8, 8, 16, 32, 64, 128, 256}; !reflect.DeepEqual(gaps, want) {
+		t.Errorf("probes after %v forks, want %v", gaps, want)
+	}
+	if g := forksToProbe(); g != maxProbeGap {
+		t.Errorf("then after %d forks, want %d at most", g, maxProbeGap)
+	}
+	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, whole) {
+		t.Errorf("prefetch set %v, want %v", got, whole)
+	}
+	// Children change: they now read a tenth of it. The first probe that
+	// sees it narrows the set at once and brings the probes back.
+	s.addProbe([]descriptor.Run{r(0, 10), r(50, 60)})
+	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, []descriptor.Run{r(0, 10), r(50, 60)}) {
+		t.Errorf("after a probe that read less: %v, want what both of the last two touched", got)
+	}
+	if g := forksToProbe(); g != probeEvery {
+		t.Errorf("next probe after %d forks, want %d", g, probeEvery)
+	}
 	s.addProbe([]descriptor.Run{r(0, 10), r(55, 70)})
 	if got := s.prefetchSet(nil); !reflect.DeepEqual(got, []descriptor.Run{r(0, 10), r(55, 60)}) {
-		t.Errorf("after three probes: %v, want what both of the last two touched", got)
+		t.Errorf("after three probes: %v", got)
 	}
 	if len(s.probes) != keptProbes {
 		t.Errorf("%d probes kept, want %d", len(s.probes), keptProbes)
+	}
+}
+
+func TestSimilarRuns(t *testing.T) {
+	r := func(s, e uint64) descriptor.Run { return descriptor.Run{Start: s, End: e} }
+	for _, tc := range []struct {
+		a, b []descriptor.Run
+		want bool
+	}{
+		{[]descriptor.Run{r(0, 100)}, []descriptor.Run{r(0, 100)}, true},
+		{[]descriptor.Run{r(0, 100)}, []descriptor.Run{r(0, 91)}, true},
+		{[]descriptor.Run{r(0, 100)}, []descriptor.Run{r(0, 89)}, false},
+		{[]descriptor.Run{r(0, 50)}, []descriptor.Run{r(50, 100)}, false},
+		{nil, nil, true},
+		{nil, []descriptor.Run{r(0, 1)}, false},
+	} {
+		if got := similarRuns(tc.a, tc.b); got != tc.want {
+			t.Errorf("similarRuns(%v, %v) = %v, want %v", tc.a, tc.b, got, tc.want)
+		}
 	}
 }
