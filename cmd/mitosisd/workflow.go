@@ -19,9 +19,9 @@ import (
 )
 
 type workflowFlags struct {
-	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir string
-	timeout, stageTTL                                                       time.Duration
-	jsonOut, perRun                                                         bool
+	gateway, tokenFile, user, passwordFile, redis, input, transfer, runsDir, workDir string
+	timeout, stageTTL                                                                time.Duration
+	jsonOut, perRun                                                                  bool
 }
 
 func newWorkflowCmd() *cobra.Command {
@@ -64,6 +64,7 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 	pf.StringVar(&f.user, "user", "admin", "basic auth user (with --password-file)")
 	pf.StringVar(&f.passwordFile, "password-file", "", "basic auth password file (e.g. /var/lib/mitosis/gateway/basic-auth-password)")
 	pf.StringVar(&f.runsDir, "runs-dir", "/var/lib/mitosis/workflow-runs", "where run records are written (and listed from)")
+	pf.StringVar(&f.workDir, "work-dir", os.TempDir(), "where the workflow's function directory (the step runtime) is written; every node must see it at the same path, as the module's directory")
 
 	run := &cobra.Command{
 		Use:   "run SPEC.json",
@@ -214,7 +215,10 @@ func (f *workflowFlags) runner() (*workflow.Runner, error) {
 	if f.timeout < 0 || f.stageTTL < 0 {
 		return nil, fmt.Errorf("--step-timeout %v, --stage-ttl %v: want positive durations", f.timeout, f.stageTTL)
 	}
-	rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, Timeout: f.timeout, StageTTL: f.stageTTL, SeedPerRun: f.perRun}
+	if !filepath.IsAbs(f.workDir) {
+		return nil, fmt.Errorf("--work-dir %q: want an absolute path (every node must see it at that path)", f.workDir)
+	}
+	rn := &workflow.Runner{Gateway: strings.TrimRight(f.gateway, "/"), RedisSocket: f.redis, WorkDir: f.workDir, Timeout: f.timeout, StageTTL: f.stageTTL, SeedPerRun: f.perRun}
 	if err := f.auth(rn); err != nil {
 		return nil, err
 	}

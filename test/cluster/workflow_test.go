@@ -371,7 +371,7 @@ def total(parts):
 			transfer string
 			left     func() []string
 		}{{"fork", stageSeeds}, {"storage", keys}} {
-			cmd := p.gw.Command(mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"),
+			cmd := p.gw.Command(mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"), "--work-dir", p.dir,
 				"run", specPath, "--input", `{"sleep": 60}`, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock)
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
