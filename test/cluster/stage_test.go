@@ -175,8 +175,8 @@ func TestStageSeeds(t *testing.T) {
 	for _, c := range []struct {
 		fn, ref, ttl string
 		code         int
-	}{{"keeper", rref, "forever", 400}, {"keeper", rref, "", 400}, {"keeper", "nonode", "1m", 400},
-		{"other", rref, "1m", 404}, {"keeper", early.Get("X-Mitosis-Seed"), "1m", 404}, {"keeper", rref, "1m", 202}} {
+	}{{"keeper", rref, "1m", 202}, {"keeper", rref, "forever", 400}, {"keeper", rref, "", 400}, {"keeper", "nonode", "1m", 400},
+		{"other", rref, "1m", 404}, {"keeper", early.Get("X-Mitosis-Seed"), "1m", 404}} {
 		if code, out := renew(c.fn, c.ref, c.ttl); code != c.code {
 			t.Errorf("renew %s %s for %q: %d %q, want %d", c.fn, c.ref, c.ttl, code, out, c.code)
 		}
@@ -199,7 +199,7 @@ func TestStageSeeds(t *testing.T) {
 		return left
 	}
 	resBefore := reserved() // other's stage seed
-	code, h, out := p.request("POST", "/function/keeper", "put:t", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 2s")
+	code, h, out := p.request("POST", "/function/keeper", "put:t", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 4s")
 	tref := h.Get("X-Mitosis-Seed")
 	if code != 200 || tref == "" {
 		t.Fatalf("stage with a TTL: %d seed %q %q", code, tref, out)

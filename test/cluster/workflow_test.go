@@ -355,13 +355,14 @@ def total(parts):
 		if err != nil {
 			t.Fatal(err)
 		}
-		// hold takes 4 s, twice the TTL: the runner's renewals keep the
-		// run's seed (which hold's and fin's instances page from) and
-		// base's key (which fin loads after hold) alive.
+		// hold takes 8 s, twice the TTL: the runner's renewals (every
+		// 1.3 s; only a stall of 2.7 s could miss the TTL) keep the run's
+		// seed (which hold's and fin's instances page from) and base's
+		// key (which fin loads after hold) alive.
 		short := *rn
-		short.StageTTL = 2 * time.Second
+		short.StageTTL = 4 * time.Second
 		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
-			run, err := short.Run(ctx, spec, json.RawMessage(`{"sleep": 4}`), tr)
+			run, err := short.Run(ctx, spec, json.RawMessage(`{"sleep": 8}`), tr)
 			if err != nil || string(run.Result) != "3" {
 				t.Fatalf("%s: a run twice as long as its stage TTL: %v, result %s", tr, err, run.Result)
 			}
