@@ -543,7 +543,7 @@ func (s *Seed) prefetchSet(c *pager.Cache) []descriptor.Run {
 	var probed []descriptor.Run
 	for i, p := range s.probes {
 		if i == 0 {
-			probed = p
+			probed = slices.Clone(p) // mergeRuns below sorts in place
 		} else {
 			probed = intersectRuns(probed, p)
 		}
