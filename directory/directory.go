@@ -9,6 +9,7 @@
 //	nodes/<node>             NodeInfo JSON, attached to the node's lease
 //	functions/<name>         {"name","created","spec"} JSON; spec is opaque here
 //	seeds/<function>/<node>  SeedRecord JSON, attached to the holding node's lease
+//	stages/<function>/<node>/<seed>  StageLease JSON, attached to a lease of its own
 //
 // Liveness is by lease: a node registers under a lease of a few seconds
 // (Register) and keeps it alive in the background; when its process dies,

@@ -216,3 +216,66 @@ func TestRegisterLivenessAndSeeds(t *testing.T) {
 	}
 	r3.Close(ctx)
 }
+
+// TestStageLeases: a stage seed's lease record is in every View while it is
+// renewed, goes when its lease expires or it is deleted, and a renewal
+// with another TTL swaps the lease.
+func TestStageLeases(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	v, err := c.NewView(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	has := func(ref string) bool {
+		for _, l := range v.StageLeases() {
+			if l.Ref == ref && l.Function == "wf" {
+				return true
+			}
+		}
+		return false
+	}
+	for _, bad := range []struct{ fn, ref string }{{"wf", "nonode"}, {"wf", "a/"}, {"", "a/s-1"}, {"wf", "a/s 1"}} {
+		if err := c.PutStageLease(ctx, bad.fn, bad.ref, time.Second); err == nil {
+			t.Errorf("PutStageLease(%q, %q) accepted", bad.fn, bad.ref)
+		}
+	}
+	if err := c.PutStageLease(ctx, "wf", "a/s-1", 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.PutStageLease(ctx, "wf", "b/s-2", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "both leases in the view", 5*time.Second, func() bool { return has("a/s-1") && has("b/s-2") })
+	// Renewed every 0.5 s (same TTL, then a longer one), a/s-1 outlives
+	// its first 2 s.
+	for i := 0; i < 8; i++ {
+		ttl := 2 * time.Second
+		if i >= 4 {
+			ttl = 3 * time.Second
+		}
+		if ok, err := c.RenewStageLease(ctx, "wf", "a/s-1", ttl); !ok || err != nil {
+			t.Fatalf("renew %d: %v %v", i, ok, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if !has("a/s-1") {
+		t.Fatal("a renewed lease expired")
+	}
+	// Left alone, it expires; the other stays.
+	waitFor(t, "the lease to expire", 10*time.Second, func() bool { return !has("a/s-1") })
+	if !has("b/s-2") {
+		t.Error("the other lease went too")
+	}
+	if ok, err := c.RenewStageLease(ctx, "wf", "a/s-1", time.Second); ok || err != nil {
+		t.Errorf("renewal of an expired lease: %v %v, want false", ok, err)
+	}
+	if err := c.DeleteStageLease(ctx, "wf", "b/s-2"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the deleted lease to go", 5*time.Second, func() bool { return !has("b/s-2") })
+	if err := c.DeleteStageLease(ctx, "wf", "b/s-2"); err != nil {
+		t.Errorf("deleting a missing lease: %v", err)
+	}
+}

@@ -2,6 +2,7 @@ package directory
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -46,6 +47,7 @@ type viewSnap struct {
 	functions map[string]Function
 	fnList    []Function
 	seeds     map[string][]SeedRecord // by function, sorted by node
+	stages    map[string]StageLease   // stage seed leases, by function + "\x00" + ref
 }
 
 // NewView loads the directory and starts watching it. Close it when done
@@ -68,7 +70,7 @@ func (c *Client) newView(ctx context.Context, watchFrom int64) (*View, error) {
 		changed:   make(chan struct{}),
 		watchFrom: watchFrom,
 	}
-	v.snap.Store(st.snapshot(nil, true, true, true))
+	v.snap.Store(st.snapshot(nil, true, true, true, true))
 	if err := c.track(nil, v); err != nil {
 		cancel()
 		return nil, fmt.Errorf("new view: %w", err)
@@ -83,6 +85,7 @@ type viewState struct {
 	nodes     map[string]NodeInfo
 	functions map[string]Function
 	seeds     map[string]map[string]SeedRecord
+	stages    map[string]StageLease
 }
 
 // load reads the whole prefix at one revision.
@@ -96,6 +99,7 @@ func (c *Client) load(ctx context.Context) (*viewState, error) {
 		nodes:     make(map[string]NodeInfo),
 		functions: make(map[string]Function),
 		seeds:     make(map[string]map[string]SeedRecord),
+		stages:    make(map[string]StageLease),
 	}
 	for _, kv := range resp.Kvs {
 		st.apply(c, mvccpb.PUT, kv)
@@ -104,7 +108,7 @@ func (c *Client) load(ctx context.Context) (*viewState, error) {
 }
 
 // apply changes st by one event and reports which parts changed.
-func (st *viewState) apply(c *Client, typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (nodes, fns, seeds bool) {
+func (st *viewState) apply(c *Client, typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) (nodes, fns, seeds, stages bool) {
 	rest, ok := strings.CutPrefix(string(kv.Key), c.prefix)
 	if !ok {
 		return
@@ -127,7 +131,7 @@ func (st *viewState) apply(c *Client, typ mvccpb.Event_EventType, kv *mvccpb.Key
 			return
 		}
 		st.nodes[name] = n
-		return true, false, false
+		return true, false, false, false
 	case "functions":
 		if del {
 			_, fns = st.functions[name]
@@ -140,7 +144,7 @@ func (st *viewState) apply(c *Client, typ mvccpb.Event_EventType, kv *mvccpb.Key
 			return
 		}
 		st.functions[name] = f
-		return false, true, false
+		return false, true, false, false
 	case "seeds":
 		fn, node, _ := strings.Cut(name, "/")
 		if del {
@@ -168,13 +172,28 @@ func (st *viewState) apply(c *Client, typ mvccpb.Event_EventType, kv *mvccpb.Key
 			st.seeds[fn] = m
 		}
 		m[node] = s
-		return false, false, true
+		return false, false, true, false
+	case "stages":
+		fn, ref, _ := strings.Cut(name, "/")
+		k := fn + "\x00" + ref
+		if del {
+			_, stages = st.stages[k]
+			delete(st.stages, k)
+			return
+		}
+		var l StageLease
+		if err := json.Unmarshal(kv.Value, &l); err != nil || l.Function != fn || l.Ref != ref {
+			bad(fmt.Errorf("stage lease record %q does not match its key (%v)", kv.Value, err))
+			return
+		}
+		st.stages[k] = l
+		return false, false, false, true
 	}
 	return
 }
 
 // snapshot builds a picture of st, reusing prev's parts that did not change.
-func (st *viewState) snapshot(prev *viewSnap, nodes, fns, seeds bool) *viewSnap {
+func (st *viewState) snapshot(prev *viewSnap, nodes, fns, seeds, stages bool) *viewSnap {
 	s := &viewSnap{rev: st.rev}
 	if prev != nil {
 		*s = *prev
@@ -207,6 +226,12 @@ func (st *viewState) snapshot(prev *viewSnap, nodes, fns, seeds bool) *viewSnap 
 			}
 			sort.Slice(l, func(i, j int) bool { return l[i].Node < l[j].Node })
 			s.seeds[fn] = l
+		}
+	}
+	if stages || prev == nil {
+		s.stages = make(map[string]StageLease, len(st.stages))
+		for k, l := range st.stages {
+			s.stages[k] = l
 		}
 	}
 	return s
@@ -258,7 +283,7 @@ func (v *View) run(st *viewState) {
 			backoff = min(2*backoff, 2*time.Second)
 		}
 		v.reloads.Add(1)
-		v.publish(st.snapshot(nil, true, true, true))
+		v.publish(st.snapshot(nil, true, true, true, true))
 		from = st.rev + 1
 	}
 }
@@ -276,17 +301,17 @@ func (v *View) watch(st *viewState, from int64) error {
 		if err := resp.Err(); err != nil {
 			return err
 		}
-		var nodes, fns, seeds bool
+		var nodes, fns, seeds, stages bool
 		for _, ev := range resp.Events {
-			n, f, s := st.apply(v.c, ev.Type, ev.Kv)
-			nodes, fns, seeds = nodes || n, fns || f, seeds || s
+			n, f, s, g := st.apply(v.c, ev.Type, ev.Kv)
+			nodes, fns, seeds, stages = nodes || n, fns || f, seeds || s, stages || g
 		}
 		if resp.Header.Revision > st.rev {
 			st.rev = resp.Header.Revision
 		}
 		from = st.rev + 1
-		if nodes || fns || seeds {
-			v.publish(st.snapshot(v.snap.Load(), nodes, fns, seeds))
+		if nodes || fns || seeds || stages {
+			v.publish(st.snapshot(v.snap.Load(), nodes, fns, seeds, stages))
 		}
 	}
 	return errors.New("watch channel closed")
@@ -321,6 +346,16 @@ func (v *View) Function(name string) (Function, bool) {
 // Seeds returns the seeds of function, sorted by node.
 func (v *View) Seeds(function string) []SeedRecord {
 	return append([]SeedRecord(nil), v.snap.Load().seeds[function]...)
+}
+
+// StageLeases returns the stage seed leases in the directory (any order).
+func (v *View) StageLeases() []StageLease {
+	m := v.snap.Load().stages
+	out := make([]StageLease, 0, len(m))
+	for _, l := range m {
+		out = append(out, l)
+	}
+	return out
 }
 
 // Changed returns a channel closed at the next change of the picture (or

@@ -169,9 +169,10 @@ func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusAccepted)
 }
 
-// renewStageSeed re-arms a stage seed's TTL (gwapi.RenewStageSeedRequest):
-// 202, or 404 when this gateway keeps no such stage seed of the function
-// (unknown, removed, or expired already), 400 for a malformed request.
+// renewStageSeed renews a stage seed's lease (gwapi.RenewStageSeedRequest)
+// in the directory, so any gateway can: 202, or 404 when the seed has no
+// lease (unknown, made without a TTL, removed, or expired already), 400
+// for a malformed request.
 func (g *Gateway) renewStageSeed(w http.ResponseWriter, r *http.Request) {
 	var req RenewStageSeedRequest
 	if err := readSmallJSON(w, r, &req); err != nil || req.FunctionName == "" || req.Seed == "" || req.TTL == "" {
@@ -187,12 +188,15 @@ func (g *Gateway) renewStageSeed(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a duration from 1s to %v (e.g. 2m)", req.TTL, maxStageTTL))
 		return
 	}
-	if !g.sched.hasStage(req.FunctionName, req.Seed) {
-		httpError(w, http.StatusNotFound, fmt.Sprintf("this gateway keeps no stage seed %s of function %q (unknown, removed, or its TTL ran out)", req.Seed, req.FunctionName))
-		return
+	ok, err := g.dir.RenewStageLease(r.Context(), req.FunctionName, req.Seed, ttl)
+	switch {
+	case err != nil:
+		httpError(w, http.StatusBadGateway, fmt.Sprintf("renew stage seed %s: %v", req.Seed, err))
+	case !ok:
+		httpError(w, http.StatusNotFound, fmt.Sprintf("stage seed %s of function %q has no lease (unknown, made without a TTL, removed, or its TTL ran out)", req.Seed, req.FunctionName))
+	default:
+		w.WriteHeader(http.StatusAccepted)
 	}
-	g.expireStageAfter(req.FunctionName, req.Seed, ttl)
-	w.WriteHeader(http.StatusAccepted)
 }
 
 // deleteStageSeed removes a stage seed: on its node the seed and the
@@ -229,15 +233,13 @@ func (g *Gateway) deleteStageSeed(w http.ResponseWriter, r *http.Request) {
 }
 
 // removeStageSeed removes stage seed ref (NODE/SEED) of function fn on
-// every node (the seed and its instance on NODE, imports elsewhere) and,
-// once its node did, its memory reservation. It reports whether the seed's
-// node was live, and that node's error.
+// every node (the seed and its instance on NODE, imports elsewhere), its
+// lease in the directory, and, once its node removed it, its memory
+// reservation. It reports whether the seed's node was live, and that
+// node's error.
 func (g *Gateway) removeStageSeed(ctx context.Context, fn, ref string) (found bool, ownerErr error) {
 	g.stageMu.Lock()
-	if t := g.stageTimers[ref]; t != nil {
-		t.Stop()
-		delete(g.stageTimers, ref)
-	}
+	g.stageGone[ref] = time.Now() // its lease's disappearance is ours
 	g.stageMu.Unlock()
 	owner, _, _ := strings.Cut(ref, "/")
 	body, _ := json.Marshal(node.StageRemoveRequest{Function: fn, Seed: ref})
@@ -253,47 +255,66 @@ func (g *Gateway) removeStageSeed(ctx context.Context, fn, ref string) (found bo
 	if found && ownerErr == nil {
 		g.sched.dropStages(owner, fn, ref)
 	}
+	if err := g.dir.DeleteStageLease(ctx, fn, ref); err != nil {
+		g.log.Warn("remove stage seed: its lease stays until it expires", "function", fn, "seed", ref, "err", err)
+	}
 	return found, ownerErr
 }
 
-// expireStageAfter removes stage seed ref of fn after ttl unless it is
-// removed before (X-Mitosis-Stage-TTL). The timer is this gateway's: a
-// gateway that stops forgets it, as it forgets its reservations.
-func (g *Gateway) expireStageAfter(fn, ref string, ttl time.Duration) {
+// leaseStage records stage seed ref of fn in the directory under a lease
+// of ttl (X-Mitosis-Stage-TTL). Any gateway on the directory renews it
+// (PATCH /system/stage-seeds); when it expires, every gateway's view sees
+// it go and removes the seed (expireStages).
+func (g *Gateway) leaseStage(fn, ref string, ttl time.Duration) error {
+	ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
+	defer cancel()
+	return g.dir.PutStageLease(ctx, fn, ref, ttl)
+}
+
+// expireStages removes the stage seeds whose directory lease went since the
+// last call without this gateway removing them (their TTL ran out, or
+// another gateway removed them: removal is idempotent). Called from watch.
+func (g *Gateway) expireStages() {
+	now := map[string]directory.StageLease{}
+	for _, l := range g.view.StageLeases() {
+		now[l.Ref] = l
+	}
 	g.stageMu.Lock()
-	defer g.stageMu.Unlock()
+	var gone []directory.StageLease
+	for ref, l := range g.stageLeases {
+		if _, ok := now[ref]; !ok {
+			if _, ours := g.stageGone[ref]; !ours {
+				gone = append(gone, l)
+			}
+		}
+	}
+	g.stageLeases = now
+	for ref, t := range g.stageGone { // remembered long enough to see their lease go
+		if time.Since(t) > time.Minute {
+			delete(g.stageGone, ref)
+		}
+	}
 	if g.ctx.Err() != nil {
+		g.stageMu.Unlock()
 		return
 	}
-	if g.stageTimers == nil {
-		g.stageTimers = map[string]*time.Timer{}
+	g.wg.Add(len(gone))
+	g.stageMu.Unlock()
+	for _, l := range gone {
+		go func() {
+			defer g.wg.Done()
+			ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
+			defer cancel()
+			found, err := g.removeStageSeed(ctx, l.Function, l.Ref)
+			switch {
+			case err != nil || !found:
+				g.log.Warn("stage seed's lease ran out; removing it failed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL, "node live", found, "err", err)
+			default:
+				g.m.expired.Inc()
+				g.log.Info("stage seed's lease ran out; removed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL)
+			}
+		}()
 	}
-	if t := g.stageTimers[ref]; t != nil {
-		t.Stop()
-	}
-	g.stageTimers[ref] = time.AfterFunc(ttl, func() {
-		g.stageMu.Lock()
-		delete(g.stageTimers, ref)
-		if g.ctx.Err() != nil || !g.sched.hasStage(fn, ref) {
-			// Closing, or the seed went another way meanwhile (its
-			// function removed, its node restarted).
-			g.stageMu.Unlock()
-			return
-		}
-		g.wg.Add(1)
-		g.stageMu.Unlock()
-		defer g.wg.Done()
-		ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
-		defer cancel()
-		found, err := g.removeStageSeed(ctx, fn, ref)
-		switch {
-		case err != nil || !found:
-			g.log.Warn("stage seed's TTL ran out; removing it failed", "function", fn, "seed", ref, "ttl", ttl, "node live", found, "err", err)
-		default:
-			g.m.expired.Inc()
-			g.log.Info("stage seed's TTL ran out; removed", "function", fn, "seed", ref, "ttl", ttl)
-		}
-	})
 }
 
 // nodeAnswer is one node's answer to a control call made on many nodes.

@@ -113,10 +113,12 @@ type Gateway struct {
 	srvMu sync.Mutex
 	srv   *http.Server
 
-	// stageTimers remove stage seeds whose X-Mitosis-Stage-TTL ran out,
-	// by NODE/SEED.
+	// stageLeases are the stage seed leases of the directory at the last
+	// expireStages, by NODE/SEED; stageGone the stage seeds this gateway
+	// removed itself (when), whose leases' going is not an expiry.
 	stageMu     sync.Mutex
-	stageTimers map[string]*time.Timer
+	stageLeases map[string]directory.StageLease
+	stageGone   map[string]time.Time
 }
 
 // New starts a gateway on the directory: it loads the directory's view and
@@ -165,7 +167,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	}
 	g := &Gateway{cfg: cfg, dir: cfg.Directory, view: view, log: cfg.Logger, sched: newSched(cfg.MaxQueue),
 		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue),
-		follows: make(chan struct{}, maxFollows)}
+		follows: make(chan struct{}, maxFollows), stageGone: map[string]time.Time{}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)
@@ -206,6 +208,7 @@ func (g *Gateway) watch() {
 	for {
 		ch := g.view.Changed()
 		g.logNodes(g.sched.setNodes(g.view.Nodes()))
+		g.expireStages()
 		g.rec.run(g.ctx)
 		select {
 		case <-g.ctx.Done():
@@ -247,14 +250,10 @@ func (g *Gateway) Close() error {
 		err = srv.Shutdown(sctx)
 		cancel()
 	}
-	// Under stageMu: a TTL timer that fires now either sees the gateway
+	// Under stageMu: an expiry starting now either sees the gateway
 	// closed or joins g.wg before Wait.
 	g.stageMu.Lock()
 	g.cancel()
-	for ref, t := range g.stageTimers {
-		t.Stop()
-		delete(g.stageTimers, ref)
-	}
 	g.stageMu.Unlock()
 	g.wg.Wait()
 	g.view.Close()

@@ -268,7 +268,14 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		if c.stage && o.msg == "" && o.resp.Seed != "" {
 			g.sched.keepStage(n, c.fn, o.resp.Seed, mem)
 			if c.stageTTL > 0 {
-				g.expireStageAfter(c.fn, o.resp.Seed, c.stageTTL)
+				if err := g.leaseStage(c.fn, o.resp.Seed, c.stageTTL); err != nil {
+					// A client that asked for a TTL gets one or an error,
+					// not a seed that may never go.
+					rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), removeTimeout)
+					g.removeStageSeed(rctx, c.fn, o.resp.Seed)
+					cancel()
+					return outcome{status: http.StatusBadGateway, msg: fmt.Sprintf("stage seed %s made, but its lease could not be recorded (removed it): %v", o.resp.Seed, err)}
+				}
 			}
 		}
 		o.queued = queued

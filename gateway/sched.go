@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strings"
 	"sync"
 	"time"
 
@@ -275,19 +274,6 @@ func (s *sched) keepStage(n *nodeState, fn, seed string, mem int64) {
 	}
 	n.stages[seed] = stageRes{fn: fn, mem: mem}
 	n.reserved += mem
-}
-
-// hasStage reports whether the stage seed ref (NODE/SEED) of fn is kept.
-func (s *sched) hasStage(fn, ref string) bool {
-	owner, _, _ := strings.Cut(ref, "/")
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := s.nodes[owner]
-	if n == nil {
-		return false
-	}
-	st, ok := n.stages[ref]
-	return ok && st.fn == fn
 }
 
 // dropStages forgets the reservations of the stage seeds of fn on node

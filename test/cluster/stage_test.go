@@ -274,3 +274,103 @@ func TestStageSeeds(t *testing.T) {
 	}
 	assertProcs(t, pythons, before)
 }
+
+// TestStageLeaseAcrossGateways: a stage seed's TTL is a lease in the
+// cluster directory, so a second gateway on the same directory (another
+// replica behind a load balancer) renews a seed the first made, and the
+// seed goes when nobody renews it.
+func TestStageLeaseAcrossGateways(t *testing.T) {
+	requireSetup(t)
+	p := startPlatform(t)
+	dir := filepath.Join(p.dir, "stagefn")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "handler.py"), []byte(stageHandler), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(map[string]any{"service": "keeper", "image": dir,
+		"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.policy": "fork"}})
+	if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
+		t.Fatalf("deploy: %d %s", code, body)
+	}
+	// The second gateway: the same host, another port, the first's etcd.
+	tokens := filepath.Join(p.dir, "gw2-tokens")
+	if err := os.WriteFile(tokens, []byte(platformToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	url2 := "http://" + p.gw.IP + ":8082"
+	gw2 := p.gw.Command(mitosisBin, "gateway", "--listen", p.gw.IP+":8082", "--state-dir", filepath.Join(p.dir, "gw2-state"),
+		"--etcd-endpoints", p.gwy.Etcd, "--secret-file", p.gw.SecretFile, "--token-file", tokens)
+	logf, err := os.Create(filepath.Join(p.dir, "gw2.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	gw2.Stdout, gw2.Stderr = logf, logf
+	if err := gw2.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = gw2.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = gw2.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			_ = gw2.Process.Kill()
+			<-done
+		}
+	}()
+	hc := p.gwy.Client(10 * time.Second)
+	renew := func(ref, ttl string) int {
+		body, _ := json.Marshal(map[string]string{"functionName": "keeper", "seed": ref, "ttl": ttl})
+		req, _ := http.NewRequest("PATCH", url2+"/system/stage-seeds", strings.NewReader(string(body)))
+		req.Header.Set("Authorization", "Bearer "+platformToken)
+		resp, err := hc.Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for renew("a/s-none", "5s") != http.StatusNotFound {
+		if time.Now().After(deadline) {
+			t.Fatalf("the second gateway did not serve within 30 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	code, h, out := p.request("POST", "/function/keeper", "put:x", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 3s")
+	ref := h.Get("X-Mitosis-Seed")
+	if code != 200 || ref == "" {
+		t.Fatalf("stage with a TTL: %d %q %q", code, ref, out)
+	}
+	// Renewed through the second gateway only, for twice its TTL.
+	for end := time.Now().Add(6 * time.Second); time.Now().Before(end); time.Sleep(time.Second) {
+		if c := renew(ref, "3s"); c != http.StatusAccepted {
+			t.Fatalf("renewal through the second gateway: %d", c)
+		}
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref); code != 200 || strings.TrimSpace(out) != "x,y" {
+		t.Fatalf("the stage seed renewed through the other gateway is gone: %d %q", code, out)
+	}
+	// Nobody renews it now: it goes within its TTL and the view's delay.
+	deadline = time.Now().Add(15 * time.Second)
+	for {
+		code, _, _ := p.request("POST", "/function/keeper", "put:z", true, "-H", "X-Mitosis-Seed: "+ref)
+		if code != 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stage seed outlived its lease by 15 s")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if c := renew(ref, "3s"); c != http.StatusNotFound {
+		t.Errorf("renewal of the expired seed: %d, want 404", c)
+	}
+	if code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"keeper"}`, true); code != http.StatusAccepted {
+		t.Fatalf("delete keeper: %d %s", code, body)
+	}
+}

@@ -1,0 +1,140 @@
+package directory
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// StageLease is the lease of a stage seed with a TTL: the value of
+// stages/<function>/<node>/<seed>, attached to an etcd lease of its own.
+// While the key exists the seed is wanted; when the lease expires (nobody
+// renewed it within TTL) etcd deletes the key, and every gateway's View
+// sees the seed go and removes it. Any gateway on the directory can renew
+// it, so a client behind a load balancer may reach any of them.
+type StageLease struct {
+	Function string `json:"function"`
+	// Ref is the stage seed as NODE/SEED.
+	Ref string `json:"ref"`
+	// TTL is the lease's time to live, in whole seconds.
+	TTL     int64     `json:"ttl_s"`
+	Created time.Time `json:"created"`
+}
+
+func (c *Client) stageKey(fn, ref string) string { return c.prefix + "stages/" + fn + "/" + ref }
+
+func leaseSeconds(ttl time.Duration) int64 { return max(int64(math.Ceil(ttl.Seconds())), 1) }
+
+// checkStage validates a stage lease's function and NODE/SEED reference.
+func checkStage(fn, ref string) error {
+	if err := checkName("function", fn); err != nil {
+		return err
+	}
+	node, seed, ok := strings.Cut(ref, "/")
+	if !ok || checkName("node", node) != nil || seed == "" || strings.ContainsAny(seed, "/ \t\r\n") {
+		return fmt.Errorf("stage seed %q: want NODE/SEED", ref)
+	}
+	return nil
+}
+
+// PutStageLease records stage seed ref of function fn under a new lease of
+// ttl (whole seconds, at least etcd's minimum).
+func (c *Client) PutStageLease(ctx context.Context, fn, ref string, ttl time.Duration) error {
+	if err := checkStage(fn, ref); err != nil {
+		return fmt.Errorf("put stage lease: %w", err)
+	}
+	rec := StageLease{Function: fn, Ref: ref, TTL: leaseSeconds(ttl), Created: time.Now().UTC()}
+	lease, err := c.cli.Grant(ctx, rec.TTL)
+	if err != nil {
+		return fmt.Errorf("put stage lease %s: grant: %w", ref, err)
+	}
+	val, _ := json.Marshal(rec)
+	if _, err := c.cli.Put(ctx, c.stageKey(fn, ref), string(val), clientv3.WithLease(lease.ID)); err != nil {
+		_, _ = c.cli.Revoke(context.WithoutCancel(ctx), lease.ID)
+		return fmt.Errorf("put stage lease %s: %w", ref, err)
+	}
+	return nil
+}
+
+// RenewStageLease renews the lease of stage seed ref of function fn for
+// ttl from now; false if there is none (expired, removed, never made).
+func (c *Client) RenewStageLease(ctx context.Context, fn, ref string, ttl time.Duration) (bool, error) {
+	if err := checkStage(fn, ref); err != nil {
+		return false, fmt.Errorf("renew stage lease: %w", err)
+	}
+	key := c.stageKey(fn, ref)
+	resp, err := c.cli.Get(ctx, key)
+	if err != nil {
+		return false, fmt.Errorf("renew stage lease %s: %w", ref, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return false, nil
+	}
+	kv := resp.Kvs[0]
+	var rec StageLease
+	if err := json.Unmarshal(kv.Value, &rec); err != nil {
+		return false, fmt.Errorf("renew stage lease %s: malformed record: %w", ref, err)
+	}
+	secs := leaseSeconds(ttl)
+	if rec.TTL == secs && kv.Lease != 0 {
+		// The same TTL: keep the lease alive.
+		if _, err := c.cli.KeepAliveOnce(ctx, clientv3.LeaseID(kv.Lease)); err != nil {
+			if strings.Contains(err.Error(), "requested lease not found") {
+				return false, nil
+			}
+			return false, fmt.Errorf("renew stage lease %s: %w", ref, err)
+		}
+		return true, nil
+	}
+	// Another TTL: a new lease, swapped in if the record did not change
+	// meanwhile, and the old one revoked.
+	lease, err := c.cli.Grant(ctx, secs)
+	if err != nil {
+		return false, fmt.Errorf("renew stage lease %s: grant: %w", ref, err)
+	}
+	rec.TTL = secs
+	val, _ := json.Marshal(rec)
+	tx, err := c.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
+		Then(clientv3.OpPut(key, string(val), clientv3.WithLease(lease.ID))).Commit()
+	if err != nil || !tx.Succeeded {
+		_, _ = c.cli.Revoke(context.WithoutCancel(ctx), lease.ID)
+		if err != nil {
+			return false, fmt.Errorf("renew stage lease %s: %w", ref, err)
+		}
+		return false, nil // expired or replaced meanwhile
+	}
+	if kv.Lease != 0 {
+		_, _ = c.cli.Revoke(ctx, clientv3.LeaseID(kv.Lease))
+	}
+	return true, nil
+}
+
+// DeleteStageLease removes the lease record of stage seed ref of function
+// fn (none is not an error).
+func (c *Client) DeleteStageLease(ctx context.Context, fn, ref string) error {
+	if err := checkStage(fn, ref); err != nil {
+		return fmt.Errorf("delete stage lease: %w", err)
+	}
+	key := c.stageKey(fn, ref)
+	resp, err := c.cli.Get(ctx, key)
+	if err != nil {
+		return fmt.Errorf("delete stage lease %s: %w", ref, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil
+	}
+	if l := resp.Kvs[0].Lease; l != 0 {
+		if _, err := c.cli.Revoke(ctx, clientv3.LeaseID(l)); err == nil {
+			return nil
+		}
+	}
+	if _, err := c.cli.Delete(ctx, key); err != nil {
+		return fmt.Errorf("delete stage lease %s: %w", ref, err)
+	}
+	return nil
+}
