@@ -91,7 +91,7 @@ func newMetrics(g *Gateway) *metrics {
 	m.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mitosis_node_inflight",
 		Help: "Invocations in flight from this gateway, per node."}, []string{"node"})
 	m.expired = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_stage_seeds_expired_total",
-		Help: "Stage seeds removed because their X-Mitosis-Stage-TTL ran out (a client that made them did not)."})
+		Help: "Stage seeds this gateway removed because their lease (X-Mitosis-Stage-TTL) went without this gateway removing them: it ran out, or another gateway removed the seed."})
 	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.callbacks,
 		m.instances, m.memory, m.replicas, m.inflight, m.expired, newSchedCollector(g.sched))
 	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))

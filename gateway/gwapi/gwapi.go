@@ -10,9 +10,10 @@ package gwapi
 // forks from that seed instead of the function's own. A workflow step's
 // downstream steps inherit its memory this way. DELETE /system/stage-seeds
 // removes one. HeaderStageTTL (a Go duration, e.g. "30m") on a stage
-// request bounds the stage seed's life: the gateway removes it then if
-// nobody did, so a client that dies leaves no seed (and no memory
-// reservation) behind for good.
+// request gives the stage seed a lease in the cluster directory: unless
+// renewed (RenewStageSeedRequest, through any gateway) or removed before,
+// it is removed when the lease runs out, so a client that dies leaves no
+// seed (and no memory reservation) behind for good.
 const (
 	HeaderSeed     = "X-Mitosis-Seed"
 	HeaderStage    = "X-Mitosis-Stage"
