@@ -121,6 +121,7 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 	if update {
 		// A new generation replaces the old one's stage seeds too.
 		g.sched.dropStages("", d.Service, "")
+		g.dropStageLeases(ctx, d.Service)
 	}
 	g.log.Info("deploy", "function", d.Service, "policy", fr.Spec.Policy, "generation", fr.Spec.Generation, "update", update, "took", time.Since(start))
 	w.WriteHeader(http.StatusAccepted)
@@ -165,8 +166,25 @@ func (g *Gateway) deleteFunction(w http.ResponseWriter, r *http.Request) {
 		}()
 	}
 	wg.Wait()
+	g.dropStageLeases(ctx, req.FunctionName)
 	g.log.Info("delete", "function", req.FunctionName)
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// dropStageLeases deletes the directory leases of fn's stage seeds, which
+// went with the function (they are not expiries).
+func (g *Gateway) dropStageLeases(ctx context.Context, fn string) {
+	for _, l := range g.view.StageLeases() {
+		if l.Function != fn {
+			continue
+		}
+		g.stageMu.Lock()
+		g.stageGone[l.Ref] = time.Now()
+		g.stageMu.Unlock()
+		if err := g.dir.DeleteStageLease(ctx, fn, l.Ref); err != nil {
+			g.log.Warn("delete function: a stage seed's lease stays until it runs out", "function", fn, "seed", l.Ref, "err", err)
+		}
+	}
 }
 
 // renewStageSeed renews a stage seed's lease (gwapi.RenewStageSeedRequest)

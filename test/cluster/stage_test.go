@@ -370,7 +370,16 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	if c := renew(ref, "3s"); c != http.StatusNotFound {
 		t.Errorf("renewal of the expired seed: %d, want 404", c)
 	}
+	// A stage seed's lease goes with its function.
+	_, h, _ = p.request("POST", "/function/keeper", "put:w", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 1h")
+	long := h.Get("X-Mitosis-Seed")
+	if c := renew(long, "1h"); c != http.StatusAccepted {
+		t.Fatalf("renewal of a fresh stage seed: %d", c)
+	}
 	if code, _, body := p.request("DELETE", "/system/functions", `{"functionName":"keeper"}`, true); code != http.StatusAccepted {
 		t.Fatalf("delete keeper: %d %s", code, body)
+	}
+	if c := renew(long, "1h"); c != http.StatusNotFound {
+		t.Errorf("the lease of a removed function's stage seed: renewal %d, want 404", c)
 	}
 }
