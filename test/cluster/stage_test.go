@@ -24,13 +24,10 @@ def handle(req):
     return ",".join(STATE)
 `
 
-// TestStageSeeds: an invocation kept as a stage seed (X-Mitosis-Stage)
-// serves forks on every node with the memory it had when it answered;
-// wrong seed headers are refused; DELETE /system/stage-seeds and removing
-// the function leave no seed, import or process.
-func TestStageSeeds(t *testing.T) {
-	requireSetup(t)
-	p := startPlatform(t)
+// stageFunctions writes stageHandler into a function directory and returns
+// a deploy of it under a name and policy (256Mi).
+func stageFunctions(t *testing.T, p *platform) func(name, policy string) {
+	t.Helper()
 	dir := filepath.Join(p.dir, "stagefn")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
@@ -38,13 +35,24 @@ func TestStageSeeds(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "handler.py"), []byte(stageHandler), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	deploy := func(name, policy string) {
+	return func(name, policy string) {
+		t.Helper()
 		b, _ := json.Marshal(map[string]any{"service": name, "image": dir,
 			"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.policy": policy}})
 		if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
 			t.Fatalf("deploy %s: %d %s", name, code, body)
 		}
 	}
+}
+
+// TestStageSeeds: an invocation kept as a stage seed (X-Mitosis-Stage)
+// serves forks on every node with the memory it had when it answered;
+// wrong seed headers are refused; DELETE /system/stage-seeds and removing
+// the function leave no seed, import or process.
+func TestStageSeeds(t *testing.T) {
+	requireSetup(t)
+	p := startPlatform(t)
+	deploy := stageFunctions(t, p)
 	pythons := func() []string { return pgrepFull(t, "mitosis-bootstrap.py") }
 	before := len(pythons())
 	deploy("keeper", "fork")
@@ -282,18 +290,7 @@ func TestStageSeeds(t *testing.T) {
 func TestStageLeaseAcrossGateways(t *testing.T) {
 	requireSetup(t)
 	p := startPlatform(t)
-	dir := filepath.Join(p.dir, "stagefn")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "handler.py"), []byte(stageHandler), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	b, _ := json.Marshal(map[string]any{"service": "keeper", "image": dir,
-		"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.policy": "fork"}})
-	if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
-		t.Fatalf("deploy: %d %s", code, body)
-	}
+	stageFunctions(t, p)("keeper", "fork")
 	// The second gateway: the same host, another port, the first's etcd.
 	tokens := filepath.Join(p.dir, "gw2-tokens")
 	if err := os.WriteFile(tokens, []byte(platformToken+"\n"), 0o600); err != nil {
