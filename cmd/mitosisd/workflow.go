@@ -151,13 +151,27 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 		},
 	}
 	ls := &cobra.Command{
-		Use:   "ls",
-		Short: "List recorded runs, newest first",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		Use:   "ls [RUN]",
+		Short: "List recorded runs, newest first, or show one run's steps",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
 			runs, err := loadRuns(f.runsDir)
 			if err != nil {
 				return err
+			}
+			if len(args) == 1 {
+				for _, r := range runs {
+					if r.ID == args[0] {
+						if f.jsonOut {
+							b, _ := json.MarshalIndent(r, "", "  ")
+							fmt.Fprintln(cmd.OutOrStdout(), string(b))
+						} else {
+							printRun(cmd, r)
+						}
+						return nil
+					}
+				}
+				return fmt.Errorf("no run %q recorded in %s (mitosis workflow ls lists them)", args[0], f.runsDir)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "RUN\tTRANSFER\tSTARTED\tMS\tSTEPS (NAME=MS@START MS)\tERROR")
@@ -206,6 +220,7 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 			return rn.Remove(cmd.Context(), spec)
 		},
 	}
+	ls.Flags().BoolVar(&f.jsonOut, "json", false, "with RUN: print its record as JSON")
 	wf.AddCommand(run, deploy, rm, validate, ls)
 	return wf
 }

@@ -446,6 +446,12 @@ def total(parts):
 		if out, err := cli("ls"); err != nil || !strings.Contains(out, run.ID) || !strings.Contains(out, "reduce-counts=") || !strings.Contains(out, "@") {
 			t.Errorf("workflow ls: %v\n%s", err, out)
 		}
+		if out, err := cli("ls", run.ID); err != nil || !strings.Contains(out, "STEP") || !strings.Contains(out, "reduce-counts") || !strings.Contains(out, "result: ") {
+			t.Errorf("workflow ls %s: %v\n%s", run.ID, err, out)
+		}
+		if out, err := cli("ls", "nosuch-run"); err == nil || !strings.Contains(out, `no run "nosuch-run"`) {
+			t.Errorf("workflow ls of an unknown run: %v\n%s", err, out)
+		}
 		// A definition that sets the step runtime's own variables is
 		// refused, by validate and by run alike.
 		bad := filepath.Join(p.dir, "bad-wordcount.json")
