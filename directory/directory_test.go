@@ -237,17 +237,22 @@ func TestStageLeases(t *testing.T) {
 		return false
 	}
 	for _, bad := range []struct{ fn, ref string }{{"wf", "nonode"}, {"wf", "a/"}, {"", "a/s-1"}, {"wf", "a/s 1"}} {
-		if err := c.PutStageLease(ctx, bad.fn, bad.ref, time.Second); err == nil {
+		if err := c.PutStageLease(ctx, bad.fn, bad.ref, 0, time.Second); err == nil {
 			t.Errorf("PutStageLease(%q, %q) accepted", bad.fn, bad.ref)
 		}
 	}
-	if err := c.PutStageLease(ctx, "wf", "a/s-1", 2*time.Second); err != nil {
+	if err := c.PutStageLease(ctx, "wf", "a/s-1", 1<<28, 2*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.PutStageLease(ctx, "wf", "b/s-2", 60*time.Second); err != nil {
+	if err := c.PutStageLease(ctx, "wf", "b/s-2", 0, 60*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "both leases in the view", 5*time.Second, func() bool { return has("a/s-1") && has("b/s-2") })
+	for _, l := range v.StageLeases() {
+		if l.Ref == "a/s-1" && (l.Memory != 1<<28 || l.TTL != 2) {
+			t.Errorf("lease record %+v, want 256 MiB and 2 s", l)
+		}
+	}
 	// Renewed every 0.5 s (same TTL, then a longer one), a/s-1 outlives
 	// its first 2 s.
 	for i := 0; i < 8; i++ {

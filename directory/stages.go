@@ -22,7 +22,10 @@ type StageLease struct {
 	// Ref is the stage seed as NODE/SEED.
 	Ref string `json:"ref"`
 	// TTL is the lease's time to live, in whole seconds.
-	TTL     int64     `json:"ttl_s"`
+	TTL int64 `json:"ttl_s"`
+	// Memory is what the seed's instance holds reserved on its node, in
+	// bytes: every gateway counts it in placement while the lease lives.
+	Memory  int64     `json:"memory,omitempty"`
 	Created time.Time `json:"created"`
 }
 
@@ -42,13 +45,14 @@ func checkStage(fn, ref string) error {
 	return nil
 }
 
-// PutStageLease records stage seed ref of function fn under a new lease of
-// ttl (whole seconds, at least etcd's minimum).
-func (c *Client) PutStageLease(ctx context.Context, fn, ref string, ttl time.Duration) error {
+// PutStageLease records stage seed ref of function fn, whose instance
+// holds memory bytes reserved, under a new lease of ttl (whole seconds, at
+// least etcd's minimum).
+func (c *Client) PutStageLease(ctx context.Context, fn, ref string, memory int64, ttl time.Duration) error {
 	if err := checkStage(fn, ref); err != nil {
 		return fmt.Errorf("put stage lease: %w", err)
 	}
-	rec := StageLease{Function: fn, Ref: ref, TTL: leaseSeconds(ttl), Created: time.Now().UTC()}
+	rec := StageLease{Function: fn, Ref: ref, TTL: leaseSeconds(ttl), Memory: memory, Created: time.Now().UTC()}
 	lease, err := c.cli.Grant(ctx, rec.TTL)
 	if err != nil {
 		return fmt.Errorf("put stage lease %s: grant: %w", ref, err)

@@ -283,15 +283,18 @@ func (g *Gateway) removeStageSeed(ctx context.Context, fn, ref string) (found bo
 // of ttl (X-Mitosis-Stage-TTL). Any gateway on the directory renews it
 // (PATCH /system/stage-seeds); when it expires, every gateway's view sees
 // it go and removes the seed (expireStages).
-func (g *Gateway) leaseStage(fn, ref string, ttl time.Duration) error {
+func (g *Gateway) leaseStage(fn, ref string, mem int64, ttl time.Duration) error {
 	ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
 	defer cancel()
-	return g.dir.PutStageLease(ctx, fn, ref, ttl)
+	return g.dir.PutStageLease(ctx, fn, ref, mem, ttl)
 }
 
-// expireStages removes the stage seeds whose directory lease went since the
-// last call without this gateway removing them (their TTL ran out, or
-// another gateway removed them: removal is idempotent). Called from watch.
+// expireStages follows the stage seed leases of the directory (called from
+// watch): it counts the memory of every leased stage seed in placement,
+// whichever gateway made it (so every replica, and this one after a
+// restart, sees what the seeds hold), and removes the stage seeds whose
+// lease went since the last call without this gateway removing them (their
+// TTL ran out, or another gateway removed them: removal is idempotent).
 func (g *Gateway) expireStages() {
 	now := map[string]directory.StageLease{}
 	for _, l := range g.view.StageLeases() {
@@ -301,9 +304,21 @@ func (g *Gateway) expireStages() {
 	var gone []directory.StageLease
 	for ref, l := range g.stageLeases {
 		if _, ok := now[ref]; !ok {
-			if _, ours := g.stageGone[ref]; !ours {
+			owner, _, _ := strings.Cut(ref, "/")
+			if _, ours := g.stageGone[ref]; ours {
+				g.sched.dropStages(owner, l.Function, ref) // an adoption may have raced our removal
+			} else {
 				gone = append(gone, l)
 			}
+		}
+	}
+	for ref, l := range now {
+		if _, ours := g.stageGone[ref]; ours || l.Memory <= 0 {
+			continue
+		}
+		owner, _, _ := strings.Cut(ref, "/")
+		if n := g.sched.node(owner); n != nil {
+			g.sched.keepStage(n, l.Function, ref, l.Memory) // no-op if counted already
 		}
 	}
 	g.stageLeases = now

@@ -268,7 +268,7 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		if c.stage && o.msg == "" && o.resp.Seed != "" {
 			g.sched.keepStage(n, c.fn, o.resp.Seed, mem)
 			if c.stageTTL > 0 {
-				if err := g.leaseStage(c.fn, o.resp.Seed, c.stageTTL); err != nil {
+				if err := g.leaseStage(c.fn, o.resp.Seed, mem, c.stageTTL); err != nil {
 					// A client that asked for a TTL gets one or an error,
 					// not a seed that may never go.
 					rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), removeTimeout)

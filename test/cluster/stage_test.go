@@ -343,6 +343,32 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	if code != 200 || ref == "" {
 		t.Fatalf("stage with a TTL: %d %q %q", code, ref, out)
 	}
+	// The second gateway counts the memory the seed holds (from its lease)
+	// though the first placed it.
+	reserved2 := func() (r int64) {
+		req, _ := http.NewRequest("GET", url2+"/system/nodes", nil)
+		req.Header.Set("Authorization", "Bearer "+platformToken)
+		resp, err := hc.Do(req)
+		if err != nil {
+			return -1
+		}
+		defer resp.Body.Close()
+		var ns []nodeStatus
+		if json.NewDecoder(resp.Body).Decode(&ns) != nil {
+			return -1
+		}
+		for _, n := range ns {
+			r += n.ReservedBytes
+		}
+		return r
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for reserved2() < 256<<20 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := reserved2(); r < 256<<20 {
+		t.Errorf("the second gateway reserves %d bytes for the first's stage seed, want 256Mi", r)
+	}
 	// Renewed through the second gateway only, for twice its TTL.
 	for end := time.Now().Add(6 * time.Second); time.Now().Before(end); time.Sleep(time.Second) {
 		if c := renew(ref, "3s"); c != http.StatusAccepted {
@@ -366,6 +392,13 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	}
 	if c := renew(ref, "3s"); c != http.StatusNotFound {
 		t.Errorf("renewal of the expired seed: %d, want 404", c)
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for reserved2() != 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := reserved2(); r != 0 {
+		t.Errorf("the second gateway still reserves %d bytes after the seed expired", r)
 	}
 	// A stage seed's lease goes with its function.
 	_, h, _ = p.request("POST", "/function/keeper", "put:w", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 1h")
