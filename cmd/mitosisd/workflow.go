@@ -100,12 +100,7 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 			if err := saveRun(f.runsDir, r); err != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "mitosis: record run: %v\n", err)
 			}
-			if f.jsonOut {
-				b, _ := json.MarshalIndent(r, "", "  ")
-				fmt.Fprintln(cmd.OutOrStdout(), string(b))
-			} else {
-				printRun(cmd, r)
-			}
+			showRun(cmd, r, f.jsonOut)
 			return runErr
 		},
 	}
@@ -162,12 +157,7 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 			if len(args) == 1 {
 				for _, r := range runs {
 					if r.ID == args[0] {
-						if f.jsonOut {
-							b, _ := json.MarshalIndent(r, "", "  ")
-							fmt.Fprintln(cmd.OutOrStdout(), string(b))
-						} else {
-							printRun(cmd, r)
-						}
+						showRun(cmd, r, f.jsonOut)
 						return nil
 					}
 				}
@@ -273,6 +263,16 @@ func (f *workflowFlags) auth(rn *workflow.Runner) error {
 		rn.User, rn.Password = f.user, strings.TrimSpace(string(b))
 	}
 	return nil
+}
+
+// showRun prints a run record: as JSON, or as printRun's table.
+func showRun(cmd *cobra.Command, r *workflow.Run, asJSON bool) {
+	if asJSON {
+		b, _ := json.MarshalIndent(r, "", "  ")
+		fmt.Fprintln(cmd.OutOrStdout(), string(b))
+		return
+	}
+	printRun(cmd, r)
 }
 
 func printRun(cmd *cobra.Command, r *workflow.Run) {
