@@ -90,6 +90,7 @@ type Seed struct {
 	sinceProbe int                // prefetching forks since the last probe
 	probeGap   int                // prefetching forks from one probe to the next (0: probeEvery)
 	probes     [][]descriptor.Run // what the last keptProbes probes touched
+	probeSet   []descriptor.Run   // what each of them touched (read-only once set)
 }
 
 // CacheBytes is the memory the node's page cache of the seed takes (with

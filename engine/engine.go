@@ -514,6 +514,13 @@ func (s *Seed) addProbe(touched []descriptor.Run) {
 	if len(s.probes) > keptProbes {
 		s.probes = slices.Delete(s.probes, 0, len(s.probes)-keptProbes)
 	}
+	// What every kept probe touched, computed here once rather than on
+	// every fork: a new slice, never modified after (prefetchSet shares it).
+	set := s.probes[0]
+	for _, p := range s.probes[1:] {
+		set = intersectRuns(set, p)
+	}
+	s.probeSet = slices.Clip(slices.Clone(set))
 }
 
 // similarRuns reports whether a and b (sorted, merged) have nine tenths of
@@ -540,21 +547,13 @@ func similarRuns(a, b []descriptor.Run) bool {
 // definition; only the runs recorded elsewhere are checked against it.
 func (s *Seed) prefetchSet(c *pager.Cache) []descriptor.Run {
 	s.cacheMu.Lock()
-	var probed []descriptor.Run
-	for i, p := range s.probes {
-		if i == 0 {
-			probed = slices.Clone(p) // mergeRuns below sorts in place
-		} else {
-			probed = intersectRuns(probed, p)
-		}
-	}
-	learned := len(s.probes) > 0
+	probed, learned := s.probeSet, len(s.probes) > 0
 	s.cacheMu.Unlock()
 	if learned {
 		if c == nil {
-			return mergeRuns(probed)
+			return slices.Clone(probed)
 		}
-		return c.Held(mergeRuns(probed))
+		return c.Held(probed)
 	}
 	if c == nil {
 		return s.WorkingSet()
