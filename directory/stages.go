@@ -3,11 +3,13 @@ package directory
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -88,7 +90,7 @@ func (c *Client) RenewStageLease(ctx context.Context, fn, ref string, ttl time.D
 	if rec.TTL == secs && kv.Lease != 0 {
 		// The same TTL: keep the lease alive.
 		if _, err := c.cli.KeepAliveOnce(ctx, clientv3.LeaseID(kv.Lease)); err != nil {
-			if strings.Contains(err.Error(), "requested lease not found") {
+			if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 				return false, nil
 			}
 			return false, fmt.Errorf("renew stage lease %s: %w", ref, err)
