@@ -218,6 +218,9 @@ func (e *Engine) Fork(s *Seed, opts ForkOptions) (*Child, error) {
 			if err := preloadHot(sp, d, nsPID); err != nil {
 				return err
 			}
+			if c.probe {
+				sp.RecordTouched()
+			}
 			if opts.Prefetch && !c.probe {
 				for _, r := range s.prefetchSet(cache) {
 					if err := sp.Preload(r.Start, int((r.End-r.Start)/descriptor.PageSize), nil); err != nil {

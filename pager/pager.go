@@ -149,9 +149,11 @@ type space struct {
 	streams [maxStreams]stream
 	tick    uint64
 	// touched holds the seed addresses of the data pages this space's
-	// faults installed (fault-around windows included), for Touched.
-	touched []descriptor.Run
-	closed  atomic.Bool // set by Pager.Close before it closes f
+	// faults installed (fault-around windows included), for Touched, once
+	// RecordTouched asked for it (recording is off for other children).
+	touched     []descriptor.Run
+	recordTouch bool
+	closed      atomic.Bool // set by Pager.Close before it closes f
 	// blocking spaces wait for messages in poll(2) on their own thread,
 	// not in Go's netpoller: a forked space's process (a multi-hop seed's
 	// frozen copy) mostly faults inside the daemon's own process_vm_readv,
@@ -296,6 +298,15 @@ func (s *space) touch(src uint64, n int) {
 		}
 	}
 	s.touched = append(s.touched, descriptor.Run{Start: src, End: src + uint64(n)*pageSize})
+}
+
+// RecordTouched makes the space record what its faults bring in, for
+// Touched. Call it before the child runs.
+func (sp *Space) RecordTouched() {
+	s := sp.s
+	s.mu.Lock()
+	s.recordTouch = true
+	s.mu.Unlock()
 }
 
 // Touched returns the runs of seed memory (seed addresses, merged) whose
@@ -904,7 +915,7 @@ func (s *space) fault(a uint64, write bool) error {
 		err = s.install(a, 1, zero, write)
 	}
 	*st = stream{start: start, end: end, dir: dir, window: int(w), used: s.tick}
-	if err == nil && !zero {
+	if err == nil && !zero && s.recordTouch {
 		s.touch(s.srcOf(start), n)
 	}
 	if debugFaults {

@@ -153,6 +153,7 @@ func TestPagerCacheFaults(t *testing.T) {
 	unix.Close(cfd)
 	ufd := newUFFD(t, base, 8*P, uffd.RegisterModeMissing|uffd.RegisterModeMinor)
 	p, sp := startPager(t, Config{Desc: d, Source: src, Cache: c}, ufd)
+	sp.RecordTouched()
 
 	// A present page: the aligned window is clipped to the run (0-3).
 	got := kread(t, p, base+P, P)
@@ -234,6 +235,7 @@ func TestPagerCopyFaults(t *testing.T) {
 	ufd := newUFFD(t, base, 32*P, uffd.RegisterModeMissing)
 	src := &fakeSource{}
 	p, sp := startPager(t, Config{Desc: d, Source: src, Window: 2, MaxWindow: 8}, ufd)
+	sp.RecordTouched()
 
 	// Preload page 20 with a patch.
 	var patched []uint64
