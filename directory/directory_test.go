@@ -248,6 +248,16 @@ func TestStageLeases(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "both leases in the view", 5*time.Second, func() bool { return has("a/s-1") && has("b/s-2") })
+	refs := func() map[string]string {
+		m, err := c.StageLeaseRefs(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if m := refs(); len(m) != 2 || m["a/s-1"] != "wf" || m["b/s-2"] != "wf" {
+		t.Errorf("StageLeaseRefs = %v, want a/s-1 and b/s-2 of wf", m)
+	}
 	for _, l := range v.StageLeases() {
 		if l.Ref == "a/s-1" && (l.Memory != 1<<28 || l.TTL != 2) {
 			t.Errorf("lease record %+v, want 256 MiB and 2 s", l)
@@ -273,6 +283,9 @@ func TestStageLeases(t *testing.T) {
 	if !has("b/s-2") {
 		t.Error("the other lease went too")
 	}
+	if m := refs(); len(m) != 1 || m["b/s-2"] != "wf" {
+		t.Errorf("StageLeaseRefs after the expiry = %v, want only b/s-2", m)
+	}
 	if ok, err := c.RenewStageLease(ctx, "wf", "a/s-1", time.Second); ok || err != nil {
 		t.Errorf("renewal of an expired lease: %v %v, want false", ok, err)
 	}
@@ -280,6 +293,9 @@ func TestStageLeases(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "the deleted lease to go", 5*time.Second, func() bool { return !has("b/s-2") })
+	if m := refs(); len(m) != 0 {
+		t.Errorf("StageLeaseRefs after the delete = %v, want none", m)
+	}
 	if err := c.DeleteStageLease(ctx, "wf", "b/s-2"); err != nil {
 		t.Errorf("deleting a missing lease: %v", err)
 	}

@@ -144,3 +144,26 @@ func (c *Client) DeleteStageLease(ctx context.Context, fn, ref string) error {
 	}
 	return nil
 }
+
+// StageLeaseRefs returns the stage seeds that have a lease in the
+// directory now, as NODE/SEED mapped to the function: one read of the
+// keys, linearizable, so a seed missing from a successful answer has no
+// lease (it expired or was deleted). A node holding stage seeds asks this
+// every second and removes the leased ones whose lease went, so a seed
+// does not outlive its lease when no gateway can remove it.
+func (c *Client) StageLeaseRefs(ctx context.Context) (map[string]string, error) {
+	pre := c.prefix + "stages/"
+	resp, err := c.cli.Get(ctx, pre, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, fmt.Errorf("list stage leases: %w", err)
+	}
+	out := make(map[string]string, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		// stages/<function>/<node>/<seed>: names hold no '/' (checkStage).
+		fn, ref, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), pre), "/")
+		if ok && checkStage(fn, ref) == nil {
+			out[ref] = fn
+		}
+	}
+	return out, nil
+}

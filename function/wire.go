@@ -31,6 +31,11 @@ type Request struct {
 	// instance replies first, then prepares itself under that name.
 	Stage    bool   `json:"stage,omitempty"`
 	SeedName string `json:"seed_name,omitempty"`
+	// StageLease says the gateway records the stage seed under a lease in
+	// the cluster directory (a stage with a TTL): the node holding the
+	// seed removes it when the lease goes, or when none appears soon after
+	// the seed is made (the gateway failed in between).
+	StageLease bool `json:"stage_lease,omitempty"`
 	// Socket is the API socket of the node running the instance, where a
 	// stage prepares itself (the environment it inherited names the seed
 	// node's, which may be another).

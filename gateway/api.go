@@ -294,7 +294,12 @@ func (g *Gateway) leaseStage(fn, ref string, mem int64, ttl time.Duration) error
 // whichever gateway made it (so every replica, and this one after a
 // restart, sees what the seeds hold), and removes the stage seeds whose
 // lease went since the last call without this gateway removing them (their
-// TTL ran out, or another gateway removed them: removal is idempotent).
+// TTL ran out, or another gateway removed them: removal is idempotent). A
+// removal that fails (the seed's node unreachable) is tried again every
+// call until it succeeds, the node leaves the directory, or
+// stageRetryFor passed; the node removes the seed itself meanwhile
+// (node/stagelease.go), the retries release this gateway's reservation and
+// the other nodes' imports.
 func (g *Gateway) expireStages() {
 	now := map[string]directory.StageLease{}
 	for _, l := range g.view.StageLeases() {
@@ -310,6 +315,12 @@ func (g *Gateway) expireStages() {
 			} else {
 				gone = append(gone, l)
 			}
+		}
+	}
+	for _, r := range g.stageRetry {
+		if !r.busy {
+			r.busy = true
+			gone = append(gone, r.lease)
 		}
 	}
 	for ref, l := range now {
@@ -336,17 +347,50 @@ func (g *Gateway) expireStages() {
 	for _, l := range gone {
 		go func() {
 			defer g.wg.Done()
-			ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
-			defer cancel()
-			found, err := g.removeStageSeed(ctx, l.Function, l.Ref)
-			switch {
-			case err != nil || !found:
-				g.log.Warn("stage seed's lease ran out; removing it failed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL, "node live", found, "err", err)
-			default:
-				g.m.expired.Inc()
-				g.log.Info("stage seed's lease ran out; removed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL)
-			}
+			g.expireStage(l)
 		}()
+	}
+}
+
+// stageRetryFor bounds how long a gateway retries removing an expired
+// stage seed whose node does not answer.
+const stageRetryFor = 10 * time.Minute
+
+// stageRetry is an expired stage seed whose removal failed, tried again by
+// expireStages.
+type stageRetry struct {
+	lease directory.StageLease
+	since time.Time // the first failure
+	busy  bool      // a removal is in flight
+}
+
+// expireStage removes stage seed l, whose lease ran out, and records a
+// failure for expireStages to try again.
+func (g *Gateway) expireStage(l directory.StageLease) {
+	ctx, cancel := context.WithTimeout(g.ctx, removeTimeout)
+	defer cancel()
+	found, err := g.removeStageSeed(ctx, l.Function, l.Ref)
+	g.stageMu.Lock()
+	defer g.stageMu.Unlock()
+	r := g.stageRetry[l.Ref]
+	owner, _, _ := strings.Cut(l.Ref, "/")
+	switch {
+	case found && err == nil:
+		delete(g.stageRetry, l.Ref)
+		g.m.expired.Inc()
+		g.log.Info("stage seed's lease ran out; removed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL, "retried", r != nil)
+	case !found || (r != nil && time.Since(r.since) > stageRetryFor):
+		// Its node left the directory (its seeds are not placed on, and
+		// it removes them itself when it returns: node/stagelease.go),
+		// or it did not answer for stageRetryFor: stop counting it.
+		delete(g.stageRetry, l.Ref)
+		g.sched.dropStages(owner, l.Function, l.Ref)
+		g.log.Warn("stage seed's lease ran out; its node did not remove it, and removes it itself when it can", "function", l.Function, "seed", l.Ref, "node live", found, "err", err)
+	case r == nil:
+		g.stageRetry[l.Ref] = &stageRetry{lease: l, since: time.Now()}
+		g.log.Warn("stage seed's lease ran out; removing it failed, retrying every second", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL, "err", err)
+	default:
+		r.busy = false
 	}
 }
 

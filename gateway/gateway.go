@@ -119,6 +119,7 @@ type Gateway struct {
 	stageMu     sync.Mutex
 	stageLeases map[string]directory.StageLease
 	stageGone   map[string]time.Time
+	stageRetry  map[string]*stageRetry // expired seeds whose removal failed, by NODE/SEED
 }
 
 // New starts a gateway on the directory: it loads the directory's view and
@@ -167,7 +168,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	}
 	g := &Gateway{cfg: cfg, dir: cfg.Directory, view: view, log: cfg.Logger, sched: newSched(cfg.MaxQueue),
 		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue),
-		follows: make(chan struct{}, maxFollows), stageGone: map[string]time.Time{}}
+		follows: make(chan struct{}, maxFollows), stageGone: map[string]time.Time{}, stageRetry: map[string]*stageRetry{}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)

@@ -104,7 +104,7 @@ func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 			return nil, &badRequest{fmt.Sprintf("%s: %q is not a duration from 1s to %v (e.g. 30m)", HeaderStageTTL, v, maxStageTTL)}
 		}
 	}
-	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr, Stage: stage}
+	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr, Stage: stage, StageLease: stage && ttl > 0}
 	meta, err := json.Marshal(m)
 	if err != nil {
 		return nil, err

@@ -34,6 +34,8 @@ type dirMember struct {
 	reg   *directory.Registration
 	seeds map[string]directory.SeedRecord // by function: re-put after a re-registration
 
+	stages stageSweep // the stage seed leases seen (loop only)
+
 	stop      chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
@@ -98,6 +100,7 @@ func (m *dirMember) loop() {
 			ctx, cancel := context.WithTimeout(context.Background(), loadEvery)
 			_ = reg.UpdateLoad(ctx, directory.Load{Running: running, Warm: warm, Updated: time.Now()})
 			cancel()
+			m.sweepStages(m.cl)
 		}
 	}
 }

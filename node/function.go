@@ -170,6 +170,10 @@ type stageRec struct {
 	// reserved is the memory the parent instance keeps reserved on this
 	// node while it is a stage seed (its invocation's reservation).
 	reserved int64
+	// leased: made with a TTL (function.Request.StageLease), so it lives
+	// while its lease in the cluster directory does (stagelease.go).
+	leased bool
+	made   time.Time
 }
 
 // stagePrepared is a prepare-self of an instance asked to become a stage.
@@ -825,7 +829,7 @@ func (f *fnRegistry) invokeFork(ctx context.Context, fn *fnRec, seedRef string, 
 			// The instance lives on as the stage seed's parent: its
 			// memory stays reserved (the invocation's reservation ends
 			// when it returns) until the stage seed is removed.
-			fn.stages[sp.seed.id] = &stageRec{seed: sp.seed, parent: k, reserved: res}
+			fn.stages[sp.seed.id] = &stageRec{seed: sp.seed, parent: k, reserved: res, leased: freq.StageLease, made: time.Now()}
 			f.reserved += res
 		}
 		f.mu.Unlock()

@@ -20,7 +20,10 @@ type metrics struct {
 	forks         *prometheus.CounterVec
 	prepares      prometheus.Counter
 	childFailures prometheus.Counter
-	faults        prometheus.Counter
+	// stageLeaseRemoved counts stage seeds this node removed because
+	// their directory lease went (stagelease.go).
+	stageLeaseRemoved prometheus.Counter
+	faults            prometheus.Counter
 
 	pagesShared, pagesCopied, pagesZero, pagesFetched, pagesEager prometheus.Counter
 
@@ -59,6 +62,11 @@ func newMetrics(d *Daemon) *metrics {
 		Name: "mitosis_prepares_total", Help: "Seeds prepared on this node.",
 	})
 	f(m.prepares)
+	m.stageLeaseRemoved = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "mitosis_stage_seeds_lease_removed_total",
+		Help: "Stage seeds (own or imported) this node removed because their lease in the cluster directory went, or never appeared.",
+	})
+	f(m.stageLeaseRemoved)
 	m.childFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "mitosis_child_failures_total", Help: "Children ended by the daemon because their pages could not be served.",
 	})

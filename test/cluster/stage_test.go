@@ -2,13 +2,17 @@ package cluster
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mitosis-fork/mitosis/bench/netlab"
 )
 
 // stageHandler keeps what "put:X" requests add in a module global: a stage
@@ -411,5 +415,138 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	}
 	if c := renew(long, "1h"); c != http.StatusNotFound {
 		t.Errorf("the lease of a removed function's stage seed: renewal %d, want 404", c)
+	}
+}
+
+// TestStageLeasePartition: a stage seed does not outlive its lease when no
+// gateway can remove it. The gateway is cut off from the nodes' peer port
+// (an nftables rule in its namespace) while the seed's 4 s lease runs out:
+// the node that made the seed removes it and its instance, and the nodes
+// that imported it their imports, on their own (node/stagelease.go). Once
+// the gateway reaches the nodes again, its retried removal releases the
+// memory it reserved for the seed.
+func TestStageLeasePartition(t *testing.T) {
+	requireSetup(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Fatal("nft (Debian nftables) is missing: run .ci/deps")
+	}
+	p := startPlatform(t)
+	stageFunctions(t, p)("keeper", "fork")
+	pythons := func() int { return len(pgrepFull(t, "mitosis-bootstrap.py")) }
+	if code, _, out := p.request("POST", "/function/keeper", "put:w", true); code != 200 {
+		t.Fatalf("warm-up invocation: %d %q", code, out)
+	}
+	before := pythons()
+	code, h, out := p.request("POST", "/function/keeper", "put:x", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 4s")
+	ref := h.Get("X-Mitosis-Seed")
+	if code != 200 || ref == "" {
+		t.Fatalf("stage with a TTL: %d %q %q", code, ref, out)
+	}
+	staged := time.Now()
+	owner, id, _ := strings.Cut(ref, "/")
+	// Forks of it until one ran on another node, which imported it.
+	importers := map[string]bool{}
+	for i := 0; i < 12 && len(importers) == 0; i++ {
+		code, h, out := p.request("POST", "/function/keeper", "put:y", true, "-H", "X-Mitosis-Seed: "+ref)
+		if code != 200 || strings.TrimSpace(out) != "x,y" {
+			t.Fatalf("fork of the stage seed: %d %q", code, out)
+		}
+		if n := h.Get("X-Mitosis-Node"); n != owner {
+			importers[n] = true
+		}
+	}
+	if len(importers) == 0 {
+		t.Fatalf("12 forks of the stage seed all ran on its node %s", owner)
+	}
+	// holders lists the nodes holding the seed or an import of it.
+	holders := func() (out []string) {
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if (n.Name == owner && s.ID == id) || (s.Origin == owner && strings.Contains(s.Name, ".stage.")) {
+					out = append(out, n.Name)
+				}
+			}
+		}
+		return out
+	}
+	if hs := holders(); len(hs) < 2 {
+		t.Fatalf("the stage seed is held by %v, want its node and an importer", hs)
+	}
+	if time.Since(staged) > 3*time.Second {
+		t.Logf("the forks took %v of the 4 s lease", time.Since(staged))
+	}
+
+	// Cut the gateway off from every node's peer port.
+	nft := func(args ...string) error {
+		cmd := p.gw.Command(append([]string{"nft"}, args...)...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("nft %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	for _, rule := range [][]string{
+		{"add", "table", "inet", "mtpartition"},
+		{"add", "chain", "inet", "mtpartition", "out", "{ type filter hook output priority 0 ; policy accept ; }"},
+		{"add", "rule", "inet", "mtpartition", "out", "tcp", "dport", strconv.Itoa(netlab.Port), "reject", "with", "tcp", "reset"},
+	} {
+		if err := nft(rule...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	healed := false
+	heal := func() {
+		if !healed {
+			healed = true
+			if err := nft("delete", "table", "inet", "mtpartition"); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	defer heal()
+	if code, _, _ := p.request("POST", "/function/keeper", "put:z", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
+		t.Fatal("the gateway still reaches the nodes through the partition")
+	}
+
+	// The lease runs out; the nodes remove what they hold of the seed.
+	deadline := staged.Add(4*time.Second + 8*time.Second)
+	for len(holders()) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v after its lease ran out the stage seed is still held by %v", time.Since(staged.Add(4*time.Second)).Round(100*time.Millisecond), holders())
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Logf("stage seed gone from every node %v after it was made (4 s lease)", time.Since(staged).Round(100*time.Millisecond))
+	waitFor := func(what string, timeout time.Duration, ok func() bool) {
+		t.Helper()
+		for end := time.Now().Add(timeout); !ok(); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(end) {
+				t.Fatalf("%s: not within %v", what, timeout)
+			}
+		}
+	}
+	waitFor("the stage instance to end", 5*time.Second, func() bool { return pythons() <= before })
+	for _, n := range p.lab.Nodes[:3] {
+		log, _ := os.ReadFile(n.LogFile)
+		removed := strings.Contains(string(log), "stage seed removed: its lease in the directory is gone")
+		if want := n.Name == owner || importers[n.Name]; removed != want {
+			t.Errorf("node %s logged removing the seed itself: %v, want %v", n.Name, removed, want)
+		}
+	}
+
+	// Reconnected, the gateway's retry releases its reservation.
+	heal()
+	reserved := func() (r int64) {
+		for _, n := range p.nodeStatuses() {
+			r += n.ReservedBytes
+		}
+		return r
+	}
+	waitFor("the gateway to release the seed's reservation", 10*time.Second, func() bool { return reserved() == 0 })
+	log, _ := os.ReadFile(p.gwy.LogFile)
+	if !strings.Contains(string(log), "removing it failed, retrying every second") {
+		t.Error("the gateway did not log its failed removal")
+	}
+	if code, _, out := p.request("POST", "/function/keeper", "put:v", true); code != 200 || strings.TrimSpace(out) != "v" {
+		t.Errorf("after the partition: %d %q", code, out)
 	}
 }
