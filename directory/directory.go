@@ -55,6 +55,8 @@ var (
 	ErrNotFound = errors.New("not found")
 	// ErrExists: a function of that name already exists.
 	ErrExists = errors.New("already exists")
+	// ErrNoTTL is returned when renewing a function created without a TTL.
+	ErrNoTTL = errors.New("has no TTL")
 	// ErrNodeExists: another live process holds the node name.
 	ErrNodeExists = errors.New("node name held by another live process")
 	// ErrLost: the registration's lease is gone (expired or revoked);

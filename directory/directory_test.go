@@ -300,3 +300,66 @@ func TestStageLeases(t *testing.T) {
 		t.Errorf("deleting a missing lease: %v", err)
 	}
 }
+
+// TestFunctionTTL: a function created with a TTL lives while renewed,
+// keeps its lease through an update, and goes (from every View) when
+// nobody renews it; one created without a TTL cannot be renewed.
+func TestFunctionTTL(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	v, err := c.NewView(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	has := func(name string) bool {
+		for _, f := range v.Functions() {
+			if f.Name == name {
+				return true
+			}
+		}
+		return false
+	}
+	if _, err := c.CreateFunctionTTL(ctx, "brief", []byte(`{"v":1}`), 0); err == nil {
+		t.Error("a zero TTL was accepted")
+	}
+	f, err := c.CreateFunctionTTL(ctx, "brief", []byte(`{"v":1}`), 2*time.Second)
+	if err != nil || f.TTL != 2 {
+		t.Fatalf("create with a TTL: %+v %v", f, err)
+	}
+	if _, err := c.CreateFunction(ctx, "lasting", []byte(`{"v":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateFunctionTTL(ctx, "brief", []byte(`{"v":1}`), time.Hour); !errors.Is(err, ErrExists) {
+		t.Errorf("creating it again: %v, want ErrExists", err)
+	}
+	waitFor(t, "the functions in the view", 5*time.Second, func() bool { return has("brief") && has("lasting") })
+	// Renewed every 0.5 s for 4 s, and updated midway.
+	for i := 0; i < 8; i++ {
+		if err := c.RenewFunction(ctx, "brief"); err != nil {
+			t.Fatalf("renew %d: %v", i, err)
+		}
+		if i == 4 {
+			if u, err := c.UpdateFunction(ctx, "brief", []byte(`{"v":2}`)); err != nil || u.TTL != 2 {
+				t.Fatalf("update: %+v %v", u, err)
+			}
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if g, err := c.GetFunction(ctx, "brief"); err != nil || g.TTL != 2 || string(g.Spec) != `{"v":2}` {
+		t.Fatalf("a renewed function: %+v %v", g, err)
+	}
+	waitFor(t, "the function to expire", 10*time.Second, func() bool { return !has("brief") })
+	if _, err := c.GetFunction(ctx, "brief"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("get after the expiry: %v", err)
+	}
+	if err := c.RenewFunction(ctx, "brief"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("renew after the expiry: %v, want ErrNotFound", err)
+	}
+	if err := c.RenewFunction(ctx, "lasting"); !errors.Is(err, ErrNoTTL) {
+		t.Errorf("renew a function without a TTL: %v, want ErrNoTTL", err)
+	}
+	if !has("lasting") {
+		t.Error("the function without a TTL went too")
+	}
+}

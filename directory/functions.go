@@ -3,10 +3,12 @@ package directory
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -22,12 +24,18 @@ type Function struct {
 	Revision int64 `json:"revision"`
 	// Created is when the function was first created.
 	Created time.Time `json:"created"`
+	// TTL is the function's time to live in whole seconds when it was
+	// created with one (CreateFunctionTTL): the record lives under an etcd
+	// lease of that TTL, renewed by RenewFunction, and goes with it. 0:
+	// the function lives until deleted.
+	TTL int64 `json:"ttl_s,omitempty"`
 }
 
 // functionRecord is the value of functions/<name>.
 type functionRecord struct {
 	Name    string          `json:"name"`
 	Created time.Time       `json:"created"`
+	TTL     int64           `json:"ttl_s,omitempty"`
 	Spec    json.RawMessage `json:"spec"`
 }
 
@@ -41,29 +49,89 @@ func checkSpec(name string, spec []byte) error {
 // CreateFunction creates functions/<name> with spec (valid JSON), or fails
 // with ErrExists if the function exists (one transaction).
 func (c *Client) CreateFunction(ctx context.Context, name string, spec []byte) (Function, error) {
+	return c.createFunction(ctx, name, spec, 0)
+}
+
+// CreateFunctionTTL creates a function as CreateFunction does, under a
+// lease of ttl (whole seconds, at least one): unless renewed
+// (RenewFunction) within ttl, etcd deletes the record, and every View sees
+// the function go as if it had been deleted. For functions a client
+// makes for a while (a workflow run's own function), so that a client
+// that dies leaves none behind for good.
+func (c *Client) CreateFunctionTTL(ctx context.Context, name string, spec []byte, ttl time.Duration) (Function, error) {
+	if ttl <= 0 {
+		return Function{}, fmt.Errorf("create function %q: TTL %v is not positive", name, ttl)
+	}
+	return c.createFunction(ctx, name, spec, leaseSeconds(ttl))
+}
+
+func (c *Client) createFunction(ctx context.Context, name string, spec []byte, ttl int64) (Function, error) {
 	if err := checkName("function", name); err != nil {
 		return Function{}, fmt.Errorf("create function: %w", err)
 	}
 	if err := checkSpec(name, spec); err != nil {
 		return Function{}, fmt.Errorf("create function: %w", err)
 	}
-	rec := functionRecord{Name: name, Created: time.Now().UTC(), Spec: spec}
+	rec := functionRecord{Name: name, Created: time.Now().UTC(), Spec: spec, TTL: ttl}
 	val, err := json.Marshal(rec)
 	if err != nil {
 		return Function{}, fmt.Errorf("create function %q: %w", name, err)
 	}
+	var opts []clientv3.OpOption
+	var lease clientv3.LeaseID
+	if ttl > 0 {
+		l, err := c.cli.Grant(ctx, ttl)
+		if err != nil {
+			return Function{}, fmt.Errorf("create function %q: grant its lease: %w", name, err)
+		}
+		lease = l.ID
+		opts = append(opts, clientv3.WithLease(lease))
+	}
+	revoke := func() {
+		if lease != 0 {
+			_, _ = c.cli.Revoke(context.WithoutCancel(ctx), lease)
+		}
+	}
 	key := c.functionKey(name)
 	resp, err := c.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, string(val))).
+		Then(clientv3.OpPut(key, string(val), opts...)).
 		Commit()
 	if err != nil {
+		revoke()
 		return Function{}, fmt.Errorf("create function %q: %w", name, err)
 	}
 	if !resp.Succeeded {
+		revoke()
 		return Function{}, fmt.Errorf("create function %q: %w (update it or delete it first)", name, ErrExists)
 	}
-	return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: rec.Created}, nil
+	return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: rec.Created, TTL: ttl}, nil
+}
+
+// RenewFunction keeps a function created with a TTL alive for its TTL
+// from now. ErrNotFound: no such function (deleted, or its lease ran
+// out); ErrNoTTL: it was created without one.
+func (c *Client) RenewFunction(ctx context.Context, name string) error {
+	if err := checkName("function", name); err != nil {
+		return fmt.Errorf("renew function: %w", err)
+	}
+	resp, err := c.cli.Get(ctx, c.functionKey(name))
+	if err != nil {
+		return fmt.Errorf("renew function %q: %w", name, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return fmt.Errorf("renew function %q: %w", name, ErrNotFound)
+	}
+	if resp.Kvs[0].Lease == 0 {
+		return fmt.Errorf("renew function %q: %w", name, ErrNoTTL)
+	}
+	if _, err := c.cli.KeepAliveOnce(ctx, clientv3.LeaseID(resp.Kvs[0].Lease)); err != nil {
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			return fmt.Errorf("renew function %q: %w (its TTL ran out)", name, ErrNotFound)
+		}
+		return fmt.Errorf("renew function %q: %w", name, err)
+	}
+	return nil
 }
 
 // UpdateFunction replaces the spec of an existing function, keeping its
@@ -84,23 +152,27 @@ func (c *Client) UpdateFunction(ctx context.Context, name string, spec []byte) (
 		if len(old.Kvs) == 0 {
 			return Function{}, fmt.Errorf("update function %q: %w", name, ErrNotFound)
 		}
-		created := time.Now().UTC()
+		created, ttl := time.Now().UTC(), int64(0)
 		if f, err := decodeFunction(name, old.Kvs[0]); err == nil {
-			created = f.Created
+			created, ttl = f.Created, f.TTL
 		}
-		val, err := json.Marshal(functionRecord{Name: name, Created: created, Spec: spec})
+		var opts []clientv3.OpOption
+		if old.Kvs[0].Lease != 0 {
+			opts = append(opts, clientv3.WithIgnoreLease()) // a TTL stays as created
+		}
+		val, err := json.Marshal(functionRecord{Name: name, Created: created, Spec: spec, TTL: ttl})
 		if err != nil {
 			return Function{}, fmt.Errorf("update function %q: %w", name, err)
 		}
 		resp, err := c.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(key), "=", old.Kvs[0].ModRevision)).
-			Then(clientv3.OpPut(key, string(val))).
+			Then(clientv3.OpPut(key, string(val), opts...)).
 			Commit()
 		if err != nil {
 			return Function{}, fmt.Errorf("update function %q: %w", name, err)
 		}
 		if resp.Succeeded {
-			return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: created}, nil
+			return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: created, TTL: ttl}, nil
 		}
 		// Changed in between: read it again.
 	}
@@ -173,5 +245,5 @@ func decodeFunction(name string, kv *mvccpb.KeyValue) (Function, error) {
 	if len(rec.Spec) == 0 {
 		return Function{}, fmt.Errorf("function %q: record has no spec", name)
 	}
-	return Function{Name: name, Spec: rec.Spec, Revision: kv.ModRevision, Created: rec.Created}, nil
+	return Function{Name: name, Spec: rec.Spec, Revision: kv.ModRevision, Created: rec.Created, TTL: rec.TTL}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"sort"
 	"strings"
@@ -85,12 +86,21 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 	if !ok {
 		return
 	}
+	ttl, _ := ttlOf(&d) // checked by readDeployment
+	if old, ok := g.view.Function(d.Service); update && ok && leaseSeconds(ttl) != old.TTL {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("deploy %s: %s %q: a function's TTL is set when it is created (this one's: %ds); delete it and deploy it again to change it",
+			d.Service, AnnotationTTL, meta(&d, AnnotationTTL), old.TTL))
+		return
+	}
 	g.deployMu.Lock()
 	var f directory.Function
 	var err error
-	if update {
+	switch {
+	case update:
 		f, err = g.dir.UpdateFunction(r.Context(), d.Service, rec)
-	} else {
+	case ttl > 0:
+		f, err = g.dir.CreateFunctionTTL(r.Context(), d.Service, rec, ttl)
+	default:
 		f, err = g.dir.CreateFunction(r.Context(), d.Service, rec)
 	}
 	g.deployMu.Unlock()
@@ -125,6 +135,37 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 	}
 	g.log.Info("deploy", "function", d.Service, "policy", fr.Spec.Policy, "generation", fr.Spec.Generation, "update", update, "took", time.Since(start))
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// renewFunction: PATCH /system/functions {"functionName": NAME} renews a
+// function deployed with a TTL (AnnotationTTL) for its TTL from now: 202;
+// 404 when it does not exist (deleted, or its TTL ran out); 409 when it
+// has no TTL; 400 for a malformed request.
+func (g *Gateway) renewFunction(w http.ResponseWriter, r *http.Request) {
+	var req RenewFunctionRequest
+	if err := readSmallJSON(w, r, &req); err != nil || req.FunctionName == "" {
+		httpError(w, http.StatusBadRequest, `malformed request: want {"functionName": "NAME"}`)
+		return
+	}
+	err := g.dir.RenewFunction(r.Context(), req.FunctionName)
+	switch {
+	case err == nil:
+		w.WriteHeader(http.StatusAccepted)
+	case errors.Is(err, directory.ErrNotFound):
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found (deleted, or its TTL ran out)", req.FunctionName))
+	case errors.Is(err, directory.ErrNoTTL):
+		httpError(w, http.StatusConflict, fmt.Sprintf("function %q was deployed without a TTL (%s); it lives until deleted", req.FunctionName, AnnotationTTL))
+	default:
+		httpError(w, http.StatusBadGateway, err.Error())
+	}
+}
+
+// leaseSeconds is a TTL in the directory's whole seconds (0 for none).
+func leaseSeconds(ttl time.Duration) int64 {
+	if ttl <= 0 {
+		return 0
+	}
+	return max(int64(math.Ceil(ttl.Seconds())), 1)
 }
 
 // readSmallJSON decodes a request body of at most 64 KiB into v.

@@ -311,6 +311,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("POST /system/functions", g.authed(g.deployFunction))
 	mux.HandleFunc("PUT /system/functions", g.authed(g.updateFunction))
 	mux.HandleFunc("DELETE /system/functions", g.authed(g.deleteFunction))
+	mux.HandleFunc("PATCH /system/functions", g.authed(g.renewFunction))
 	mux.HandleFunc("GET /system/function/{name}", g.authed(g.getFunction))
 	mux.HandleFunc("DELETE /system/stage-seeds", g.authed(g.deleteStageSeed))
 	mux.HandleFunc("PATCH /system/stage-seeds", g.authed(g.renewStageSeed))

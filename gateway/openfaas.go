@@ -85,7 +85,27 @@ const (
 	// AnnotationFunctionDir: the function's directory inside an OCI
 	// image layout (default /home/app).
 	AnnotationFunctionDir = "com.mitosis.function-dir"
+	// AnnotationTTL: the function's time to live, renewed by PATCH
+	// /system/functions (gwapi.AnnotationTTL).
+	AnnotationTTL = gwapi.AnnotationTTL
 )
+
+// RenewFunctionRequest is the body of PATCH /system/functions
+// (gwapi.RenewFunctionRequest).
+type RenewFunctionRequest = gwapi.RenewFunctionRequest
+
+// ttlOf returns a deployment's AnnotationTTL (0: none).
+func ttlOf(d *FunctionDeployment) (time.Duration, error) {
+	v := meta(d, AnnotationTTL)
+	if v == "" {
+		return 0, nil
+	}
+	t, err := time.ParseDuration(v)
+	if err != nil || t < time.Second || t > maxStageTTL {
+		return 0, fmt.Errorf("%s: %q is not a duration from 1s to %v (e.g. 2m)", AnnotationTTL, v, maxStageTTL)
+	}
+	return t, nil
+}
 
 // stored is what the gateway keeps in the directory for a function: the
 // deployment as given (GET returns it) and the spec derived from it.
@@ -140,6 +160,9 @@ func specOf(d *FunctionDeployment, defaultPolicy function.Policy) (function.Spec
 		s.KeepAlive = function.Duration(t)
 	}
 	s.FunctionDir = meta(d, AnnotationFunctionDir)
+	if _, err := ttlOf(d); err != nil {
+		return s, err
+	}
 	// The classic watchdog's exec_timeout bounds one invocation.
 	if v := d.EnvVars["exec_timeout"]; v != "" {
 		t, err := function.ParseDuration(v)

@@ -331,7 +331,9 @@ func (rn *Runner) functionDir(spec *Spec) string {
 
 func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMessage) error {
 	rn, spec, run := x.rn, x.spec, x.run
+	x.mu.Lock() // renew reads it
 	x.fn = FunctionName(spec)
+	x.mu.Unlock()
 	t0 := time.Now()
 	if _, err := rn.Deploy(ctx, spec); err != nil {
 		return err
@@ -351,11 +353,15 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			init = append(init, map[string]string{"name": st.Name, "call": st.Call})
 		}
 		initJSON, _ := json.Marshal(init)
+		x.mu.Lock() // renew reads them
 		x.fn, x.runFn = "wf-"+run.ID, true
+		x.mu.Unlock()
 		t := time.Now()
 		code, body, err := rn.deployFunction(ctx, spec, "POST", x.fn, rn.functionDir(spec)+"-"+run.ID,
 			map[string]string{"MITOSIS_WF_INIT": string(initJSON), "MITOSIS_WF_INPUT": string(input)},
-			map[string]string{"com.mitosis.workflow-run": run.ID})
+			// It lives by a lease the runner renews, as the stage seeds
+			// do: a runner that dies leaves it for at most the TTL.
+			map[string]string{"com.mitosis.workflow-run": run.ID, gwapi.AnnotationTTL: rn.stageTTL().String()})
 		if err != nil {
 			return fmt.Errorf("deploy the run's function: %w", err)
 		}
@@ -609,7 +615,12 @@ func (x *execution) renew(ttl time.Duration) {
 	defer cancel()
 	x.mu.Lock()
 	seeds := slices.Clone(x.seeds)
+	fn, runFn := x.fn, x.runFn
 	x.mu.Unlock()
+	if runFn {
+		b, _ := json.Marshal(gwapi.RenewFunctionRequest{FunctionName: fn})
+		_, _, _ = x.rn.do(ctx, "PATCH", "/system/functions", b)
+	}
 	for _, s := range seeds {
 		b, _ := json.Marshal(gwapi.RenewStageSeedRequest{FunctionName: x.fn, Seed: s, TTL: ttl.String()})
 		_, _, _ = x.rn.do(ctx, "PATCH", "/system/stage-seeds", b)

@@ -38,3 +38,19 @@ type DeleteStageSeedRequest struct {
 	FunctionName string `json:"functionName"`
 	Seed         string `json:"seed"`
 }
+
+// AnnotationTTL on a deployment (POST /system/functions) gives the function
+// a time to live (a Go duration from 1s to 7 days, e.g. "2m"): its record
+// in the cluster directory lives under a lease of that TTL, and unless
+// renewed (RenewFunctionRequest, through any gateway) it is removed from
+// every node when the lease runs out, as if deleted. For functions a
+// client deploys for a while (a workflow run's own function), so that a
+// client that dies leaves none behind for good. The TTL is set when the
+// function is created; an update keeps it.
+const AnnotationTTL = "com.mitosis.ttl"
+
+// RenewFunctionRequest is the body of PATCH /system/functions: function
+// FunctionName, deployed with AnnotationTTL, lives for its TTL from now.
+type RenewFunctionRequest struct {
+	FunctionName string `json:"functionName"`
+}

@@ -550,3 +550,92 @@ func TestStageLeasePartition(t *testing.T) {
 		t.Errorf("after the partition: %d %q", code, out)
 	}
 }
+
+// TestFunctionTTL: a function deployed with com.mitosis.ttl lives while
+// PATCH /system/functions renews it (through the API, 202) and is removed
+// from the directory and every node when nobody does; its TTL cannot be
+// changed by an update; bad annotations and renewals get 400, 404 or 409.
+func TestFunctionTTL(t *testing.T) {
+	requireSetup(t)
+	p := startPlatform(t)
+	stageFunctions(t, p)("lasting", "fork")
+	deploy := func(method, name, ttl string) (int, string) {
+		b, _ := json.Marshal(map[string]any{"service": name, "image": filepath.Join(p.dir, "stagefn"),
+			"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.ttl": ttl}})
+		code, _, body := p.request(method, "/system/functions", string(b), true)
+		return code, body
+	}
+	renew := func(name string) (int, string) {
+		code, _, body := p.request("PATCH", "/system/functions", `{"functionName":"`+name+`"}`, true)
+		return code, body
+	}
+	for _, c := range []struct {
+		what   string
+		code   int
+		msg    string
+		result func() (int, string)
+	}{
+		{"a TTL that is no duration", 400, "is not a duration", func() (int, string) { return deploy("POST", "bad", "soon") }},
+		{"a TTL below 1s", 400, "is not a duration", func() (int, string) { return deploy("POST", "bad", "10ms") }},
+		{"renewing an unknown function", 404, "not found", func() (int, string) { return renew("nosuch") }},
+		{"renewing a function without a TTL", 409, "without a TTL", func() (int, string) { return renew("lasting") }},
+		{"a malformed renewal", 400, "malformed request", func() (int, string) {
+			code, _, body := p.request("PATCH", "/system/functions", `{}`, true)
+			return code, body
+		}},
+	} {
+		if code, body := c.result(); code != c.code || !strings.Contains(body, c.msg) {
+			t.Errorf("%s: %d %q, want %d and %q", c.what, code, body, c.code, c.msg)
+		}
+	}
+	if code, body := deploy("POST", "brief", "3s"); code != http.StatusAccepted {
+		t.Fatalf("deploy with a TTL: %d %s", code, body)
+	}
+	holders := func() (out []string) {
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if s.Name == "fn.brief" {
+					out = append(out, n.Name)
+				}
+			}
+		}
+		return out
+	}
+	if len(holders()) == 0 {
+		t.Fatal("no node holds the seed of the function with a TTL")
+	}
+	// Renewed for twice its TTL, it serves and keeps its seed.
+	for end := time.Now().Add(6 * time.Second); time.Now().Before(end); time.Sleep(time.Second) {
+		if code, body := renew("brief"); code != http.StatusAccepted {
+			t.Fatalf("renew: %d %s", code, body)
+		}
+	}
+	if code, _, out := p.request("POST", "/function/brief", "put:a", true); code != 200 || strings.TrimSpace(out) != "a" {
+		t.Fatalf("the renewed function: %d %q", code, out)
+	}
+	if code, body := deploy("PUT", "brief", "1h"); code != 400 || !strings.Contains(body, "set when it is created") {
+		t.Errorf("an update changing the TTL: %d %q, want 400", code, body)
+	}
+	if code, body := deploy("PUT", "brief", "3s"); code != http.StatusAccepted {
+		t.Errorf("an update keeping the TTL: %d %q", code, body)
+	}
+	// Left alone, it goes from the directory and the nodes.
+	t0 := time.Now()
+	for {
+		code, _, _ := p.request("GET", "/system/function/brief", "", true)
+		if code == http.StatusNotFound && len(holders()) == 0 {
+			break
+		}
+		if time.Since(t0) > 15*time.Second {
+			t.Fatalf("15 s after its last renewal: GET %d, seed on %v", code, holders())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("the function went %v after its last renewal (3 s TTL)", time.Since(t0).Round(100*time.Millisecond))
+	if code, _ := renew("brief"); code != http.StatusNotFound {
+		t.Errorf("renewing the expired function: %d, want 404", code)
+	}
+	if code, _, out := p.request("POST", "/function/lasting", "put:b", true); code != 200 || strings.TrimSpace(out) != "b" {
+		t.Errorf("the function without a TTL: %d %q", code, out)
+	}
+}

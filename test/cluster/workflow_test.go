@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -368,12 +369,38 @@ def total(parts):
 			}
 			assertRunGone(t, p, rdb, run)
 		}
+		// The run's own function (--seed-per-run) and its seed and
+		// instances on the nodes.
+		runFunctions := func() (left []string) {
+			code, _, body := p.request("GET", "/system/functions", "", true)
+			var fns []struct {
+				Name string `json:"name"`
+			}
+			if code != 200 || json.Unmarshal([]byte(body), &fns) != nil {
+				return []string{"GET /system/functions: " + strconv.Itoa(code)}
+			}
+			for _, f := range fns {
+				if strings.HasPrefix(f.Name, "wf-slow-") {
+					left = append(left, "function "+f.Name)
+				}
+			}
+			for _, n := range p.lab.Nodes[:3] {
+				for _, s := range seeds(t, n) {
+					if strings.HasPrefix(s.Name, "fn.wf-slow-") {
+						left = append(left, n.Name+":"+s.Name)
+					}
+				}
+			}
+			return left
+		}
 		for _, v := range []struct {
 			transfer string
 			left     func() []string
-		}{{"fork", stageSeeds}, {"storage", keys}} {
-			cmd := p.gw.Command(mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"), "--work-dir", p.dir,
-				"run", specPath, "--input", `{"sleep": 60}`, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock)
+			extra    []string
+		}{{"fork", stageSeeds, nil}, {"storage", keys, nil}, {"fork", runFunctions, []string{"--seed-per-run"}}} {
+			args := append([]string{mitosisBin, "workflow", "--gateway", p.url, "--token-file", tok, "--runs-dir", filepath.Join(p.dir, "killed-runs"), "--work-dir", p.dir,
+				"run", specPath, "--input", `{"sleep": 60}`, "--step-timeout", "8s", "--stage-ttl", "3s", "--transfer", v.transfer, "--redis-socket", sock}, v.extra...)
+			cmd := p.gw.Command(args...)
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -384,7 +411,7 @@ def total(parts):
 			if len(v.left()) == 0 {
 				_ = cmd.Process.Kill()
 				_ = cmd.Wait()
-				t.Fatalf("%s: the run made no stage seed or key within 60 s", v.transfer)
+				t.Fatalf("%s %v: the run made no stage seed, key or function within 60 s", v.transfer, v.extra)
 			}
 			time.Sleep(300 * time.Millisecond) // hold is running
 			_ = cmd.Process.Kill()
@@ -394,9 +421,9 @@ def total(parts):
 				time.Sleep(200 * time.Millisecond)
 			}
 			if left := v.left(); len(left) > 0 {
-				t.Fatalf("%s: the killed run's stage seed or keys are still there %v after the kill: %v", v.transfer, time.Since(t0).Round(time.Second), left)
+				t.Fatalf("%s %v: the killed run's stage seed, keys or function are still there %v after the kill: %v", v.transfer, v.extra, time.Since(t0).Round(time.Second), left)
 			}
-			t.Logf("%s: the killed run's stage seed or keys were gone %v after the kill", v.transfer, time.Since(t0).Round(100*time.Millisecond))
+			t.Logf("%s %v: the killed run's stage seed, keys or function were gone %v after the kill", v.transfer, v.extra, time.Since(t0).Round(100*time.Millisecond))
 		}
 		// hold ends at its step timeout; then only the workflow's
 		// function is left, which rm removes.
