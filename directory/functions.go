@@ -233,6 +233,23 @@ func (c *Client) Functions(ctx context.Context) ([]Function, error) {
 	return fns, nil
 }
 
+// FunctionNames returns the names of the functions in the directory and
+// the revision of the store it read them at (one linearizable read of the
+// keys): a function absent from the answer whose record had a revision at
+// most that one was deleted, or its TTL ran out.
+func (c *Client) FunctionNames(ctx context.Context) (map[string]bool, int64, error) {
+	dir := c.prefix + "functions/"
+	resp, err := c.cli.Get(ctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, 0, fmt.Errorf("list functions: %w", err)
+	}
+	names := make(map[string]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		names[string(kv.Key)[len(dir):]] = true
+	}
+	return names, resp.Header.Revision, nil
+}
+
 // decodeFunction decodes the record of function name.
 func decodeFunction(name string, kv *mvccpb.KeyValue) (Function, error) {
 	if err := checkName("function", name); err != nil {

@@ -299,7 +299,7 @@ func (r *reconciler) deploy(ctx context.Context, n directory.NodeInfo, spec func
 	if err != nil {
 		return node.FunctionInfo{}, err
 	}
-	body, err := json.Marshal(node.DeployRequest{Spec: spec, Seed: seed})
+	body, err := json.Marshal(node.DeployRequest{Spec: spec, Seed: seed, Directory: true})
 	if err != nil {
 		return node.FunctionInfo{}, err
 	}

@@ -100,6 +100,7 @@ func (m *dirMember) loop() {
 			ctx, cancel := context.WithTimeout(context.Background(), loadEvery)
 			_ = reg.UpdateLoad(ctx, directory.Load{Running: running, Warm: warm, Updated: time.Now()})
 			cancel()
+			m.sweepFunctions(m.cl)
 			m.sweepStages(m.cl)
 		}
 	}

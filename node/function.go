@@ -58,6 +58,12 @@ type DeployRequest struct {
 	// node only knows the function: its invocations fork from a seed of
 	// another node, or start warm/cold instances.
 	Seed bool `json:"seed"`
+	// Directory says the function is the cluster directory's (a gateway
+	// deploys it from there, Spec.Generation being its record's
+	// revision): the node removes it on its own once the directory no
+	// longer has it (deleted, or its TTL ran out; dirsweep.go), so a
+	// gateway that is down or cut off then leaves nothing behind.
+	Directory bool `json:"directory,omitempty"`
 }
 
 // RemoveRequest removes a function from a node (CallFnRemove).
@@ -158,6 +164,8 @@ type fnRec struct {
 	invocations uint64
 	errors      uint64
 	removed     bool
+	// managed: deployed from the cluster directory (DeployRequest.Directory).
+	managed bool
 }
 
 // stageRec is a stage seed: an instance of the function kept, once it
@@ -298,6 +306,7 @@ func (f *fnRegistry) deploy(ctx context.Context, req DeployRequest) (FunctionInf
 			}
 			f.fns[spec.Name] = fn
 		}
+		fn.managed = fn.managed || req.Directory
 		if ch := fn.seeding; ch != nil {
 			f.mu.Unlock()
 			select { // another deploy is making the seed

@@ -20,10 +20,10 @@ type metrics struct {
 	forks         *prometheus.CounterVec
 	prepares      prometheus.Counter
 	childFailures prometheus.Counter
-	// stageLeaseRemoved counts stage seeds this node removed because
-	// their directory lease went (stagelease.go).
-	stageLeaseRemoved prometheus.Counter
-	faults            prometheus.Counter
+	// dirRemoved counts what this node removed on its own because the
+	// cluster directory no longer has it (dirsweep.go), by kind.
+	dirRemoved *prometheus.CounterVec
+	faults     prometheus.Counter
 
 	pagesShared, pagesCopied, pagesZero, pagesFetched, pagesEager prometheus.Counter
 
@@ -62,11 +62,14 @@ func newMetrics(d *Daemon) *metrics {
 		Name: "mitosis_prepares_total", Help: "Seeds prepared on this node.",
 	})
 	f(m.prepares)
-	m.stageLeaseRemoved = prometheus.NewCounter(prometheus.CounterOpts{
-		Name: "mitosis_stage_seeds_lease_removed_total",
-		Help: "Stage seeds (own or imported) this node removed because their lease in the cluster directory went, or never appeared.",
-	})
-	f(m.stageLeaseRemoved)
+	m.dirRemoved = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_directory_removed_total",
+		Help: "What this node removed on its own because the cluster directory no longer has it, by kind: function (deleted, or its TTL ran out), stage-seed (own or imported; its lease went or never appeared).",
+	}, []string{"kind"})
+	f(m.dirRemoved)
+	for _, k := range []string{"function", "stage-seed"} {
+		m.dirRemoved.WithLabelValues(k)
+	}
 	m.childFailures = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "mitosis_child_failures_total", Help: "Children ended by the daemon because their pages could not be served.",
 	})

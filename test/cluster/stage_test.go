@@ -418,20 +418,39 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	}
 }
 
-// TestStageLeasePartition: a stage seed does not outlive its lease when no
-// gateway can remove it. The gateway is cut off from the nodes' peer port
-// (an nftables rule in its namespace) while the seed's 4 s lease runs out:
-// the node that made the seed removes it and its instance, and the nodes
-// that imported it their imports, on their own (node/stagelease.go). Once
-// the gateway reaches the nodes again, its retried removal releases the
-// memory it reserved for the seed.
-func TestStageLeasePartition(t *testing.T) {
+// TestDirectoryPartition: a stage seed does not outlive its lease, nor a
+// function its TTL, when no gateway can remove them. The gateway is cut
+// off from the nodes' peer port (an nftables rule in its namespace) while
+// the seed's 4 s lease and the function's 6 s TTL run out: the node that
+// made the seed removes it and its instance, the nodes that imported it
+// their imports, and the node holding the function's seed the function,
+// on their own (node/dirsweep.go). Once the gateway reaches the nodes
+// again, its retried removal releases the memory it reserved for the seed.
+func TestDirectoryPartition(t *testing.T) {
 	requireSetup(t)
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Fatal("nft (Debian nftables) is missing: run .ci/deps")
 	}
 	p := startPlatform(t)
 	stageFunctions(t, p)("keeper", "fork")
+	b, _ := json.Marshal(map[string]any{"service": "brief", "image": filepath.Join(p.dir, "stagefn"),
+		"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.ttl": "6s"}})
+	if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
+		t.Fatalf("deploy brief: %d %s", code, body)
+	}
+	briefHolders := func() (out []string) {
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if s.Name == "fn.brief" {
+					out = append(out, n.Name)
+				}
+			}
+		}
+		return out
+	}
+	if len(briefHolders()) == 0 {
+		t.Fatal("no node holds the seed of brief")
+	}
 	pythons := func() int { return len(pgrepFull(t, "mitosis-bootstrap.py")) }
 	if code, _, out := p.request("POST", "/function/keeper", "put:w", true); code != 200 {
 		t.Fatalf("warm-up invocation: %d %q", code, out)
@@ -516,6 +535,12 @@ func TestStageLeasePartition(t *testing.T) {
 		time.Sleep(250 * time.Millisecond)
 	}
 	t.Logf("stage seed gone from every node %v after it was made (4 s lease)", time.Since(staged).Round(100*time.Millisecond))
+	for deadline := staged.Add(6*time.Second + 8*time.Second); len(briefHolders()) > 0; time.Sleep(250 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v after its TTL ran out the function's seed is still on %v", time.Since(staged.Add(6*time.Second)).Round(100*time.Millisecond), briefHolders())
+		}
+	}
+	t.Logf("the function with a 6 s TTL gone from every node %v after the stage seed was made", time.Since(staged).Round(100*time.Millisecond))
 	waitFor := func(what string, timeout time.Duration, ok func() bool) {
 		t.Helper()
 		for end := time.Now().Add(timeout); !ok(); time.Sleep(100 * time.Millisecond) {
@@ -525,12 +550,19 @@ func TestStageLeasePartition(t *testing.T) {
 		}
 	}
 	waitFor("the stage instance to end", 5*time.Second, func() bool { return pythons() <= before })
+	fnRemoved := 0
 	for _, n := range p.lab.Nodes[:3] {
 		log, _ := os.ReadFile(n.LogFile)
 		removed := strings.Contains(string(log), "stage seed removed: its lease in the directory is gone")
 		if want := n.Name == owner || importers[n.Name]; removed != want {
 			t.Errorf("node %s logged removing the seed itself: %v, want %v", n.Name, removed, want)
 		}
+		if strings.Contains(string(log), "function removed: the cluster directory no longer has it") {
+			fnRemoved++
+		}
+	}
+	if fnRemoved == 0 {
+		t.Error("no node logged removing the expired function itself")
 	}
 
 	// Reconnected, the gateway's retry releases its reservation.
@@ -548,6 +580,9 @@ func TestStageLeasePartition(t *testing.T) {
 	}
 	if code, _, out := p.request("POST", "/function/keeper", "put:v", true); code != 200 || strings.TrimSpace(out) != "v" {
 		t.Errorf("after the partition: %d %q", code, out)
+	}
+	if code, _, _ := p.request("POST", "/function/brief", "put:v", true); code != http.StatusNotFound {
+		t.Errorf("the expired function after the partition: %d, want 404", code)
 	}
 }
 

@@ -83,3 +83,26 @@ func TestStageSweep(t *testing.T) {
 		t.Errorf("after the grace: %+v, want a/s-1, unseen", got)
 	}
 }
+
+// TestGoneFunctions: a function held here is gone when the directory's
+// answer lacks it and was read at or after the revision this node runs.
+func TestGoneFunctions(t *testing.T) {
+	held := map[string]int64{"a": 10, "b": 20, "c": 30}
+	for _, c := range []struct {
+		names map[string]bool
+		rev   int64
+		want  []string
+	}{
+		{map[string]bool{"a": true, "b": true, "c": true}, 40, nil},
+		{map[string]bool{"a": true}, 40, []string{"b", "c"}},
+		{map[string]bool{"a": true}, 25, []string{"b"}}, // c: an answer older than its record
+		{map[string]bool{}, 5, nil},
+		{nil, 30, []string{"a", "b", "c"}},
+	} {
+		got := goneFunctions(held, c.names, c.rev)
+		slices.Sort(got)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("goneFunctions(%v, rev %d) = %v, want %v", c.names, c.rev, got, c.want)
+		}
+	}
+}

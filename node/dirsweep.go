@@ -8,22 +8,27 @@ import (
 	"github.com/mitosis-fork/mitosis/directory"
 )
 
-// Stage seeds with a TTL live as long as their lease in the cluster
-// directory (directory.StageLease): the gateways remove a seed whose lease
-// ran out, and so does the node holding it. The node's part covers what a
-// gateway cannot: a gateway that is down when the lease runs out (with an
-// external etcd), or that cannot reach the node then (a partition; its
-// removal fails). Every second, a node holding stage seeds reads which
-// leases exist and removes
-//   - its own stage seeds and its imports of other nodes' whose lease it
-//     saw and that is gone now, and
-//   - its own stage seeds made with a TTL (function.Request.StageLease)
+// The node's part in removing what the cluster directory no longer holds.
+// A gateway removes a deleted function, or a stage seed whose lease ran
+// out, from the nodes; the node holding it removes it too, so that a
+// gateway that is down then (with an external etcd) or cannot reach the
+// node (a partition: its removal fails) leaves nothing behind for good.
+// Every second, a node in a directory reads, with one read of the keys:
+//   - the functions, when it holds functions a gateway deployed from the
+//     directory (DeployRequest.Directory): one the directory no longer
+//     has, though it had the revision this node runs, was deleted or its
+//     TTL ran out (directory.CreateFunctionTTL), and is removed here;
+//   - the stage seed leases, when it holds stage seeds: its own and its
+//     imports of other nodes' whose lease it saw and that is gone now are
+//     removed, and its own made with a TTL (function.Request.StageLease)
 //     whose lease never appeared within stageLeaseGrace (the gateway
 //     failed between the seed and its lease).
 //
-// Stage seeds made without a TTL have no lease and are never removed here.
-// Removal is idempotent: a gateway removing the same seed at the same time
-// finds it gone.
+// Stage seeds made without a TTL have no lease, and functions deployed
+// locally (mitosis fn deploy) are not the directory's: neither is removed
+// here. A directory that does not answer removes nothing: only a
+// successful read says something is gone. Removal is idempotent: a
+// gateway removing the same thing at the same time finds it gone.
 
 // stageLeaseGrace is how long a stage seed made with a TTL may wait for
 // its lease to appear in the directory (the gateway records it as soon as
@@ -137,7 +142,58 @@ func (m *dirMember) sweepStages(cl *directory.Client) {
 			m.d.log.Warn("remove stage seed whose lease is gone", "function", h.fn, "seed", h.ref, "err", err)
 			continue
 		}
-		m.d.metrics.stageLeaseRemoved.Inc()
+		m.d.metrics.dirRemoved.WithLabelValues("stage-seed").Inc()
 		m.d.log.Info("stage seed removed: "+why, "function", h.fn, "seed", h.ref)
+	}
+}
+
+// managedFunctions returns the generations of the functions a gateway
+// deployed here from the directory.
+func (f *fnRegistry) managedFunctions() map[string]int64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out map[string]int64
+	for name, fn := range f.fns {
+		if fn.managed && !fn.removed {
+			if out == nil {
+				out = map[string]int64{}
+			}
+			out[name] = fn.spec.Generation
+		}
+	}
+	return out
+}
+
+// goneFunctions returns the functions of held (name to generation) that the
+// directory's answer (names, read at revision rev) says were removed.
+func goneFunctions(held map[string]int64, names map[string]bool, rev int64) []string {
+	var gone []string
+	for name, gen := range held {
+		if !names[name] && gen <= rev {
+			gone = append(gone, name)
+		}
+	}
+	return gone
+}
+
+// sweepFunctions removes the directory's functions that it no longer has.
+func (m *dirMember) sweepFunctions(cl *directory.Client) {
+	held := m.d.fn.managedFunctions()
+	if len(held) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), loadEvery)
+	names, rev, err := cl.FunctionNames(ctx)
+	cancel()
+	if err != nil {
+		return
+	}
+	for _, name := range goneFunctions(held, names, rev) {
+		if err := m.d.fn.remove(name); err != nil {
+			m.d.log.Warn("remove a function the directory no longer has", "function", name, "err", err)
+			continue
+		}
+		m.d.metrics.dirRemoved.WithLabelValues("function").Inc()
+		m.d.log.Info("function removed: the cluster directory no longer has it (deleted, or its TTL ran out)", "function", name, "generation", held[name])
 	}
 }
