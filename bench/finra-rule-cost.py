@@ -19,6 +19,11 @@ rounds of RULES rules each (rules 0..3 in turn, one kind each):
                 os.fork(): the kernel copies its page tables, no restore and
                 no pager per rule (the pager serves only what the child had
                 not mapped);
+  fork server, private copy
+                the same, but the child first copies the state (the frame
+                and the market dict) into its own private memory, so its
+                rules fork from plain anonymous memory as the bound's do
+                (the copy is counted);
   os.fork bound a process on the host that built the same state forks every
                 rule: the kernel's fork, no mitosis at all.
 
@@ -97,6 +102,9 @@ def seed_main(trades):
     p = role.payload or {}
     try:
         if "serve" in p:
+            if p.get("private"):
+                import copy
+                state = (state[0].copy(deep=True), copy.deepcopy(state[1]))
             serve_rules(state, p["first"], p["serve"])
         else:
             rule(state, p["k"])
@@ -153,7 +161,7 @@ def main():
         # Warm the node's page cache and the seed's working set.
         for k in range(4):
             fork({"k": k}, prefetch=False)
-        ways = {"remote fork": [], "fork server": [], "os.fork bound": []}
+        ways = {"remote fork": [], "fork server": [], "fork server, private copy": [], "os.fork bound": []}
         for _ in range(rounds):
             c0 = cpu_ms(daemon.pid)
             for i in range(rules):
@@ -162,6 +170,9 @@ def main():
             c0 = cpu_ms(daemon.pid)
             fork({"serve": rules, "first": 0})
             ways["fork server"].append((cpu_ms(daemon.pid) - c0) / rules)
+            c0 = cpu_ms(daemon.pid)
+            fork({"serve": rules, "first": 0, "private": True})
+            ways["fork server, private copy"].append((cpu_ms(daemon.pid) - c0) / rules)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--bound", str(trades), "1", str(rules)],
                                  check=True, stdout=subprocess.PIPE, text=True).stdout
             ways["os.fork bound"].extend(json.loads(out))
@@ -169,7 +180,7 @@ def main():
         bound = statistics.median(ways["os.fork bound"])
         for name, v in ways.items():
             m = statistics.median(v)
-            print("  %-14s %6.1f  (%5.1f-%5.1f)  x%.2f of the bound" % (name, m, min(v), max(v), m / bound))
+            print("  %-26s %6.1f  (%5.1f-%5.1f)  x%.2f of the bound" % (name, m, min(v), max(v), m / bound))
     finally:
         if seed is not None:
             seed.kill()
