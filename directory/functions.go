@@ -62,7 +62,7 @@ func (c *Client) CreateFunctionTTL(ctx context.Context, name string, spec []byte
 	if ttl <= 0 {
 		return Function{}, fmt.Errorf("create function %q: TTL %v is not positive", name, ttl)
 	}
-	return c.createFunction(ctx, name, spec, leaseSeconds(ttl))
+	return c.createFunction(ctx, name, spec, LeaseSeconds(ttl))
 }
 
 func (c *Client) createFunction(ctx context.Context, name string, spec []byte, ttl int64) (Function, error) {

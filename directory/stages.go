@@ -33,7 +33,8 @@ type StageLease struct {
 
 func (c *Client) stageKey(fn, ref string) string { return c.prefix + "stages/" + fn + "/" + ref }
 
-func leaseSeconds(ttl time.Duration) int64 { return max(int64(math.Ceil(ttl.Seconds())), 1) }
+// LeaseSeconds is ttl in etcd's whole seconds, rounded up, at least one.
+func LeaseSeconds(ttl time.Duration) int64 { return max(int64(math.Ceil(ttl.Seconds())), 1) }
 
 // checkStage validates a stage lease's function and NODE/SEED reference.
 func checkStage(fn, ref string) error {
@@ -54,7 +55,7 @@ func (c *Client) PutStageLease(ctx context.Context, fn, ref string, memory int64
 	if err := checkStage(fn, ref); err != nil {
 		return fmt.Errorf("put stage lease: %w", err)
 	}
-	rec := StageLease{Function: fn, Ref: ref, TTL: leaseSeconds(ttl), Memory: memory, Created: time.Now().UTC()}
+	rec := StageLease{Function: fn, Ref: ref, TTL: LeaseSeconds(ttl), Memory: memory, Created: time.Now().UTC()}
 	lease, err := c.cli.Grant(ctx, rec.TTL)
 	if err != nil {
 		return fmt.Errorf("put stage lease %s: grant: %w", ref, err)
@@ -86,7 +87,7 @@ func (c *Client) RenewStageLease(ctx context.Context, fn, ref string, ttl time.D
 	if err := json.Unmarshal(kv.Value, &rec); err != nil {
 		return false, fmt.Errorf("renew stage lease %s: malformed record: %w", ref, err)
 	}
-	secs := leaseSeconds(ttl)
+	secs := LeaseSeconds(ttl)
 	if rec.TTL == secs && kv.Lease != 0 {
 		// The same TTL: keep the lease alive.
 		if _, err := c.cli.KeepAliveOnce(ctx, clientv3.LeaseID(kv.Lease)); err != nil {

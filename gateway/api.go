@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net/http"
 	"sort"
 	"strings"
@@ -165,7 +164,7 @@ func leaseSeconds(ttl time.Duration) int64 {
 	if ttl <= 0 {
 		return 0
 	}
-	return max(int64(math.Ceil(ttl.Seconds())), 1)
+	return directory.LeaseSeconds(ttl)
 }
 
 // readSmallJSON decodes a request body of at most 64 KiB into v.
@@ -339,7 +338,7 @@ func (g *Gateway) leaseStage(fn, ref string, mem int64, ttl time.Duration) error
 // removal that fails (the seed's node unreachable) is tried again every
 // call until it succeeds, the node leaves the directory, or
 // stageRetryFor passed; the node removes the seed itself meanwhile
-// (node/stagelease.go), the retries release this gateway's reservation and
+// (node/dirsweep.go), the retries release this gateway's reservation and
 // the other nodes' imports.
 func (g *Gateway) expireStages() {
 	now := map[string]directory.StageLease{}
@@ -422,7 +421,7 @@ func (g *Gateway) expireStage(l directory.StageLease) {
 		g.log.Info("stage seed's lease ran out; removed", "function", l.Function, "seed", l.Ref, "ttl_s", l.TTL, "retried", r != nil)
 	case !found || (r != nil && time.Since(r.since) > stageRetryFor):
 		// Its node left the directory (its seeds are not placed on, and
-		// it removes them itself when it returns: node/stagelease.go),
+		// it removes them itself when it returns: node/dirsweep.go),
 		// or it did not answer for stageRetryFor: stop counting it.
 		delete(g.stageRetry, l.Ref)
 		g.sched.dropStages(owner, l.Function, l.Ref)

@@ -179,7 +179,7 @@ type stageRec struct {
 	// node while it is a stage seed (its invocation's reservation).
 	reserved int64
 	// leased: made with a TTL (function.Request.StageLease), so it lives
-	// while its lease in the cluster directory does (stagelease.go).
+	// while its lease in the cluster directory does (dirsweep.go).
 	leased bool
 	made   time.Time
 }
