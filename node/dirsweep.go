@@ -108,6 +108,7 @@ func (s *stageSweep) due(held []heldStage, leases map[string]string, now time.Ti
 		if s.seen[h.ref] || (h.leased && now.Sub(h.made) > stageLeaseGrace) {
 			h.unseen = !s.seen[h.ref]
 			gone = append(gone, h)
+			keep[h.ref] = s.seen[h.ref] // until removed (forget), due again
 		}
 	}
 	for ref := range s.seen {
@@ -117,6 +118,9 @@ func (s *stageSweep) due(held []heldStage, leases map[string]string, now time.Ti
 	}
 	return gone
 }
+
+// forget drops what was seen of a stage seed that was removed.
+func (s *stageSweep) forget(ref string) { delete(s.seen, ref) }
 
 // sweepStages removes the stage seeds whose lease is gone (see above).
 // A directory that does not answer removes nothing: only a successful
@@ -142,6 +146,7 @@ func (m *dirMember) sweepStages(cl *directory.Client) {
 			m.d.log.Warn("remove stage seed whose lease is gone", "function", h.fn, "seed", h.ref, "err", err)
 			continue
 		}
+		m.stages.forget(h.ref)
 		m.d.metrics.dirRemoved.WithLabelValues("stage-seed").Inc()
 		m.d.log.Info("stage seed removed: "+why, "function", h.fn, "seed", h.ref)
 	}

@@ -55,6 +55,7 @@ func TestStageSweep(t *testing.T) {
 		{"before the leases appear", []heldStage{own, untimed, imp}, map[string]string{}, time.Second, nil, false},
 		{"leases appear", []heldStage{own, untimed, imp}, map[string]string{"a/s-1": "wf", "b/s-9": "wf"}, 2 * time.Second, nil, false},
 		{"the import's lease goes", []heldStage{own, untimed, imp}, map[string]string{"a/s-1": "wf"}, 3 * time.Second, []string{"b/s-9"}, false},
+		{"its removal failed: due again", []heldStage{own, untimed, imp}, map[string]string{"a/s-1": "wf"}, 3 * time.Second, []string{"b/s-9"}, false},
 		{"removed import forgotten", []heldStage{own, untimed}, map[string]string{"a/s-1": "wf"}, 4 * time.Second, nil, false},
 		{"own lease goes", []heldStage{own, untimed}, map[string]string{}, 5 * time.Second, []string{"a/s-1"}, false},
 		{"the untimed seed stays, long after", []heldStage{untimed}, map[string]string{}, time.Hour, nil, false},
