@@ -49,6 +49,28 @@ func stageFunctions(t *testing.T, p *platform) func(name, policy string) {
 	}
 }
 
+// deployTTL deploys (POST) or updates (PUT) stageHandler as function name
+// with the com.mitosis.ttl annotation ttl; it returns the answer. Call
+// stageFunctions first (it writes the function's directory).
+func deployTTL(p *platform, method, name, ttl string) (int, string) {
+	b, _ := json.Marshal(map[string]any{"service": name, "image": filepath.Join(p.dir, "stagefn"),
+		"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.ttl": ttl}})
+	code, _, body := p.request(method, "/system/functions", string(b), true)
+	return code, body
+}
+
+// seedHolders returns the nodes holding a seed named name.
+func seedHolders(t *testing.T, p *platform, name string) (out []string) {
+	for _, n := range p.lab.Nodes[:3] {
+		for _, s := range seeds(t, n) {
+			if s.Name == name {
+				out = append(out, n.Name)
+			}
+		}
+	}
+	return out
+}
+
 // TestStageSeeds: an invocation kept as a stage seed (X-Mitosis-Stage)
 // serves forks on every node with the memory it had when it answered;
 // wrong seed headers are refused; DELETE /system/stage-seeds and removing
@@ -433,21 +455,10 @@ func TestDirectoryPartition(t *testing.T) {
 	}
 	p := startPlatform(t)
 	stageFunctions(t, p)("keeper", "fork")
-	b, _ := json.Marshal(map[string]any{"service": "brief", "image": filepath.Join(p.dir, "stagefn"),
-		"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.ttl": "6s"}})
-	if code, _, body := p.request("POST", "/system/functions", string(b), true); code != http.StatusAccepted {
+	if code, body := deployTTL(p, "POST", "brief", "6s"); code != http.StatusAccepted {
 		t.Fatalf("deploy brief: %d %s", code, body)
 	}
-	briefHolders := func() (out []string) {
-		for _, n := range p.lab.Nodes[:3] {
-			for _, s := range seeds(t, n) {
-				if s.Name == "fn.brief" {
-					out = append(out, n.Name)
-				}
-			}
-		}
-		return out
-	}
+	briefHolders := func() []string { return seedHolders(t, p, "fn.brief") }
 	if len(briefHolders()) == 0 {
 		t.Fatal("no node holds the seed of brief")
 	}
@@ -594,12 +605,7 @@ func TestFunctionTTL(t *testing.T) {
 	requireSetup(t)
 	p := startPlatform(t)
 	stageFunctions(t, p)("lasting", "fork")
-	deploy := func(method, name, ttl string) (int, string) {
-		b, _ := json.Marshal(map[string]any{"service": name, "image": filepath.Join(p.dir, "stagefn"),
-			"limits": map[string]string{"memory": "256Mi"}, "annotations": map[string]string{"com.mitosis.ttl": ttl}})
-		code, _, body := p.request(method, "/system/functions", string(b), true)
-		return code, body
-	}
+	deploy := func(method, name, ttl string) (int, string) { return deployTTL(p, method, name, ttl) }
 	renew := func(name string) (int, string) {
 		code, _, body := p.request("PATCH", "/system/functions", `{"functionName":"`+name+`"}`, true)
 		return code, body
@@ -626,16 +632,7 @@ func TestFunctionTTL(t *testing.T) {
 	if code, body := deploy("POST", "brief", "3s"); code != http.StatusAccepted {
 		t.Fatalf("deploy with a TTL: %d %s", code, body)
 	}
-	holders := func() (out []string) {
-		for _, n := range p.lab.Nodes[:3] {
-			for _, s := range seeds(t, n) {
-				if s.Name == "fn.brief" {
-					out = append(out, n.Name)
-				}
-			}
-		}
-		return out
-	}
+	holders := func() []string { return seedHolders(t, p, "fn.brief") }
 	if len(holders()) == 0 {
 		t.Fatal("no node holds the seed of the function with a TTL")
 	}
