@@ -329,6 +329,35 @@ func (rn *Runner) functionDir(spec *Spec) string {
 	return filepath.Join(work, "mitosis-"+FunctionName(spec))
 }
 
+// sweepRunDirs removes the function directories of earlier --seed-per-run
+// runs of spec whose function is gone: a runner killed midway leaves its
+// run's function to expire (its TTL) but nobody to remove its directory.
+// A directory younger than a minute may be a run's that is deploying its
+// function right now, and one whose function the gateway still has is a
+// live run's: both stay.
+func (rn *Runner) sweepRunDirs(ctx context.Context, spec *Spec) {
+	base := rn.functionDir(spec)
+	ents, err := os.ReadDir(filepath.Dir(base))
+	if err != nil {
+		return
+	}
+	prefix := filepath.Base(base) + "-"
+	for _, e := range ents {
+		id, ok := strings.CutPrefix(e.Name(), prefix) // the run's ID: NAME-XXXXXXXX
+		hexID, ok2 := strings.CutPrefix(id, spec.Name+"-")
+		if !ok || !ok2 || len(hexID) != 8 || strings.Trim(hexID, "0123456789abcdef") != "" || !e.IsDir() {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || time.Since(fi.ModTime()) < time.Minute {
+			continue
+		}
+		if code, _, err := rn.do(ctx, "GET", "/system/function/wf-"+id, nil); err == nil && code == http.StatusNotFound {
+			_ = os.RemoveAll(filepath.Join(filepath.Dir(base), e.Name()))
+		}
+	}
+}
+
 func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMessage) error {
 	rn, spec, run := x.rn, x.spec, x.run
 	x.mu.Lock() // renew reads it
@@ -353,6 +382,7 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			init = append(init, map[string]string{"name": st.Name, "call": st.Call})
 		}
 		initJSON, _ := json.Marshal(init)
+		rn.sweepRunDirs(ctx, spec)
 		x.mu.Lock() // renew reads them
 		x.fn, x.runFn = "wf-"+run.ID, true
 		x.mu.Unlock()

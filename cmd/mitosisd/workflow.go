@@ -108,7 +108,7 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 	run.Flags().StringVar(&f.transfer, "transfer", "", "fork or storage (default: the definition's, else fork)")
 	run.Flags().StringVar(&f.redis, "redis-socket", "", "unix socket of the Redis server for --transfer storage (every node must reach it)")
 	run.Flags().DurationVar(&f.timeout, "step-timeout", 5*time.Minute, "bound on one step instance")
-	run.Flags().DurationVar(&f.stageTTL, "stage-ttl", 0, "how long the run's stage seeds (fork) and Redis keys (storage) outlive this command if it is killed midway: it renews them every third of it while it runs (default 2m)")
+	run.Flags().DurationVar(&f.stageTTL, "stage-ttl", 0, "how long the run's stage seeds (fork), own function (--seed-per-run) and Redis keys (storage) outlive this command if it is killed midway: it renews them every third of it while it runs (default 2m)")
 	run.Flags().BoolVar(&f.jsonOut, "json", false, "print the run record as JSON")
 	run.Flags().BoolVar(&f.perRun, "seed-per-run", false, "fork: start a runtime for the run whose initialization runs the sources, instead of keeping an instance of the workflow's function as the run's stage seed (see BENCHMARKS.md)")
 

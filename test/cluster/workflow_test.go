@@ -425,6 +425,30 @@ def total(parts):
 			}
 			t.Logf("%s %v: the killed run's stage seed, keys or function were gone %v after the kill", v.transfer, v.extra, time.Since(t0).Round(100*time.Millisecond))
 		}
+		// The killed --seed-per-run run left its function directory
+		// (its function expired); the next such run removes it once it
+		// is a minute old, and keeps a live run's.
+		stale, _ := filepath.Glob(filepath.Join(p.dir, "mitosis-wf-slow-slow-*"))
+		if len(stale) != 1 {
+			t.Fatalf("the killed --seed-per-run run's directories: %v, want one", stale)
+		}
+		live := filepath.Join(p.dir, "mitosis-wf-slow-slow-0badc0de") // no such function: but new
+		if err := os.Mkdir(live, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(-2 * time.Minute)
+		if err := os.Chtimes(stale[0], old, old); err != nil {
+			t.Fatal(err)
+		}
+		perRun := short
+		perRun.SeedPerRun = true
+		if run, err := perRun.Run(ctx, spec, json.RawMessage(`{"sleep": 0}`), workflow.TransferFork); err != nil || string(run.Result) != "3" {
+			t.Fatalf("a --seed-per-run run: %v, result %s", err, run.Result)
+		}
+		if left, _ := filepath.Glob(filepath.Join(p.dir, "mitosis-wf-slow-slow-*")); len(left) != 1 || left[0] != live {
+			t.Errorf("run directories after the next --seed-per-run run: %v, want only the young %s", left, live)
+		}
+		os.Remove(live)
 		// hold ends at its step timeout; then only the workflow's
 		// function is left, which rm removes.
 		if err := rn.Remove(ctx, spec); err != nil {
