@@ -329,8 +329,8 @@ func (rn *Runner) functionDir(spec *Spec) string {
 	return filepath.Join(work, "mitosis-"+FunctionName(spec))
 }
 
-// sweepRunDirs removes the function directories of earlier --seed-per-run
-// runs of spec whose function is gone: a runner killed midway leaves its
+// sweepRunDirs removes the function directories of other --seed-per-run
+// runs of spec whose function is gone (a run's cleanup calls it): a runner killed midway leaves its
 // run's function to expire (its TTL) but nobody to remove its directory.
 // A directory younger than a minute may be a run's that is deploying its
 // function right now, and one whose function the gateway still has is a
@@ -382,7 +382,6 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			init = append(init, map[string]string{"name": st.Name, "call": st.Call})
 		}
 		initJSON, _ := json.Marshal(init)
-		rn.sweepRunDirs(ctx, spec)
 		x.mu.Lock() // renew reads them
 		x.fn, x.runFn = "wf-"+run.ID, true
 		x.mu.Unlock()
@@ -652,7 +651,7 @@ func (x *execution) renew(ttl time.Duration) {
 		_, _, _ = x.rn.do(ctx, "PATCH", "/system/functions", b)
 	}
 	for _, s := range seeds {
-		b, _ := json.Marshal(gwapi.RenewStageSeedRequest{FunctionName: x.fn, Seed: s, TTL: ttl.String()})
+		b, _ := json.Marshal(gwapi.RenewStageSeedRequest{FunctionName: fn, Seed: s, TTL: ttl.String()})
 		_, _, _ = x.rn.do(ctx, "PATCH", "/system/stage-seeds", b)
 	}
 	if x.rdb != nil {
@@ -812,6 +811,7 @@ func (x *execution) cleanup() error {
 		if err := os.RemoveAll(x.rn.functionDir(x.spec) + "-" + x.run.ID); err != nil {
 			errs = append(errs, err)
 		}
+		x.rn.sweepRunDirs(ctx, x.spec) // and those of killed runs
 	}
 	if x.rdb != nil {
 		// Every key of the run, including those of instances that
