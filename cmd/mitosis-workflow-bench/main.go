@@ -37,7 +37,7 @@ func ints(s string) ([]int, error) {
 
 func main() {
 	var wc platform.WorkflowConfig
-	trades := flag.String("trades", "200000,1000000,4000000", "portfolio sizes (trades; ~33 bytes each in the frame)")
+	trades := flag.String("trades", "300000,1500000,6000000", "portfolio sizes (trades; ~33 bytes each in the frame: 10, 50 and 198 MB pickled, the issue's 10-200 MB)")
 	rules := flag.String("rules", "1,8,32", "rule counts M")
 	flag.IntVar(&wc.Runs, "runs", 5, "runs per cell and transfer")
 	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
