@@ -443,7 +443,7 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 // TestDirectoryPartition: a stage seed does not outlive its lease, nor a
 // function its TTL, when no gateway can remove them. The gateway is cut
 // off from the nodes' peer port (an nftables rule in its namespace) while
-// the seed's 4 s lease and the function's 6 s TTL run out: the node that
+// the seed's 6 s lease and the function's 8 s TTL run out: the node that
 // made the seed removes it and its instance, the nodes that imported it
 // their imports, and the node holding the function's seed the function,
 // on their own (node/dirsweep.go). Once the gateway reaches the nodes
@@ -453,9 +453,12 @@ func TestDirectoryPartition(t *testing.T) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Fatal("nft (Debian nftables) is missing: run .ci/deps")
 	}
+	// Long enough for the forks and the partition to be in place before
+	// the lease runs out, on a loaded machine too.
+	const stageTTL, fnTTL = 6 * time.Second, 8 * time.Second
 	p := startPlatform(t)
 	stageFunctions(t, p)("keeper", "fork")
-	if code, body := deployTTL(p, "POST", "brief", "6s"); code != http.StatusAccepted {
+	if code, body := deployTTL(p, "POST", "brief", fnTTL.String()); code != http.StatusAccepted {
 		t.Fatalf("deploy brief: %d %s", code, body)
 	}
 	briefHolders := func() []string { return seedHolders(t, p, "fn.brief") }
@@ -467,7 +470,7 @@ func TestDirectoryPartition(t *testing.T) {
 		t.Fatalf("warm-up invocation: %d %q", code, out)
 	}
 	before := pythons()
-	code, h, out := p.request("POST", "/function/keeper", "put:x", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: 4s")
+	code, h, out := p.request("POST", "/function/keeper", "put:x", true, "-H", "X-Mitosis-Stage: true", "-H", "X-Mitosis-Stage-TTL: "+stageTTL.String())
 	ref := h.Get("X-Mitosis-Seed")
 	if code != 200 || ref == "" {
 		t.Fatalf("stage with a TTL: %d %q %q", code, ref, out)
@@ -503,7 +506,7 @@ func TestDirectoryPartition(t *testing.T) {
 		t.Fatalf("the stage seed is held by %v, want its node and an importer", hs)
 	}
 	if time.Since(staged) > 3*time.Second {
-		t.Logf("the forks took %v of the 4 s lease", time.Since(staged))
+		t.Logf("the forks took %v of the %v lease", time.Since(staged), stageTTL)
 	}
 
 	// Cut the gateway off from every node's peer port.
@@ -533,25 +536,28 @@ func TestDirectoryPartition(t *testing.T) {
 		}
 	}
 	defer heal()
+	if d := time.Since(staged); d > stageTTL-time.Second {
+		t.Fatalf("the partition took %v of the stage seed's %v lease to set up: too late to show the nodes remove it", d, stageTTL)
+	}
 	if code, _, _ := p.request("POST", "/function/keeper", "put:z", true, "-H", "X-Mitosis-Seed: "+ref); code == 200 {
 		t.Fatal("the gateway still reaches the nodes through the partition")
 	}
 
 	// The lease runs out; the nodes remove what they hold of the seed.
-	deadline := staged.Add(4*time.Second + 8*time.Second)
+	deadline := staged.Add(stageTTL + 8*time.Second)
 	for len(holders()) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%v after its lease ran out the stage seed is still held by %v", time.Since(staged.Add(4*time.Second)).Round(100*time.Millisecond), holders())
+			t.Fatalf("%v after its lease ran out the stage seed is still held by %v", time.Since(staged.Add(stageTTL)).Round(100*time.Millisecond), holders())
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	t.Logf("stage seed gone from every node %v after it was made (4 s lease)", time.Since(staged).Round(100*time.Millisecond))
-	for deadline := staged.Add(6*time.Second + 8*time.Second); len(briefHolders()) > 0; time.Sleep(250 * time.Millisecond) {
+	t.Logf("stage seed gone from every node %v after it was made (%v lease)", time.Since(staged).Round(100*time.Millisecond), stageTTL)
+	for deadline := staged.Add(fnTTL + 8*time.Second); len(briefHolders()) > 0; time.Sleep(250 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("%v after its TTL ran out the function's seed is still on %v", time.Since(staged.Add(6*time.Second)).Round(100*time.Millisecond), briefHolders())
+			t.Fatalf("%v after its TTL ran out the function's seed is still on %v", time.Since(staged.Add(fnTTL)).Round(100*time.Millisecond), briefHolders())
 		}
 	}
-	t.Logf("the function with a 6 s TTL gone from every node %v after the stage seed was made", time.Since(staged).Round(100*time.Millisecond))
+	t.Logf("the function with a %v TTL gone from every node %v after the stage seed was made", fnTTL, time.Since(staged).Round(100*time.Millisecond))
 	waitFor := func(what string, timeout time.Duration, ok func() bool) {
 		t.Helper()
 		for end := time.Now().Add(timeout); !ok(); time.Sleep(100 * time.Millisecond) {
@@ -629,7 +635,7 @@ func TestFunctionTTL(t *testing.T) {
 			t.Errorf("%s: %d %q, want %d and %q", c.what, code, body, c.code, c.msg)
 		}
 	}
-	if code, body := deploy("POST", "brief", "3s"); code != http.StatusAccepted {
+	if code, body := deploy("POST", "brief", "4s"); code != http.StatusAccepted {
 		t.Fatalf("deploy with a TTL: %d %s", code, body)
 	}
 	holders := func() []string { return seedHolders(t, p, "fn.brief") }
@@ -648,7 +654,7 @@ func TestFunctionTTL(t *testing.T) {
 	if code, body := deploy("PUT", "brief", "1h"); code != 400 || !strings.Contains(body, "set when it is created") {
 		t.Errorf("an update changing the TTL: %d %q, want 400", code, body)
 	}
-	if code, body := deploy("PUT", "brief", "3s"); code != http.StatusAccepted {
+	if code, body := deploy("PUT", "brief", "4s"); code != http.StatusAccepted {
 		t.Errorf("an update keeping the TTL: %d %q", code, body)
 	}
 	// Left alone, it goes from the directory and the nodes.
@@ -663,7 +669,7 @@ func TestFunctionTTL(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	t.Logf("the function went %v after its last renewal (3 s TTL)", time.Since(t0).Round(100*time.Millisecond))
+	t.Logf("the function went %v after its last renewal (4 s TTL)", time.Since(t0).Round(100*time.Millisecond))
 	if code, _ := renew("brief"); code != http.StatusNotFound {
 		t.Errorf("renewing the expired function: %d, want 404", code)
 	}
