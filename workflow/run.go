@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -64,7 +65,10 @@ type Runner struct {
 
 // Instance is one step instance's outcome.
 type Instance struct {
-	Node    string  `json:"node"`
+	Node string `json:"node"`
+	// AtMS is when the runner sent its request, in ms after the run's
+	// start.
+	AtMS    float64 `json:"at_ms"`
 	MS      float64 `json:"ms"`       // request to response, at the runner
 	StartMS float64 `json:"start_ms"` // the fork, as the gateway reports it
 	RunMS   float64 `json:"run_ms"`   // the child's run to its reply
@@ -553,6 +557,11 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	outs := make([]json.RawMessage, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
+	var failed atomic.Bool  // an instance failed: start no more
+	var slots chan struct{} // Step.MaxConcurrency
+	if st.MaxConcurrency > 0 && st.MaxConcurrency < n {
+		slots = make(chan struct{}, st.MaxConcurrency)
+	}
 	for i := 0; i < n; i++ {
 		req := map[string]any{}
 		for k, v := range base {
@@ -561,9 +570,27 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 		if st.Map != "" {
 			req["item"] = items[i]
 		}
+		if slots != nil {
+			select { // in the list's order
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				errs[i] = ctx.Err()
+				continue
+			}
+			if failed.Load() {
+				<-slots
+				errs[i] = errors.New("not run: another instance of the step failed")
+				continue
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			if slots != nil {
+				defer func() { <-slots }()
+			}
+			at := x.at(time.Now())
+			defer func() { ins[i].AtMS = at }()
 			if keep && key == "" {
 				var seed string
 				ins[i], outs[i], seed, errs[i] = x.invokeAs(ctx, req, from, true)
@@ -576,6 +603,9 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 				return
 			}
 			ins[i], outs[i], errs[i] = x.invoke(ctx, req, from)
+			if errs[i] != nil {
+				failed.Store(true)
+			}
 		}()
 	}
 	wg.Wait()

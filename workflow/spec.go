@@ -90,6 +90,11 @@ type Step struct {
 	// Map names a source step whose result is a list: the step runs once
 	// per element, concurrently, spread over the nodes.
 	Map string `json:"map,omitempty"`
+	// MaxConcurrency, with Map, bounds how many of the step's instances
+	// run at once (0: all of them); the others wait for one to end, in
+	// the list's order. A fan-out of thousands then takes its share of
+	// the cluster instead of queueing every instance at the gateway.
+	MaxConcurrency int `json:"max_concurrency,omitempty"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$`)
@@ -209,6 +214,12 @@ func (s *Spec) validateGraph() error {
 		}
 		if nonSource > 1 {
 			return fmt.Errorf("workflow %s: step %s has %d non-source upstream steps; at most one is supported (its results arrive as the last argument)", s.Name, st.Name, nonSource)
+		}
+		switch {
+		case st.MaxConcurrency < 0:
+			return fmt.Errorf("workflow %s: step %s: max_concurrency %d is negative (0: no bound)", s.Name, st.Name, st.MaxConcurrency)
+		case st.MaxConcurrency > 0 && st.Map == "":
+			return fmt.Errorf("workflow %s: step %s: max_concurrency bounds a fan-out; the step has no map", s.Name, st.Name)
 		}
 		if st.Map != "" {
 			m := byName[st.Map]

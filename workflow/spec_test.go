@@ -31,6 +31,8 @@ func TestParseSpecErrors(t *testing.T) {
 		{"env name", `{"name":"w","env":{"A=B":"x"},"steps":[{"name":"a"}]}`, "env name"},
 		{"env reserved", `{"name":"w","env":{"MITOSIS_WF_DIR":"/x"},"steps":[{"name":"a"}]}`, "MITOSIS_ prefix"},
 		{"env nul", `{"name":"w","env":{"A":"x\u0000y"},"steps":[{"name":"a"}]}`, "NUL"},
+		{"max_concurrency without map", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"],"max_concurrency":2}]}`, "has no map"},
+		{"negative max_concurrency", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"],"map":"s","max_concurrency":-1}]}`, "negative"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -146,6 +148,7 @@ func TestParseTransfer(t *testing.T) {
 func FuzzParseSpec(f *testing.F) {
 	for _, seed := range []string{
 		`{"name":"finra","steps":[{"name":"merge","after":["audit"]},{"name":"audit","after":["p","m"],"map":"r"},{"name":"p"},{"name":"m"},{"name":"r"}]}`,
+		`{"name":"wc","steps":[{"name":"c"},{"name":"l"},{"name":"n","after":["c"],"map":"l","max_concurrency":3},{"name":"r","after":["n"]}]}`,
 		`{"name":"w","env":{"A":"b"},"memory":"2Gi","transfer":"storage","steps":[{"name":"a"},{"name":"b","after":["a"],"call":"go"}]}`,
 		`{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`,
 		`{"name":"w","steps":[]}`, `[]`, `{`,
@@ -185,6 +188,9 @@ func FuzzParseSpec(f *testing.F) {
 			// over the upstream it forks from, whose result is kept; it
 			// forks from a kept single-instance upstream or the run's seed.
 			parent := s.Parent(st.Name)
+			if st.MaxConcurrency < 0 || (st.MaxConcurrency > 0 && st.Map == "") {
+				t.Fatalf("step %s: max_concurrency %d with map %q", st.Name, st.MaxConcurrency, st.Map)
+			}
 			if st.Map != "" {
 				if m := s.Steps[indexOf(s, st.Map)]; len(m.After) != 0 && st.Map != parent {
 					t.Fatalf("step %s maps over %s, neither a source nor the step it forks from (%q)", st.Name, st.Map, parent)

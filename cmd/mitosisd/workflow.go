@@ -39,7 +39,8 @@ steps:
 
 Steps without "after" are sources and get the run's input; "map" runs a step
 once per element of a list result (a source's, or its single-instance
-upstream's), concurrently, over the cluster's nodes. A step takes the map
+upstream's), concurrently, over the cluster's nodes ("max_concurrency": N
+runs at most N of them at once). A step takes the map
 item, its sources' results, then its one non-source upstream's result.
 
 The workflow is deployed once as the function wf-NAME (the step runtime with
@@ -140,7 +141,11 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 				case st.Map != "":
 					result = "JSON list, one per item"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Call, orDash(strings.Join(st.After, ",")), orDash(st.Map), from, result)
+				mapOver := orDash(st.Map)
+				if st.MaxConcurrency > 0 {
+					mapOver += fmt.Sprintf(" (%d at once)", st.MaxConcurrency)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", st.Name, st.Call, orDash(strings.Join(st.After, ",")), mapOver, from, result)
 			}
 			return tw.Flush()
 		},

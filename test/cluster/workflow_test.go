@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -458,6 +460,64 @@ def total(parts):
 		if k := keys(); len(k) != 0 {
 			ttl, _ := rdb.TTL(ctx, k[0]).Result()
 			t.Errorf("redis holds keys %v (the first expires in %v)", k, ttl)
+		}
+	})
+
+	// max_concurrency bounds how many instances of a fan-out run at once;
+	// the result is the same.
+	t.Run("max concurrency", func(t *testing.T) {
+		spec, err := workflow.ReadSpec(filepath.Join(repoRoot, "examples", "wordcount", "wordcount.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		count := &spec.Steps[slices.IndexFunc(spec.Steps, func(s workflow.Step) bool { return s.Name == "count" })]
+		// overlap is the most instances of count that ran at once.
+		overlap := func(run *workflow.Run) int {
+			type ev struct {
+				at float64
+				d  int
+			}
+			var evs []ev
+			for _, st := range run.Steps {
+				if st.Name == "count" {
+					for _, in := range st.Instances {
+						evs = append(evs, ev{in.AtMS, 1}, ev{in.AtMS + in.MS, -1})
+					}
+				}
+			}
+			sort.Slice(evs, func(i, j int) bool { return evs[i].at < evs[j].at || (evs[i].at == evs[j].at && evs[i].d < evs[j].d) })
+			most, now := 0, 0
+			for _, e := range evs {
+				now += e.d
+				most = max(most, now)
+			}
+			return most
+		}
+		input := json.RawMessage(`{"docs": 3000, "shards": 6}`)
+		var want string
+		for _, limit := range []int{0, 1, 2} {
+			count.MaxConcurrency = limit
+			run, err := rn.Run(ctx, spec, input, workflow.TransferFork)
+			if err != nil {
+				t.Fatalf("max_concurrency %d: %v", limit, err)
+			}
+			assertRunGone(t, p, rdb, run)
+			o := overlap(run)
+			t.Logf("max_concurrency %d: %d instances at once at most, count step %.0f ms", limit, o, run.Steps[slices.IndexFunc(run.Steps, func(s workflow.StepResult) bool { return s.Name == "count" })].MS)
+			switch {
+			case limit == 0 && o < 2:
+				t.Errorf("without a bound, at most %d of 6 instances ran at once", o)
+			case limit > 0 && o > limit:
+				t.Errorf("max_concurrency %d: %d instances ran at once", limit, o)
+			}
+			if limit == 0 {
+				want = string(run.Result)
+			} else if string(run.Result) != want {
+				t.Errorf("max_concurrency %d: result %s, want %s", limit, run.Result, want)
+			}
+		}
+		if err := rn.Remove(ctx, spec); err != nil {
+			t.Fatal(err)
 		}
 	})
 
