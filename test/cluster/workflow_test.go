@@ -606,6 +606,26 @@ def total(parts):
 			assertRunGone(t, p, rdb, run)
 			assertProcs(t, pythons, deployedProcs)
 		}
+		// With max_concurrency 1, no rule starts after the first failed.
+		bounded := *spec
+		bounded.Steps = slices.Clone(spec.Steps)
+		bounded.Steps[slices.IndexFunc(bounded.Steps, func(s workflow.Step) bool { return s.Name == "audit" })].MaxConcurrency = 1
+		run, err := rn.Run(ctx, &bounded, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 0}`), workflow.TransferFork)
+		if err == nil || !strings.Contains(err.Error(), "audit rule 0: market data for symbol 0 is inconsistent") {
+			t.Fatalf("bounded fan-out with a raising first rule: %v", err)
+		}
+		started := 0
+		for _, st := range run.Steps {
+			for _, in := range st.Instances {
+				if st.Name == "audit" && in.Node != "" {
+					started++
+				}
+			}
+		}
+		if started != 1 {
+			t.Errorf("%d rules started, want only the failing first one", started)
+		}
+		assertRunGone(t, p, rdb, run)
 	})
 	// Removing the workflow removes its function's seed and processes.
 	if err := rn.Remove(ctx, spec); err != nil {
