@@ -217,17 +217,25 @@ func TestRegisterLivenessAndSeeds(t *testing.T) {
 	r3.Close(ctx)
 }
 
+// startView starts an embedded etcd and returns a client of it and a View
+// (closed with the test).
+func startView(t *testing.T) (*Client, *View) {
+	t.Helper()
+	_, c := startEtcd(t)
+	v, err := c.NewView(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	return c, v
+}
+
 // TestStageLeases: a stage seed's lease record is in every View while it is
 // renewed, goes when its lease expires or it is deleted, and a renewal
 // with another TTL swaps the lease.
 func TestStageLeases(t *testing.T) {
-	_, c := startEtcd(t)
+	c, v := startView(t)
 	ctx := context.Background()
-	v, err := c.NewView(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
 	has := func(ref string) bool {
 		for _, l := range v.StageLeases() {
 			if l.Ref == ref && l.Function == "wf" {
@@ -305,13 +313,8 @@ func TestStageLeases(t *testing.T) {
 // keeps its lease through an update, and goes (from every View) when
 // nobody renews it; one created without a TTL cannot be renewed.
 func TestFunctionTTL(t *testing.T) {
-	_, c := startEtcd(t)
+	c, v := startView(t)
 	ctx := context.Background()
-	v, err := c.NewView(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
 	has := func(name string) bool {
 		for _, f := range v.Functions() {
 			if f.Name == name {
