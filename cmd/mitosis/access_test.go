@@ -233,6 +233,9 @@ print(ok, refused)
 func TestUserConnectionCap(t *testing.T) {
 	d := startDaemonWith(t, "--socket-mode", "0666")
 	reachable(t, d)
+	// The socket's path appears before the daemon has opened its engine's
+	// descriptors (the stub memfd, /dev/null): count once it serves.
+	runCLI(t, nil, "--socket", d.sock, "seeds").wantOK(t)
 	before := countFDs(t, d.cmd.Process.Pid)
 	beforeList := fdList(d.cmd.Process.Pid)
 	cmd := exec.Command("/usr/bin/python3", "-c", connFlood, d.sock, "100")
