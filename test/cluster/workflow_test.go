@@ -268,10 +268,6 @@ func TestWorkflowFINRA(t *testing.T) {
 	// globals, as a child of a process does; under storage only results
 	// travel.
 	t.Run("kept map", func(t *testing.T) {
-		dir := filepath.Join(p.dir, "keptmap")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
 		mod := `SEEN = {}
 
 def base(inp):
@@ -287,9 +283,7 @@ def work(part, base, plan):
 def total(parts):
     return {"sum": sum(p["sum"] for p in parts), "plans": parts[0]["plans"], "seen": sorted({str(p["seen"]) for p in parts})}
 `
-		if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(mod), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		dir := writeModule(t, filepath.Join(p.dir, "keptmap"), mod)
 		km, err := workflow.ParseSpec([]byte(`{"name":"keptmap","dir":"` + dir + `","steps":[
 			{"name":"base"},{"name":"plan","after":["base"]},
 			{"name":"work","after":["base","plan"],"map":"plan"},{"name":"total","after":["work"]}]}`))
@@ -323,15 +317,9 @@ def total(parts):
 	// than their TTL keeps them, and a runner killed midway (SIGKILL: no
 	// cleanup) leaves them only until the TTL runs out.
 	t.Run("stage ttl", func(t *testing.T) {
-		dir := filepath.Join(p.dir, "slow")
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
 		mod := "import time\n\ndef base(inp):\n    return {'v': 1, 'sleep': inp['sleep']}\n\n" +
 			"def hold(base):\n    time.sleep(base['sleep'])\n    return 2\n\ndef fin(base, hold):\n    return base['v'] + hold\n"
-		if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(mod), 0o644); err != nil {
-			t.Fatal(err)
-		}
+		dir := writeModule(t, filepath.Join(p.dir, "slow"), mod)
 		specPath := filepath.Join(dir, "slow.json")
 		if err := os.WriteFile(specPath, []byte(`{"name":"slow","dir":".","steps":[{"name":"base"},{"name":"hold","after":["base"]},{"name":"fin","after":["base","hold"]}]}`), 0o644); err != nil {
 			t.Fatal(err)
@@ -478,12 +466,9 @@ def total(parts):
 				d  int
 			}
 			var evs []ev
-			for _, st := range run.Steps {
-				if st.Name == "count" {
-					for _, in := range st.Instances {
-						evs = append(evs, ev{in.AtMS, 1}, ev{in.AtMS + in.MS, -1})
-					}
-				}
+			st, _ := run.Step("count")
+			for _, in := range st.Instances {
+				evs = append(evs, ev{in.AtMS, 1}, ev{in.AtMS + in.MS, -1})
 			}
 			sort.Slice(evs, func(i, j int) bool { return evs[i].at < evs[j].at || (evs[i].at == evs[j].at && evs[i].d < evs[j].d) })
 			most, now := 0, 0
@@ -503,7 +488,7 @@ def total(parts):
 			}
 			assertRunGone(t, p, rdb, run)
 			o := overlap(run)
-			t.Logf("max_concurrency %d: %d instances at once at most, count step %.0f ms", limit, o, run.Steps[slices.IndexFunc(run.Steps, func(s workflow.StepResult) bool { return s.Name == "count" })].MS)
+			t.Logf("max_concurrency %d: %d instances at once at most, count step %.0f ms", limit, o, func() float64 { st, _ := run.Step("count"); return st.MS }())
 			switch {
 			case limit == 0 && o < 2:
 				t.Errorf("without a bound, at most %d of 6 instances ran at once", o)
@@ -615,11 +600,10 @@ def total(parts):
 			t.Fatalf("bounded fan-out with a raising first rule: %v", err)
 		}
 		started := 0
-		for _, st := range run.Steps {
-			for _, in := range st.Instances {
-				if st.Name == "audit" && in.Node != "" {
-					started++
-				}
+		audit, _ := run.Step("audit")
+		for _, in := range audit.Instances {
+			if in.Node != "" {
+				started++
 			}
 		}
 		if started != 1 {
@@ -706,6 +690,18 @@ func stepNodes(run *workflow.Run, name string) []string {
 func mustJSON(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
+}
+
+// writeModule writes src as dir/workflow.py (making dir) and returns dir.
+func writeModule(t *testing.T, dir, src string) string {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 func pgrepFull(t *testing.T, pattern string) []string {
