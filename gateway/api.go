@@ -241,9 +241,9 @@ func (g *Gateway) renewStageSeed(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	ttl, err := time.ParseDuration(req.TTL)
-	if err != nil || ttl < time.Second || ttl > maxStageTTL {
-		httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a duration from 1s to %v (e.g. 2m)", req.TTL, maxStageTTL))
+	ttl, err := parseTTL("ttl", req.TTL)
+	if err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
 		return
 	}
 	ok, err := g.dir.RenewStageLease(r.Context(), req.FunctionName, req.Seed, ttl)

@@ -40,8 +40,18 @@ const (
 	HeaderStageTTL = gwapi.HeaderStageTTL
 )
 
-// maxStageTTL bounds X-Mitosis-Stage-TTL.
+// maxStageTTL bounds the TTLs of stage seeds and functions.
 const maxStageTTL = 7 * 24 * time.Hour
+
+// parseTTL parses the TTL what gives (a header, a field, an annotation):
+// a Go duration from 1s to maxStageTTL.
+func parseTTL(what, v string) (time.Duration, error) {
+	t, err := time.ParseDuration(v)
+	if err != nil || t < time.Second || t > maxStageTTL {
+		return 0, fmt.Errorf("%s: %q is not a duration from 1s to %v (e.g. 2m)", what, v, maxStageTTL)
+	}
+	return t, nil
+}
 
 // outcome is what a call produced.
 type outcome struct {
@@ -96,12 +106,12 @@ func newCall(r *http.Request, fn string, body []byte) (*call, error) {
 	}
 	var ttl time.Duration
 	if v := r.Header.Get(HeaderStageTTL); v != "" {
-		var err error
-		switch ttl, err = time.ParseDuration(v); {
-		case !stage:
+		if !stage {
 			return nil, &badRequest{fmt.Sprintf("%s needs %s: true (it bounds the life of the stage seed the request makes)", HeaderStageTTL, HeaderStage)}
-		case err != nil || ttl < time.Second || ttl > maxStageTTL:
-			return nil, &badRequest{fmt.Sprintf("%s: %q is not a duration from 1s to %v (e.g. 30m)", HeaderStageTTL, v, maxStageTTL)}
+		}
+		var err error
+		if ttl, err = parseTTL(HeaderStageTTL, v); err != nil {
+			return nil, &badRequest{err.Error()}
 		}
 	}
 	m := function.Request{Method: r.Method, Path: "/" + r.PathValue("path"), Query: r.URL.RawQuery, Headers: hdr, Stage: stage, StageLease: stage && ttl > 0}

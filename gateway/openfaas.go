@@ -100,11 +100,7 @@ func ttlOf(d *FunctionDeployment) (time.Duration, error) {
 	if v == "" {
 		return 0, nil
 	}
-	t, err := time.ParseDuration(v)
-	if err != nil || t < time.Second || t > maxStageTTL {
-		return 0, fmt.Errorf("%s: %q is not a duration from 1s to %v (e.g. 2m)", AnnotationTTL, v, maxStageTTL)
-	}
-	return t, nil
+	return parseTTL(AnnotationTTL, v)
 }
 
 // stored is what the gateway keeps in the directory for a function: the
