@@ -400,6 +400,43 @@ func (e *Engine) ReadPages(s *Seed, addr uint64, buf []byte) error {
 }
 
 // covers reports whether [addr, addr+n) lies in lazily paged VMAs.
+// PageFile serves runs of a local seed to a peer node from the seed's page
+// cache on this node, for a zero-copy send: it fills the cache with what it
+// lacks (from the frozen copy) and returns a duplicate of the cache's file
+// descriptor, which the caller closes, with each run's offset in it. ok is
+// false when the seed has no page cache here (no child of it ran on this
+// node: the owner does not hold a second copy of memory only peers read)
+// or a run is not wholly cached, present memory; ReadPages serves those.
+func (e *Engine) PageFile(s *Seed, runs []descriptor.Run) (fd int, offs []int64, ok bool, err error) {
+	if s.Origin != "" {
+		return -1, nil, false, fmt.Errorf("seed %s is not prepared on this node (origin %s)", s.ID, s.Origin)
+	}
+	for _, r := range runs {
+		if r.Start%descriptor.PageSize != 0 || r.End%descriptor.PageSize != 0 || r.End <= r.Start {
+			return -1, nil, false, fmt.Errorf("seed %s: unaligned read %#x+%d", s.ID, r.Start, r.End-r.Start)
+		}
+		if !s.covers(r.Start, r.End-r.Start) {
+			return -1, nil, false, fmt.Errorf("seed %s: range %#x+%#x is not memory of the seed", s.ID, r.Start, r.End-r.Start)
+		}
+	}
+	s.cacheMu.Lock()
+	c := s.cache
+	s.cacheMu.Unlock()
+	if c == nil {
+		return -1, nil, false, nil
+	}
+	fd, offs, ok, err = c.FileRuns(runs)
+	if err != nil {
+		return -1, nil, false, fmt.Errorf("seed %s: %w", s.ID, err)
+	}
+	if ok {
+		for _, r := range runs {
+			s.recordRemote(r.Start, r.End-r.Start)
+		}
+	}
+	return fd, offs, ok, nil
+}
+
 func (s *Seed) covers(addr, n uint64) bool {
 	for _, v := range s.Desc.VMAs {
 		if addr >= v.Start && addr+n <= v.End && (v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty) {

@@ -31,8 +31,12 @@ type metrics struct {
 
 	bytesServed  prometheus.Counter
 	bytesFetched prometheus.Counter
-	fetchLatency prometheus.Histogram
-	restore      prometheus.Histogram
+	// zeroCopySent and zeroCopyReceived count page bytes that skipped the
+	// copy through a user-space buffer: sent from this node's page cache
+	// with sendfile, and received into it with splice.
+	zeroCopySent, zeroCopyReceived prometheus.Counter
+	fetchLatency                   prometheus.Histogram
+	restore                        prometheus.Histogram
 
 	invocations   *prometheus.CounterVec   // by instance kind and status class
 	instanceStart *prometheus.HistogramVec // time to get an instance, by kind
@@ -103,6 +107,13 @@ func newMetrics(d *Daemon) *metrics {
 		Name: "mitosis_peer_bytes_fetched_total", Help: "Page bytes fetched from peer nodes for imported seeds.",
 	})
 	f(m.bytesFetched)
+	zeroCopy := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mitosis_peer_bytes_zero_copy_total",
+		Help: "Page bytes moved between nodes without a copy through a buffer: sent from this node's page cache with sendfile, received into it with splice (plain TCP only; included in the served and fetched totals).",
+	}, []string{"direction"})
+	f(zeroCopy)
+	m.zeroCopySent = zeroCopy.WithLabelValues("sent")
+	m.zeroCopyReceived = zeroCopy.WithLabelValues("received")
 	m.fetchLatency = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "mitosis_fetch_latency_seconds",
 		Help:    "Latency of page reads from a peer node, as the pager sees them.",

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/descriptor"
 	"github.com/mitosis-fork/mitosis/transport"
@@ -17,7 +19,7 @@ import (
 // (transport.Provider).
 type provider struct{ d *Daemon }
 
-var _ transport.Provider = provider{}
+var _ transport.FileProvider = provider{}
 
 // servedSeed finds a seed prepared on this node that peer may fetch.
 func (d *Daemon) servedSeed(peer, key string) (*seedRec, error) {
@@ -78,6 +80,33 @@ func (p provider) ReadPages(_ context.Context, peer, seed string, addr uint64, b
 	}
 	d.metrics.bytesServed.Add(float64(len(buf)))
 	return nil
+}
+
+// PageFile implements transport.FileProvider: a local seed's pages from its
+// page cache on this node, sent with sendfile.
+func (p provider) PageFile(_ context.Context, peer, seed string, ranges []transport.Range) (int, []int64, func(), bool, error) {
+	d := p.d
+	d.metrics.peerPages.Inc()
+	s, err := d.servedSeed(peer, seed)
+	if err != nil {
+		return -1, nil, nil, false, err
+	}
+	runs := make([]descriptor.Run, len(ranges))
+	var n uint64
+	for i, g := range ranges {
+		runs[i] = descriptor.Run{Start: g.Addr, End: g.Addr + g.Len}
+		n += g.Len
+	}
+	fd, offs, ok, err := d.eng.PageFile(s.seed, runs)
+	if err != nil {
+		return -1, nil, nil, false, fmt.Errorf("node %s: read seed %s: %w", d.node, s.id, err)
+	}
+	if !ok {
+		return -1, nil, nil, false, nil
+	}
+	d.metrics.bytesServed.Add(float64(n))
+	d.metrics.zeroCopySent.Add(float64(n))
+	return fd, offs, func() { unix.Close(fd) }, true, nil
 }
 
 // Fork implements transport.Provider: it forks detached children on this

@@ -211,12 +211,19 @@ func (c *Cache) inFlight(pg uint64) *fill {
 // fetch reads the claimed pages of f from the source at src into the cache
 // and ends the claim.
 func (c *Cache) fetch(f *fill, src uint64) error {
-	b, put := c.fillBuffer(int(f.hi-f.lo) * pageSize)
-	err := c.src.ReadPages(src, b)
-	if err == nil {
-		err = c.write(b, f.lo*pageSize)
+	var err error
+	if fs, ok := c.src.(FileSource); ok {
+		run := [1]descriptor.Run{{Start: src, End: src + (f.hi-f.lo)*pageSize}}
+		off := [1]int64{int64(f.lo * pageSize)}
+		err = c.readTo(fs, run[:], off[:])
+	} else {
+		b, put := c.fillBuffer(int(f.hi-f.lo) * pageSize)
+		err = c.src.ReadPages(src, b)
+		if err == nil {
+			err = c.write(b, f.lo*pageSize)
+		}
+		put()
 	}
-	put()
 	if err != nil {
 		c.release([]*fill{f})
 		return err
@@ -244,6 +251,80 @@ func (c *Cache) fillBuffer(n int) ([]byte, func()) {
 		c.buf = make([]byte, fillBufSize)
 	}
 	return c.buf[:n], c.bufMu.Unlock
+}
+
+// FileSource is a Source that can write pages straight into a file (a
+// network transport that splices them from its socket): a fill then needs
+// no staging buffer and no copy through user space.
+type FileSource interface {
+	Source
+	// ReadRunsTo writes the seed's memory of runs into the file fd, run i
+	// at offset offs[i]. fd stays the caller's.
+	ReadRunsTo(runs []descriptor.Run, fd int, offs []int64) error
+}
+
+// readTo fills the cache's file at offs with runs from fs, through a
+// duplicate of its descriptor: Close does not wait for a fill from the
+// network, and a closed cache's descriptor number, reused by another file,
+// is never written. A fill that outlives Close writes into the orphaned
+// file, which is freed with the duplicate.
+func (c *Cache) readTo(fs FileSource, runs []descriptor.Run, offs []int64) error {
+	fd, err := c.dup()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	return fs.ReadRunsTo(runs, fd, offs)
+}
+
+// dup returns a duplicate of the cache's file descriptor (close-on-exec),
+// which the caller closes.
+func (c *Cache) dup() (int, error) {
+	c.fdMu.RLock()
+	defer c.fdMu.RUnlock()
+	if c.fd < 0 {
+		return -1, errCacheClosed
+	}
+	fd, err := unix.FcntlInt(uintptr(c.fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("page cache: dup: %w", err)
+	}
+	return fd, nil
+}
+
+// FileRuns makes the cache hold runs, each of them source-present memory of
+// one slot, fetching what it lacks, and returns a duplicate of its file
+// descriptor (the caller closes it) with each run's offset in the file: the
+// owner node sends a peer's pages from there with sendfile(2). ok is false,
+// with nothing fetched, when a run is not wholly cached, present memory.
+func (c *Cache) FileRuns(runs []descriptor.Run) (fd int, offs []int64, ok bool, err error) {
+	offs = make([]int64, len(runs))
+	for i, r := range runs {
+		off, in := c.Offset(r.Start)
+		if !in || r.End <= r.Start || r.Start%pageSize != 0 || r.End%pageSize != 0 {
+			return -1, nil, false, nil
+		}
+		if end, _ := c.Offset(r.End - 1); end != off+(r.End-r.Start)-1 || !covered(c.present, r) {
+			return -1, nil, false, nil
+		}
+		offs[i] = int64(off)
+	}
+	for _, r := range runs {
+		if _, err := c.Ensure(r.Start, int((r.End-r.Start)/pageSize)); err != nil {
+			return -1, nil, false, err
+		}
+	}
+	if fd, err = c.dup(); err != nil {
+		return -1, nil, false, err
+	}
+	return fd, offs, true, nil
+}
+
+// covered reports whether r lies inside one run of present (sorted,
+// disjoint runs).
+func covered(present []descriptor.Run, r descriptor.Run) bool {
+	i := sort.Search(len(present), func(i int) bool { return present[i].End > r.Start })
+	return i < len(present) && present[i].Start <= r.Start && r.End <= present[i].End
 }
 
 // write stores b in the memfd at off.
@@ -469,13 +550,28 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 		if len(part) == 0 {
 			continue
 		}
-		buf, put := c.fillBuffer(int(size))
 		rs := make([]descriptor.Run, len(part))
 		fs := make([]*fill, len(part))
 		for i, p := range part {
 			rs[i] = descriptor.Run{Start: p.src, End: p.src + (p.f.hi-p.f.lo)*pageSize}
 			fs[i] = p.f
 		}
+		if fsrc, ok := c.src.(FileSource); ok {
+			offs := make([]int64, len(part))
+			for i, p := range part {
+				offs[i] = int64(p.f.lo * pageSize)
+			}
+			if err := c.readTo(fsrc, rs, offs); err != nil {
+				c.release(fs)
+				return fetched, err
+			}
+			for _, p := range part {
+				c.complete(p.f)
+				fetched += int(p.f.hi - p.f.lo)
+			}
+			continue
+		}
+		buf, put := c.fillBuffer(int(size))
 		if err := rr.ReadRuns(rs, buf); err != nil {
 			put()
 			c.release(fs)

@@ -393,14 +393,56 @@ func (s *countingSource) ReadRuns(runs []descriptor.Run, buf []byte) error {
 // source once (the page whose first fetch failed, twice: a fill that waited
 // on the failed one fetches it itself), the memfd holds the seed's bytes,
 // and no claim is left behind.
+//
+// It runs with a source that reads into the cache's staging buffer and with
+// one that writes into the cache's file itself (FileSource, as the network
+// transport does with splice).
 func TestCacheConcurrentFills(t *testing.T) {
+	t.Run("buffer", func(t *testing.T) { testCacheConcurrentFills(t, false) })
+	t.Run("file", func(t *testing.T) { testCacheConcurrentFills(t, true) })
+}
+
+// fileCountingSource is a countingSource that writes pages into the
+// cache's file (pager.FileSource).
+type fileCountingSource struct {
+	*countingSource
+	calls int
+}
+
+func (s *fileCountingSource) ReadRunsTo(runs []descriptor.Run, fd int, offs []int64) error {
+	s.mu.Lock()
+	s.calls++
+	s.mu.Unlock()
+	var n uint64
+	for _, r := range runs {
+		n += r.End - r.Start
+	}
+	buf := make([]byte, n)
+	if err := s.ReadRuns(runs, buf); err != nil {
+		return err
+	}
+	for i, r := range runs {
+		if _, err := unix.Pwrite(fd, buf[:r.End-r.Start], offs[i]); err != nil {
+			return err
+		}
+		buf = buf[r.End-r.Start:]
+	}
+	return nil
+}
+
+func testCacheConcurrentFills(t *testing.T, viaFile bool) {
 	const pages = 2048
 	base := uint64(1 << 32)
 	d := &descriptor.Descriptor{SeedID: "concurrenttest",
 		VMAs:    []descriptor.VMA{{Start: base, End: base + pages*pageSize, Prot: 3, Kind: descriptor.KindAnon}},
 		Present: []descriptor.Run{{Start: base, End: base + pages*pageSize}}}
 	src := &countingSource{reads: map[uint64]int{}, failPage: base + 777*pageSize}
-	c, err := NewCache(d, src)
+	var csrc Source = src
+	fsrc := &fileCountingSource{countingSource: src}
+	if viaFile {
+		csrc = fsrc
+	}
+	c, err := NewCache(d, csrc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -458,6 +500,53 @@ func TestCacheConcurrentFills(t *testing.T) {
 	}
 	if c.Bytes() != pages*pageSize || len(c.fills) != 0 {
 		t.Errorf("Bytes %d (want %d), %d fills left in flight", c.Bytes(), pages*pageSize, len(c.fills))
+	}
+	if viaFile && fsrc.calls == 0 {
+		t.Error("the cache never filled through the file source")
+	}
+}
+
+// TestCacheFileRuns checks what the owner node sends a peer from: FileRuns
+// fills the runs it is asked for and hands out a descriptor of the cache's
+// file with each run's offset; it refuses (ok false, nothing fetched) runs
+// that are not cached, present memory, and fails once the cache is closed.
+func TestCacheFileRuns(t *testing.T) {
+	src := &fakeSource{}
+	c, err := NewCache(cacheDesc(), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	runs := []descriptor.Run{{Start: 0x11000, End: 0x13000}, {Start: 0x42000, End: 0x44000}} // the second spans two slots
+	fd, offs, ok, err := c.FileRuns(runs)
+	if err != nil || !ok {
+		t.Fatalf("FileRuns: ok %v, %v", ok, err)
+	}
+	for i, r := range runs {
+		got := make([]byte, r.End-r.Start)
+		if _, err := unix.Pread(fd, got, offs[i]); err != nil || !bytes.Equal(got, pattern(r.Start, len(got))) {
+			t.Errorf("run %d at offset %#x does not hold the seed's bytes (%v)", i, offs[i], err)
+		}
+	}
+	unix.Close(fd)
+	if n := len(src.reset()); n == 0 {
+		t.Error("FileRuns fetched nothing")
+	}
+	for _, r := range []descriptor.Run{
+		{Start: 0x20000, End: 0x21000}, // a file mapping: not cached
+		{Start: 0x30000, End: 0x31000}, // the stack: not cached
+		{Start: 0x13000, End: 0x15000}, // runs off the end of a slot
+		{Start: 0x10800, End: 0x11000}, // unaligned
+	} {
+		if _, _, ok, err := c.FileRuns([]descriptor.Run{r}); ok || err != nil {
+			t.Errorf("FileRuns %#x-%#x: ok %v, %v; want a refusal", r.Start, r.End, ok, err)
+		}
+	}
+	if calls := src.reset(); len(calls) != 0 {
+		t.Errorf("refused runs fetched %v", calls)
+	}
+	c.Close()
+	if _, _, _, err := c.FileRuns(runs[:1]); !errors.Is(err, errCacheClosed) {
+		t.Errorf("FileRuns after Close: %v", err)
 	}
 }
 

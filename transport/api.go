@@ -54,6 +54,21 @@ type Provider interface {
 	Lease(ctx context.Context, peer, seed string, delta int) error
 }
 
+// FileProvider is a Provider that can answer a pages request from a file
+// holding the pages (the owner node's page cache for the seed): the server
+// then sends them with sendfile(2), from the file's pages to the socket
+// without a copy through a buffer. Only plain TCP connections use it (TLS
+// encrypts in user space).
+type FileProvider interface {
+	Provider
+	// PageFile returns a file descriptor holding the seed's memory of
+	// ranges, range i at offset offs[i], and release, which the server
+	// calls once the pages are sent (it closes the descriptor). ok false
+	// (and no error) means the pages are not in such a file: the server
+	// then reads them with ReadPages.
+	PageFile(ctx context.Context, peer, seed string, ranges []Range) (fd int, offs []int64, release func(), ok bool, err error)
+}
+
 // Config configures both ends.
 type Config struct {
 	// Node is this node's name (sent to peers, checked by them).

@@ -10,7 +10,10 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // errConnLost marks errors that ended a connection (as opposed to a
@@ -30,6 +33,9 @@ type ClientStats struct {
 	Redials       uint64 // connections re-established after a failure
 	PagesRequests uint64
 	BytesFetched  uint64 // page bytes received
+	// BytesSpliced counts page bytes ReadRangesTo moved from the socket
+	// into their file with splice(2) (part of BytesFetched).
+	BytesSpliced uint64
 	// LatencyUS counts completed requests by latency: bucket i holds
 	// latencies ≤ LatencyBucketsUS[i] (and above the previous bound); the
 	// last bucket holds the rest.
@@ -38,9 +44,9 @@ type ClientStats struct {
 }
 
 type clientCounters struct {
-	requests, errors, timeouts, redials, pagesReqs, bytes atomic.Uint64
-	lat                                                   [len(LatencyBucketsUS) + 1]atomic.Uint64
-	latSum                                                atomic.Uint64
+	requests, errors, timeouts, redials, pagesReqs, bytes, spliced atomic.Uint64
+	lat                                                            [len(LatencyBucketsUS) + 1]atomic.Uint64
+	latSum                                                         atomic.Uint64
 }
 
 func (s *clientCounters) observe(d time.Duration) {
@@ -146,6 +152,7 @@ func (c *Client) Stats() ClientStats {
 		Redials:       c.st.redials.Load(),
 		PagesRequests: c.st.pagesReqs.Load(),
 		BytesFetched:  c.st.bytes.Load(),
+		BytesSpliced:  c.st.spliced.Load(),
 		LatencySumUS:  c.st.latSum.Load(),
 	}
 	for i := range s.LatencyUS {
@@ -230,6 +237,12 @@ func (c *Client) dial(ctx context.Context) (*clientConn, error) {
 		peer:    peer,
 		pending: make(map[uint64]*call),
 		done:    make(chan struct{}),
+		pipe:    [2]int{-1, -1},
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
+			cc.raw = rc
+		}
 	}
 	go cc.readLoop()
 	return cc, nil
@@ -275,9 +288,28 @@ type result struct {
 	err     error
 }
 
+// pageSink is where a pages request's answer goes: a buffer, or places
+// in a file.
+type pageSink struct {
+	dst     []byte
+	segs    []fileSeg
+	fd      int
+	spliced *atomic.Uint64 // bytes spliced into fd
+}
+
 type call struct {
-	dst []byte // pages responses are read straight into dst
-	ch  chan result
+	dst     []byte    // pages responses are read straight into dst
+	segs    []fileSeg // or into a file, here
+	fd      int       // (the file of segs)
+	spliced *atomic.Uint64
+	ch      chan result
+}
+
+// fileSeg is where a stretch of a pages response goes in the file of a
+// ReadRangesTo call.
+type fileSeg struct {
+	off int64
+	n   int
 }
 
 // clientConn is one connection; its reader matches responses to pending
@@ -289,6 +321,12 @@ type clientConn struct {
 	peer string
 
 	wmu sync.Mutex // serializes writes
+
+	// raw is the socket of a plain TCP connection (nil under TLS): pages
+	// responses bound for a file are spliced from it. The pipe they pass
+	// through is the reader's alone, made on first use.
+	raw  syscall.RawConn
+	pipe [2]int
 
 	mu      sync.Mutex
 	pending map[uint64]*call
@@ -330,6 +368,7 @@ func (cc *clientConn) take(id uint64) *call {
 
 func (cc *clientConn) readLoop() {
 	defer close(cc.done)
+	defer cc.closePipe()
 	for {
 		var h [HeaderSize]byte
 		if _, err := io.ReadFull(cc.br, h[:]); err != nil {
@@ -370,6 +409,21 @@ func (cc *clientConn) readLoop() {
 			}
 			continue
 		}
+		if fh.Type == TypePagesResp && k.segs != nil {
+			if want := segsLen(k.segs); uint64(want) != uint64(fh.Len) {
+				err := fmt.Errorf("%w: pages response of %d bytes, want %d", ErrMalformed, fh.Len, want)
+				k.ch <- result{err: err}
+				cc.fail(err)
+				return
+			}
+			if err := cc.readToFile(k.fd, k.segs, k.spliced); err != nil {
+				k.ch <- result{err: err}
+				cc.fail(err)
+				return
+			}
+			k.ch <- result{typ: fh.Type}
+			continue
+		}
 		if fh.Type == TypePagesResp {
 			if k.dst == nil || uint64(len(k.dst)) != uint64(fh.Len) {
 				err := fmt.Errorf("%w: pages response of %d bytes, want %d", ErrMalformed, fh.Len, len(k.dst))
@@ -397,9 +451,162 @@ func (cc *clientConn) readLoop() {
 	}
 }
 
-// roundTrip sends one request and waits for its answer until ctx ends.
-func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload, dst []byte) result {
-	k := &call{dst: dst, ch: make(chan result, 1)}
+func segsLen(segs []fileSeg) int {
+	n := 0
+	for _, g := range segs {
+		n += g.n
+	}
+	return n
+}
+
+// fileWriteError is a failure to write a pages response into its file: the
+// request fails with it (it is not the connection's fault, so it is not
+// retried), and the connection, whose stream is then out of step, is cut.
+type fileWriteError struct{ err error }
+
+func (e *fileWriteError) Error() string { return "write pages into the page cache: " + e.err.Error() }
+func (e *fileWriteError) Unwrap() error { return e.err }
+
+// readToFile reads a pages response's payload into fd at segs: the bytes
+// the buffered reader already holds with pwrite, the rest (on a plain TCP
+// connection) spliced from the socket through a pipe into the file, so
+// they are copied once, in the kernel, instead of into a buffer and out
+// again. Under TLS it reads into a buffer and pwrites it.
+func (cc *clientConn) readToFile(fd int, segs []fileSeg, spliced *atomic.Uint64) error {
+	var buf []byte
+	for _, g := range segs {
+		off, left := g.off, g.n
+		for left > 0 {
+			if b := cc.br.Buffered(); b > 0 || cc.raw == nil {
+				var p []byte
+				var err error
+				if b > 0 {
+					p, err = cc.br.Peek(min(b, left))
+				} else {
+					if buf == nil {
+						buf = make([]byte, min(segsLen(segs), 1<<20))
+					}
+					var n int
+					n, err = cc.br.Read(buf[:min(len(buf), left)])
+					p = buf[:n]
+				}
+				if err != nil {
+					return fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, unexpectedEOF(err))
+				}
+				if err := pwriteAll(fd, p, off); err != nil {
+					return &fileWriteError{err}
+				}
+				if b > 0 {
+					_, _ = cc.br.Discard(len(p))
+				}
+				off += int64(len(p))
+				left -= len(p)
+				continue
+			}
+			n, err := cc.spliceToFile(fd, off, left)
+			if spliced != nil {
+				spliced.Add(uint64(n))
+			}
+			if err != nil {
+				return err
+			}
+			off += int64(n)
+			left -= n
+		}
+	}
+	return nil
+}
+
+func pwriteAll(fd int, p []byte, off int64) error {
+	for len(p) > 0 {
+		n, err := unix.Pwrite(fd, p, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// pipeSize is the pipe a spliced response passes through (the default
+// limit for unprivileged processes, /proc/sys/fs/pipe-max-size).
+const pipeSize = 1 << 20
+
+// spliceToFile moves up to n bytes of the socket into fd at off: socket
+// to pipe without a copy (the pipe takes the received buffers' pages),
+// pipe to file with one. It returns how many it moved.
+// Precondition: the buffered reader holds no bytes (they come first).
+func (cc *clientConn) spliceToFile(fd int, off int64, n int) (int, error) {
+	if cc.pipe[0] < 0 {
+		var p [2]int
+		if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+			return 0, &fileWriteError{fmt.Errorf("pipe: %w", err)}
+		}
+		// A larger pipe moves more per splice; the default (64 KiB)
+		// works too.
+		_, _ = unix.FcntlInt(uintptr(p[1]), unix.F_SETPIPE_SZ, pipeSize)
+		cc.pipe = p
+	}
+	moved := 0
+	var serr error
+	err := cc.raw.Read(func(sfd uintptr) bool {
+		for moved < n {
+			k, err := unix.Splice(int(sfd), nil, cc.pipe[1], nil, min(n-moved, pipeSize), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			switch {
+			case err == unix.EAGAIN:
+				return false // wait until the socket is readable
+			case err == unix.EINTR:
+				continue
+			case err != nil:
+				serr = fmt.Errorf("%w to %s: splice: %w", errConnLost, cc.peer, err)
+				return true
+			case k == 0:
+				serr = fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, io.ErrUnexpectedEOF)
+				return true
+			}
+			// Drain the pipe into the file: it is empty again before
+			// the next splice from the socket.
+			for d := int64(0); d < k; {
+				w, err := unix.Splice(cc.pipe[0], nil, fd, &off, int(k-d), unix.SPLICE_F_MOVE)
+				if err == unix.EINTR {
+					continue
+				}
+				if err == nil && w == 0 {
+					err = io.ErrShortWrite
+				}
+				if err != nil {
+					serr = &fileWriteError{err}
+					return true
+				}
+				d += w
+			}
+			moved += int(k)
+		}
+		return true
+	})
+	if serr == nil && err != nil {
+		serr = fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, err)
+	}
+	cc.cl.st.spliced.Add(uint64(moved))
+	if serr != nil {
+		cc.closePipe() // it may hold bytes that never reached the file
+	}
+	return moved, serr
+}
+
+func (cc *clientConn) closePipe() {
+	if cc.pipe[0] >= 0 {
+		unix.Close(cc.pipe[0])
+		unix.Close(cc.pipe[1])
+		cc.pipe = [2]int{-1, -1}
+	}
+}
+
+// roundTrip sends one request and waits for k's answer until ctx ends.
+func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload []byte, k *call) result {
 	cc.mu.Lock()
 	if cc.err != nil {
 		err := cc.err
@@ -451,16 +658,16 @@ func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload, dst []b
 }
 
 // do runs one request against the peer with the client's timeout.
-func (c *Client) do(ctx context.Context, op string, typ, want uint8, payload, dst []byte, idempotent bool) ([]byte, error) {
+func (c *Client) do(ctx context.Context, op string, typ, want uint8, payload []byte, sink *pageSink, idempotent bool) ([]byte, error) {
 	timeout := c.cfg.Timeout
 	if typ == TypeForkReq {
 		timeout = c.cfg.ForkTimeout
 	}
-	return c.doTimeout(ctx, op, typ, want, payload, dst, idempotent, timeout)
+	return c.doTimeout(ctx, op, typ, want, payload, sink, idempotent, timeout)
 }
 
 // doTimeout is do with an explicit bound.
-func (c *Client) doTimeout(ctx context.Context, op string, typ, want uint8, payload, dst []byte, idempotent bool, timeout time.Duration) ([]byte, error) {
+func (c *Client) doTimeout(ctx context.Context, op string, typ, want uint8, payload []byte, sink *pageSink, idempotent bool, timeout time.Duration) ([]byte, error) {
 	if c.closed.Load() {
 		return nil, fmt.Errorf("transport: %s: %w", op, ErrClosed)
 	}
@@ -476,7 +683,11 @@ func (c *Client) doTimeout(ctx context.Context, op string, typ, want uint8, payl
 		if err != nil {
 			r = result{err: err}
 		} else {
-			r = cc.roundTrip(ctx, typ, payload, dst)
+			k := &call{ch: make(chan result, 1)}
+			if sink != nil {
+				k.dst, k.segs, k.fd, k.spliced = sink.dst, sink.segs, sink.fd, sink.spliced
+			}
+			r = cc.roundTrip(ctx, typ, payload, k)
 			if r.err == nil && r.typ != want && r.typ != TypeError {
 				r.err = fmt.Errorf("%w: answer of type %d to request type %d", ErrMalformed, r.typ, typ)
 				cc.fail(r.err)
@@ -532,54 +743,63 @@ func (c *Client) ReadPages(ctx context.Context, seed string, addr uint64, buf []
 	return c.ReadRanges(ctx, seed, rs[:], buf)
 }
 
-// pageChunk is one wire request of a ReadRanges call.
+// pageChunk is one wire request of a ReadRanges or ReadRangesTo call.
 type pageChunk struct {
 	ranges []Range
-	dst    []byte
+	dst    []byte    // ReadRanges: the chunk's part of the buffer
+	segs   []fileSeg // ReadRangesTo: where its ranges go in the file fd
+	fd     int
+	// spliced counts the bytes of a ReadRangesTo call spliced into fd.
+	spliced *atomic.Uint64
 }
 
-// splitRanges cuts ranges into requests within the protocol limits; dst
-// parts are consecutive slices of buf.
-func splitRanges(ranges []Range, buf []byte) ([]pageChunk, error) {
-	var total uint64
+// piece is part of one of a read's ranges: ranges[idx], from byte at of
+// the read's stream.
+type piece struct {
+	Range
+	idx int
+	at  uint64
+}
+
+// splitRanges checks ranges and cuts them into the pieces of requests
+// within the protocol limits (at most MaxRanges ranges and MaxPagesBytes
+// bytes each), in order. total is their byte count.
+func splitRanges(ranges []Range) (chunks [][]piece, total uint64, err error) {
 	for _, g := range ranges {
 		if g.Len == 0 || g.Addr%PageSize != 0 || g.Len%PageSize != 0 || g.Addr+g.Len < g.Addr {
-			return nil, fmt.Errorf("%w: [%#x, +%#x) empty, misaligned or wrapping", ErrBadRange, g.Addr, g.Len)
+			return nil, 0, fmt.Errorf("%w: [%#x, +%#x) empty, misaligned or wrapping", ErrBadRange, g.Addr, g.Len)
 		}
 		total += g.Len
 		if total < g.Len {
-			return nil, fmt.Errorf("%w: ranges overflow", ErrBadRange)
+			return nil, 0, fmt.Errorf("%w: ranges overflow", ErrBadRange)
 		}
 	}
-	if total != uint64(len(buf)) {
-		return nil, fmt.Errorf("%w: ranges cover %d bytes, buffer has %d", ErrBadRange, total, len(buf))
-	}
-	if len(ranges) <= MaxRanges && total <= MaxPagesBytes {
-		return []pageChunk{{ranges: ranges, dst: buf}}, nil
-	}
-	var out []pageChunk
-	var cur []Range
-	var start, n uint64
-	flush := func() {
-		out = append(out, pageChunk{ranges: cur, dst: buf[start : start+n]})
-		cur, start, n = nil, start+n, 0
-	}
-	for _, g := range ranges {
+	var cur []piece
+	var n, at uint64
+	for i, g := range ranges {
 		for g.Len > 0 {
 			if len(cur) == MaxRanges || n == MaxPagesBytes {
-				flush()
+				chunks, cur, n = append(chunks, cur), nil, 0
 			}
-			piece := min(g.Len, MaxPagesBytes-n)
-			cur = append(cur, Range{Addr: g.Addr, Len: piece})
-			n += piece
-			g.Addr += piece
-			g.Len -= piece
+			p := min(g.Len, MaxPagesBytes-n)
+			cur = append(cur, piece{Range{Addr: g.Addr, Len: p}, i, at})
+			n, at = n+p, at+p
+			g.Addr += p
+			g.Len -= p
 		}
 	}
 	if len(cur) > 0 {
-		flush()
+		chunks = append(chunks, cur)
 	}
-	return out, nil
+	return chunks, total, nil
+}
+
+func pieceRanges(ps []piece) []Range {
+	rs := make([]Range, len(ps))
+	for i, p := range ps {
+		rs[i] = p.Range
+	}
+	return rs
 }
 
 // ReadRanges reads many ranges of a seed into consecutive parts of buf
@@ -590,10 +810,55 @@ func (c *Client) ReadRanges(ctx context.Context, seed string, ranges []Range, bu
 	if err := checkSeedID(seed); err != nil {
 		return fmt.Errorf("transport: read pages: %w", err)
 	}
-	chunks, err := splitRanges(ranges, buf)
+	split, total, err := splitRanges(ranges)
+	if err == nil && total != uint64(len(buf)) {
+		err = fmt.Errorf("%w: ranges cover %d bytes, buffer has %d", ErrBadRange, total, len(buf))
+	}
 	if err != nil {
 		return fmt.Errorf("transport: read pages of %s: %w", seed, err)
 	}
+	chunks := make([]pageChunk, len(split))
+	for i, ps := range split {
+		last := ps[len(ps)-1]
+		chunks[i] = pageChunk{ranges: pieceRanges(ps), dst: buf[ps[0].at : last.at+last.Len]}
+	}
+	return c.readChunks(ctx, seed, chunks)
+}
+
+// ReadRangesTo is ReadRanges into a file: range i goes to fd at offs[i].
+// On a plain TCP connection the pages go from the socket into the file
+// with splice(2), copied once in the kernel instead of through a buffer
+// (the node page cache's fill from a peer); spliced is how many bytes did
+// (the first bytes of a response the reader had already buffered are
+// written from its buffer; under TLS all are). fd stays the caller's; it
+// must stay open until ReadRangesTo returns.
+func (c *Client) ReadRangesTo(ctx context.Context, seed string, ranges []Range, fd int, offs []int64) (spliced uint64, err error) {
+	if err := checkSeedID(seed); err != nil {
+		return 0, fmt.Errorf("transport: read pages: %w", err)
+	}
+	split, _, err := splitRanges(ranges)
+	if err == nil && len(offs) != len(ranges) {
+		err = fmt.Errorf("%w: %d ranges, %d file offsets", ErrBadRange, len(ranges), len(offs))
+	}
+	if err != nil {
+		return 0, fmt.Errorf("transport: read pages of %s: %w", seed, err)
+	}
+	var n atomic.Uint64
+	chunks := make([]pageChunk, len(split))
+	for i, ps := range split {
+		segs := make([]fileSeg, len(ps))
+		for j, p := range ps {
+			segs[j] = fileSeg{off: offs[p.idx] + int64(p.Addr-ranges[p.idx].Addr), n: int(p.Len)}
+		}
+		chunks[i] = pageChunk{ranges: pieceRanges(ps), segs: segs, fd: fd, spliced: &n}
+	}
+	err = c.readChunks(ctx, seed, chunks)
+	return n.Load(), err
+}
+
+// readChunks sends a read's requests, concurrently when there are many,
+// and returns the first error.
+func (c *Client) readChunks(ctx context.Context, seed string, chunks []pageChunk) error {
 	if len(chunks) == 1 {
 		return c.readChunk(ctx, seed, &chunks[0])
 	}
@@ -631,10 +896,11 @@ func (c *Client) ReadRanges(ctx context.Context, seed string, ranges []Range, bu
 func (c *Client) readChunk(ctx context.Context, seed string, ch *pageChunk) error {
 	req := PagesRequest{Seed: seed, Ranges: ch.ranges}
 	c.st.pagesReqs.Add(1)
-	if _, err := c.do(ctx, "read pages of "+seed, TypePagesReq, TypePagesResp, req.Encode(), ch.dst, true); err != nil {
+	sink := &pageSink{dst: ch.dst, segs: ch.segs, fd: ch.fd, spliced: ch.spliced}
+	if _, err := c.do(ctx, "read pages of "+seed, TypePagesReq, TypePagesResp, req.Encode(), sink, true); err != nil {
 		return err
 	}
-	c.st.bytes.Add(uint64(len(ch.dst)))
+	c.st.bytes.Add(uint64(len(ch.dst) + segsLen(ch.segs)))
 	return nil
 }
 

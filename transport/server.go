@@ -6,10 +6,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeTimeout bounds a single response write; a peer that stops reading
@@ -36,7 +40,7 @@ type Server struct {
 type serverCounters struct {
 	conns, active, authFail, malformed, errors atomic.Uint64
 	byType                                     [32]atomic.Uint64
-	pages, bytes                               atomic.Uint64
+	pages, bytes, fileBytes                    atomic.Uint64
 }
 
 // ServerStats are a server's counters.
@@ -55,6 +59,9 @@ type ServerStats struct {
 
 	PagesServed uint64
 	BytesServed uint64
+	// BytesSentFile counts page bytes sent with sendfile(2) from a
+	// FileProvider's file (part of BytesServed).
+	BytesSentFile uint64
 }
 
 // NewServer returns a server answering from p. cfg.Secret must be set
@@ -93,6 +100,7 @@ func (s *Server) Stats() ServerStats {
 		Pings:         s.st.byType[TypePing].Load(),
 		PagesServed:   s.st.pages.Load(),
 		BytesServed:   s.st.bytes.Load(),
+		BytesSentFile: s.st.fileBytes.Load(),
 	}
 }
 
@@ -178,6 +186,10 @@ type serverConn struct {
 	br   *bufio.Reader
 	peer string
 
+	// raw is the socket of a plain TCP connection (nil under TLS): pages
+	// from a FileProvider are sent from it with sendfile.
+	raw syscall.RawConn
+
 	wmu    sync.Mutex
 	werr   error
 	ctx    context.Context
@@ -219,6 +231,11 @@ func (s *Server) handle(raw net.Conn) {
 
 	ctx, cancel := context.WithCancel(s.ctx)
 	sc := &serverConn{s: s, c: c, br: br, peer: peer, ctx: ctx, cancel: cancel}
+	if tc, ok := c.(*net.TCPConn); ok {
+		if rc, err := tc.SyscallConn(); err == nil {
+			sc.raw = rc
+		}
+	}
 	sc.serve()
 }
 
@@ -370,6 +387,51 @@ func (sc *serverConn) write(typ uint8, id uint64, payload []byte) error {
 	return nil
 }
 
+// sendFile sends a pages response whose payload is ranges of fd at offs,
+// with sendfile(2). Like write, a failed send closes the connection.
+func (sc *serverConn) sendFile(id uint64, total uint64, fd int, ranges []Range, offs []int64) {
+	sc.wmu.Lock()
+	defer sc.wmu.Unlock()
+	if sc.werr != nil {
+		return
+	}
+	_ = sc.c.SetWriteDeadline(time.Now().Add(writeTimeout))
+	var h [HeaderSize]byte
+	putHeader(h[:], TypePagesResp, id, int(total))
+	_, err := sc.c.Write(h[:])
+	for i := 0; err == nil && i < len(ranges); i++ {
+		off, left := offs[i], int(ranges[i].Len)
+		var serr error
+		err = sc.raw.Write(func(sfd uintptr) bool {
+			for left > 0 {
+				n, err := unix.Sendfile(int(sfd), fd, &off, left)
+				switch {
+				case err == unix.EAGAIN:
+					return false // wait until the socket is writable
+				case err == unix.EINTR:
+					continue
+				case err != nil:
+					serr = fmt.Errorf("sendfile: %w", err)
+					return true
+				case n == 0:
+					serr = fmt.Errorf("sendfile: %w", io.ErrUnexpectedEOF) // the file is shorter
+					return true
+				}
+				left -= n
+			}
+			return true
+		})
+		if err == nil {
+			err = serr
+		}
+	}
+	if err != nil {
+		sc.werr = err
+		sc.cancel()
+		sc.c.Close()
+	}
+}
+
 func (sc *serverConn) descriptor(id uint64, seed string) error {
 	desc, ws, err := sc.s.p.Descriptor(sc.ctx, sc.peer, seed)
 	if err != nil {
@@ -393,6 +455,23 @@ var (
 
 func (sc *serverConn) pages(id uint64, req *PagesRequest) error {
 	total := req.Total()
+	if fp, ok := sc.s.p.(FileProvider); ok && sc.raw != nil {
+		fd, offs, release, ok, err := fp.PageFile(sc.ctx, sc.peer, req.Seed, req.Ranges)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", req.Seed, err)
+		}
+		if ok {
+			defer release()
+			if len(offs) != len(req.Ranges) {
+				return fmt.Errorf("read %s: page file gave %d offsets for %d ranges", req.Seed, len(offs), len(req.Ranges))
+			}
+			sc.s.st.pages.Add(total / PageSize)
+			sc.s.st.bytes.Add(total)
+			sc.s.st.fileBytes.Add(total)
+			sc.sendFile(id, total, fd, req.Ranges, offs)
+			return nil
+		}
+	}
 	pool := &smallBufs
 	if total > 64<<10 {
 		pool = &largeBufs

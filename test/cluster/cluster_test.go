@@ -131,6 +131,36 @@ func TestRemoteFork(t *testing.T) {
 	if got := mb["mitosis_peer_bytes_fetched_total"]; got < float64(k1.PagesFetched)*4096 {
 		t.Errorf("node b: mitosis_peer_bytes_fetched_total %v, want at least the %d pages of the first child", got, k1.PagesFetched)
 	}
+	// Nothing sent so far came from a page cache on a: no child of the
+	// seed ran there. b spliced what it fetched into its cache.
+	ma, err := a.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fetched, spliced := mb["mitosis_peer_bytes_fetched_total"], mb[`mitosis_peer_bytes_zero_copy_total{direction="received"}`]
+	if spliced < fetched/2 || spliced > fetched {
+		t.Errorf("node b: %v of %v fetched bytes spliced into its page cache, want most", spliced, fetched)
+	}
+	if sent := ma[`mitosis_peer_bytes_zero_copy_total{direction="sent"}`]; sent != 0 {
+		t.Errorf("node a: %v bytes sent from a page cache it does not have", sent)
+	}
+
+	// A seed whose child ran on a first: a sends the pages a child on c
+	// needs from its own page cache with sendfile.
+	_, seed2, want2 := startSeed(t, a, "zcseed", 16, false)
+	k0 := waitExited0(t, a, forkIDs(t, cli(t, a, "fork", "zcseed", "--detach"))[0])
+	checkChild(t, a, k0, seed2, "local", want2)
+	k2 := waitExited0(t, c, forkIDs(t, cli(t, a, "fork", "--node", "c", "a/zcseed"))[0])
+	checkChild(t, c, k2, seed2, "a", want2)
+	ma2, err := a.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := ma2["mitosis_peer_bytes_served_total"] - ma["mitosis_peer_bytes_served_total"]
+	sent := ma2[`mitosis_peer_bytes_zero_copy_total{direction="sent"}`]
+	if sent < 16<<20 || sent > served {
+		t.Errorf("node a: %v bytes sent from its page cache with sendfile of %v served for a child reading 16 MiB", sent, served)
+	}
 }
 
 // TestRemoteThreads: a multi-threaded seed (a Python pool of 4 threads,
