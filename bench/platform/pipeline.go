@@ -15,7 +15,7 @@ import (
 // tally), whose kept steps hand numpy matrices on, for each sample count,
 // under fork (each kept step's instance a stage seed its downstream steps
 // fork from) and storage (each matrix pickled through Redis), Runs times
-// each, interleaved (the order rotating each round).
+// each, in the order of Order.
 type PipelineConfig struct {
 	Spec      string // path of pipeline.json
 	Samples   []int
@@ -29,6 +29,9 @@ type PipelineConfig struct {
 	NodeMem   string
 	NodeConc  int
 	RunsOut   *os.File
+	// Order is the order of a sample count's runs: OrderBalanced (the
+	// default) or OrderBlocked (see schedule).
+	Order string
 }
 
 // PipelineCell is the medians of one (samples, transfer) cell.
@@ -64,6 +67,9 @@ func RunPipelines(ctx context.Context, pc PipelineConfig) ([]PipelineCell, error
 	if len(pc.ForkSeeds) == 0 {
 		pc.ForkSeeds = []string{"stage"}
 	}
+	if _, err := schedule(1, 1, pc.Order); err != nil {
+		return nil, err
+	}
 	c, err := startWorkflowCluster(pc.Spec, Config{Mitosis: pc.Mitosis, Log: pc.Log, NodeConcurrency: pc.NodeConc, NodeMemory: pc.NodeMem})
 	if c != nil {
 		defer c.close()
@@ -92,25 +98,30 @@ func RunPipelines(ctx context.Context, pc PipelineConfig) ([]PipelineCell, error
 		input, _ := json.Marshal(map[string]int{"samples": n, "features": pc.Features, "shards": pc.Shards})
 		runs := make([][]*workflow.Run, len(vs))
 		cpu := make([][]float64, len(vs))
-		for i := 0; i < pc.Runs; i++ {
-			for j := range vs {
-				k := (i + j) % len(vs)
-				if ctx.Err() != nil {
-					return cells, ctx.Err()
-				}
-				rn.SeedPerRun = vs[k].seed == "per-run"
-				b0, _ := cpuTimes()
-				r, err := rn.Run(ctx, spec, input, vs[k].tr)
-				if err != nil {
-					return cells, fmt.Errorf("samples %d %s %s: %w", n, vs[k].tr, vs[k].seed, err)
-				}
-				b1, _ := cpuTimes()
-				runs[k] = append(runs[k], r)
-				cpu[k] = append(cpu[k], b1-b0)
-				if pc.RunsOut != nil {
-					b, _ := json.Marshal(r)
-					fmt.Fprintf(pc.RunsOut, "%s\n", b)
-				}
+		order, err := schedule(len(vs), pc.Runs, pc.Order)
+		if err != nil {
+			return nil, err
+		}
+		for _, sr := range order {
+			k := sr.way
+			if ctx.Err() != nil {
+				return cells, ctx.Err()
+			}
+			rn.SeedPerRun = vs[k].seed == "per-run"
+			b0, _ := cpuTimes()
+			r, err := rn.Run(ctx, spec, input, vs[k].tr)
+			if err != nil {
+				return cells, fmt.Errorf("samples %d %s %s: %w", n, vs[k].tr, vs[k].seed, err)
+			}
+			b1, _ := cpuTimes()
+			if sr.warmup {
+				continue
+			}
+			runs[k] = append(runs[k], r)
+			cpu[k] = append(cpu[k], b1-b0)
+			if pc.RunsOut != nil {
+				b, _ := json.Marshal(r)
+				fmt.Fprintf(pc.RunsOut, "%s\n", b)
 			}
 		}
 		first := len(cells)
@@ -160,7 +171,7 @@ func RunPipelines(ctx context.Context, pc PipelineConfig) ([]PipelineCell, error
 // PipelineMarkdown renders the pipeline cells as a markdown table.
 func PipelineMarkdown(pc PipelineConfig, cells []PipelineCell) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "```sh\n%s\n```\n\n", pc.Command)
+	fmt.Fprintf(&b, "```sh\n%s\n```\n\nMedians of %d runs, %s.\n\n", pc.Command, pc.Runs, orderText(pc.Order))
 	fmt.Fprintf(&b, "| samples | raw MB | transfer | end to end ms |")
 	for _, s := range pipelineSteps {
 		fmt.Fprintf(&b, " %s ms |", s)

@@ -18,7 +18,7 @@ import (
 
 // WorkflowConfig is the workflow benchmark: the FINRA audit
 // (examples/finra) for each trade count and rule count, under fork and
-// storage, Runs times each, interleaved (the order rotating each round).
+// storage, Runs times each, in the order of Order.
 type WorkflowConfig struct {
 	Spec     string // path of finra.json
 	Trades   []int
@@ -31,6 +31,9 @@ type WorkflowConfig struct {
 	NodeMem  string // each node's function memory (default 18G: 8 instances of 2Gi and the stage seed's instance)
 	NodeConc int    // each node's invocation limit (default 8)
 	HugePage bool   // the daemons' page caches of 2 MiB pages (--huge-page-cache)
+	// Order is the order of a cell's runs: OrderBalanced (the default) or
+	// OrderBlocked (see schedule).
+	Order string
 	// RunsOut, if set, receives every run's record (workflow.Run, one
 	// JSON object per line) with its steps' and instances' timings.
 	RunsOut *os.File
@@ -118,6 +121,9 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			return nil, fmt.Errorf("fork seed %q: want stage or per-run", fs)
 		}
 	}
+	if _, err := schedule(1, 1, wc.Order); err != nil {
+		return nil, err
+	}
 	c, err := startWorkflowCluster(wc.Spec, Config{Mitosis: wc.Mitosis, Log: wc.Log, NodeConcurrency: wc.NodeConc, NodeMemory: wc.NodeMem, HugePageCache: wc.HugePage})
 	if c != nil {
 		defer c.close()
@@ -150,37 +156,37 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			vs = append(vs, variant{tr: workflow.TransferStorage})
 			runs := make([][]*workflow.Run, len(vs))
 			cpu := make([][][2]float64, len(vs)) // per run: busy s, system s
-			for i := 0; i < wc.Runs; i++ {
-				// The order rotates each round: a run right after a
-				// storage run meets the memory that run freed coming
-				// back from the host (free page reporting makes fresh
-				// memory dearer for seconds), so no way may always be
-				// the one that follows it.
-				for j := range vs {
-					k := (i + j) % len(vs)
-					v := vs[k]
-					if ctx.Err() != nil {
-						return cells, ctx.Err()
-					}
-					rn.SeedPerRun = v.seed == "per-run"
-					var r *workflow.Run
-					var err error
-					b0, s0 := cpuTimes()
-					if v.tr == TransferBound {
-						r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
-					} else {
-						r, err = rn.Run(ctx, spec, input, v.tr)
-					}
-					if err != nil {
-						return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
-					}
-					b1, s1 := cpuTimes()
-					runs[k] = append(runs[k], r)
-					cpu[k] = append(cpu[k], [2]float64{b1 - b0, s1 - s0})
-					if wc.RunsOut != nil {
-						b, _ := json.Marshal(r)
-						fmt.Fprintf(wc.RunsOut, "%s\n", b)
-					}
+			order, err := schedule(len(vs), wc.Runs, wc.Order)
+			if err != nil {
+				return nil, err
+			}
+			for _, sr := range order {
+				k := sr.way
+				v := vs[k]
+				if ctx.Err() != nil {
+					return cells, ctx.Err()
+				}
+				rn.SeedPerRun = v.seed == "per-run"
+				var r *workflow.Run
+				var err error
+				b0, s0 := cpuTimes()
+				if v.tr == TransferBound {
+					r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
+				} else {
+					r, err = rn.Run(ctx, spec, input, v.tr)
+				}
+				if err != nil {
+					return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
+				}
+				b1, s1 := cpuTimes()
+				if sr.warmup {
+					continue
+				}
+				runs[k] = append(runs[k], r)
+				cpu[k] = append(cpu[k], [2]float64{b1 - b0, s1 - s0})
+				if wc.RunsOut != nil {
+					b, _ := json.Marshal(r)
+					fmt.Fprintf(wc.RunsOut, "%s\n", b)
 				}
 			}
 			first := len(cells)
@@ -366,7 +372,7 @@ func median(v []float64) float64 {
 // WorkflowMarkdown renders the cells as a table with the target check.
 func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, fork and storage interleaved, the order rotating each round.\n\n", wc.Command, wc.Runs)
+	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, %s.\n\n", wc.Command, wc.Runs, orderText(wc.Order))
 	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | machine CPU s (kernel) | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, c := range cells {
 		faster := ""

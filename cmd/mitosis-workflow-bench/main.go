@@ -1,7 +1,8 @@
 // Command mitosis-workflow-bench is the workflow benchmark: the FINRA
 // audit (examples/finra) on three network-namespace nodes behind a gateway,
 // for several trade counts and rule counts, with state passed by fork and
-// through a real Redis server (pickle), interleaved. It prints a markdown
+// through a real Redis server (pickle), the ways' runs interleaved (-order
+// balanced) or back to back (-order blocked). It prints a markdown
 // table and, with -out-dir, writes workflow.md, workflow.json and
 // workflow.svg. It must run as root.
 //
@@ -43,6 +44,7 @@ func main() {
 	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
 	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
 	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
+	flag.StringVar(&wc.Order, "order", platform.OrderBalanced, "the order of a cell's runs: balanced (the ways interleaved so that each runs right after each other way about equally often: a run pays for the memory the run before it freed) or blocked (each way's runs back to back after one uncounted warm-up run: each way in its own steady state)")
 	flag.BoolVar(&wc.HugePage, "huge-page-cache", false, "start the node daemons with --huge-page-cache (page caches of 2 MiB pages)")
 	flag.IntVar(&wc.NodeConc, "node-concurrency", 8, "invocations each node runs at once (the gateway queues the rest)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "18G", "each node's function memory (default: 8 invocations of 2Gi and one 2Gi stage seed)")
@@ -106,7 +108,7 @@ func main() {
 func runPipeline(ctx context.Context, wc platform.WorkflowConfig, samples string, shards int, outDir string) int {
 	pc := platform.PipelineConfig{Spec: "examples/pipeline/pipeline.json", Shards: shards, Runs: wc.Runs,
 		ForkSeeds: wc.ForkSeeds, Mitosis: wc.Mitosis, Log: wc.Log, Command: wc.Command,
-		NodeMem: wc.NodeMem, NodeConc: wc.NodeConc, RunsOut: wc.RunsOut}
+		NodeMem: wc.NodeMem, NodeConc: wc.NodeConc, RunsOut: wc.RunsOut, Order: wc.Order}
 	if wc.Spec != "examples/finra/finra.json" {
 		pc.Spec = wc.Spec
 	}

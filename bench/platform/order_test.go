@@ -1,0 +1,67 @@
+package platform
+
+import (
+	"slices"
+	"testing"
+)
+
+// TestScheduleBalanced checks the balanced order for 1 to 4 ways and 1 to
+// 7 runs: every way gets its runs, no way runs twice in a row, and each
+// way's successors differ in count by at most one.
+func TestScheduleBalanced(t *testing.T) {
+	for n := 1; n <= 4; n++ {
+		for runs := 1; runs <= 7; runs++ {
+			s, err := schedule(n, runs, OrderBalanced)
+			if err != nil {
+				t.Fatal(err)
+			}
+			count := make([]int, n)
+			follows := make([][]int, n)
+			for k := range follows {
+				follows[k] = make([]int, n)
+			}
+			for i, r := range s {
+				if r.warmup {
+					t.Fatalf("n=%d runs=%d: a warm-up run in the balanced order", n, runs)
+				}
+				count[r.way]++
+				if i > 0 {
+					follows[s[i-1].way][r.way]++
+				}
+			}
+			for a := 0; a < n; a++ {
+				if count[a] != runs {
+					t.Errorf("n=%d runs=%d: way %d runs %d times", n, runs, a, count[a])
+				}
+				if n > 1 && follows[a][a] > 0 {
+					t.Errorf("n=%d runs=%d: way %d follows itself (%v)", n, runs, a, s)
+				}
+				var succ []int
+				for b := 0; b < n; b++ {
+					if b != a {
+						succ = append(succ, follows[a][b])
+					}
+				}
+				if len(succ) > 0 && slices.Max(succ)-slices.Min(succ) > 1 {
+					t.Errorf("n=%d runs=%d: way %d is followed %v times by the others (%v)", n, runs, a, succ, s)
+				}
+			}
+		}
+	}
+}
+
+// TestScheduleBlocked checks the blocked order: each way's runs together,
+// after one warm-up run of it.
+func TestScheduleBlocked(t *testing.T) {
+	s, err := schedule(3, 2, OrderBlocked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []run{{0, true}, {0, false}, {0, false}, {1, true}, {1, false}, {1, false}, {2, true}, {2, false}, {2, false}}
+	if !slices.Equal(s, want) {
+		t.Errorf("schedule = %v, want %v", s, want)
+	}
+	if _, err := schedule(2, 1, "cyclic"); err == nil {
+		t.Error("an unknown order is accepted")
+	}
+}
