@@ -86,9 +86,9 @@ func (p provider) ReadPages(_ context.Context, peer, seed string, addr uint64, b
 // page cache on this node, sent with sendfile.
 func (p provider) PageFile(_ context.Context, peer, seed string, ranges []transport.Range) (int, []int64, func(), bool, error) {
 	d := p.d
-	d.metrics.peerPages.Inc()
 	s, err := d.servedSeed(peer, seed)
 	if err != nil {
+		d.metrics.peerPages.Inc()
 		return -1, nil, nil, false, err
 	}
 	runs := make([]descriptor.Run, len(ranges))
@@ -99,11 +99,13 @@ func (p provider) PageFile(_ context.Context, peer, seed string, ranges []transp
 	}
 	fd, offs, ok, err := d.eng.PageFile(s.seed, runs)
 	if err != nil {
+		d.metrics.peerPages.Inc()
 		return -1, nil, nil, false, fmt.Errorf("node %s: read seed %s: %w", d.node, s.id, err)
 	}
 	if !ok {
-		return -1, nil, nil, false, nil
+		return -1, nil, nil, false, nil // ReadPages counts the request
 	}
+	d.metrics.peerPages.Inc()
 	d.metrics.bytesServed.Add(float64(n))
 	d.metrics.zeroCopySent.Add(float64(n))
 	return fd, offs, func() { unix.Close(fd) }, true, nil

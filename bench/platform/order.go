@@ -5,7 +5,8 @@ import "fmt"
 // Orders of a benchmark cell's runs (WorkflowConfig.Order).
 const (
 	// OrderBalanced interleaves the ways so that each runs right after
-	// each other way about equally often.
+	// each other way about equally often, after one warm-up run of each
+	// way that is not counted.
 	OrderBalanced = "balanced"
 	// OrderBlocked runs each way's runs back to back, after one warm-up
 	// run of that way that is not counted.
@@ -29,13 +30,15 @@ type run struct {
 // runs of 4 ways the stage seed ran right after storage in 3 of its 5
 // runs, the per-run seed in 1 and the bound in none.
 //
-// OrderBalanced builds the sequence one run at a time: the next run is the
-// way, among those with runs left, that has followed the previous run's
-// way least often so far (never the same way twice in a row while another
-// is left; ties go to the way with most runs left, then the first listed).
-// For up to 4 ways, every way's successors then differ in count by at most
-// one: at 5 runs of 4 ways, storage is followed twice by one way and once
-// by each other.
+// OrderBalanced first runs each way once as a warm-up that is not counted
+// (the first run of a cell meets memory and caches the cell's size has not
+// used yet), then builds the sequence one run at a time: the next run is
+// the way, among those with runs left, that has followed the previous
+// run's way least often so far (never the same way twice in a row while
+// another is left; ties go to the way with most runs left, then the first
+// listed). For up to 4 ways, every way's successors then differ in count
+// by at most one: at 5 runs of 4 ways, storage is followed twice by one
+// way and once by each other.
 //
 // OrderBlocked measures each way in its own steady state, as a platform
 // that uses one transfer sees it: a warm-up run (which follows the previous
@@ -50,6 +53,11 @@ func schedule(n, runs int, order string) ([]run, error) {
 		}
 		follows := map[[2]int]int{} // (previous way, way): times
 		prev := -1
+		for k := 0; k < n; k++ {
+			out = append(out, run{way: k, warmup: true})
+			follows[[2]int{prev, k}]++
+			prev = k
+		}
 		for range n * runs {
 			best := -1
 			better := func(k int) bool {
@@ -92,5 +100,5 @@ func orderText(order string) string {
 	if order == OrderBlocked {
 		return "each way's runs back to back after one warm-up run that is not counted (-order blocked)"
 	}
-	return "the ways interleaved so that each runs right after each other way about equally often (-order balanced)"
+	return "the ways interleaved so that each runs right after each other way about equally often, after one warm-up run of each that is not counted (-order balanced)"
 }
