@@ -464,7 +464,7 @@ func segsLen(segs []fileSeg) int {
 // retried), and the connection, whose stream is then out of step, is cut.
 type fileWriteError struct{ err error }
 
-func (e *fileWriteError) Error() string { return "write pages into the page cache: " + e.err.Error() }
+func (e *fileWriteError) Error() string { return "write pages into their file: " + e.err.Error() }
 func (e *fileWriteError) Unwrap() error { return e.err }
 
 // readToFile reads a pages response's payload into fd at segs: the bytes
