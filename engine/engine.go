@@ -386,20 +386,28 @@ func clipRuns(runs []descriptor.Run, d *descriptor.Descriptor) []descriptor.Run 
 // ReadPages serves a local seed's memory to a peer node from the frozen
 // copy.
 func (e *Engine) ReadPages(s *Seed, addr uint64, buf []byte) error {
-	if s.Origin != "" {
-		return fmt.Errorf("seed %s is not prepared on this node (origin %s)", s.ID, s.Origin)
-	}
-	if addr%descriptor.PageSize != 0 || len(buf)%descriptor.PageSize != 0 {
-		return fmt.Errorf("seed %s: unaligned read %#x+%d", s.ID, addr, len(buf))
-	}
-	if !s.covers(addr, uint64(len(buf))) {
-		return fmt.Errorf("seed %s: range %#x+%#x is not memory of the seed", s.ID, addr, len(buf))
+	if err := s.checkServed(addr, uint64(len(buf))); err != nil {
+		return err
 	}
 	s.recordRemote(addr, uint64(len(buf)))
 	return s.src.ReadPages(addr, buf)
 }
 
-// covers reports whether [addr, addr+n) lies in lazily paged VMAs.
+// checkServed checks a peer's read of n bytes at addr of s: s is prepared
+// here, and the range is page aligned, lazily paged memory of it.
+func (s *Seed) checkServed(addr, n uint64) error {
+	if s.Origin != "" {
+		return fmt.Errorf("seed %s is not prepared on this node (origin %s)", s.ID, s.Origin)
+	}
+	if addr%descriptor.PageSize != 0 || n%descriptor.PageSize != 0 {
+		return fmt.Errorf("seed %s: unaligned read %#x+%d", s.ID, addr, n)
+	}
+	if !s.covers(addr, n) {
+		return fmt.Errorf("seed %s: range %#x+%#x is not memory of the seed", s.ID, addr, n)
+	}
+	return nil
+}
+
 // PageFile serves runs of a local seed to a peer node from the seed's page
 // cache on this node, for a zero-copy send: it fills the cache with what it
 // lacks (from the frozen copy) and returns a duplicate of the cache's file
@@ -408,15 +416,12 @@ func (e *Engine) ReadPages(s *Seed, addr uint64, buf []byte) error {
 // node: the owner does not hold a second copy of memory only peers read)
 // or a run is not wholly cached, present memory; ReadPages serves those.
 func (e *Engine) PageFile(s *Seed, runs []descriptor.Run) (fd int, offs []int64, ok bool, err error) {
-	if s.Origin != "" {
-		return -1, nil, false, fmt.Errorf("seed %s is not prepared on this node (origin %s)", s.ID, s.Origin)
-	}
 	for _, r := range runs {
-		if r.Start%descriptor.PageSize != 0 || r.End%descriptor.PageSize != 0 || r.End <= r.Start {
-			return -1, nil, false, fmt.Errorf("seed %s: unaligned read %#x+%d", s.ID, r.Start, r.End-r.Start)
+		if r.End < r.Start {
+			return -1, nil, false, fmt.Errorf("seed %s: range %#x-%#x ends before it starts", s.ID, r.Start, r.End)
 		}
-		if !s.covers(r.Start, r.End-r.Start) {
-			return -1, nil, false, fmt.Errorf("seed %s: range %#x+%#x is not memory of the seed", s.ID, r.Start, r.End-r.Start)
+		if err := s.checkServed(r.Start, r.End-r.Start); err != nil {
+			return -1, nil, false, err
 		}
 	}
 	s.cacheMu.Lock()
@@ -437,6 +442,7 @@ func (e *Engine) PageFile(s *Seed, runs []descriptor.Run) (fd int, offs []int64,
 	return fd, offs, ok, nil
 }
 
+// covers reports whether [addr, addr+n) lies in lazily paged VMAs.
 func (s *Seed) covers(addr, n uint64) bool {
 	for _, v := range s.Desc.VMAs {
 		if addr >= v.Start && addr+n <= v.End && (v.Kind == descriptor.KindAnon || v.Kind == descriptor.KindFileDirty) {
