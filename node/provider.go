@@ -87,25 +87,26 @@ func (p provider) ReadPages(_ context.Context, peer, seed string, addr uint64, b
 func (p provider) PageFile(_ context.Context, peer, seed string, ranges []transport.Range) (int, []int64, func(), bool, error) {
 	d := p.d
 	s, err := d.servedSeed(peer, seed)
-	if err != nil {
-		d.metrics.peerPages.Inc()
-		return -1, nil, nil, false, err
-	}
-	runs := make([]descriptor.Run, len(ranges))
+	fd, ok := -1, false
+	var offs []int64
 	var n uint64
-	for i, g := range ranges {
-		runs[i] = descriptor.Run{Start: g.Addr, End: g.Addr + g.Len}
-		n += g.Len
+	if err == nil {
+		runs := make([]descriptor.Run, len(ranges))
+		for i, g := range ranges {
+			runs[i] = descriptor.Run{Start: g.Addr, End: g.Addr + g.Len}
+			n += g.Len
+		}
+		if fd, offs, ok, err = d.eng.PageFile(s.seed, runs); err != nil {
+			err = fmt.Errorf("node %s: read seed %s: %w", d.node, s.id, err)
+		}
 	}
-	fd, offs, ok, err := d.eng.PageFile(s.seed, runs)
-	if err != nil {
-		d.metrics.peerPages.Inc()
-		return -1, nil, nil, false, fmt.Errorf("node %s: read seed %s: %w", d.node, s.id, err)
-	}
-	if !ok {
-		return -1, nil, nil, false, nil // ReadPages counts the request
+	if err == nil && !ok {
+		return -1, nil, nil, false, nil // ReadPages serves, and counts, the request
 	}
 	d.metrics.peerPages.Inc()
+	if err != nil {
+		return -1, nil, nil, false, err
+	}
 	d.metrics.bytesServed.Add(float64(n))
 	d.metrics.zeroCopySent.Add(float64(n))
 	return fd, offs, func() { unix.Close(fd) }, true, nil

@@ -31,6 +31,7 @@ import (
 // pages, and a working-set push can run while children fault.
 type Cache struct {
 	src     Source
+	fsrc    FileSource // src, if it can write into the cache's file itself
 	present []descriptor.Run
 	path    string
 	slots   []slot
@@ -74,6 +75,7 @@ func CacheBacked(v descriptor.VMA) bool {
 // NewCache creates an empty cache for d's memory, filled from src.
 func NewCache(d *descriptor.Descriptor, src Source) (*Cache, error) {
 	c := &Cache{src: src, present: d.Present, fd: -1, filled: map[uint64]uint64{}}
+	c.fsrc, _ = src.(FileSource)
 	var off uint64
 	for _, v := range d.VMAs {
 		if CacheBacked(v) {
@@ -212,10 +214,10 @@ func (c *Cache) inFlight(pg uint64) *fill {
 // and ends the claim.
 func (c *Cache) fetch(f *fill, src uint64) error {
 	var err error
-	if fs, ok := c.src.(FileSource); ok {
+	if c.fsrc != nil {
 		run := [1]descriptor.Run{{Start: src, End: src + (f.hi-f.lo)*pageSize}}
 		off := [1]int64{int64(f.lo * pageSize)}
-		err = c.readTo(fs, run[:], off[:])
+		err = c.readTo(run[:], off[:])
 	} else {
 		b, put := c.fillBuffer(int(f.hi-f.lo) * pageSize)
 		err = c.src.ReadPages(src, b)
@@ -263,18 +265,18 @@ type FileSource interface {
 	ReadRunsTo(runs []descriptor.Run, fd int, offs []int64) error
 }
 
-// readTo fills the cache's file at offs with runs from fs, through a
+// readTo fills the cache's file at offs with runs from c.fsrc, through a
 // duplicate of its descriptor: Close does not wait for a fill from the
 // network, and a closed cache's descriptor number, reused by another file,
 // is never written. A fill that outlives Close writes into the orphaned
 // file, which is freed with the duplicate.
-func (c *Cache) readTo(fs FileSource, runs []descriptor.Run, offs []int64) error {
+func (c *Cache) readTo(runs []descriptor.Run, offs []int64) error {
 	fd, err := c.dup()
 	if err != nil {
 		return err
 	}
 	defer unix.Close(fd)
-	return fs.ReadRunsTo(runs, fd, offs)
+	return c.fsrc.ReadRunsTo(runs, fd, offs)
 }
 
 // dup returns a duplicate of the cache's file descriptor (close-on-exec),
@@ -556,12 +558,12 @@ func (c *Cache) EnsureRuns(runs []descriptor.Run) (int, error) {
 			rs[i] = descriptor.Run{Start: p.src, End: p.src + (p.f.hi-p.f.lo)*pageSize}
 			fs[i] = p.f
 		}
-		if fsrc, ok := c.src.(FileSource); ok {
+		if c.fsrc != nil {
 			offs := make([]int64, len(part))
 			for i, p := range part {
 				offs[i] = int64(p.f.lo * pageSize)
 			}
-			if err := c.readTo(fsrc, rs, offs); err != nil {
+			if err := c.readTo(rs, offs); err != nil {
 				c.release(fs)
 				return fetched, err
 			}
