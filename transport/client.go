@@ -471,36 +471,28 @@ func (e *fileWriteError) Unwrap() error { return e.err }
 // the buffered reader already holds with pwrite, the rest (on a plain TCP
 // connection) spliced from the socket through a pipe into the file, so
 // they are copied once, in the kernel, instead of into a buffer and out
-// again. Under TLS it reads into a buffer and pwrites it.
+// again. Under TLS every byte goes through the reader's buffer and pwrite.
 func (cc *clientConn) readToFile(fd int, segs []fileSeg, spliced *atomic.Uint64) error {
-	var buf []byte
 	for _, g := range segs {
 		off, left := g.off, g.n
 		for left > 0 {
 			if b := cc.br.Buffered(); b > 0 || cc.raw == nil {
-				var p []byte
-				var err error
+				// Through the reader's buffer: the bytes it holds, or
+				// under TLS all of them (Peek fills it as needed).
+				n := min(left, cc.br.Size())
 				if b > 0 {
-					p, err = cc.br.Peek(min(b, left))
-				} else {
-					if buf == nil {
-						buf = make([]byte, min(segsLen(segs), 1<<20))
-					}
-					var n int
-					n, err = cc.br.Read(buf[:min(len(buf), left)])
-					p = buf[:n]
+					n = min(left, b)
 				}
+				p, err := cc.br.Peek(n)
 				if err != nil {
 					return fmt.Errorf("%w to %s: %w", errConnLost, cc.peer, unexpectedEOF(err))
 				}
 				if err := pwriteAll(fd, p, off); err != nil {
 					return &fileWriteError{err}
 				}
-				if b > 0 {
-					_, _ = cc.br.Discard(len(p))
-				}
-				off += int64(len(p))
-				left -= len(p)
+				_, _ = cc.br.Discard(n)
+				off += int64(n)
+				left -= n
 				continue
 			}
 			n, err := cc.spliceToFile(fd, off, left)
