@@ -494,37 +494,45 @@ func (x *execution) at(t time.Time) float64 { return ms(t.Sub(x.run.Started)) }
 
 // step runs one non-source step: one instance, or one per element of its
 // Map step's list, all at once. Its instances fork from the seed that
-// holds its upstream steps' state (fork): its single-instance non-source
-// upstream's stage seed if it has one, else the run's seed. A kept step
-// (Spec.Kept) keeps its result: under fork its instance is kept as a stage
-// seed, under storage the result is pickled into Redis.
+// holds its upstream steps' state (fork): the stage seed of the kept step
+// Spec.Parent names if any, else the run's seed. A kept step (Spec.Kept)
+// keeps its result: under fork its instance is kept as a stage seed, under
+// storage the result is pickled into Redis.
 func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	t0 := time.Now()
 	res := StepResult{Name: st.Name, AtMS: x.at(t0)}
 	base := map[string]any{"call": st.Call, "name": st.Name}
-	var after []string
+	// The arguments: the sources first, then the other upstreams, each
+	// in the order After lists them. A kept upstream's result is taken
+	// in place (fork) or loaded (storage); a fan-out's list is given.
+	var after, later []string
+	given := map[string]json.RawMessage{}
 	load := map[string]string{}
-	from := x.stage
-	parent := x.spec.Parent(st.Name)
 	for _, a := range st.After {
-		switch up := x.stepByName(a); {
-		case len(up.After) == 0:
+		up := x.stepByName(a)
+		if len(up.After) == 0 {
 			after = append(after, a)
-		case a != parent: // a fan-out
-			base["inputs"] = x.results[a]
+		} else {
+			later = append(later, a)
+		}
+		if up.Map != "" {
+			given[a] = x.results[a]
 		}
 		if k, ok := x.keys[a]; ok {
 			load[a] = k
 		}
 	}
-	if parent != "" {
-		// Last, where a fan-in's inputs go: the one non-source upstream.
-		after = append(after, parent)
+	after = append(after, later...)
+	from := x.stage
+	if parent := x.spec.Parent(st.Name); parent != "" {
 		if seed, ok := x.seedOf[parent]; ok {
 			from = seed
 		}
 	}
 	base["after"] = after
+	if len(given) > 0 {
+		base["given"] = given
+	}
 	if len(load) > 0 {
 		base["load"] = load
 	}

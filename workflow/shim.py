@@ -11,7 +11,7 @@ handle(req) serves one request) with the environment
 so its seed holds the imported module. A request is one step instance, JSON:
 
     {"call": F, "name": STEP?, "item": X?, "after": [UPSTREAM...],
-     "inputs": [...]?, "load": {UPSTREAM: KEY}?, "store": KEY?,
+     "given": {UPSTREAM: [...]}?, "load": {UPSTREAM: KEY}?, "store": KEY?,
      "store_ttl": SECONDS?, "keep": true?, "source": true?, "input": I?}
 
 or {"result_of": STEP, "load": {...}?}, which returns that step's result,
@@ -22,9 +22,10 @@ stage seed (X-Mitosis-Stage), and every later instance of the run is its
 child; it returns {"result": {N: MS}}, each step's time.
 
 Arguments, in order: the workflow input (source steps), the map item (a
-fan-out step), each upstream's result (taken in place from this process
-under fork, or GET + unpickled from Redis under storage), then "inputs" (a
-fan-in step's list of its upstream instances' results). With "store" the
+fan-out step), then each upstream's result in the order "after" lists them
+(the runner puts the sources first): a fan-out upstream's list of its
+instances' results from "given", else taken in place from this process
+under fork, or GET + unpickled from Redis under storage. With "store" the
 result is pickled and SET under KEY (expiring after store_ttl seconds, if
 given) instead of returned; with "keep" (the
 fork transfer) it stays in this process as STEP's result, for the runner
@@ -102,10 +103,9 @@ def handle(req):
     load = r.get("load") or {}
     if r.get("result_of"):  # the runner reads a step's (list) result to fan out over it
         return json.dumps({"result": _upstream(r["result_of"], load, t), "t": t})
+    given = r.get("given") or {}
     for name in r.get("after") or []:
-        args.append(_upstream(name, load, t))
-    if "inputs" in r:
-        args.append(r["inputs"])
+        args.append(given[name] if name in given else _upstream(name, load, t))
     t0 = time.perf_counter()
     out = getattr(_wf, r["call"])(*args)
     t["run_ms"] = _ms(t0)

@@ -23,11 +23,13 @@
 //
 // A later step takes, in order: the map item (a fan-out step, one instance
 // per element of its Map step's list result), every source upstream's
-// result, and the result of its one non-source upstream if it has one.
-// A single-instance upstream's result is kept (above); a fan-out
-// upstream's results arrive as a JSON list in the request, one element
-// per instance, under both transfers: they are the small verdicts and
-// counts of a fan-in, not the state.
+// result, then every non-source upstream's result, each in the order
+// After lists them. A single-instance upstream's result is kept (above); a
+// fan-out upstream's results arrive as a JSON list in the request, one
+// element per instance, under both transfers: they are the small verdicts
+// and counts of a fan-in, not the state. A step may join several kept
+// steps: under fork the workflow's kept steps then run in one lineage
+// (Spec.Joins), so the join's instance holds all their results in place.
 package workflow
 
 import (
@@ -199,8 +201,7 @@ func (s *Spec) validateGraph() error {
 	}
 	for i := range s.Steps {
 		st := &s.Steps[i]
-		nonSource := 0
-		for _, a := range st.After {
+		for j, a := range st.After {
 			up := byName[a]
 			if up == nil {
 				return fmt.Errorf("workflow %s: step %s runs after %q, which is not a step", s.Name, st.Name, a)
@@ -208,12 +209,9 @@ func (s *Spec) validateGraph() error {
 			if a == st.Name {
 				return fmt.Errorf("workflow %s: step %s runs after itself", s.Name, st.Name)
 			}
-			if len(up.After) > 0 {
-				nonSource++
+			if slices.Contains(st.After[:j], a) {
+				return fmt.Errorf("workflow %s: step %s lists upstream %s twice in \"after\"", s.Name, st.Name, a)
 			}
-		}
-		if nonSource > 1 {
-			return fmt.Errorf("workflow %s: step %s has %d non-source upstream steps; at most one is supported (its results arrive as the last argument)", s.Name, st.Name, nonSource)
 		}
 		switch {
 		case st.MaxConcurrency < 0:
@@ -304,23 +302,81 @@ func (s *Spec) Kept(name string) bool {
 }
 
 // Parent returns the step whose kept instance step name's instances fork
-// from under the fork transfer (its single-instance non-source upstream),
-// or "" for the run's seed (which holds every source step's result).
+// from under the fork transfer, or "" for the run's seed (which holds
+// every source step's result). It is the step's single-instance
+// non-source upstream if it has one; in a workflow with a join
+// (Spec.Joins), the kept step that ran last before it (see Joins).
 func (s *Spec) Parent(name string) string {
-	byName := map[string]*Step{}
-	for i := range s.Steps {
-		byName[s.Steps[i].Name] = &s.Steps[i]
+	if s.Joins() {
+		return s.lineageParent(name)
 	}
-	st := byName[name]
+	st := s.step(name)
 	if st == nil {
 		return ""
 	}
 	for _, a := range st.After {
-		if up := byName[a]; up != nil && len(up.After) > 0 && up.Map == "" {
+		if up := s.step(a); up != nil && len(up.After) > 0 && up.Map == "" {
 			return a
 		}
 	}
 	return ""
+}
+
+// Joins reports whether a step runs after two or more kept non-source
+// steps (a join of two branches' states). A process is forked from one
+// parent, so under the fork transfer such a workflow's kept non-source
+// steps run in one lineage, in the run's order: each one's instance is
+// forked from the one kept before it, and every other step's from the
+// last one kept before it. A join's instance then holds every upstream
+// result in place, with nothing serialized; the price is that each step
+// also sees the module state that the kept steps before it in the run
+// left, as a child sees its parent's. Under storage a join loads each
+// kept upstream's result from the store.
+func (s *Spec) Joins() bool {
+	for _, st := range s.Steps {
+		kept := 0
+		for _, a := range st.After {
+			if up := s.step(a); up != nil && len(up.After) > 0 && up.Map == "" {
+				kept++
+			}
+		}
+		if kept > 1 {
+			return true
+		}
+	}
+	return false
+}
+
+// lineageParent is Parent in a workflow with a join: the last kept
+// non-source step before name in the run's order.
+func (s *Spec) lineageParent(name string) string {
+	order, err := s.order()
+	if err != nil {
+		return ""
+	}
+	last := ""
+	for _, st := range order {
+		if st.Name == name {
+			if len(st.After) == 0 {
+				return ""
+			}
+			return last
+		}
+		if len(st.After) > 0 && s.Kept(st.Name) {
+			last = st.Name
+		}
+	}
+	return ""
+}
+
+// step returns the step named name, or nil.
+func (s *Spec) step(name string) *Step {
+	for i := range s.Steps {
+		if s.Steps[i].Name == name {
+			return &s.Steps[i]
+		}
+	}
+	return nil
 }
 
 // sinks returns the steps no other step runs after.

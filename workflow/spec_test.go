@@ -21,7 +21,7 @@ func TestParseSpecErrors(t *testing.T) {
 		{"self", `{"name":"w","steps":[{"name":"a","after":["a"]}]}`, "after itself"},
 		{"cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`, "cycle a -> b -> a"},
 		{"pure cycle", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["b"]},{"name":"b","after":["a"]}]}`, "cycle"},
-		{"two non-sources", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},{"name":"c","after":["a","b"]}]}`, "at most one"},
+		{"upstream twice", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"c","after":["a","s","a"]}]}`, "lists upstream a twice"},
 		{"map a non-source", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"],"map":"a"}]}`, "neither a source step nor one of its upstream steps"},
 		{"map a fan-out", `{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s"],"map":"s"},{"name":"b","after":["a"],"map":"a"}]}`, "itself a fan-out"},
 		{"source map", `{"name":"w","steps":[{"name":"s"},{"name":"a","map":"s"}]}`, "cannot fan out"},
@@ -110,6 +110,44 @@ func TestSpecKept(t *testing.T) {
 	}
 }
 
+// A join of two kept branches: under fork the kept steps run in one
+// lineage, so the join's instance holds both results; without a join
+// each step forks from its own kept upstream.
+func TestSpecJoins(t *testing.T) {
+	for _, tt := range []struct {
+		name, steps string
+		joins       bool
+		parent      map[string]string
+	}{
+		{"diamond", `{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},{"name":"c","after":["a","b"]}`,
+			true, map[string]string{"s": "", "a": "", "b": "a", "c": "b"}},
+		// Two branches of two kept steps meet: all four run in one
+		// lineage in the run's order (p, q, a, b), so the join sees all.
+		{"two deep branches", `{"name":"s"},{"name":"p","after":["s"]},{"name":"q","after":["s"]},{"name":"a","after":["p"]},{"name":"b","after":["q"]},{"name":"f","after":["a"],"map":"s"},{"name":"c","after":["f","a","b"]}`,
+			true, map[string]string{"p": "", "q": "p", "a": "q", "b": "a", "f": "b", "c": "b"}},
+		// A fan-out and a kept step meet: one kept upstream, no lineage.
+		{"fan-out and kept", `{"name":"s"},{"name":"a","after":["s"]},{"name":"f","after":["s"],"map":"s"},{"name":"g","after":["s"],"map":"s"},{"name":"c","after":["f","a","g"]}`,
+			false, map[string]string{"a": "", "f": "", "g": "", "c": "a"}},
+		{"branches that do not meet", `{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},{"name":"x","after":["a"]},{"name":"y","after":["b"]}`,
+			false, map[string]string{"a": "", "b": "", "x": "a", "y": "b"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := ParseSpec([]byte(`{"name":"w","steps":[` + tt.steps + `]}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Joins() != tt.joins {
+				t.Errorf("Joins() = %v, want %v", s.Joins(), tt.joins)
+			}
+			for step, want := range tt.parent {
+				if got := s.Parent(step); got != want {
+					t.Errorf("Parent(%s) = %q, want %q", step, got, want)
+				}
+			}
+		})
+	}
+}
+
 func TestReadSpecRelativeDir(t *testing.T) {
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "workflow.py"), []byte("def a(x):\n    return x\n"), 0o644); err != nil {
@@ -153,6 +191,7 @@ func FuzzParseSpec(f *testing.F) {
 		`{"name":"w","steps":[{"name":"s"},{"name":"a","after":["s","b"]},{"name":"b","after":["a"]}]}`,
 		`{"name":"w","steps":[]}`, `[]`, `{`,
 		`{"name":"p","steps":[{"name":"m"},{"name":"s"},{"name":"pre","after":["s"]},{"name":"b","after":["m","pre"]},{"name":"i","after":["b"],"map":"b"},{"name":"t","after":["i"]}]}`,
+		`{"name":"j","steps":[{"name":"s"},{"name":"p","after":["s"]},{"name":"q","after":["s"]},{"name":"a","after":["p"]},{"name":"b","after":["q"]},{"name":"c","after":["a","b"]}]}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -184,25 +223,34 @@ func FuzzParseSpec(f *testing.F) {
 					t.Fatalf("step %s ordered before its upstream %s", st.Name, a)
 				}
 			}
-			// What the runner relies on: a step maps over a source or
-			// over the upstream it forks from, whose result is kept; it
-			// forks from a kept single-instance upstream or the run's seed.
+			// What the runner relies on: the seed a step forks from
+			// holds every source and every kept upstream it takes in
+			// place, and the list it maps over.
 			parent := s.Parent(st.Name)
 			if st.MaxConcurrency < 0 || (st.MaxConcurrency > 0 && st.Map == "") {
 				t.Fatalf("step %s: max_concurrency %d with map %q", st.Name, st.MaxConcurrency, st.Map)
 			}
-			if st.Map != "" {
-				if m := s.Steps[indexOf(s, st.Map)]; len(m.After) != 0 && st.Map != parent {
-					t.Fatalf("step %s maps over %s, neither a source nor the step it forks from (%q)", st.Name, st.Map, parent)
-				}
-				if !s.Kept(st.Map) {
-					t.Fatalf("step %s maps over %s, whose result is not kept", st.Name, st.Map)
-				}
+			if st.Map != "" && !s.Kept(st.Map) {
+				t.Fatalf("step %s maps over %s, whose result is not kept", st.Name, st.Map)
 			}
-			if parent != "" {
-				up := s.Steps[indexOf(s, parent)]
-				if !slices.Contains(st.After, parent) || up.Map != "" || len(up.After) == 0 || !s.Kept(parent) {
-					t.Fatalf("step %s forks from %s: %+v", st.Name, parent, up)
+			if len(st.After) == 0 {
+				continue
+			}
+			held := map[string]bool{}
+			for p := parent; p != ""; p = s.Parent(p) {
+				up := s.Steps[indexOf(s, p)]
+				if held[p] || up.Map != "" || len(up.After) == 0 || !s.Kept(p) || pos[p] >= pos[st.Name] {
+					t.Fatalf("step %s forks from %s (lineage %v): %+v", st.Name, parent, held, up)
+				}
+				held[p] = true
+			}
+			needs := slices.Clone(st.After)
+			if st.Map != "" {
+				needs = append(needs, st.Map)
+			}
+			for _, a := range needs {
+				if up := s.Steps[indexOf(s, a)]; len(up.After) > 0 && up.Map == "" && !held[a] {
+					t.Fatalf("step %s takes %s in place, but forks from %q, whose lineage %v does not hold it", st.Name, a, parent, held)
 				}
 			}
 		}

@@ -124,6 +124,9 @@ run's); those of a run killed midway expire after --stage-ttl.`,
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "workflow %s: %d steps, module %s/%s.py, transfer %s\n", s.Name, len(s.Steps), s.Dir, s.Module, s.Transfer)
+			if s.Joins() {
+				fmt.Fprintln(w, "a step joins two kept steps: under fork the kept steps run in one lineage, each forked from the one kept before it")
+			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "STEP\tCALL\tAFTER\tMAP OVER\tFORKS FROM (fork)\tRESULT")
 			for _, st := range s.Steps {

@@ -313,6 +313,98 @@ def total(parts):
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// A join of two kept branches (left and right, both after base) with a
+	// fan-out (part): under fork the kept steps run in one lineage (right
+	// forked from left's instance), so join's instance holds a frozenset
+	// and a dict with int keys (no JSON could carry either) in place and
+	// sees both steps' module state; under storage it loads both.
+	t.Run("join", func(t *testing.T) {
+		mod := `SEEN = {}
+
+def base(inp):
+    return list(range(inp["n"]))
+
+def chunks(inp):
+    return [[i, i + 10] for i in range(0, inp["n"], 10)]
+
+def left(base):
+    SEEN["left"] = True
+    return frozenset(x for x in base if x % 2 == 0)
+
+def right(base):
+    SEEN["right"] = True
+    return {x: x * x for x in base}
+
+def part(chunk, base, left):
+    return sum(x for x in base[chunk[0]:chunk[1]] if x in left)
+
+def join(base, parts, left, right):
+    return {"n": len(base), "evens": len(left), "squares": sum(right[x] for x in left),
+            "parts": sum(parts), "seen": sorted(SEEN)}
+`
+		dir := writeModule(t, filepath.Join(p.dir, "join"), mod)
+		js, err := workflow.ParseSpec([]byte(`{"name":"join","dir":"` + dir + `","steps":[
+			{"name":"base"},{"name":"chunks"},{"name":"left","after":["base"]},{"name":"right","after":["base"]},
+			{"name":"part","after":["base","left"],"map":"chunks"},
+			{"name":"join","after":["part","left","right","base"]}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !js.Joins() || js.Parent("right") != "left" || js.Parent("join") != "right" {
+			t.Fatalf("lineage: Joins %v, right forks from %q, join from %q", js.Joins(), js.Parent("right"), js.Parent("join"))
+		}
+		for _, v := range []struct {
+			tr     workflow.Transfer
+			perRun bool
+		}{{workflow.TransferFork, false}, {workflow.TransferStorage, false}, {workflow.TransferFork, true}} {
+			rn.SeedPerRun = v.perRun
+			run, err := rn.Run(ctx, js, json.RawMessage(`{"n": 40}`), v.tr)
+			rn.SeedPerRun = false
+			if err != nil {
+				t.Fatalf("%s (seed per run %v): %v", v.tr, v.perRun, err)
+			}
+			seen := `["left","right"]` // both kept steps' module globals, inherited
+			if v.tr == workflow.TransferStorage {
+				seen = `[]`
+			}
+			if want := `{"evens":20,"n":40,"parts":380,"seen":` + seen + `,"squares":9880}`; mustJSON(jsonMap(t, run.Result)) != want {
+				t.Errorf("%s (seed per run %v): result %s, want %s", v.tr, v.perRun, run.Result, want)
+			}
+			if pt, _ := run.Step("part"); len(pt.Instances) != 4 {
+				t.Errorf("%s: part ran %d instances, want 4", v.tr, len(pt.Instances))
+			}
+			for _, name := range []string{"left", "right"} {
+				if st, _ := run.Step(name); !st.Kept {
+					t.Errorf("%s: step %s was not kept", v.tr, name)
+				}
+			}
+			j, _ := run.Step("join")
+			switch in := j.Instances[0]; {
+			case v.tr == workflow.TransferFork && in.BytesIn != 0:
+				t.Errorf("fork: join loaded %d bytes from storage", in.BytesIn)
+			case v.tr == workflow.TransferStorage && in.BytesIn == 0:
+				t.Errorf("storage: join loaded nothing")
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+		// A join whose second branch raises fails the run with its
+		// message, and the first branch's stage seed goes with the run.
+		failing := strings.Replace(mod, `SEEN["right"] = True`, `raise ValueError("right refuses")`, 1)
+		writeModule(t, dir, failing)
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, js, json.RawMessage(`{"n": 40}`), tr)
+			var se *workflow.StepError
+			if !errors.As(err, &se) || se.Step != "right" || !strings.Contains(err.Error(), "ValueError: right refuses") {
+				t.Fatalf("%s: a raising right step gave %v", tr, err)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+		if err := rn.Remove(ctx, js); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
 	// Stage seeds and keys live by a lease the runner renews: a run longer
 	// than their TTL keeps them, and a runner killed midway (SIGKILL: no
 	// cleanup) leaves them only until the TTL runs out.
