@@ -466,17 +466,14 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 			run.Steps = append(run.Steps, res[i])
 		}
 	}
+	if err := x.steps(ctx, order); err != nil {
+		return err
+	}
 	var last json.RawMessage
 	for _, st := range order {
-		if len(st.After) == 0 {
-			continue
+		if len(st.After) > 0 {
+			last = x.results[st.Name]
 		}
-		r, err := x.step(ctx, st)
-		run.Steps = append(run.Steps, r)
-		if err != nil {
-			return &StepError{Step: st.Name, Err: err}
-		}
-		last = x.results[st.Name]
 	}
 	if sinks := spec.sinks(); len(sinks) == 1 {
 		if v, ok := x.results[sinks[0]]; ok {
@@ -487,6 +484,64 @@ func (x *execution) execute(ctx context.Context, order []*Step, input json.RawMe
 	}
 	run.Result = last
 	return nil
+}
+
+// steps runs the non-source steps, each as soon as its upstream steps
+// and, under fork, the step whose stage seed it forks from (Spec.Parent)
+// have ended: independent branches run at the same time. Once a step
+// fails no other starts; those running end, and the run fails with the
+// first failure. The run records the steps that ran, in order.
+func (x *execution) steps(ctx context.Context, order []*Step) error {
+	var later []*Step
+	done := map[string]chan struct{}{}
+	for _, st := range order {
+		if len(st.After) > 0 {
+			later = append(later, st)
+			done[st.Name] = make(chan struct{})
+		}
+	}
+	results := make([]StepResult, len(later))
+	ran := make([]bool, len(later))
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		first  error
+		failed atomic.Bool
+	)
+	for i, st := range later {
+		deps := slices.Clone(st.After)
+		if x.run.Transfer == TransferFork {
+			deps = append(deps, x.spec.Parent(st.Name))
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(done[st.Name])
+			for _, d := range deps {
+				if c, ok := done[d]; ok { // a source, or "": done already
+					<-c
+				}
+			}
+			if failed.Load() {
+				return
+			}
+			r, err := x.step(ctx, st)
+			mu.Lock()
+			defer mu.Unlock()
+			results[i], ran[i] = r, true
+			if err != nil && first == nil {
+				first = &StepError{Step: st.Name, Err: err}
+				failed.Store(true)
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range later {
+		if ran[i] {
+			x.run.Steps = append(x.run.Steps, results[i])
+		}
+	}
+	return first
 }
 
 // at is t in ms after the run's start.
@@ -508,6 +563,7 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	var after, later []string
 	given := map[string]json.RawMessage{}
 	load := map[string]string{}
+	x.mu.Lock() // other branches' steps record theirs meanwhile
 	for _, a := range st.After {
 		up := x.stepByName(a)
 		if len(up.After) == 0 {
@@ -529,6 +585,7 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 			from = seed
 		}
 	}
+	x.mu.Unlock()
 	base["after"] = after
 	if len(given) > 0 {
 		base["given"] = given
@@ -714,9 +771,11 @@ func (x *execution) addSeed(seed string) {
 // (fork: in place; a seed that holds the step's state) or from storage.
 func (x *execution) resultOf(ctx context.Context, name, seed string) (json.RawMessage, error) {
 	req := map[string]any{"result_of": name}
+	x.mu.Lock()
 	if k, ok := x.keys[name]; ok {
 		req["load"] = map[string]string{name: k}
 	}
+	x.mu.Unlock()
 	_, out, err := x.invoke(ctx, req, seed)
 	return out, err
 }

@@ -328,9 +328,10 @@ func (s *Spec) Parent(name string) string {
 // steps run in one lineage, in the run's order: each one's instance is
 // forked from the one kept before it, and every other step's from the
 // last one kept before it. A join's instance then holds every upstream
-// result in place, with nothing serialized; the price is that each step
-// also sees the module state that the kept steps before it in the run
-// left, as a child sees its parent's. Under storage a join loads each
+// result in place, with nothing serialized; the price is that the kept
+// branches run one after the other, not at the same time, and that each
+// step also sees the module state that the kept steps before it in the
+// run left, as a child sees its parent's. Under storage a join loads each
 // kept upstream's result from the store.
 func (s *Spec) Joins() bool {
 	for _, st := range s.Steps {

@@ -405,6 +405,76 @@ def join(base, parts, left, right):
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// Independent branches run at the same time (a and b both sleep), and
+	// a branch that fails stops the run from starting more steps: the
+	// other branch's running step ends, the run fails with the failing
+	// step's message and leaves nothing behind.
+	t.Run("parallel branches", func(t *testing.T) {
+		mod := `import time
+
+def s(inp):
+    return inp
+
+def a(s):
+    time.sleep(s["sleep"])
+    return "a"
+
+def b(s):
+    if s.get("fail"):
+        raise ValueError("b fails as asked")
+    time.sleep(s["sleep"])
+    return "b"
+
+def x(a):
+    return a + "x"
+
+def y(b):
+    return b + "y"
+`
+		dir := writeModule(t, filepath.Join(p.dir, "branches"), mod)
+		bs, err := workflow.ParseSpec([]byte(`{"name":"branches","dir":"` + dir + `","steps":[
+			{"name":"s"},{"name":"a","after":["s"]},{"name":"b","after":["s"]},
+			{"name":"x","after":["a"]},{"name":"y","after":["b"]}]}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage} {
+			run, err := rn.Run(ctx, bs, json.RawMessage(`{"sleep": 1.5}`), tr)
+			if err != nil {
+				t.Fatalf("%s: %v", tr, err)
+			}
+			sa, _ := run.Step("a")
+			sb, _ := run.Step("b")
+			if sa.AtMS >= sb.AtMS+sb.MS || sb.AtMS >= sa.AtMS+sa.MS {
+				t.Errorf("%s: a ran at %.0f ms for %.0f ms, b at %.0f ms for %.0f ms: one after the other", tr, sa.AtMS, sa.MS, sb.AtMS, sb.MS)
+			}
+			for _, name := range []string{"x", "y"} {
+				if st, ok := run.Step(name); !ok || st.Error != "" || len(st.Instances) != 1 {
+					t.Errorf("%s: step %s: %+v", tr, name, st)
+				}
+			}
+			t.Logf("%s: %.0f ms; a at %.0f for %.0f ms, b at %.0f for %.0f ms", tr, run.MS, sa.AtMS, sa.MS, sb.AtMS, sb.MS)
+			assertRunGone(t, p, rdb, run)
+
+			run, err = rn.Run(ctx, bs, json.RawMessage(`{"sleep": 1.5, "fail": true}`), tr)
+			var se *workflow.StepError
+			if !errors.As(err, &se) || se.Step != "b" || !strings.Contains(err.Error(), "ValueError: b fails as asked") {
+				t.Fatalf("%s: a failing b gave %v", tr, err)
+			}
+			if st, ok := run.Step("a"); !ok || st.Error != "" {
+				t.Errorf("%s: a, running when b failed, did not end: %+v", tr, st)
+			}
+			if st, ok := run.Step("x"); ok {
+				t.Errorf("%s: x started after b failed: %+v", tr, st)
+			}
+			assertRunGone(t, p, rdb, run)
+		}
+		if err := rn.Remove(ctx, bs); err != nil {
+			t.Fatal(err)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
 	// Stage seeds and keys live by a lease the runner renews: a run longer
 	// than their TTL keeps them, and a runner killed midway (SIGKILL: no
 	// cleanup) leaves them only until the TTL runs out.
