@@ -70,3 +70,48 @@ func TestScheduleBlocked(t *testing.T) {
 		t.Error("an unknown order is accepted")
 	}
 }
+
+// TestScheduleCrossed checks the crossed order for 1 to 4 ways and 1 to 7
+// runs: a warm-up run of each way first, every way gets its runs, and each
+// way is followed by every way, itself included, about equally often
+// (successor counts differ by at most one), so that a way pays for its own
+// aftermath as often as for another's. The order is the same every time.
+func TestScheduleCrossed(t *testing.T) {
+	for n := 1; n <= 4; n++ {
+		for runs := 1; runs <= 7; runs++ {
+			s, err := schedule(n, runs, OrderCrossed)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if again, _ := schedule(n, runs, OrderCrossed); !slices.Equal(s, again) {
+				t.Fatalf("n=%d runs=%d: two orders %v and %v", n, runs, s, again)
+			}
+			count := make([]int, n)
+			follows := make([][]int, n)
+			for k := range follows {
+				follows[k] = make([]int, n)
+			}
+			for i, r := range s {
+				if i < n {
+					if !r.warmup || r.way != i {
+						t.Fatalf("n=%d runs=%d: run %d is %+v, want the warm-up of way %d", n, runs, i, r, i)
+					}
+					continue
+				}
+				if r.warmup {
+					t.Fatalf("n=%d runs=%d: a warm-up run after the first round: %v", n, runs, s)
+				}
+				count[r.way]++
+				follows[s[i-1].way][r.way]++
+			}
+			for a := 0; a < n; a++ {
+				if count[a] != runs {
+					t.Errorf("n=%d runs=%d: way %d runs %d times", n, runs, a, count[a])
+				}
+				if slices.Max(follows[a])-slices.Min(follows[a]) > 1 {
+					t.Errorf("n=%d runs=%d: way %d is followed %v times by the ways (%v)", n, runs, a, follows[a], s)
+				}
+			}
+		}
+	}
+}

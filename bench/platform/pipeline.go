@@ -30,7 +30,7 @@ type PipelineConfig struct {
 	NodeConc  int
 	RunsOut   *os.File
 	// Order is the order of a sample count's runs: OrderBalanced (the
-	// default) or OrderBlocked (see schedule).
+	// default), OrderCrossed or OrderBlocked (see schedule).
 	Order string
 }
 

@@ -31,8 +31,8 @@ type WorkflowConfig struct {
 	NodeMem  string // each node's function memory (default 18G: 8 instances of 2Gi and the stage seed's instance)
 	NodeConc int    // each node's invocation limit (default 8)
 	HugePage bool   // the daemons' page caches of 2 MiB pages (--huge-page-cache)
-	// Order is the order of a cell's runs: OrderBalanced (the default) or
-	// OrderBlocked (see schedule).
+	// Order is the order of a cell's runs: OrderBalanced (the default),
+	// OrderCrossed or OrderBlocked (see schedule).
 	Order string
 	// RunsOut, if set, receives every run's record (workflow.Run, one
 	// JSON object per line) with its steps' and instances' timings.

@@ -44,7 +44,7 @@ func main() {
 	flag.IntVar(&wc.Window, "window", 0, "each rule checks a window of N trades instead of all")
 	flag.StringVar(&wc.Spec, "spec", "examples/finra/finra.json", "the workflow definition")
 	flag.StringVar(&wc.Mitosis, "mitosis", "", "the mitosis binary (default: go build ./cmd/mitosis ./cmd/mitosisd; mitosisd must sit next to it)")
-	flag.StringVar(&wc.Order, "order", platform.OrderBalanced, "the order of a cell's runs: balanced (the ways interleaved so that each runs right after each other way about equally often: a run pays for the memory the run before it freed) or blocked (each way's runs back to back after one uncounted warm-up run: each way in its own steady state)")
+	flag.StringVar(&wc.Order, "order", platform.OrderBalanced, "the order of a cell's runs, each after one uncounted warm-up run of each way: balanced (the ways interleaved so that each runs right after each other way about equally often: a run pays for what the run before it left, and no way for its own), crossed (each way runs right after each way, itself included, about equally often: every way pays alike) or blocked (each way's runs back to back: each way in its own steady state, paying for its own aftermath only)")
 	flag.BoolVar(&wc.HugePage, "huge-page-cache", false, "start the node daemons with --huge-page-cache (page caches of 2 MiB pages)")
 	flag.IntVar(&wc.NodeConc, "node-concurrency", 8, "invocations each node runs at once (the gateway queues the rest)")
 	flag.StringVar(&wc.NodeMem, "node-memory", "18G", "each node's function memory (default: 8 invocations of 2Gi and one 2Gi stage seed)")

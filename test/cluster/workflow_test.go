@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -343,12 +344,22 @@ def join(base, parts, left, right):
             "parts": sum(parts), "seen": sorted(SEEN)}
 `
 		dir := writeModule(t, filepath.Join(p.dir, "join"), mod)
-		js, err := workflow.ParseSpec([]byte(`{"name":"join","dir":"` + dir + `","steps":[
+		def := []byte(`{"name":"join","dir":"` + dir + `","steps":[
 			{"name":"base"},{"name":"chunks"},{"name":"left","after":["base"]},{"name":"right","after":["base"]},
 			{"name":"part","after":["base","left"],"map":"chunks"},
-			{"name":"join","after":["part","left","right","base"]}]}`))
+			{"name":"join","after":["part","left","right","base"]}]}`)
+		js, err := workflow.ParseSpec(def)
 		if err != nil {
 			t.Fatal(err)
+		}
+		// validate tells the user how the join runs.
+		defPath := filepath.Join(dir, "join.json")
+		if err := os.WriteFile(defPath, def, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := p.gw.Command(mitosisBin, "workflow", "validate", defPath).CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "the kept steps run in one lineage") || !regexp.MustCompile(`(?m)^right\s+right\s+base\s+-\s+left\s`).Match(out) {
+			t.Errorf("workflow validate of a join: %v\n%s", err, out)
 		}
 		if !js.Joins() || js.Parent("right") != "left" || js.Parent("join") != "right" {
 			t.Fatalf("lineage: Joins %v, right forks from %q, join from %q", js.Joins(), js.Parent("right"), js.Parent("join"))
