@@ -40,8 +40,10 @@ steps:
 Steps without "after" are sources and get the run's input; "map" runs a step
 once per element of a list result (a source's, or its single-instance
 upstream's), concurrently, over the cluster's nodes ("max_concurrency": N
-runs at most N of them at once). A step takes the map
-item, its sources' results, then its one non-source upstream's result.
+runs at most N of them at once). A step takes the map item, its sources'
+results, then its other upstreams' results, in the order "after" lists
+them. A step starts once its upstream steps have ended, so independent
+branches run at the same time.
 
 The workflow is deployed once as the function wf-NAME (the step runtime with
 the module imported: its seed); run deploys it when it is missing or its
@@ -53,7 +55,10 @@ on any node, that reads their results in place. A later single-instance step
 that others run after (a pipeline's preprocess) is kept the same way: its
 instance becomes a stage seed and its downstream steps fork from it, taking
 its result (a numpy array, a DataFrame: any Python object) in place. A
-fan-out's results reach its downstream step as a JSON list. Under --transfer
+fan-out's results reach its downstream step as a JSON list. Branches that
+meet (a step after two kept steps) run in one lineage under fork, each
+kept step forked from the one kept before it, so the joining step holds
+every upstream result in place (validate says so). Under --transfer
 storage each kept result is pickled into Redis (--redis-socket) and each
 later step loads and unpickles it. The run's stage seeds and keys are
 removed when it ends, also when a step fails (the step's error is the
