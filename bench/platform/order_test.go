@@ -16,24 +16,7 @@ func TestScheduleBalanced(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			count := make([]int, n)
-			follows := make([][]int, n)
-			for k := range follows {
-				follows[k] = make([]int, n)
-			}
-			for i, r := range s {
-				if i < n {
-					if !r.warmup || r.way != i {
-						t.Fatalf("n=%d runs=%d: run %d is %+v, want the warm-up of way %d", n, runs, i, r, i)
-					}
-					continue
-				}
-				if r.warmup {
-					t.Fatalf("n=%d runs=%d: a warm-up run after the first round: %v", n, runs, s)
-				}
-				count[r.way]++
-				follows[s[i-1].way][r.way]++
-			}
+			count, follows := tally(t, s, n)
 			for a := 0; a < n; a++ {
 				if count[a] != runs {
 					t.Errorf("n=%d runs=%d: way %d runs %d times", n, runs, a, count[a])
@@ -53,6 +36,32 @@ func TestScheduleBalanced(t *testing.T) {
 			}
 		}
 	}
+}
+
+// tally checks that s starts with one warm-up run of each of n ways, in
+// order, and has no other warm-up run; it returns how many counted runs
+// each way has and how often each way (row) is followed by each (column).
+func tally(t *testing.T, s []run, n int) (count []int, follows [][]int) {
+	t.Helper()
+	count = make([]int, n)
+	follows = make([][]int, n)
+	for k := range follows {
+		follows[k] = make([]int, n)
+	}
+	for i, r := range s {
+		if i < n {
+			if !r.warmup || r.way != i {
+				t.Fatalf("n=%d: run %d is %+v, want the warm-up of way %d (%v)", n, i, r, i, s)
+			}
+			continue
+		}
+		if r.warmup {
+			t.Fatalf("n=%d: a warm-up run after the first round: %v", n, s)
+		}
+		count[r.way]++
+		follows[s[i-1].way][r.way]++
+	}
+	return count, follows
 }
 
 // TestScheduleBlocked checks the blocked order: each way's runs together,
@@ -86,24 +95,7 @@ func TestScheduleCrossed(t *testing.T) {
 			if again, _ := schedule(n, runs, OrderCrossed); !slices.Equal(s, again) {
 				t.Fatalf("n=%d runs=%d: two orders %v and %v", n, runs, s, again)
 			}
-			count := make([]int, n)
-			follows := make([][]int, n)
-			for k := range follows {
-				follows[k] = make([]int, n)
-			}
-			for i, r := range s {
-				if i < n {
-					if !r.warmup || r.way != i {
-						t.Fatalf("n=%d runs=%d: run %d is %+v, want the warm-up of way %d", n, runs, i, r, i)
-					}
-					continue
-				}
-				if r.warmup {
-					t.Fatalf("n=%d runs=%d: a warm-up run after the first round: %v", n, runs, s)
-				}
-				count[r.way]++
-				follows[s[i-1].way][r.way]++
-			}
+			count, follows := tally(t, s, n)
 			for a := 0; a < n; a++ {
 				if count[a] != runs {
 					t.Errorf("n=%d runs=%d: way %d runs %d times", n, runs, a, count[a])
