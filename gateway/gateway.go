@@ -85,6 +85,9 @@ type Config struct {
 	StatsInterval time.Duration
 	// Logger receives one line per deploy, delete and failure.
 	Logger *slog.Logger
+	// Workflows configures the workflows the gateway runs (POST
+	// /workflow/NAME).
+	Workflows WorkflowConfig
 }
 
 // Gateway is a running gateway. Handler serves its HTTP API.
@@ -317,6 +320,11 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("PATCH /system/stage-seeds", g.authed(g.renewStageSeed))
 	mux.HandleFunc("GET /system/nodes", g.authed(g.listNodes))
 	mux.HandleFunc("GET /system/logs", g.authed(g.logs))
+	mux.HandleFunc("GET /system/workflows", g.authed(g.listWorkflows))
+	mux.HandleFunc("POST /system/workflows", g.authed(g.deployWorkflow))
+	mux.HandleFunc("DELETE /system/workflows", g.authed(g.deleteWorkflow))
+	// A run deploys, keeps and removes seeds: the system's credentials.
+	mux.HandleFunc("POST /workflow/{name}", g.authed(g.runWorkflow))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/async-function/{name}", fnAuth(g.invokeAsync))

@@ -240,8 +240,12 @@ func (rn *Runner) Deploy(ctx context.Context, spec *Spec) (bool, error) {
 	default:
 		return false, fmt.Errorf("workflow %s: read its function: HTTP %d: %s", spec.Name, code, strings.TrimSpace(string(body)))
 	}
+	def, err := json.Marshal(spec)
+	if err != nil {
+		return false, err
+	}
 	code, body, err = rn.deployFunction(ctx, spec, method, fn, rn.functionDir(spec), nil,
-		map[string]string{"com.mitosis.workflow": spec.Name, annotationDigest: digest})
+		map[string]string{AnnotationWorkflow: spec.Name, annotationDigest: digest, AnnotationDefinition: string(def)})
 	if err != nil {
 		return false, fmt.Errorf("workflow %s: deploy its function: %w", spec.Name, err)
 	}
@@ -308,6 +312,28 @@ func (rn *Runner) deleteFunction(ctx context.Context, fn string) error {
 // annotationDigest is the function annotation holding specDigest.
 const annotationDigest = "com.mitosis.workflow-digest"
 
+// Annotations of a workflow's function (FunctionName): the workflow's
+// name, and its definition (JSON), from which a gateway runs it
+// (SpecOf).
+const (
+	AnnotationWorkflow   = "com.mitosis.workflow"
+	AnnotationDefinition = "com.mitosis.workflow-definition"
+)
+
+// SpecOf returns the definition a workflow's function was deployed with
+// (its annotations), validated.
+func SpecOf(annotations map[string]string) (*Spec, error) {
+	def, ok := annotations[AnnotationDefinition]
+	if !ok {
+		return nil, fmt.Errorf("the function carries no workflow definition (annotation %s): deploy the workflow again", AnnotationDefinition)
+	}
+	s, err := ParseSpec([]byte(def))
+	if err != nil {
+		return nil, fmt.Errorf("the function's workflow definition: %w", err)
+	}
+	return s, nil
+}
+
 // specDigest identifies a definition, its module's contents, the step
 // runtime and the runner settings in the function's environment, so a
 // changed workflow is deployed again.
@@ -316,7 +342,9 @@ func (rn *Runner) specDigest(spec *Spec) (string, error) {
 	b, _ := json.Marshal(spec)
 	h.Write(b)
 	h.Write(shim)
-	fmt.Fprintf(h, "\x00%s\x00%v\x00", rn.RedisSocket, rn.timeout())
+	// "def": the function carries its definition (a function deployed
+	// without it is deployed again).
+	fmt.Fprintf(h, "\x00%s\x00%v\x00def\x00", rn.RedisSocket, rn.timeout())
 	mod, err := os.ReadFile(filepath.Join(spec.Dir, spec.Module+".py"))
 	if err != nil {
 		return "", fmt.Errorf("workflow %s: %w", spec.Name, err)

@@ -45,6 +45,7 @@ type gatewayFlags struct {
 	maxQueue      int
 	queueTimeout  time.Duration
 	defaultPolicy string
+	wf            gateway.WorkflowConfig
 }
 
 func newGatewayCmd() *cobra.Command {
@@ -59,6 +60,8 @@ daemons registered in the cluster directory.
   GET  /system/function/NAME              one function's status
   POST /function/NAME                     invoke (the request body in, the handler's output out)
   POST /async-function/NAME               queue an invocation (202, X-Call-Id; X-Callback-Url gets the result)
+  GET/POST/DELETE /system/workflows       list, deploy (a workflow definition), remove workflows
+  POST /workflow/NAME[?transfer=storage]  run a workflow (the body is its input; the answer its run record)
   GET  /healthz, /metrics, /system/info, /system/nodes
 
 A function is a directory with handler.py (the OpenFaaS classic python3
@@ -113,6 +116,10 @@ are open; --public-functions opens /function/ and /async-function/ too.`,
 	fl.IntVar(&f.maxQueue, "max-queue", gateway.DefaultMaxQueue, "invocations that may wait for a free slot (429 beyond)")
 	fl.DurationVar(&f.queueTimeout, "queue-timeout", gateway.DefaultQueueTimeout, "longest wait for a free slot (then 429)")
 	fl.StringVar(&f.defaultPolicy, "default-policy", "fork", "policy of deployments that name none: fork, local-fork, keep-alive or cold")
+	fl.StringVar(&f.wf.RedisSocket, "workflow-redis-socket", "", "unix socket of the Redis server for workflow runs under the storage transfer (every node must reach it)")
+	fl.StringVar(&f.wf.WorkDir, "workflow-work-dir", "", "where a workflow's function directory (the step runtime) is written; every node must see it at the same path (default /tmp)")
+	fl.DurationVar(&f.wf.StepTimeout, "workflow-step-timeout", 5*time.Minute, "bound on one step instance of a workflow run")
+	fl.DurationVar(&f.wf.StageTTL, "workflow-stage-ttl", 2*time.Minute, "lease of a workflow run's stage seeds and Redis keys, renewed while it runs")
 	return cmd
 }
 
@@ -221,7 +228,7 @@ func runGateway(f *gatewayFlags) error {
 	}
 	defer dir.Close()
 	g, err := gateway.New(ctx, gateway.Config{Directory: dir, Transport: tcfg, Auth: auth, MaxBody: maxBody,
-		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, DefaultPolicy: pol, Logger: log})
+		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, DefaultPolicy: pol, Logger: log, Workflows: f.wf})
 	if err != nil {
 		return err
 	}

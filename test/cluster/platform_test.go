@@ -64,7 +64,10 @@ func startPlatform(t *testing.T) *platform {
 		t.Fatalf("gateway host got %s, want %s", p.gw.IP, gwIP)
 	}
 	t.Cleanup(func() { p.close() })
-	p.gwy, err = lab.StartGateway(p.gw, platformToken, "--max-body", "1M", "--max-queue", "4", "--queue-timeout", "5s")
+	p.gwy, err = lab.StartGateway(p.gw, platformToken, "--max-body", "1M", "--max-queue", "4", "--queue-timeout", "5s",
+		// Workflows run by the gateway: storage through the Redis server
+		// a test may start in dir (startRedis).
+		"--workflow-redis-socket", filepath.Join(dir, "redis.sock"), "--workflow-work-dir", dir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -745,6 +745,96 @@ def y(b):
 		assertProcs(t, pythons, deployedProcs)
 	})
 
+	// Workflows through the gateway alone, with curl: deploy a definition,
+	// run it under both transfers (the body is the input, the answer the
+	// run record), list and remove it; bad requests get errors that say
+	// what is wrong, and a failing step fails the run with its message.
+	t.Run("gateway", func(t *testing.T) {
+		wcPath := filepath.Join(repoRoot, "examples", "wordcount", "wordcount.json")
+		wc, err := workflow.ReadSpec(wcPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		def := mustJSON(wc) // its dir made absolute
+		if code, _, body := p.request("POST", "/system/workflows", def, true); code != 202 || !strings.Contains(body, `"deployed":true`) {
+			t.Fatalf("deploy: %d %s", code, body)
+		}
+		if code, _, body := p.request("POST", "/system/workflows", def, true); code != 200 || !strings.Contains(body, `"deployed":false`) {
+			t.Errorf("deploy of the same definition: %d %s", code, body)
+		}
+		if code, _, body := p.request("GET", "/system/workflows", "", true); code != 200 || !strings.Contains(body, `"name":"wordcount","function":"wf-wordcount"`) || !strings.Contains(body, `"steps":["load-corpus","list-shards","count","reduce-counts"]`) {
+			t.Errorf("list: %d %s", code, body)
+		}
+		const in = `{"docs": 3000, "shards": 3}`
+		want := mustJSON(reference(t, wcPath, in))
+		for _, q := range []string{"", "?transfer=storage", "?seed_per_run=true"} {
+			code, h, body := p.request("POST", "/workflow/wordcount"+q, in, true)
+			var run workflow.Run
+			if err := json.Unmarshal([]byte(body), &run); code != 200 || err != nil || run.ID == "" || h.Get("X-Mitosis-Run") != run.ID {
+				t.Fatalf("run%s: %d %v %s", q, code, err, body)
+			}
+			if got := mustJSON(jsonMap(t, run.Result)); got != want {
+				t.Errorf("run%s: counts differ from the reference:\n got %s\nwant %s", q, got, want)
+			}
+			if cnt, _ := run.Step("count"); len(cnt.Instances) != 3 || len(cnt.Nodes) < 2 {
+				t.Errorf("run%s: count ran %d instances on %v", q, len(cnt.Instances), cnt.Nodes)
+			}
+			wantTr := workflow.TransferFork // the definition's
+			if q == "?transfer=storage" {
+				wantTr = workflow.TransferStorage
+			}
+			if run.Transfer != wantTr {
+				t.Errorf("run%s: transfer %s, want %s", q, run.Transfer, wantTr)
+			}
+			assertRunGone(t, p, rdb, &run)
+		}
+		for _, c := range []struct {
+			method, path, body string
+			auth               bool
+			code               int
+			want               string
+		}{
+			{"POST", "/workflow/wordcount", in, false, 401, "unauthorized"},
+			{"POST", "/workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
+			{"POST", "/workflow/wordcount", "{nope", true, 400, "the input is not JSON"},
+			{"POST", "/workflow/wordcount?transfer=pickle", in, true, 400, `unknown transfer "pickle"`},
+			{"POST", "/workflow/wordcount?seed_per_run=maybe", in, true, 400, "want true or false"},
+			{"POST", "/system/workflows", `{"name":"x","dir":"rel","steps":[{"name":"a"}]}`, true, 400, "absolute"},
+			{"POST", "/system/workflows", `{"name":"x","steps":[{"name":"a","after":["b"]}]}`, true, 400, "not a step"},
+			{"DELETE", "/system/workflows", `{}`, true, 400, `want {"name": WORKFLOW}`},
+		} {
+			if code, _, body := p.request(c.method, c.path, c.body, c.auth); code != c.code || !strings.Contains(body, c.want) {
+				t.Errorf("%s %s %s: %d %s, want %d and %q", c.method, c.path, c.body, code, strings.TrimSpace(body), c.code, c.want)
+			}
+		}
+		// A step that raises: 500, with the run's record and its error.
+		dir := writeModule(t, filepath.Join(p.dir, "gwfail"), "def s(inp):\n    return inp\n\ndef t(s):\n    if s.get('fail'):\n        raise ValueError('t fails as asked')\n    return s\n")
+		failDef := `{"name":"gwfail","dir":"` + dir + `","steps":[{"name":"s"},{"name":"t","after":["s"]}]}`
+		if code, _, body := p.request("POST", "/system/workflows", failDef, true); code != 202 {
+			t.Fatalf("deploy gwfail: %d %s", code, body)
+		}
+		code, _, body := p.request("POST", "/workflow/gwfail", `{"fail": true}`, true)
+		var run workflow.Run
+		if err := json.Unmarshal([]byte(body), &run); code != 500 || err != nil || !strings.Contains(run.Error, "ValueError: t fails as asked") {
+			t.Errorf("failing run: %d %v %s", code, err, body)
+		}
+		assertRunGone(t, p, rdb, &run)
+		for _, name := range []string{"wordcount", "gwfail"} {
+			if code, _, body := p.request("DELETE", "/system/workflows", `{"name":"`+name+`"}`, true); code != 202 {
+				t.Errorf("delete %s: %d %s", name, code, body)
+			}
+		}
+		// What is left: finra, which this test deployed with a Runner (as
+		// `mitosis workflow deploy` does): the gateway runs it too.
+		if code, _, body := p.request("GET", "/system/workflows", "", true); code != 200 || strings.Contains(body, "wordcount") || strings.Contains(body, "gwfail") || !strings.Contains(body, `"name":"finra"`) {
+			t.Errorf("list after delete: %d %s", code, body)
+		}
+		if code, _, _ := p.request("POST", "/workflow/wordcount", in, true); code != 404 {
+			t.Errorf("run after delete: %d, want 404", code)
+		}
+		assertProcs(t, pythons, deployedProcs)
+	})
+
 	t.Run("failing rule", func(t *testing.T) {
 		for _, tr := range []workflow.Transfer{workflow.TransferFork, workflow.TransferStorage, workflow.TransferFork} {
 			run, err := rn.Run(ctx, spec, json.RawMessage(`{"trades": 20000, "rules": 4, "fail_rule": 2}`), tr)

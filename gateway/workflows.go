@@ -1,0 +1,293 @@
+package gateway
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/workflow"
+)
+
+// Workflows through the gateway (a mitosis extension): a workflow's
+// definition is deployed with POST /system/workflows and run with POST
+// /workflow/NAME, so a client needs nothing but an HTTP client. The
+// gateway runs it with package workflow's Runner, whose calls (deploying
+// the workflow's function, invoking the steps, keeping and removing the
+// run's stage seeds) go through this gateway's own handlers in process,
+// with the caller's credentials: a run does what its caller may do. The
+// definition is stored as an annotation of the workflow's function
+// (workflow.SpecOf), so every gateway of the cluster runs a workflow any
+// of them (or `mitosis workflow deploy`) deployed.
+
+// WorkflowConfig configures the workflows the gateway runs.
+type WorkflowConfig struct {
+	// RedisSocket is the unix socket of the Redis server of the storage
+	// transfer, which every node must reach at that path; without it a
+	// run under storage is refused.
+	RedisSocket string
+	// WorkDir holds each workflow's function directory (the step
+	// runtime); every node must see it at the same path (default
+	// os.TempDir()).
+	WorkDir string
+	// StepTimeout bounds one step instance (default 5 minutes).
+	StepTimeout time.Duration
+	// StageTTL is the lease of a run's stage seeds and keys, renewed
+	// while the run goes on (default 2 minutes).
+	StageTTL time.Duration
+}
+
+// WorkflowStatus is an element of GET /system/workflows.
+type WorkflowStatus struct {
+	Name     string   `json:"name"`
+	Function string   `json:"function"` // the workflow's function (its step runtime)
+	Dir      string   `json:"dir"`
+	Module   string   `json:"module"`
+	Transfer string   `json:"transfer"` // the definition's default
+	Steps    []string `json:"steps"`
+	// Error is why the function's definition cannot be read (a function
+	// deployed by an older runner: deploy the workflow again).
+	Error string `json:"error,omitempty"`
+}
+
+// workflowRunner returns a Runner whose calls go through g's handlers with
+// r's credentials.
+func (g *Gateway) workflowRunner(r *http.Request) *workflow.Runner {
+	c := g.cfg.Workflows
+	rn := &workflow.Runner{
+		Gateway:     "http://gateway.in-process",
+		HTTP:        &http.Client{Transport: inProcess{g.mux}},
+		RedisSocket: c.RedisSocket,
+		WorkDir:     c.WorkDir,
+		Timeout:     c.StepTimeout,
+		StageTTL:    c.StageTTL,
+	}
+	if user, pass, ok := r.BasicAuth(); ok {
+		rn.User, rn.Password = user, pass
+	} else if tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+		rn.Token = tok
+	}
+	return rn
+}
+
+// workflowSpec returns the definition of workflow name, or the HTTP status
+// and error to answer.
+func (g *Gateway) workflowSpec(name string) (*workflow.Spec, int, error) {
+	fn := workflow.FunctionName(&workflow.Spec{Name: name})
+	fr, ok := g.function(fn)
+	if !ok || meta(&fr.Deployment, workflow.AnnotationWorkflow) != name {
+		return nil, http.StatusNotFound, fmt.Errorf("workflow %q not found: deploy it with POST /system/workflows", name)
+	}
+	spec, err := workflow.SpecOf(annotations(&fr.Deployment))
+	if err != nil {
+		return nil, http.StatusConflict, fmt.Errorf("workflow %s: %w", name, err)
+	}
+	return spec, 0, nil
+}
+
+func annotations(d *FunctionDeployment) map[string]string {
+	if d.Annotations == nil {
+		return nil
+	}
+	return *d.Annotations
+}
+
+// deployWorkflow: POST /system/workflows with a workflow definition (JSON;
+// its dir an absolute path every node sees). 202 when it deployed the
+// workflow's function, 200 when the same definition and module were
+// deployed already.
+func (g *Gateway) deployWorkflow(w http.ResponseWriter, r *http.Request) {
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+	if err != nil {
+		httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("workflow definition: %v", err))
+		return
+	}
+	spec, err := workflow.ParseSpec(b)
+	if err == nil {
+		err = spec.Validate()
+	}
+	if err != nil {
+		httpError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	deployed, err := g.workflowRunner(r).Deploy(r.Context(), spec)
+	if err != nil {
+		g.log.Warn("workflow deploy failed", "workflow", spec.Name, "err", err)
+		httpError(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	g.log.Info("workflow deploy", "workflow", spec.Name, "function", workflow.FunctionName(spec), "deployed", deployed)
+	code := http.StatusOK
+	if deployed {
+		code = http.StatusAccepted
+	}
+	writeJSON(w, code, map[string]any{"name": spec.Name, "function": workflow.FunctionName(spec), "deployed": deployed})
+}
+
+// listWorkflows: GET /system/workflows.
+func (g *Gateway) listWorkflows(w http.ResponseWriter, r *http.Request) {
+	out := []WorkflowStatus{}
+	for _, f := range g.view.Functions() {
+		fr, err := decodeRecord(f)
+		if err != nil {
+			continue
+		}
+		name := meta(&fr.Deployment, workflow.AnnotationWorkflow)
+		if name == "" || workflow.FunctionName(&workflow.Spec{Name: name}) != f.Name {
+			continue // not a workflow's function (a run's own, or another)
+		}
+		ws := WorkflowStatus{Name: name, Function: f.Name, Steps: []string{}}
+		if spec, err := workflow.SpecOf(annotations(&fr.Deployment)); err != nil {
+			ws.Error = err.Error()
+		} else {
+			ws.Dir, ws.Module, ws.Transfer = spec.Dir, spec.Module, string(spec.Transfer)
+			for _, st := range spec.Steps {
+				ws.Steps = append(ws.Steps, st.Name)
+			}
+		}
+		out = append(out, ws)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	writeJSON(w, http.StatusOK, out)
+}
+
+// deleteWorkflow: DELETE /system/workflows {"name": NAME} removes the
+// workflow's function (its seed and instances on every node) and its
+// function directory.
+func (g *Gateway) deleteWorkflow(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Name string `json:"name"`
+	}
+	if b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10)); err != nil || json.Unmarshal(b, &req) != nil || req.Name == "" {
+		httpError(w, http.StatusBadRequest, `want {"name": WORKFLOW}`)
+		return
+	}
+	spec, code, err := g.workflowSpec(req.Name)
+	if err != nil && code == http.StatusNotFound {
+		httpError(w, code, err.Error())
+		return
+	}
+	if err != nil { // no readable definition: remove the function alone
+		spec = &workflow.Spec{Name: req.Name}
+	}
+	if err := g.workflowRunner(r).Remove(r.Context(), spec); err != nil {
+		httpError(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	g.log.Info("workflow removed", "workflow", req.Name)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// runWorkflow: POST /workflow/NAME runs a deployed workflow with the body
+// as its input (JSON; empty: null) and answers with the run's record
+// (workflow.Run: its result, every step's timings and nodes): 200, or 500
+// with the record and its error when a step failed. Query parameters:
+// transfer=fork|storage (default: the definition's), seed_per_run=true
+// (Runner.SeedPerRun). The run ends with the request: a client that hangs
+// up cancels it, and what it made is removed.
+func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
+	spec, code, err := g.workflowSpec(r.PathValue("name"))
+	if err != nil {
+		httpError(w, code, err.Error())
+		return
+	}
+	input, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBody))
+	if err != nil {
+		httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("workflow input: %v", err))
+		return
+	}
+	if input = bytes.TrimSpace(input); len(input) > 0 && !json.Valid(input) {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("workflow %s: the input is not JSON", spec.Name))
+		return
+	}
+	q := r.URL.Query()
+	tr := spec.Transfer
+	if v := q.Get("transfer"); v != "" {
+		if tr, err = workflow.ParseTransfer(v); err != nil {
+			httpError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+	}
+	if tr == workflow.TransferStorage && g.cfg.Workflows.RedisSocket == "" {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("workflow %s: the storage transfer needs a Redis server, and this gateway has none (start it with --workflow-redis-socket)", spec.Name))
+		return
+	}
+	rn := g.workflowRunner(r)
+	if v := q.Get("seed_per_run"); v != "" {
+		if rn.SeedPerRun, err = strconv.ParseBool(v); err != nil {
+			httpError(w, http.StatusBadRequest, fmt.Sprintf("seed_per_run=%q: want true or false", v))
+			return
+		}
+	}
+	run, err := rn.Run(r.Context(), spec, input, tr)
+	if run == nil {
+		httpError(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	g.log.Info("workflow run", "workflow", spec.Name, "run", run.ID, "transfer", run.Transfer, "ms", run.MS, "err", run.Error)
+	w.Header().Set("X-Mitosis-Run", run.ID)
+	code = http.StatusOK
+	if err != nil {
+		code = http.StatusInternalServerError
+		var se *workflow.StepError
+		if !errors.As(err, &se) && run.Error == "" {
+			run.Error = err.Error() // the run ended, its cleanup did not
+		}
+	}
+	writeJSON(w, code, run)
+}
+
+// inProcess is an http.RoundTripper that serves a request with a handler in
+// this process: the gateway's own API, for the workflows it runs.
+type inProcess struct{ h http.Handler }
+
+func (t inProcess) RoundTrip(req *http.Request) (*http.Response, error) {
+	r := req.Clone(req.Context())
+	if r.Body == nil {
+		r.Body = http.NoBody
+	}
+	r.RequestURI = req.URL.RequestURI()
+	r.RemoteAddr = "in-process"
+	rec := &recorder{header: http.Header{}}
+	t.h.ServeHTTP(rec, r)
+	if rec.code == 0 {
+		rec.code = http.StatusOK
+	}
+	return &http.Response{
+		Status:        fmt.Sprintf("%d %s", rec.code, http.StatusText(rec.code)),
+		StatusCode:    rec.code,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        rec.header,
+		Body:          io.NopCloser(&rec.body),
+		ContentLength: int64(rec.body.Len()),
+		Request:       req,
+	}, nil
+}
+
+// recorder is the http.ResponseWriter of an inProcess request.
+type recorder struct {
+	header http.Header
+	code   int
+	body   bytes.Buffer
+}
+
+func (w *recorder) Header() http.Header { return w.header }
+
+func (w *recorder) WriteHeader(code int) {
+	if w.code == 0 {
+		w.code = code
+	}
+}
+
+func (w *recorder) Write(b []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	return w.body.Write(b)
+}
