@@ -1,0 +1,77 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// TestInProcess checks the transport of the workflows the gateway runs: a
+// request reaches the handler as a server request would (a body, even
+// none; the path's values; the caller's headers and context), and the
+// handler's status, headers and body come back.
+func TestInProcess(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /echo/{name}", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("X-Name", r.PathValue("name"))
+		w.WriteHeader(http.StatusAccepted)
+		_, _ = io.WriteString(w, r.Header.Get("Authorization")+"|"+string(b))
+	})
+	mux.HandleFunc("GET /plain", func(w http.ResponseWriter, r *http.Request) {
+		if r.Body == nil {
+			panic("nil body") // a server request always has one
+		}
+		_, _ = io.WriteString(w, "ok "+r.RequestURI)
+	})
+	mux.HandleFunc("GET /wait", func(w http.ResponseWriter, r *http.Request) {
+		<-r.Context().Done()
+		httpError(w, http.StatusServiceUnavailable, "canceled")
+	})
+	c := &http.Client{Transport: inProcess{mux}}
+	for _, tt := range []struct {
+		method, path, body, auth string
+		code                     int
+		header, want             string
+	}{
+		{"POST", "/echo/wf", "input", "Bearer t", 202, "wf", "Bearer t|input"},
+		{"GET", "/plain?x=1", "", "", 200, "", "ok /plain?x=1"},
+		{"GET", "/nosuch", "", "", 404, "", "404 page not found\n"},
+		{"DELETE", "/echo/wf", "", "", 405, "", "Method Not Allowed\n"},
+	} {
+		var body io.Reader
+		if tt.body != "" {
+			body = strings.NewReader(tt.body)
+		}
+		req, err := http.NewRequest(tt.method, "http://gateway.in-process"+tt.path, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tt.auth != "" {
+			req.Header.Set("Authorization", tt.auth)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", tt.method, tt.path, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tt.code || resp.Header.Get("X-Name") != tt.header || string(b) != tt.want {
+			t.Errorf("%s %s: %d %q %q, want %d %q %q", tt.method, tt.path, resp.StatusCode, resp.Header.Get("X-Name"), b, tt.code, tt.header, tt.want)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://gateway.in-process/wait", nil)
+	if resp, err := c.Do(req); err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("a canceled request: %d %s", resp.StatusCode, b)
+		}
+	} else if !errors.Is(err, context.Canceled) {
+		t.Errorf("a canceled request: %v", err)
+	}
+}
