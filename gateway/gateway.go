@@ -106,6 +106,8 @@ type Gateway struct {
 	wg     sync.WaitGroup
 
 	async chan asyncCall
+	// wfSlots bounds the workflow runs in the background.
+	wfSlots chan struct{}
 	// follows bounds the /system/logs follows streaming at once (each
 	// polls every node twice a second).
 	follows chan struct{}
@@ -171,7 +173,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	}
 	g := &Gateway{cfg: cfg, dir: cfg.Directory, view: view, log: cfg.Logger, sched: newSched(cfg.MaxQueue),
 		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue),
-		follows: make(chan struct{}, maxFollows), stageGone: map[string]time.Time{}, stageRetry: map[string]*stageRetry{}}
+		follows: make(chan struct{}, maxFollows), wfSlots: make(chan struct{}, maxAsyncWorkflows), stageGone: map[string]time.Time{}, stageRetry: map[string]*stageRetry{}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)
@@ -325,6 +327,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("DELETE /system/workflows", g.authed(g.deleteWorkflow))
 	// A run deploys, keeps and removes seeds: the system's credentials.
 	mux.HandleFunc("POST /workflow/{name}", g.authed(g.runWorkflow))
+	mux.HandleFunc("POST /async-workflow/{name}", g.authed(g.asyncWorkflow))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/async-function/{name}", fnAuth(g.invokeAsync))

@@ -3,7 +3,6 @@ package gateway
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -192,55 +191,162 @@ func (g *Gateway) deleteWorkflow(w http.ResponseWriter, r *http.Request) {
 // (Runner.SeedPerRun). The run ends with the request: a client that hangs
 // up cancels it, and what it made is removed.
 func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
+	job, ok := g.workflowJob(w, r)
+	if !ok {
+		return
+	}
+	run, err := job.rn.Run(r.Context(), job.spec, job.input, job.transfer)
+	code, body := g.workflowRecord(job, run, err)
+	if run != nil {
+		w.Header().Set("X-Mitosis-Run", run.ID)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_, _ = w.Write(body)
+}
+
+// asyncWorkflow: POST /async-workflow/NAME runs a workflow as
+// /workflow/NAME does, in the background: 202 with X-Call-Id at once, and
+// the run's record POSTed to the X-Callback-Url (if given) when it ends,
+// with X-Call-Id, X-Workflow-Name, X-Workflow-Status (200, or 500 when a
+// step failed), X-Mitosis-Run and X-Duration-Seconds. At most
+// maxAsyncWorkflows run at once (429 beyond); closing the gateway cancels
+// them, and each removes what it made.
+func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
+	cb := r.Header.Get("X-Callback-Url")
+	if cb != "" && !strings.HasPrefix(cb, "http://") && !strings.HasPrefix(cb, "https://") {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Callback-Url %q is not an http(s) URL", cb))
+		return
+	}
+	job, ok := g.workflowJob(w, r)
+	if !ok {
+		return
+	}
+	select {
+	case g.wfSlots <- struct{}{}:
+	default:
+		w.Header().Set("Retry-After", "1")
+		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("%d workflow runs in the background already", cap(g.wfSlots)))
+		return
+	}
+	// Under stageMu: a run starting now either sees the gateway closed or
+	// joins g.wg before Close waits for it.
+	g.stageMu.Lock()
+	if g.ctx.Err() != nil {
+		g.stageMu.Unlock()
+		<-g.wfSlots
+		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
+		return
+	}
+	g.wg.Add(1)
+	g.stageMu.Unlock()
+	id := r.Header.Get("X-Call-Id")
+	if id == "" {
+		id = callID()
+	}
+	go func() {
+		defer g.wg.Done()
+		defer func() { <-g.wfSlots }()
+		start := time.Now()
+		run, err := job.rn.Run(g.ctx, job.spec, job.input, job.transfer)
+		code, body := g.workflowRecord(job, run, err)
+		if cb == "" {
+			return
+		}
+		req, err := http.NewRequestWithContext(g.ctx, http.MethodPost, cb, bytes.NewReader(body))
+		if err != nil {
+			g.log.Warn("workflow callback", "workflow", job.spec.Name, "call_id", id, "url", cb, "err", err)
+			return
+		}
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("X-Call-Id", id)
+		req.Header.Set("X-Workflow-Name", job.spec.Name)
+		req.Header.Set("X-Workflow-Status", strconv.Itoa(code))
+		req.Header.Set("X-Duration-Seconds", strconv.FormatFloat(time.Since(start).Seconds(), 'f', 6, 64))
+		if run != nil {
+			req.Header.Set("X-Mitosis-Run", run.ID)
+		}
+		resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+		if err != nil {
+			g.m.callbacks.WithLabelValues("error").Inc()
+			g.log.Warn("workflow callback", "workflow", job.spec.Name, "call_id", id, "url", cb, "err", err)
+			return
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		g.m.callbacks.WithLabelValues(strconv.Itoa(resp.StatusCode / 100 * 100)).Inc()
+	}()
+	w.Header().Set("X-Call-Id", id)
+	w.WriteHeader(http.StatusAccepted)
+}
+
+// maxAsyncWorkflows bounds the workflow runs in the background
+// (/async-workflow/NAME).
+const maxAsyncWorkflows = 16
+
+// workflowJob is a workflow run a request asked for.
+type workflowJob struct {
+	spec     *workflow.Spec
+	input    []byte
+	transfer workflow.Transfer
+	rn       *workflow.Runner
+}
+
+// workflowJob reads a run request (/workflow/NAME, /async-workflow/NAME),
+// or answers it with an error and returns false.
+func (g *Gateway) workflowJob(w http.ResponseWriter, r *http.Request) (workflowJob, bool) {
 	spec, code, err := g.workflowSpec(r.PathValue("name"))
 	if err != nil {
 		httpError(w, code, err.Error())
-		return
+		return workflowJob{}, false
 	}
 	input, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.cfg.MaxBody))
 	if err != nil {
 		httpError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("workflow input: %v", err))
-		return
+		return workflowJob{}, false
 	}
 	if input = bytes.TrimSpace(input); len(input) > 0 && !json.Valid(input) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("workflow %s: the input is not JSON", spec.Name))
-		return
+		return workflowJob{}, false
 	}
 	q := r.URL.Query()
-	tr := spec.Transfer
+	job := workflowJob{spec: spec, input: input, transfer: spec.Transfer, rn: g.workflowRunner(r)}
 	if v := q.Get("transfer"); v != "" {
-		if tr, err = workflow.ParseTransfer(v); err != nil {
+		if job.transfer, err = workflow.ParseTransfer(v); err != nil {
 			httpError(w, http.StatusBadRequest, err.Error())
-			return
+			return workflowJob{}, false
 		}
 	}
-	if tr == workflow.TransferStorage && g.cfg.Workflows.RedisSocket == "" {
+	if job.transfer == workflow.TransferStorage && g.cfg.Workflows.RedisSocket == "" {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("workflow %s: the storage transfer needs a Redis server, and this gateway has none (start it with --workflow-redis-socket)", spec.Name))
-		return
+		return workflowJob{}, false
 	}
-	rn := g.workflowRunner(r)
 	if v := q.Get("seed_per_run"); v != "" {
-		if rn.SeedPerRun, err = strconv.ParseBool(v); err != nil {
+		if job.rn.SeedPerRun, err = strconv.ParseBool(v); err != nil {
 			httpError(w, http.StatusBadRequest, fmt.Sprintf("seed_per_run=%q: want true or false", v))
-			return
+			return workflowJob{}, false
 		}
 	}
-	run, err := rn.Run(r.Context(), spec, input, tr)
+	return job, true
+}
+
+// workflowRecord logs a run's end and returns its status and record (JSON)
+// to answer: 200, or 500 when it failed.
+func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error) (int, []byte) {
 	if run == nil {
-		httpError(w, http.StatusInternalServerError, err.Error())
-		return
+		b, _ := json.Marshal(map[string]string{"error": err.Error()})
+		return http.StatusInternalServerError, b
 	}
-	g.log.Info("workflow run", "workflow", spec.Name, "run", run.ID, "transfer", run.Transfer, "ms", run.MS, "err", run.Error)
-	w.Header().Set("X-Mitosis-Run", run.ID)
-	code = http.StatusOK
+	code := http.StatusOK
 	if err != nil {
 		code = http.StatusInternalServerError
-		var se *workflow.StepError
-		if !errors.As(err, &se) && run.Error == "" {
+		if run.Error == "" {
 			run.Error = err.Error() // the run ended, its cleanup did not
 		}
 	}
-	writeJSON(w, code, run)
+	g.log.Info("workflow run", "workflow", job.spec.Name, "run", run.ID, "transfer", run.Transfer, "ms", run.MS, "err", run.Error)
+	b, _ := json.Marshal(run)
+	return code, b
 }
 
 // inProcess is an http.RoundTripper that serves a request with a handler in

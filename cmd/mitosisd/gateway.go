@@ -62,6 +62,7 @@ daemons registered in the cluster directory.
   POST /async-function/NAME               queue an invocation (202, X-Call-Id; X-Callback-Url gets the result)
   GET/POST/DELETE /system/workflows       list, deploy (a workflow definition), remove workflows
   POST /workflow/NAME[?transfer=storage]  run a workflow (the body is its input; the answer its run record)
+  POST /async-workflow/NAME               run one in the background (202; X-Callback-Url gets the record)
   GET  /healthz, /metrics, /system/info, /system/nodes
 
 A function is a directory with handler.py (the OpenFaaS classic python3

@@ -8,6 +8,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -788,12 +791,51 @@ def y(b):
 			}
 			assertRunGone(t, p, rdb, &run)
 		}
+		// In the background: 202 at once, the record to the callback.
+		type callback struct {
+			h    http.Header
+			body string
+		}
+		got := make(chan callback, 1)
+		var ln net.Listener
+		if err := p.gw.InNetns(func() error {
+			var err error
+			ln, err = net.Listen("tcp", p.gw.IP+":0")
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			got <- callback{r.Header.Clone(), string(b)}
+		})}
+		go srv.Serve(ln)
+		defer srv.Close()
+		code, h, body := p.request("POST", "/async-workflow/wordcount?transfer=storage", in, true, "-H", "X-Callback-Url: http://"+ln.Addr().String()+"/done")
+		if code != 202 || h.Get("X-Call-Id") == "" {
+			t.Fatalf("async run: %d %v %s", code, h, body)
+		}
+		select {
+		case cb := <-got:
+			var run workflow.Run
+			if err := json.Unmarshal([]byte(cb.body), &run); err != nil || cb.h.Get("X-Call-Id") != h.Get("X-Call-Id") || cb.h.Get("X-Workflow-Status") != "200" ||
+				cb.h.Get("X-Workflow-Name") != "wordcount" || cb.h.Get("X-Mitosis-Run") != run.ID || run.Transfer != workflow.TransferStorage {
+				t.Errorf("callback: %v %v %s", err, cb.h, cb.body)
+			} else if got := mustJSON(jsonMap(t, run.Result)); got != want {
+				t.Errorf("async run: counts differ from the reference:\n got %s\nwant %s", got, want)
+			}
+			assertRunGone(t, p, rdb, &run)
+		case <-time.After(60 * time.Second):
+			t.Fatal("no callback within 60 s")
+		}
 		for _, c := range []struct {
 			method, path, body string
 			auth               bool
 			code               int
 			want               string
 		}{
+			{"POST", "/async-workflow/wordcount", in, false, 401, "unauthorized"},
+			{"POST", "/async-workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
 			{"POST", "/workflow/wordcount", in, false, 401, "unauthorized"},
 			{"POST", "/workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
 			{"POST", "/workflow/wordcount", "{nope", true, 400, "the input is not JSON"},
@@ -813,7 +855,7 @@ def y(b):
 		if code, _, body := p.request("POST", "/system/workflows", failDef, true); code != 202 {
 			t.Fatalf("deploy gwfail: %d %s", code, body)
 		}
-		code, _, body := p.request("POST", "/workflow/gwfail", `{"fail": true}`, true)
+		code, _, body = p.request("POST", "/workflow/gwfail", `{"fail": true}`, true)
 		var run workflow.Run
 		if err := json.Unmarshal([]byte(body), &run); code != 500 || err != nil || !strings.Contains(run.Error, "ValueError: t fails as asked") {
 			t.Errorf("failing run: %d %v %s", code, err, body)
