@@ -106,8 +106,10 @@ type Gateway struct {
 	wg     sync.WaitGroup
 
 	async chan asyncCall
-	// wfSlots bounds the workflow runs in the background.
+	// wfSlots bounds the workflow runs in the background; wfRuns keeps
+	// the records of the runs.
 	wfSlots chan struct{}
+	wfRuns  wfRuns
 	// follows bounds the /system/logs follows streaming at once (each
 	// polls every node twice a second).
 	follows chan struct{}
@@ -328,6 +330,8 @@ func (g *Gateway) routes() {
 	// A run deploys, keeps and removes seeds: the system's credentials.
 	mux.HandleFunc("POST /workflow/{name}", g.authed(g.runWorkflow))
 	mux.HandleFunc("POST /async-workflow/{name}", g.authed(g.asyncWorkflow))
+	mux.HandleFunc("GET /system/workflow-runs", g.authed(g.listWorkflowRuns))
+	mux.HandleFunc("GET /system/workflow-runs/{id}", g.authed(g.getWorkflowRun))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/async-function/{name}", fnAuth(g.invokeAsync))

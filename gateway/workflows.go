@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/mitosis-fork/mitosis/workflow"
@@ -197,6 +199,7 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 	}
 	run, err := job.rn.Run(r.Context(), job.spec, job.input, job.transfer)
 	code, body := g.workflowRecord(job, run, err)
+	g.wfRuns.end("", job.spec.Name, run)
 	if run != nil {
 		w.Header().Set("X-Mitosis-Run", run.ID)
 	}
@@ -244,12 +247,14 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	if id == "" {
 		id = callID()
 	}
+	g.wfRuns.start(id, job.spec.Name)
 	go func() {
 		defer g.wg.Done()
 		defer func() { <-g.wfSlots }()
 		start := time.Now()
 		run, err := job.rn.Run(g.ctx, job.spec, job.input, job.transfer)
 		code, body := g.workflowRecord(job, run, err)
+		g.wfRuns.end(id, job.spec.Name, run)
 		if cb == "" {
 			return
 		}
@@ -283,6 +288,105 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 // maxAsyncWorkflows bounds the workflow runs in the background
 // (/async-workflow/NAME).
 const maxAsyncWorkflows = 16
+
+// keptRuns is how many ended workflow runs a gateway keeps the records of
+// (GET /system/workflow-runs), newest first.
+const keptRuns = 256
+
+// WorkflowRun is an element of GET /system/workflow-runs: a run this
+// gateway ran, ended or (in the background) still running.
+type WorkflowRun struct {
+	CallID   string    `json:"call_id,omitempty"` // /async-workflow's X-Call-Id
+	Status   string    `json:"status"`            // running, succeeded or failed
+	Workflow string    `json:"workflow"`
+	Started  time.Time `json:"started"`
+	// Run is the run's record once it ended (id, steps, timings, result).
+	Run *workflow.Run `json:"run,omitempty"`
+}
+
+// wfRuns are the records of the workflow runs a gateway ran.
+type wfRuns struct {
+	mu      sync.Mutex
+	running map[string]*WorkflowRun // by call id
+	ended   []*WorkflowRun          // oldest first, at most keptRuns
+}
+
+func (w *wfRuns) start(callID, name string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.running == nil {
+		w.running = map[string]*WorkflowRun{}
+	}
+	w.running[callID] = &WorkflowRun{CallID: callID, Status: "running", Workflow: name, Started: time.Now().UTC()}
+}
+
+func (w *wfRuns) end(callID, name string, run *workflow.Run) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	rec := w.running[callID]
+	delete(w.running, callID)
+	if rec == nil {
+		rec = &WorkflowRun{CallID: callID, Workflow: name, Started: time.Now().UTC()}
+	}
+	rec.Status, rec.Run = "succeeded", run
+	if run == nil || run.Error != "" {
+		rec.Status = "failed"
+	}
+	if run != nil {
+		rec.Started = run.Started
+	}
+	w.ended = append(w.ended, rec)
+	if len(w.ended) > keptRuns {
+		w.ended = slices.Delete(w.ended, 0, len(w.ended)-keptRuns)
+	}
+}
+
+// list returns the runs, running ones first, then ended ones newest first.
+func (w *wfRuns) list() []WorkflowRun {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := []WorkflowRun{}
+	for _, r := range w.running {
+		out = append(out, *r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Started.After(out[j].Started) })
+	for i := len(w.ended) - 1; i >= 0; i-- {
+		out = append(out, *w.ended[i])
+	}
+	return out
+}
+
+// listWorkflowRuns: GET /system/workflow-runs[?workflow=NAME] lists the
+// runs this gateway ran (the last 256 that ended, and those running in the
+// background), without their steps; GET /system/workflow-runs/ID gives one
+// in full, by its run id or its call id.
+func (g *Gateway) listWorkflowRuns(w http.ResponseWriter, r *http.Request) {
+	name := r.URL.Query().Get("workflow")
+	out := []WorkflowRun{}
+	for _, wr := range g.wfRuns.list() {
+		if name != "" && wr.Workflow != name {
+			continue
+		}
+		if wr.Run != nil {
+			brief := *wr.Run
+			brief.Steps, brief.Result = nil, nil
+			wr.Run = &brief
+		}
+		out = append(out, wr)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (g *Gateway) getWorkflowRun(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	for _, wr := range g.wfRuns.list() {
+		if wr.CallID == id || (wr.Run != nil && wr.Run.ID == id) {
+			writeJSON(w, http.StatusOK, wr)
+			return
+		}
+	}
+	httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found on this gateway (it keeps the last %d)", id, keptRuns))
+}
 
 // workflowJob is a workflow run a request asked for.
 type workflowJob struct {

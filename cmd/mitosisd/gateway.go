@@ -63,6 +63,7 @@ daemons registered in the cluster directory.
   GET/POST/DELETE /system/workflows       list, deploy (a workflow definition), remove workflows
   POST /workflow/NAME[?transfer=storage]  run a workflow (the body is its input; the answer its run record)
   POST /async-workflow/NAME               run one in the background (202; X-Callback-Url gets the record)
+  GET  /system/workflow-runs[/ID]         the runs this gateway ran (the last 256), or one in full
   GET  /healthz, /metrics, /system/info, /system/nodes
 
 A function is a directory with handler.py (the OpenFaaS classic python3

@@ -825,8 +825,30 @@ def y(b):
 				t.Errorf("async run: counts differ from the reference:\n got %s\nwant %s", got, want)
 			}
 			assertRunGone(t, p, rdb, &run)
+			// The gateway keeps the records: by call id or run id.
+			for _, id := range []string{h.Get("X-Call-Id"), run.ID} {
+				code, _, body := p.request("GET", "/system/workflow-runs/"+id, "", true)
+				var wr struct {
+					Status string       `json:"status"`
+					Run    workflow.Run `json:"run"`
+				}
+				if err := json.Unmarshal([]byte(body), &wr); code != 200 || err != nil || wr.Status != "succeeded" || wr.Run.ID != run.ID || len(wr.Run.Steps) != 4 {
+					t.Errorf("GET /system/workflow-runs/%s: %d %v %s", id, code, err, body)
+				}
+			}
 		case <-time.After(60 * time.Second):
 			t.Fatal("no callback within 60 s")
+		}
+		code, _, body = p.request("GET", "/system/workflow-runs?workflow=wordcount", "", true)
+		var runs []struct {
+			Status string `json:"status"`
+			Run    struct {
+				Transfer string `json:"transfer"`
+				Steps    []any  `json:"steps"`
+			} `json:"run"`
+		}
+		if err := json.Unmarshal([]byte(body), &runs); code != 200 || err != nil || len(runs) != 4 || runs[0].Run.Transfer != "storage" || runs[0].Run.Steps != nil {
+			t.Errorf("GET /system/workflow-runs?workflow=wordcount: %d %v %s (want the 4 runs, the async one first, without their steps)", code, err, body)
 		}
 		for _, c := range []struct {
 			method, path, body string
@@ -836,6 +858,7 @@ def y(b):
 		}{
 			{"POST", "/async-workflow/wordcount", in, false, 401, "unauthorized"},
 			{"POST", "/async-workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
+			{"GET", "/system/workflow-runs/nosuch", "", true, 404, `workflow run "nosuch" not found on this gateway`},
 			{"POST", "/workflow/wordcount", in, false, 401, "unauthorized"},
 			{"POST", "/workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
 			{"POST", "/workflow/wordcount", "{nope", true, 400, "the input is not JSON"},
@@ -859,6 +882,9 @@ def y(b):
 		var run workflow.Run
 		if err := json.Unmarshal([]byte(body), &run); code != 500 || err != nil || !strings.Contains(run.Error, "ValueError: t fails as asked") {
 			t.Errorf("failing run: %d %v %s", code, err, body)
+		}
+		if code, _, body := p.request("GET", "/system/workflow-runs/"+run.ID, "", true); code != 200 || !strings.Contains(body, `"status":"failed"`) {
+			t.Errorf("the failed run's record: %d %s", code, body)
 		}
 		assertRunGone(t, p, rdb, &run)
 		for _, name := range []string{"wordcount", "gwfail"} {
