@@ -3,10 +3,14 @@ package gateway
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/workflow"
 )
 
 // TestInProcess checks the transport of the workflows the gateway runs: a
@@ -73,5 +77,45 @@ func TestInProcess(t *testing.T) {
 		}
 	} else if !errors.Is(err, context.Canceled) {
 		t.Errorf("a canceled request: %v", err)
+	}
+}
+
+// TestWorkflowRuns checks the records a gateway keeps: runs in the
+// background first, then ended ones newest first, at most keptRuns of them,
+// a failed run marked so.
+func TestWorkflowRuns(t *testing.T) {
+	var w wfRuns
+	w.start("bg", "wf")
+	for i := 0; i < keptRuns+10; i++ {
+		run := &workflow.Run{ID: fmt.Sprintf("wf-%d", i), Started: time.Unix(int64(i), 0)}
+		if i%2 == 1 {
+			run.Error = "step s: ValueError"
+		}
+		w.end("", "wf", run)
+	}
+	w.end("lost", "wf", nil) // a run that never started
+	got := w.list()
+	if len(got) != 1+keptRuns {
+		t.Fatalf("%d records, want %d", len(got), 1+keptRuns)
+	}
+	if got[0].CallID != "bg" || got[0].Status != "running" || got[0].Run != nil {
+		t.Errorf("first record %+v, want the run in the background", got[0])
+	}
+	if got[1].CallID != "lost" || got[1].Status != "failed" {
+		t.Errorf("second record %+v, want the run that never started, failed", got[1])
+	}
+	for i, r := range got[2:] {
+		n := keptRuns + 10 - 1 - i
+		want := "succeeded"
+		if n%2 == 1 {
+			want = "failed"
+		}
+		if r.Run == nil || r.Run.ID != fmt.Sprintf("wf-%d", n) || r.Status != want {
+			t.Fatalf("record %d: %+v, want run wf-%d %s", i+2, r, n, want)
+		}
+	}
+	w.end("bg", "wf", &workflow.Run{ID: "wf-bg"})
+	if got := w.list(); got[0].CallID != "bg" || got[0].Status != "succeeded" || len(got) != keptRuns {
+		t.Errorf("after the background run ended: %d records, first %+v", len(got), got[0])
 	}
 }
