@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -78,10 +79,18 @@ func (g *Gateway) workflowRunner(r *http.Request) *workflow.Runner {
 }
 
 // workflowSpec returns the definition of workflow name, or the HTTP status
-// and error to answer.
-func (g *Gateway) workflowSpec(name string) (*workflow.Spec, int, error) {
+// and error to answer. A function the directory's view does not have yet
+// (deployed an instant ago, through another gateway) is read from the
+// directory itself.
+func (g *Gateway) workflowSpec(ctx context.Context, name string) (*workflow.Spec, int, error) {
 	fn := workflow.FunctionName(&workflow.Spec{Name: name})
 	fr, ok := g.function(fn)
+	if !ok {
+		if f, err := g.dir.GetFunction(ctx, fn); err == nil {
+			fr, err = decodeRecord(f)
+			ok = err == nil
+		}
+	}
 	if !ok || meta(&fr.Deployment, workflow.AnnotationWorkflow) != name {
 		return nil, http.StatusNotFound, fmt.Errorf("workflow %q not found: deploy it with POST /system/workflows", name)
 	}
@@ -169,7 +178,7 @@ func (g *Gateway) deleteWorkflow(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, `want {"name": WORKFLOW}`)
 		return
 	}
-	spec, code, err := g.workflowSpec(req.Name)
+	spec, code, err := g.workflowSpec(r.Context(), req.Name)
 	if err != nil && code == http.StatusNotFound {
 		httpError(w, code, err.Error())
 		return
@@ -399,7 +408,7 @@ type workflowJob struct {
 // workflowJob reads a run request (/workflow/NAME, /async-workflow/NAME),
 // or answers it with an error and returns false.
 func (g *Gateway) workflowJob(w http.ResponseWriter, r *http.Request) (workflowJob, bool) {
-	spec, code, err := g.workflowSpec(r.PathValue("name"))
+	spec, code, err := g.workflowSpec(r.Context(), r.PathValue("name"))
 	if err != nil {
 		httpError(w, code, err.Error())
 		return workflowJob{}, false
