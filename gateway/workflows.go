@@ -200,13 +200,24 @@ func (g *Gateway) deleteWorkflow(w http.ResponseWriter, r *http.Request) {
 // with the record and its error when a step failed. Query parameters:
 // transfer=fork|storage (default: the definition's), seed_per_run=true
 // (Runner.SeedPerRun). The run ends with the request: a client that hangs
-// up cancels it, and what it made is removed.
+// up cancels it, and what it made is removed; so does a gateway that
+// closes, after that cleanup.
 func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 	job, ok := g.workflowJob(w, r)
 	if !ok {
 		return
 	}
-	run, err := job.rn.Run(r.Context(), job.spec, job.input, job.transfer)
+	if !g.track() {
+		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
+		return
+	}
+	defer g.wg.Done()
+	// The run ends with the request or with the gateway (which waits for
+	// its cleanup).
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	defer context.AfterFunc(g.ctx, cancel)()
+	run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
 	code, body := g.workflowRecord(job, run, err)
 	g.wfRuns.end("", job.spec.Name, run)
 	if run != nil {
@@ -241,17 +252,11 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("%d workflow runs in the background already", cap(g.wfSlots)))
 		return
 	}
-	// Under stageMu: a run starting now either sees the gateway closed or
-	// joins g.wg before Close waits for it.
-	g.stageMu.Lock()
-	if g.ctx.Err() != nil {
-		g.stageMu.Unlock()
+	if !g.track() {
 		<-g.wfSlots
 		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
 		return
 	}
-	g.wg.Add(1)
-	g.stageMu.Unlock()
 	id := r.Header.Get("X-Call-Id")
 	if id == "" {
 		id = callID()
@@ -292,6 +297,19 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	}()
 	w.Header().Set("X-Call-Id", id)
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// track adds a workflow run to g.wg, which Close waits for, unless the
+// gateway is closing. Under stageMu: a run starting now either sees the
+// gateway closed or joins g.wg before Close waits for it.
+func (g *Gateway) track() bool {
+	g.stageMu.Lock()
+	defer g.stageMu.Unlock()
+	if g.ctx.Err() != nil {
+		return false
+	}
+	g.wg.Add(1)
+	return true
 }
 
 // maxAsyncWorkflows bounds the workflow runs in the background
