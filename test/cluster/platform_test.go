@@ -94,6 +94,36 @@ func startPlatform(t *testing.T) *platform {
 	return p
 }
 
+// callback is a request an async invocation or workflow run made to its
+// X-Callback-Url.
+type callback struct {
+	h    http.Header
+	body string
+}
+
+// callbackServer serves an X-Callback-Url on the gateway's host until the
+// test ends, and returns it with the callbacks it receives.
+func (p *platform) callbackServer() (string, <-chan callback) {
+	t := p.t
+	t.Helper()
+	var ln net.Listener
+	if err := p.gw.InNetns(func() error {
+		var err error
+		ln, err = net.Listen("tcp", p.gw.IP+":0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan callback, 4)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		got <- callback{r.Header.Clone(), string(b)}
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String() + "/done", got
+}
+
 func (p *platform) close() {
 	t := p.t
 	if t.Failed() && p.gwy != nil {
@@ -494,32 +524,15 @@ func TestPlatform(t *testing.T) {
 	})
 
 	t.Run("async", func(t *testing.T) {
-		got := make(chan http.Header, 1)
-		bodies := make(chan string, 1)
-		var ln net.Listener
-		if err := p.gw.InNetns(func() error {
-			var err error
-			ln, err = net.Listen("tcp", p.gw.IP+":0")
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			b, _ := io.ReadAll(r.Body)
-			bodies <- string(b)
-			got <- r.Header.Clone()
-		})}
-		go srv.Serve(ln)
-		defer srv.Close()
-		code, h, body := p.request("POST", "/async-function/frame", "x", true, "-H", "X-Callback-Url: http://"+ln.Addr().String()+"/done")
+		url, got := p.callbackServer()
+		code, h, body := p.request("POST", "/async-function/frame", "x", true, "-H", "X-Callback-Url: "+url)
 		if code != 202 || h.Get("X-Call-Id") == "" {
 			t.Fatalf("async invocation: %d %v %s", code, h, body)
 		}
 		select {
-		case hdr := <-got:
-			b := <-bodies
-			if hdr.Get("X-Call-Id") != h.Get("X-Call-Id") || hdr.Get("X-Function-Status") != "200" || strings.TrimSpace(b) != want {
-				t.Errorf("callback: headers %v body %q", hdr, b)
+		case cb := <-got:
+			if cb.h.Get("X-Call-Id") != h.Get("X-Call-Id") || cb.h.Get("X-Function-Status") != "200" || strings.TrimSpace(cb.body) != want {
+				t.Errorf("callback: headers %v body %q", cb.h, cb.body)
 			}
 		case <-time.After(30 * time.Second):
 			t.Fatal("no callback within 30 s")

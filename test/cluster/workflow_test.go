@@ -8,9 +8,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -792,26 +789,8 @@ def y(b):
 			assertRunGone(t, p, rdb, &run)
 		}
 		// In the background: 202 at once, the record to the callback.
-		type callback struct {
-			h    http.Header
-			body string
-		}
-		got := make(chan callback, 1)
-		var ln net.Listener
-		if err := p.gw.InNetns(func() error {
-			var err error
-			ln, err = net.Listen("tcp", p.gw.IP+":0")
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			b, _ := io.ReadAll(r.Body)
-			got <- callback{r.Header.Clone(), string(b)}
-		})}
-		go srv.Serve(ln)
-		defer srv.Close()
-		code, h, body := p.request("POST", "/async-workflow/wordcount?transfer=storage", in, true, "-H", "X-Callback-Url: http://"+ln.Addr().String()+"/done")
+		url, got := p.callbackServer()
+		code, h, body := p.request("POST", "/async-workflow/wordcount?transfer=storage", in, true, "-H", "X-Callback-Url: "+url)
 		if code != 202 || h.Get("X-Call-Id") == "" {
 			t.Fatalf("async run: %d %v %s", code, h, body)
 		}
