@@ -25,11 +25,14 @@ type metrics struct {
 	queued      prometheus.Gauge
 	asyncQueued prometheus.Gauge
 	callbacks   *prometheus.CounterVec
-	instances   *prometheus.GaugeVec // mitosis_function_instances{function_name,node}
-	memory      *prometheus.GaugeVec // mitosis_function_memory_bytes{function_name,node}
-	replicas    *prometheus.GaugeVec // gateway_service_count{function_name}
-	inflight    *prometheus.GaugeVec // mitosis_node_inflight{node}
-	expired     prometheus.Counter   // mitosis_gateway_stage_seeds_expired_total
+	instances   *prometheus.GaugeVec     // mitosis_function_instances{function_name,node}
+	memory      *prometheus.GaugeVec     // mitosis_function_memory_bytes{function_name,node}
+	replicas    *prometheus.GaugeVec     // gateway_service_count{function_name}
+	inflight    *prometheus.GaugeVec     // mitosis_node_inflight{node}
+	expired     prometheus.Counter       // mitosis_gateway_stage_seeds_expired_total
+	wfRuns      *prometheus.CounterVec   // mitosis_gateway_workflow_runs_total{workflow,transfer,status}
+	wfSeconds   *prometheus.HistogramVec // mitosis_gateway_workflow_run_seconds{workflow,transfer}
+	wfRunning   prometheus.Gauge         // mitosis_gateway_workflow_runs_running
 }
 
 // schedCollector reports, at each scrape, what this gateway holds on each
@@ -92,8 +95,15 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "Invocations in flight from this gateway, per node."}, []string{"node"})
 	m.expired = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_stage_seeds_expired_total",
 		Help: "Stage seeds this gateway removed because their lease (X-Mitosis-Stage-TTL) went without this gateway removing them: it ran out, or another gateway removed the seed."})
+	m.wfRuns = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mitosis_gateway_workflow_runs_total",
+		Help: "Workflow runs this gateway ran (/workflow/, /async-workflow/), by workflow, transfer and outcome (succeeded or failed)."},
+		[]string{"workflow", "transfer", "status"})
+	m.wfSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "mitosis_gateway_workflow_run_seconds",
+		Help: "End-to-end time of the workflow runs this gateway ran.", Buckets: lat}, []string{"workflow", "transfer"})
+	m.wfRunning = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_workflow_runs_running",
+		Help: "Workflow runs this gateway is running."})
 	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.callbacks,
-		m.instances, m.memory, m.replicas, m.inflight, m.expired, newSchedCollector(g.sched))
+		m.instances, m.memory, m.replicas, m.inflight, m.expired, m.wfRuns, m.wfSeconds, m.wfRunning, newSchedCollector(g.sched))
 	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m
 }

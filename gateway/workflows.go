@@ -211,7 +211,7 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
 		return
 	}
-	defer g.wg.Done()
+	defer g.untrack()
 	// The run ends with the request or with the gateway (which waits for
 	// its cleanup).
 	ctx, cancel := context.WithCancel(r.Context())
@@ -263,7 +263,7 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	}
 	g.wfRuns.start(id, job.spec.Name)
 	go func() {
-		defer g.wg.Done()
+		defer g.untrack()
 		defer func() { <-g.wfSlots }()
 		start := time.Now()
 		run, err := job.rn.Run(g.ctx, job.spec, job.input, job.transfer)
@@ -309,7 +309,14 @@ func (g *Gateway) track() bool {
 		return false
 	}
 	g.wg.Add(1)
+	g.m.wfRunning.Inc()
 	return true
+}
+
+// untrack ends what track began.
+func (g *Gateway) untrack() {
+	g.m.wfRunning.Dec()
+	g.wg.Done()
 }
 
 // maxAsyncWorkflows bounds the workflow runs in the background
@@ -465,6 +472,7 @@ func (g *Gateway) workflowJob(w http.ResponseWriter, r *http.Request) (workflowJ
 // to answer: 200, or 500 when it failed.
 func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error) (int, []byte) {
 	if run == nil {
+		g.m.wfRuns.WithLabelValues(job.spec.Name, string(job.transfer), "failed").Inc()
 		b, _ := json.Marshal(map[string]string{"error": err.Error()})
 		return http.StatusInternalServerError, b
 	}
@@ -476,6 +484,12 @@ func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error) 
 		}
 	}
 	g.log.Info("workflow run", "workflow", job.spec.Name, "run", run.ID, "transfer", run.Transfer, "ms", run.MS, "err", run.Error)
+	status := "succeeded"
+	if code != http.StatusOK {
+		status = "failed"
+	}
+	g.m.wfRuns.WithLabelValues(job.spec.Name, string(run.Transfer), status).Inc()
+	g.m.wfSeconds.WithLabelValues(job.spec.Name, string(run.Transfer)).Observe(run.MS / 1000)
 	b, _ := json.Marshal(run)
 	return code, b
 }

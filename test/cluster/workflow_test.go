@@ -818,6 +818,15 @@ def y(b):
 		case <-time.After(60 * time.Second):
 			t.Fatal("no callback within 60 s")
 		}
+		// And counts them: 2 runs under fork (one with a per-run seed) and
+		// 2 under storage (one in the background), all of them succeeded.
+		if code, _, body := p.request("GET", "/metrics", "", false); code != 200 ||
+			!strings.Contains(body, `mitosis_gateway_workflow_runs_total{status="succeeded",transfer="fork",workflow="wordcount"} 2`) ||
+			!strings.Contains(body, `mitosis_gateway_workflow_runs_total{status="succeeded",transfer="storage",workflow="wordcount"} 2`) ||
+			!strings.Contains(body, `mitosis_gateway_workflow_run_seconds_count{transfer="fork",workflow="wordcount"} 2`) ||
+			!strings.Contains(body, "mitosis_gateway_workflow_runs_running 0") {
+			t.Errorf("workflow metrics: %d\n%s", code, grepLines(body, "workflow"))
+		}
 		code, _, body = p.request("GET", "/system/workflow-runs?workflow=wordcount", "", true)
 		var runs []struct {
 			Status string `json:"status"`
@@ -1017,4 +1026,15 @@ func writeModule(t *testing.T, dir, src string) string {
 func pgrepFull(t *testing.T, pattern string) []string {
 	out, _ := exec.Command("pgrep", "-f", pattern).Output()
 	return strings.Fields(string(out))
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
