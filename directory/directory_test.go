@@ -365,4 +365,39 @@ func TestFunctionTTL(t *testing.T) {
 	if !has("lasting") {
 		t.Error("the function without a TTL went too")
 	}
+
+	// An update changes the TTL: from an hour to none (the function
+	// stays, its old lease revoked), from none to 2 s (it goes), from an
+	// hour to 2 s (it goes); the same TTL keeps the lease.
+	if _, err := c.UpdateFunctionTTL(ctx, "lasting", []byte(`{"v":1}`), -time.Second); err == nil {
+		t.Error("a negative TTL was accepted")
+	}
+	for _, name := range []string{"hour-to-none", "hour-to-brief", "hour-to-hour"} {
+		if _, err := c.CreateFunctionTTL(ctx, name, []byte(`{"v":1}`), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, u := range []struct {
+		name string
+		ttl  time.Duration
+		want int64
+	}{{"hour-to-none", 0, 0}, {"hour-to-brief", 2 * time.Second, 2}, {"lasting", 2 * time.Second, 2}, {"hour-to-hour", time.Hour, 3600}} {
+		if f, err := c.UpdateFunctionTTL(ctx, u.name, []byte(`{"v":3}`), u.ttl); err != nil || f.TTL != u.want {
+			t.Fatalf("UpdateFunctionTTL(%s, %v): %+v %v", u.name, u.ttl, f, err)
+		}
+		if g, err := c.GetFunction(ctx, u.name); err != nil || g.TTL != u.want || string(g.Spec) != `{"v":3}` {
+			t.Errorf("%s after the update: %+v %v", u.name, g, err)
+		}
+	}
+	if err := c.RenewFunction(ctx, "hour-to-none"); !errors.Is(err, ErrNoTTL) {
+		t.Errorf("renew a function whose TTL an update took off: %v, want ErrNoTTL", err)
+	}
+	if err := c.RenewFunction(ctx, "hour-to-hour"); err != nil {
+		t.Errorf("renew a function updated with the same TTL: %v", err)
+	}
+	waitFor(t, "the functions given a 2 s TTL to expire", 10*time.Second, func() bool { return !has("hour-to-brief") && !has("lasting") })
+	time.Sleep(time.Second)
+	if !has("hour-to-none") || !has("hour-to-hour") {
+		t.Error("a function updated to no TTL, or to the same one, went")
+	}
 }

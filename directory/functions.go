@@ -135,8 +135,34 @@ func (c *Client) RenewFunction(ctx context.Context, name string) error {
 }
 
 // UpdateFunction replaces the spec of an existing function, keeping its
-// Created time, or fails with ErrNotFound.
+// Created time and its TTL, or fails with ErrNotFound.
 func (c *Client) UpdateFunction(ctx context.Context, name string, spec []byte) (Function, error) {
+	return c.updateFunction(ctx, name, spec, -1)
+}
+
+// UpdateFunctionTTL replaces the spec of an existing function as
+// UpdateFunction does and sets its TTL: ttl from now under a new lease
+// (whole seconds, at least one), or none for 0 (the function then lives
+// until deleted). The old lease, if any, is revoked once the function is
+// off it.
+func (c *Client) UpdateFunctionTTL(ctx context.Context, name string, spec []byte, ttl time.Duration) (Function, error) {
+	if ttl < 0 {
+		return Function{}, fmt.Errorf("update function %q: TTL %v is negative", name, ttl)
+	}
+	return c.updateFunction(ctx, name, spec, leaseSeconds(ttl))
+}
+
+// leaseSeconds is ttl in whole lease seconds, 0 for none.
+func leaseSeconds(ttl time.Duration) int64 {
+	if ttl <= 0 {
+		return 0
+	}
+	return LeaseSeconds(ttl)
+}
+
+// updateFunction is UpdateFunction (newTTL < 0: keep the TTL) and
+// UpdateFunctionTTL (newTTL lease seconds, 0 for none).
+func (c *Client) updateFunction(ctx context.Context, name string, spec []byte, newTTL int64) (Function, error) {
 	if err := checkName("function", name); err != nil {
 		return Function{}, fmt.Errorf("update function: %w", err)
 	}
@@ -144,24 +170,51 @@ func (c *Client) UpdateFunction(ctx context.Context, name string, spec []byte) (
 		return Function{}, fmt.Errorf("update function: %w", err)
 	}
 	key := c.functionKey(name)
+	var lease clientv3.LeaseID // granted for newTTL > 0, once
+	revoke := func(id clientv3.LeaseID) {
+		if id != 0 {
+			_, _ = c.cli.Revoke(context.WithoutCancel(ctx), id)
+		}
+	}
 	for {
 		old, err := c.cli.Get(ctx, key)
 		if err != nil {
+			revoke(lease)
 			return Function{}, fmt.Errorf("update function %q: %w", name, err)
 		}
 		if len(old.Kvs) == 0 {
+			revoke(lease)
 			return Function{}, fmt.Errorf("update function %q: %w", name, ErrNotFound)
 		}
 		created, ttl := time.Now().UTC(), int64(0)
 		if f, err := decodeFunction(name, old.Kvs[0]); err == nil {
 			created, ttl = f.Created, f.TTL
 		}
+		oldLease := clientv3.LeaseID(old.Kvs[0].Lease)
 		var opts []clientv3.OpOption
-		if old.Kvs[0].Lease != 0 {
-			opts = append(opts, clientv3.WithIgnoreLease()) // a TTL stays as created
+		usedNew, leftOld := false, false // the put is on lease; it takes the function off oldLease
+		switch {
+		case newTTL < 0 || (newTTL == ttl && oldLease != 0) || (newTTL == 0 && oldLease == 0):
+			// The TTL stays: on its lease, or on none.
+			if oldLease != 0 {
+				opts = append(opts, clientv3.WithIgnoreLease())
+			}
+		case newTTL > 0:
+			if lease == 0 {
+				l, err := c.cli.Grant(ctx, newTTL)
+				if err != nil {
+					return Function{}, fmt.Errorf("update function %q: grant its lease: %w", name, err)
+				}
+				lease = l.ID
+			}
+			ttl, usedNew, leftOld = newTTL, true, oldLease != 0
+			opts = append(opts, clientv3.WithLease(lease))
+		default: // off its lease: it lives until deleted
+			ttl, leftOld = 0, true
 		}
 		val, err := json.Marshal(functionRecord{Name: name, Created: created, Spec: spec, TTL: ttl})
 		if err != nil {
+			revoke(lease)
 			return Function{}, fmt.Errorf("update function %q: %w", name, err)
 		}
 		resp, err := c.cli.Txn(ctx).
@@ -169,9 +222,16 @@ func (c *Client) UpdateFunction(ctx context.Context, name string, spec []byte) (
 			Then(clientv3.OpPut(key, string(val), opts...)).
 			Commit()
 		if err != nil {
+			revoke(lease)
 			return Function{}, fmt.Errorf("update function %q: %w", name, err)
 		}
 		if resp.Succeeded {
+			if !usedNew {
+				revoke(lease) // granted in an earlier round, not used
+			}
+			if leftOld {
+				revoke(oldLease) // nothing else is on a function's lease
+			}
 			return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: created, TTL: ttl}, nil
 		}
 		// Changed in between: read it again.

@@ -86,17 +86,14 @@ func (g *Gateway) putFunction(w http.ResponseWriter, r *http.Request, update boo
 		return
 	}
 	ttl, _ := ttlOf(&d) // checked by readDeployment
-	if old, ok := g.view.Function(d.Service); update && ok && leaseSeconds(ttl) != old.TTL {
-		httpError(w, http.StatusBadRequest, fmt.Sprintf("deploy %s: %s %q: a function's TTL is set when it is created (this one's: %ds); delete it and deploy it again to change it",
-			d.Service, AnnotationTTL, meta(&d, AnnotationTTL), old.TTL))
-		return
-	}
 	g.deployMu.Lock()
 	var f directory.Function
 	var err error
 	switch {
 	case update:
-		f, err = g.dir.UpdateFunction(r.Context(), d.Service, rec)
+		// The deployment's TTL, from now, under a new lease if it
+		// changed (none: the function lives until deleted).
+		f, err = g.dir.UpdateFunctionTTL(r.Context(), d.Service, rec, ttl)
 	case ttl > 0:
 		f, err = g.dir.CreateFunctionTTL(r.Context(), d.Service, rec, ttl)
 	default:
@@ -157,14 +154,6 @@ func (g *Gateway) renewFunction(w http.ResponseWriter, r *http.Request) {
 	default:
 		httpError(w, http.StatusBadGateway, err.Error())
 	}
-}
-
-// leaseSeconds is a TTL in the directory's whole seconds (0 for none).
-func leaseSeconds(ttl time.Duration) int64 {
-	if ttl <= 0 {
-		return 0
-	}
-	return directory.LeaseSeconds(ttl)
 }
 
 // readSmallJSON decodes a request body of at most 64 KiB into v.

@@ -45,8 +45,9 @@ type DeleteStageSeedRequest struct {
 // renewed (RenewFunctionRequest, through any gateway) it is removed from
 // every node when the lease runs out, as if deleted. For functions a
 // client deploys for a while (a workflow run's own function), so that a
-// client that dies leaves none behind for good. The TTL is set when the
-// function is created; an update keeps it.
+// client that dies leaves none behind for good. An update sets the TTL
+// anew: a different one from now, the same one kept as it runs, none
+// without the annotation.
 const AnnotationTTL = "com.mitosis.ttl"
 
 // RenewFunctionRequest is the body of PATCH /system/functions: function

@@ -605,8 +605,9 @@ func TestDirectoryPartition(t *testing.T) {
 
 // TestFunctionTTL: a function deployed with com.mitosis.ttl lives while
 // PATCH /system/functions renews it (through the API, 202) and is removed
-// from the directory and every node when nobody does; its TTL cannot be
-// changed by an update; bad annotations and renewals get 400, 404 or 409.
+// from the directory and every node when nobody does; an update sets its
+// TTL anew (or takes it off); bad annotations and renewals get 400, 404 or
+// 409.
 func TestFunctionTTL(t *testing.T) {
 	requireSetup(t)
 	p := startPlatform(t)
@@ -651,11 +652,22 @@ func TestFunctionTTL(t *testing.T) {
 	if code, _, out := p.request("POST", "/function/brief", "put:a", true); code != 200 || strings.TrimSpace(out) != "a" {
 		t.Fatalf("the renewed function: %d %q", code, out)
 	}
-	if code, body := deploy("PUT", "brief", "1h"); code != 400 || !strings.Contains(body, "set when it is created") {
-		t.Errorf("an update changing the TTL: %d %q, want 400", code, body)
+	// An update sets the TTL from now: an hour, then 4 s again.
+	if code, body := deploy("PUT", "brief", "1h"); code != http.StatusAccepted {
+		t.Errorf("an update to an hour's TTL: %d %q", code, body)
 	}
 	if code, body := deploy("PUT", "brief", "4s"); code != http.StatusAccepted {
-		t.Errorf("an update keeping the TTL: %d %q", code, body)
+		t.Errorf("an update back to 4 s: %d %q", code, body)
+	}
+	// An update without a TTL keeps a function for good.
+	if code, body := deploy("POST", "kept", "4s"); code != http.StatusAccepted {
+		t.Fatalf("deploy kept: %d %s", code, body)
+	}
+	if code, body := deploy("PUT", "kept", ""); code != http.StatusAccepted {
+		t.Errorf("an update taking the TTL off: %d %q", code, body)
+	}
+	if code, body := renew("kept"); code != http.StatusConflict {
+		t.Errorf("renewing a function whose TTL an update took off: %d %q, want 409", code, body)
 	}
 	// Left alone, it goes from the directory and the nodes.
 	t0 := time.Now()
@@ -675,5 +687,10 @@ func TestFunctionTTL(t *testing.T) {
 	}
 	if code, _, out := p.request("POST", "/function/lasting", "put:b", true); code != 200 || strings.TrimSpace(out) != "b" {
 		t.Errorf("the function without a TTL: %d %q", code, out)
+	}
+	// kept outlives its first 4 s TTL by far, unrenewed.
+	time.Sleep(2 * time.Second)
+	if code, _, out := p.request("POST", "/function/kept", "put:c", true); code != 200 || strings.TrimSpace(out) != "c" {
+		t.Errorf("the function updated without a TTL: %d %q", code, out)
 	}
 }
