@@ -245,23 +245,28 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	id := r.Header.Get("X-Call-Id")
+	if id == "" {
+		id = callID()
+	}
+	if !g.wfRuns.start(id, job.spec.Name) {
+		httpError(w, http.StatusConflict, fmt.Sprintf("X-Call-Id %q names a workflow run still running on this gateway", id))
+		return
+	}
 	select {
 	case g.wfSlots <- struct{}{}:
 	default:
+		g.wfRuns.forget(id)
 		w.Header().Set("Retry-After", "1")
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("%d workflow runs in the background already", cap(g.wfSlots)))
 		return
 	}
 	if !g.track() {
 		<-g.wfSlots
+		g.wfRuns.forget(id)
 		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
 		return
 	}
-	id := r.Header.Get("X-Call-Id")
-	if id == "" {
-		id = callID()
-	}
-	g.wfRuns.start(id, job.spec.Name)
 	go func() {
 		defer g.untrack()
 		defer func() { <-g.wfSlots }()
@@ -345,15 +350,29 @@ type wfRuns struct {
 	ended   []*WorkflowRun          // oldest first, at most keptRuns
 }
 
-func (w *wfRuns) start(callID, name string) {
+// start records a run in the background, unless one with that call id is
+// running.
+func (w *wfRuns) start(callID, name string) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.running == nil {
 		w.running = map[string]*WorkflowRun{}
 	}
+	if _, ok := w.running[callID]; ok {
+		return false
+	}
 	w.running[callID] = &WorkflowRun{CallID: callID, Status: "running", Workflow: name, Started: time.Now().UTC()}
+	return true
 }
 
+// forget drops a run start recorded that did not start after all.
+func (w *wfRuns) forget(callID string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	delete(w.running, callID)
+}
+
+// end records a run's end (callID "" for a run answered synchronously).
 func (w *wfRuns) end(callID, name string, run *workflow.Run) {
 	w.mu.Lock()
 	defer w.mu.Unlock()

@@ -85,7 +85,13 @@ func TestInProcess(t *testing.T) {
 // a failed run marked so.
 func TestWorkflowRuns(t *testing.T) {
 	var w wfRuns
-	w.start("bg", "wf")
+	if !w.start("bg", "wf") || w.start("bg", "wf") {
+		t.Fatal("a call id running twice")
+	}
+	if !w.start("gone", "wf") {
+		t.Fatal("start gone")
+	}
+	w.forget("gone")
 	for i := 0; i < keptRuns+10; i++ {
 		run := &workflow.Run{ID: fmt.Sprintf("wf-%d", i), Started: time.Unix(int64(i), 0)}
 		if i%2 == 1 {
