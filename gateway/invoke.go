@@ -426,9 +426,8 @@ func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	cb := r.Header.Get("X-Callback-Url")
-	if cb != "" && !strings.HasPrefix(cb, "http://") && !strings.HasPrefix(cb, "https://") {
-		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Callback-Url %q is not an http(s) URL", cb))
+	cb, ok := callbackURL(w, r)
+	if !ok {
 		return
 	}
 	c, err := newCall(r, name, body)
@@ -454,6 +453,17 @@ func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
 	g.m.asyncQueued.Inc()
 	w.Header().Set("X-Call-Id", id)
 	w.WriteHeader(http.StatusAccepted)
+}
+
+// callbackURL returns a request's X-Callback-Url ("" for none), or answers
+// 400 for one that is not an http(s) URL and returns false.
+func callbackURL(w http.ResponseWriter, r *http.Request) (string, bool) {
+	cb := r.Header.Get("X-Callback-Url")
+	if cb != "" && !strings.HasPrefix(cb, "http://") && !strings.HasPrefix(cb, "https://") {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Callback-Url %q is not an http(s) URL", cb))
+		return "", false
+	}
+	return cb, true
 }
 
 func (g *Gateway) asyncWorker() {

@@ -236,9 +236,8 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 // maxAsyncWorkflows run at once (429 beyond); closing the gateway cancels
 // them, and each removes what it made.
 func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
-	cb := r.Header.Get("X-Callback-Url")
-	if cb != "" && !strings.HasPrefix(cb, "http://") && !strings.HasPrefix(cb, "https://") {
-		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Callback-Url %q is not an http(s) URL", cb))
+	cb, ok := callbackURL(w, r)
+	if !ok {
 		return
 	}
 	job, ok := g.workflowJob(w, r)
