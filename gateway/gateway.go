@@ -104,6 +104,10 @@ type Gateway struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	// wfCtx ends the workflow runs, first thing when the gateway closes,
+	// so that they remove what they made while the gateway still works.
+	wfCtx    context.Context
+	wfCancel context.CancelFunc
 
 	async chan asyncCall
 	// wfSlots bounds the workflow runs in the background; wfRuns keeps
@@ -177,6 +181,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 		peers: newPeers(cfg.Transport), async: make(chan asyncCall, cfg.AsyncQueue),
 		follows: make(chan struct{}, maxFollows), wfSlots: make(chan struct{}, maxAsyncWorkflows), stageGone: map[string]time.Time{}, stageRetry: map[string]*stageRetry{}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
+	g.wfCtx, g.wfCancel = context.WithCancel(g.ctx)
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)
 	g.logNodes(g.sched.setNodes(view.Nodes()))
@@ -249,6 +254,11 @@ func (g *Gateway) Serve(ln net.Listener) error {
 // the background work and closes the node connections. Functions stay
 // deployed: they live in the directory and on the nodes.
 func (g *Gateway) Close() error {
+	// Under stageMu: a workflow run starting now either sees the gateway
+	// closing or joins g.wg first (track).
+	g.stageMu.Lock()
+	g.wfCancel()
+	g.stageMu.Unlock()
 	g.srvMu.Lock()
 	srv := g.srv
 	g.srvMu.Unlock()

@@ -201,7 +201,7 @@ func (g *Gateway) deleteWorkflow(w http.ResponseWriter, r *http.Request) {
 // transfer=fork|storage (default: the definition's), seed_per_run=true
 // (Runner.SeedPerRun). The run ends with the request: a client that hangs
 // up cancels it, and what it made is removed; so does a gateway that
-// closes, after that cleanup.
+// closes, before it stops serving.
 func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 	job, ok := g.workflowJob(w, r)
 	if !ok {
@@ -212,11 +212,12 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer g.untrack()
-	// The run ends with the request or with the gateway (which waits for
-	// its cleanup).
+	// The run ends with the request or when the gateway starts closing;
+	// the gateway's HTTP server waits for its cleanup, which the gateway
+	// still serves.
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	defer context.AfterFunc(g.ctx, cancel)()
+	defer context.AfterFunc(g.wfCtx, cancel)()
 	run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
 	code, body := g.workflowRecord(job, run, err)
 	g.wfRuns.end("", job.spec.Name, run)
@@ -270,13 +271,13 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		defer g.untrack()
 		defer func() { <-g.wfSlots }()
 		start := time.Now()
-		run, err := job.rn.Run(g.ctx, job.spec, job.input, job.transfer)
+		run, err := job.rn.Run(g.wfCtx, job.spec, job.input, job.transfer)
 		code, body := g.workflowRecord(job, run, err)
 		g.wfRuns.end(id, job.spec.Name, run)
 		if cb == "" {
 			return
 		}
-		req, err := http.NewRequestWithContext(g.ctx, http.MethodPost, cb, bytes.NewReader(body))
+		req, err := http.NewRequestWithContext(g.wfCtx, http.MethodPost, cb, bytes.NewReader(body))
 		if err != nil {
 			g.log.Warn("workflow callback", "workflow", job.spec.Name, "call_id", id, "url", cb, "err", err)
 			return
@@ -305,11 +306,11 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 
 // track adds a workflow run to g.wg, which Close waits for, unless the
 // gateway is closing. Under stageMu: a run starting now either sees the
-// gateway closed or joins g.wg before Close waits for it.
+// gateway closing (wfCtx) or joins g.wg before Close waits for it.
 func (g *Gateway) track() bool {
 	g.stageMu.Lock()
 	defer g.stageMu.Unlock()
-	if g.ctx.Err() != nil {
+	if g.wfCtx.Err() != nil {
 		return false
 	}
 	g.wg.Add(1)

@@ -1038,3 +1038,65 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestWorkflowGatewayShutdown: a gateway that is told to stop (SIGTERM)
+// while it runs workflows cancels them first and removes what they made
+// (their stage seeds on the nodes) before it stops serving, and exits
+// cleanly, without waiting for the step that sleeps.
+func TestWorkflowGatewayShutdown(t *testing.T) {
+	requireSetup(t)
+	p := startPlatform(t)
+	mod := "import time\n\ndef s(inp):\n    return inp\n\ndef k(s):\n    return list(range(s['n']))\n\ndef y(k):\n    time.sleep(6)\n    return len(k)\n"
+	dir := writeModule(t, filepath.Join(p.dir, "sleepy"), mod)
+	def := `{"name":"sleepy","dir":"` + dir + `","steps":[{"name":"s"},{"name":"k","after":["s"]},{"name":"y","after":["k"]}]}`
+	if code, _, body := p.request("POST", "/system/workflows", def, true); code != 202 {
+		t.Fatalf("deploy: %d %s", code, body)
+	}
+	stages := func() (out []string) {
+		for _, n := range p.lab.Nodes[:3] {
+			for _, s := range seeds(t, n) {
+				if strings.Contains(s.Name, ".stage.") {
+					out = append(out, n.Name+":"+s.Name)
+				}
+			}
+		}
+		return out
+	}
+	// One run in the background, one answered synchronously (its client
+	// gives up when the gateway goes).
+	if code, _, body := p.request("POST", "/async-workflow/sleepy", `{"n": 1000}`, true); code != 202 {
+		t.Fatalf("async run: %d %s", code, body)
+	}
+	syncDone := make(chan struct{})
+	go func() {
+		defer close(syncDone)
+		_, _ = p.curl(60*time.Second, "-s", "-H", "Authorization: Bearer "+platformToken, "--data-binary", `{"n": 1000}`, p.url+"/workflow/sleepy")
+	}()
+	// Both runs' sources and k: four stage seeds, while y sleeps.
+	deadline := time.Now().Add(30 * time.Second)
+	for len(stages()) < 4 {
+		if time.Now().After(deadline) {
+			t.Fatalf("stage seeds %v 30 s after the runs began, want 4", stages())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t0 := time.Now()
+	if err := p.gwy.Stop(15 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(t0)
+	t.Logf("the gateway stopped %v after SIGTERM", took.Round(10*time.Millisecond))
+	// Its HTTP server waits up to 10 s for requests in flight: the
+	// synchronous run must have ended, not been waited out.
+	if took >= 10*time.Second {
+		t.Errorf("the gateway took %v to stop: it waited out the synchronous run", took)
+	}
+	if left := stages(); len(left) != 0 {
+		t.Errorf("stage seeds left when the gateway had stopped: %v", left)
+	}
+	select {
+	case <-syncDone:
+	case <-time.After(10 * time.Second):
+		t.Error("the synchronous run's client still waits 10 s after the gateway stopped")
+	}
+}
