@@ -593,7 +593,7 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	load := map[string]string{}
 	x.mu.Lock() // other branches' steps record theirs meanwhile
 	for _, a := range st.After {
-		up := x.stepByName(a)
+		up := x.spec.step(a)
 		if len(up.After) == 0 {
 			after = append(after, a)
 		} else {
@@ -806,15 +806,6 @@ func (x *execution) resultOf(ctx context.Context, name, seed string) (json.RawMe
 	x.mu.Unlock()
 	_, out, err := x.invoke(ctx, req, seed)
 	return out, err
-}
-
-func (x *execution) stepByName(name string) *Step {
-	for i := range x.spec.Steps {
-		if x.spec.Steps[i].Name == name {
-			return &x.spec.Steps[i]
-		}
-	}
-	return nil
 }
 
 // reply is the step runtime's answer.
