@@ -87,11 +87,7 @@ func (c *Client) createFunction(ctx context.Context, name string, spec []byte, t
 		lease = l.ID
 		opts = append(opts, clientv3.WithLease(lease))
 	}
-	revoke := func() {
-		if lease != 0 {
-			_, _ = c.cli.Revoke(context.WithoutCancel(ctx), lease)
-		}
-	}
+	revoke := func() { c.revokeLease(ctx, lease) }
 	key := c.functionKey(name)
 	resp, err := c.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
@@ -106,6 +102,14 @@ func (c *Client) createFunction(ctx context.Context, name string, spec []byte, t
 		return Function{}, fmt.Errorf("create function %q: %w (update it or delete it first)", name, ErrExists)
 	}
 	return Function{Name: name, Spec: append(json.RawMessage(nil), spec...), Revision: resp.Header.Revision, Created: rec.Created, TTL: ttl}, nil
+}
+
+// revokeLease revokes lease id (none for 0), even after ctx ends: a lease
+// granted for a record that was not written, or that a record left.
+func (c *Client) revokeLease(ctx context.Context, id clientv3.LeaseID) {
+	if id != 0 {
+		_, _ = c.cli.Revoke(context.WithoutCancel(ctx), id)
+	}
 }
 
 // RenewFunction keeps a function created with a TTL alive for its TTL
@@ -171,11 +175,7 @@ func (c *Client) updateFunction(ctx context.Context, name string, spec []byte, n
 	}
 	key := c.functionKey(name)
 	var lease clientv3.LeaseID // granted for newTTL > 0, once
-	revoke := func(id clientv3.LeaseID) {
-		if id != 0 {
-			_, _ = c.cli.Revoke(context.WithoutCancel(ctx), id)
-		}
-	}
+	revoke := func(id clientv3.LeaseID) { c.revokeLease(ctx, id) }
 	for {
 		old, err := c.cli.Get(ctx, key)
 		if err != nil {
