@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -494,20 +495,30 @@ func (g *Gateway) callback(hc *http.Client, a asyncCall, o outcome) {
 			body = []byte(o.resp.Error)
 		}
 	}
-	req, err := http.NewRequestWithContext(g.ctx, http.MethodPost, a.callback, strings.NewReader(string(body)))
+	g.postCallback(g.ctx, hc, a.callback, body, http.Header{
+		"X-Call-Id":          {a.id},
+		"X-Function-Name":    {a.c.fn},
+		"X-Function-Status":  {strconv.Itoa(status)},
+		"X-Duration-Seconds": {strconv.FormatFloat(time.Since(a.c.start).Seconds(), 'f', 6, 64)},
+		"X-Start-Time":       {strconv.FormatInt(a.c.start.UnixNano(), 10)},
+	}, "function", a.c.fn)
+}
+
+// postCallback POSTs body with header h to an X-Callback-Url, counting the
+// outcome (mitosis_gateway_callbacks_total) and logging a failure with
+// what (key-value pairs naming the call).
+func (g *Gateway) postCallback(ctx context.Context, hc *http.Client, url string, body []byte, h http.Header, what ...any) {
+	what = append(what, "call_id", h.Get("X-Call-Id"), "url", url)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
-		g.log.Warn("async callback", "function", a.c.fn, "call_id", a.id, "url", a.callback, "err", err)
+		g.log.Warn("async callback", append(what, "err", err)...)
 		return
 	}
-	req.Header.Set("X-Call-Id", a.id)
-	req.Header.Set("X-Function-Name", a.c.fn)
-	req.Header.Set("X-Function-Status", strconv.Itoa(status))
-	req.Header.Set("X-Duration-Seconds", strconv.FormatFloat(time.Since(a.c.start).Seconds(), 'f', 6, 64))
-	req.Header.Set("X-Start-Time", strconv.FormatInt(a.c.start.UnixNano(), 10))
+	req.Header = h
 	resp, err := hc.Do(req)
 	if err != nil {
 		g.m.callbacks.WithLabelValues("error").Inc()
-		g.log.Warn("async callback", "function", a.c.fn, "call_id", a.id, "url", a.callback, "err", err)
+		g.log.Warn("async callback", append(what, "err", err)...)
 		return
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)

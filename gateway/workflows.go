@@ -277,28 +277,17 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		if cb == "" {
 			return
 		}
-		req, err := http.NewRequestWithContext(g.wfCtx, http.MethodPost, cb, bytes.NewReader(body))
-		if err != nil {
-			g.log.Warn("workflow callback", "workflow", job.spec.Name, "call_id", id, "url", cb, "err", err)
-			return
+		h := http.Header{
+			"Content-Type":       {"application/json"},
+			"X-Call-Id":          {id},
+			"X-Workflow-Name":    {job.spec.Name},
+			"X-Workflow-Status":  {strconv.Itoa(code)},
+			"X-Duration-Seconds": {strconv.FormatFloat(time.Since(start).Seconds(), 'f', 6, 64)},
 		}
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("X-Call-Id", id)
-		req.Header.Set("X-Workflow-Name", job.spec.Name)
-		req.Header.Set("X-Workflow-Status", strconv.Itoa(code))
-		req.Header.Set("X-Duration-Seconds", strconv.FormatFloat(time.Since(start).Seconds(), 'f', 6, 64))
 		if run != nil {
-			req.Header.Set("X-Mitosis-Run", run.ID)
+			h.Set("X-Mitosis-Run", run.ID)
 		}
-		resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
-		if err != nil {
-			g.m.callbacks.WithLabelValues("error").Inc()
-			g.log.Warn("workflow callback", "workflow", job.spec.Name, "call_id", id, "url", cb, "err", err)
-			return
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		g.m.callbacks.WithLabelValues(strconv.Itoa(resp.StatusCode / 100 * 100)).Inc()
+		g.postCallback(g.wfCtx, callbackClient, cb, body, h, "workflow", job.spec.Name)
 	}()
 	w.Header().Set("X-Call-Id", id)
 	w.WriteHeader(http.StatusAccepted)
@@ -323,6 +312,10 @@ func (g *Gateway) untrack() {
 	g.m.wfRunning.Dec()
 	g.wg.Done()
 }
+
+// callbackClient posts the records of workflow runs to their
+// X-Callback-Url.
+var callbackClient = &http.Client{Timeout: 30 * time.Second}
 
 // maxAsyncWorkflows bounds the workflow runs in the background
 // (/async-workflow/NAME).
