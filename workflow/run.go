@@ -537,9 +537,10 @@ func (x *execution) steps(ctx context.Context, order []*Step) error {
 		failed atomic.Bool
 	)
 	for i, st := range later {
+		parent := x.spec.Parent(st.Name)
 		deps := slices.Clone(st.After)
 		if x.run.Transfer == TransferFork {
-			deps = append(deps, x.spec.Parent(st.Name))
+			deps = append(deps, parent)
 		}
 		wg.Add(1)
 		go func() {
@@ -553,7 +554,7 @@ func (x *execution) steps(ctx context.Context, order []*Step) error {
 			if failed.Load() {
 				return
 			}
-			r, err := x.step(ctx, st)
+			r, err := x.step(ctx, st, parent)
 			mu.Lock()
 			defer mu.Unlock()
 			results[i], ran[i] = r, true
@@ -577,11 +578,11 @@ func (x *execution) at(t time.Time) float64 { return ms(t.Sub(x.run.Started)) }
 
 // step runs one non-source step: one instance, or one per element of its
 // Map step's list, all at once. Its instances fork from the seed that
-// holds its upstream steps' state (fork): the stage seed of the kept step
-// Spec.Parent names if any, else the run's seed. A kept step (Spec.Kept)
+// holds its upstream steps' state (fork): the stage seed of parent (the
+// kept step Spec.Parent names) if any, else the run's seed. A kept step (Spec.Kept)
 // keeps its result: under fork its instance is kept as a stage seed, under
 // storage the result is pickled into Redis.
-func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
+func (x *execution) step(ctx context.Context, st *Step, parent string) (StepResult, error) {
 	t0 := time.Now()
 	res := StepResult{Name: st.Name, AtMS: x.at(t0)}
 	base := map[string]any{"call": st.Call, "name": st.Name}
@@ -608,7 +609,7 @@ func (x *execution) step(ctx context.Context, st *Step) (StepResult, error) {
 	}
 	after = append(after, later...)
 	from := x.stage
-	if parent := x.spec.Parent(st.Name); parent != "" {
+	if parent != "" {
 		if seed, ok := x.seedOf[parent]; ok {
 			from = seed
 		}
