@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -598,6 +599,28 @@ func (cc *clientConn) closePipe() {
 }
 
 // roundTrip sends one request and waits for k's answer until ctx ends.
+// cancelRemote asks the server to cancel request id (a CancelOp call), so
+// an invocation its caller gave up on ends on the node too. Its answer is
+// not waited for: the read loop skips it, as the answer of id.
+func (cc *clientConn) cancelRemote(id uint64) {
+	body, _ := json.Marshal(cancelCall{ID: id})
+	cc.mu.Lock()
+	if cc.err != nil {
+		cc.mu.Unlock()
+		return
+	}
+	cc.nextID++
+	cid := cc.nextID
+	cc.mu.Unlock()
+	cc.wmu.Lock()
+	_ = cc.c.SetWriteDeadline(time.Now().Add(time.Second))
+	err := writeFrame(cc.c, TypeCallReq, cid, EncodeCall(CancelOp, body))
+	cc.wmu.Unlock()
+	if err != nil {
+		cc.fail(fmt.Errorf("write: %w", err))
+	}
+}
+
 func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload []byte, k *call) result {
 	cc.mu.Lock()
 	if cc.err != nil {
@@ -634,6 +657,8 @@ func (cc *clientConn) roundTrip(ctx context.Context, typ uint8, payload []byte, 
 			// The peer did not answer in time: drop the connection so
 			// the next request starts afresh.
 			cc.fail(ErrTimeout)
+		} else if typ == TypeInvokeReq {
+			cc.cancelRemote(id)
 		}
 		return result{err: ctx.Err()}
 	}

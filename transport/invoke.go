@@ -8,6 +8,14 @@ package transport
 //	CallReq    op | blob32 JSON body
 //	CallResp   blob32 JSON body
 //
+// A client that gives up on an invocation before its answer (its caller
+// cancelled, not a timeout) tells the server with a call of op CancelOp
+// whose body is {"id": N}, N the invocation's request id on the same
+// connection; the server cancels the invocation's context, and the node
+// ends the instance running it. A server that predates the op answers it
+// with an Error frame and lets the invocation run: the client ignores
+// either answer, so old and new peers mix.
+//
 // meta is JSON (method, path, query, headers) at most MaxInvokeMeta bytes;
 // body at most MaxInvokeBody. An invocation that fails before the
 // function ran (no such function, node full, seed unreachable) is
@@ -37,6 +45,9 @@ const (
 	MaxInvokeMeta = 64 << 10 // request metadata (JSON)
 	MaxCallBody   = 4 << 20  // JSON of a call or its answer
 	MaxOpName     = 64
+	// CancelOp is the call op that cancels a request in flight on the
+	// same connection (body: {"id": N}; answer: {"cancelled": bool}).
+	CancelOp = "transport.cancel"
 	// invokeMargin is added to an invocation's own timeout to bound the
 	// transport request: the node enforces the function's timeout and
 	// answers; only a dead or stuck node hits this bound.
@@ -258,12 +269,20 @@ func (c *Client) Call(ctx context.Context, op string, body []byte, timeout time.
 	return out, nil
 }
 
-func (sc *serverConn) invoke(id uint64, req InvokeRequest) error {
+// cancelCall is the body of a CancelOp call and its answer.
+type cancelCall struct {
+	ID        uint64 `json:"id,omitempty"`
+	Cancelled bool   `json:"cancelled"`
+}
+
+// invoke runs one invocation under ctx, which the connection's end or a
+// CancelOp call naming id cancels.
+func (sc *serverConn) invoke(ctx context.Context, id uint64, req InvokeRequest) error {
 	inv, ok := sc.s.p.(Invoker)
 	if !ok {
 		return fmt.Errorf("%w: this node runs no functions", ErrUnsupported)
 	}
-	r, err := inv.Invoke(sc.ctx, sc.peer, req)
+	r, err := inv.Invoke(ctx, sc.peer, req)
 	if err != nil {
 		return fmt.Errorf("invoke %s: %w", req.Function, err)
 	}
@@ -286,6 +305,11 @@ func (sc *serverConn) call(id uint64, op string, body []byte) error {
 	if len(out) > MaxCallBody {
 		return fmt.Errorf("%s: %w: answer of %d bytes", op, ErrTooLarge, len(out))
 	}
+	return sc.answerCall(id, out)
+}
+
+// answerCall sends the answer of call id.
+func (sc *serverConn) answerCall(id uint64, out []byte) error {
 	e := encoder{b: make([]byte, 0, 4+len(out))}
 	e.blob32(out)
 	return sc.write(TypeCallResp, id, e.b)

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -194,6 +195,43 @@ type serverConn struct {
 	werr   error
 	ctx    context.Context
 	cancel context.CancelFunc
+
+	// cmu guards cancels: the cancel functions of the requests in flight
+	// that a CancelOp call may cancel, by request id.
+	cmu     sync.Mutex
+	cancels map[uint64]context.CancelFunc
+}
+
+// cancelable returns the context of request id, which a CancelOp call
+// naming id cancels, and what forgets it once the request is answered.
+// Precondition: called from the read loop before the next frame is read,
+// so a cancel that follows the request on the wire finds it.
+func (sc *serverConn) cancelable(id uint64) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(sc.ctx)
+	sc.cmu.Lock()
+	if sc.cancels == nil {
+		sc.cancels = make(map[uint64]context.CancelFunc)
+	}
+	sc.cancels[id] = cancel
+	sc.cmu.Unlock()
+	return ctx, func() {
+		sc.cmu.Lock()
+		delete(sc.cancels, id)
+		sc.cmu.Unlock()
+		cancel()
+	}
+}
+
+// cancelRequest cancels request id if it is in flight on this connection
+// and says whether it was.
+func (sc *serverConn) cancelRequest(id uint64) bool {
+	sc.cmu.Lock()
+	cancel, ok := sc.cancels[id]
+	sc.cmu.Unlock()
+	if ok {
+		cancel()
+	}
+	return ok
 }
 
 func (s *Server) handle(raw net.Conn) {
@@ -306,12 +344,33 @@ func (sc *serverConn) serve() {
 				sc.malformed(err)
 				return
 			}
-			h = func() error { return sc.invoke(f.ID, req) }
+			if f.ID == 0 {
+				break // refused below
+			}
+			ctx, done := sc.cancelable(f.ID)
+			h = func() error {
+				defer done()
+				return sc.invoke(ctx, f.ID, req)
+			}
 		case TypeCallReq:
 			op, body, err := DecodeCall(f.Payload)
 			if err != nil {
 				sc.malformed(err)
 				return
+			}
+			if op == CancelOp {
+				// Cancelled here, not in a handler: a cancel must not
+				// wait for a free slot behind the request it cancels.
+				var c cancelCall
+				if err := json.Unmarshal(body, &c); err != nil || c.ID == 0 {
+					h = func() error {
+						return fmt.Errorf("%w: %s wants {\"id\": N} with N > 0, got %q", ErrMalformed, CancelOp, body)
+					}
+					break
+				}
+				ans, _ := json.Marshal(cancelCall{Cancelled: sc.cancelRequest(c.ID)})
+				h = func() error { return sc.answerCall(f.ID, ans) }
+				break
 			}
 			h = func() error { return sc.call(f.ID, op, body) }
 		case TypePing:

@@ -385,6 +385,9 @@ func TestForkLeasePing(t *testing.T) {
 type invokingProvider struct {
 	fakeProvider
 	busy atomic.Bool
+	// ended, if set, receives how each "slow" invocation ended: nil when
+	// it ran its time out, else its context's error.
+	ended chan error
 }
 
 func (p *invokingProvider) Invoke(ctx context.Context, peer string, req InvokeRequest) (InvokeResponse, error) {
@@ -394,8 +397,14 @@ func (p *invokingProvider) Invoke(ctx context.Context, peer string, req InvokeRe
 	case req.Function == "slow":
 		select {
 		case <-time.After(req.Timeout):
+			if p.ended != nil {
+				p.ended <- nil
+			}
 			return InvokeResponse{Status: 504, Error: "function timed out"}, nil
 		case <-ctx.Done():
+			if p.ended != nil {
+				p.ended <- ctx.Err()
+			}
 			return InvokeResponse{}, ctx.Err()
 		}
 	case req.Function != "echo":
@@ -459,6 +468,67 @@ func TestInvokeAndCall(t *testing.T) {
 	}
 	if _, err := c2.Ping(ctx); err != nil {
 		t.Fatalf("connection unusable after refusal: %v", err)
+	}
+}
+
+// TestInvokeCancel: an invocation whose caller gives up ends on the
+// server too (a CancelOp call), and only that one: the connection and the
+// other invocations on it go on.
+func TestInvokeCancel(t *testing.T) {
+	p := &invokingProvider{ended: make(chan error, 4)}
+	_, addr := startServer(t, serverCfg(), p, "")
+	cfg := clientCfg()
+	cfg.Conns = 1 // every request on one connection
+	c := dial(t, addr, cfg)
+
+	// A neighbour on the same connection that must not be cancelled.
+	other := make(chan error, 1)
+	go func() {
+		r, err := c.Invoke(context.Background(), InvokeRequest{Function: "slow", Timeout: 1500 * time.Millisecond})
+		if err == nil && r.Status != 504 {
+			err = fmt.Errorf("status %d", r.Status)
+		}
+		other <- err
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Invoke(ctx, InvokeRequest{Function: "slow", Timeout: time.Minute})
+		errc <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	cancel()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled invoke returned %v, want context.Canceled", err)
+	}
+	select {
+	case err := <-p.ended:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("the server's invocation ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server's invocation still runs 5 s after its caller gave up")
+	}
+	if err := <-other; err != nil {
+		t.Fatalf("the other invocation on the connection: %v", err)
+	}
+	if err := <-p.ended; err != nil {
+		t.Fatalf("the other invocation ended with %v, want its own timeout", err)
+	}
+	if _, err := c.Ping(context.Background()); err != nil {
+		t.Fatalf("connection unusable after a cancel: %v", err)
+	}
+	// The op itself: an id not in flight, and a malformed body, are
+	// answered without harm to the connection.
+	out, err := c.Call(context.Background(), CancelOp, []byte(`{"id": 99999}`), 0)
+	if err != nil || string(out) != `{"cancelled":false}` {
+		t.Fatalf("cancel of an unknown id: %q %v", out, err)
+	}
+	if _, err := c.Call(context.Background(), CancelOp, []byte(`nope`), 0); err == nil || !strings.Contains(err.Error(), "wants {\"id\": N}") {
+		t.Fatalf("malformed cancel: %v", err)
+	}
+	if r, err := c.Invoke(context.Background(), InvokeRequest{Function: "echo", Timeout: time.Second, Body: []byte("x")}); err != nil || r.Status != 200 {
+		t.Fatalf("invoke after the cancels: %+v %v", r, err)
 	}
 }
 

@@ -523,6 +523,46 @@ func TestPlatform(t *testing.T) {
 		}
 	})
 
+	// A client that hangs up ends its invocation on the node: the
+	// gateway's request context reaches the node through the transport's
+	// cancel, and the node kills the instance instead of letting it run
+	// to the function's timeout.
+	t.Run("client hangs up", func(t *testing.T) {
+		p.deploy("frame-warm", "keep-alive", map[string]string{"INIT_LOG": ""})
+		for _, fn := range []string{"frame", "frame-warm"} {
+			pidFile := filepath.Join(p.dir, fn+".pid")
+			start := time.Now()
+			_, err := p.curl(60*time.Second, "-H", "Authorization: Bearer "+platformToken, "--max-time", "3",
+				"--data-binary", "sleep 120 "+pidFile, p.url+"/function/"+fn)
+			if err == nil || !strings.Contains(err.Error(), "exit status 28") {
+				t.Fatalf("%s: curl --max-time 3 of a 120 s invocation: %v, want its timeout (exit status 28)", fn, err)
+			}
+			b, err := os.ReadFile(pidFile)
+			pid, _ := strconv.Atoi(string(b))
+			if err != nil || pid <= 0 {
+				t.Fatalf("%s: the invocation did not start: pid file %q, %v", fn, b, err)
+			}
+			gone := false
+			for time.Since(start) < 15*time.Second {
+				st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+				if err != nil || strings.Contains(string(st), ") Z ") {
+					gone = true
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if !gone {
+				t.Fatalf("%s: instance %d still runs %v after its client hung up", fn, pid, time.Since(start).Round(time.Millisecond))
+			}
+			t.Logf("%s: instance %d ended %v after the request began (the client gave up at 3 s)", fn, pid, time.Since(start).Round(time.Millisecond))
+			// The function still serves.
+			if code, _, body := p.request("POST", "/function/"+fn, "x", true); code != 200 || strings.TrimSpace(body) != want {
+				t.Errorf("%s after a hang-up: %d %q", fn, code, body)
+			}
+		}
+		p.request("DELETE", "/system/functions", `{"functionName":"frame-warm"}`, true)
+	})
+
 	t.Run("async", func(t *testing.T) {
 		url, got := p.callbackServer()
 		code, h, body := p.request("POST", "/async-function/frame", "x", true, "-H", "X-Callback-Url: "+url)

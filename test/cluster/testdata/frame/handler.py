@@ -36,7 +36,11 @@ def digest(frame):
 
 def handle(req):
     if req.startswith("sleep "):
-        time.sleep(float(req.split()[1]))
+        words = req.split()
+        if len(words) > 2:  # sleep SECONDS PIDFILE: say which process sleeps
+            with open(words[2], "w") as f:
+                f.write("%d" % os.getpid())
+        time.sleep(float(words[1]))
     if req == "raise":
         raise ValueError("bad trade " + req)
     return digest(FRAME)
