@@ -32,6 +32,9 @@ type PipelineConfig struct {
 	// Order is the order of a sample count's runs: OrderBalanced (the
 	// default), OrderCrossed or OrderBlocked (see schedule).
 	Order string
+	// Host is a line for the results on how the host ran them (as
+	// WorkflowConfig.Host).
+	Host string
 }
 
 // PipelineCell is the medians of one (samples, transfer) cell.
@@ -171,7 +174,11 @@ func RunPipelines(ctx context.Context, pc PipelineConfig) ([]PipelineCell, error
 // PipelineMarkdown renders the pipeline cells as a markdown table.
 func PipelineMarkdown(pc PipelineConfig, cells []PipelineCell) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "```sh\n%s\n```\n\nMedians of %d runs, %s.\n\n", pc.Command, pc.Runs, orderText(pc.Order))
+	fmt.Fprintf(&b, "```sh\n%s\n```\n\nMedians of %d runs, %s.", pc.Command, pc.Runs, orderText(pc.Order))
+	if pc.Host != "" {
+		fmt.Fprintf(&b, " Host: %s.", pc.Host)
+	}
+	b.WriteString("\n\n")
 	fmt.Fprintf(&b, "| samples | raw MB | transfer | end to end ms |")
 	for _, s := range pipelineSteps {
 		fmt.Fprintf(&b, " %s ms |", s)

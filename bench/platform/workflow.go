@@ -47,6 +47,9 @@ type WorkflowConfig struct {
 	// rules are os.fork()ed children (examples/finra/local_fork.py, next
 	// to the spec), with no platform, network or paging.
 	Bound bool
+	// Host is a line for the results on how the host ran them (its free
+	// page reporting: SetPageReporting).
+	Host string
 }
 
 // TransferBound labels the local os.fork bound's cells.
@@ -75,6 +78,10 @@ type WorkflowCell struct {
 	// host whose vCPUs it keeps busy.
 	CPUSec      float64 `json:"cpu_s"`
 	SystemShare float64 `json:"system_share"`
+	// ReturnedMB is the memory the guest kernel handed back to its host
+	// during the run (free page reporting; pageReporting.reportedKiB), -1
+	// where the kernel does not count it.
+	ReturnedMB float64 `json:"returned_to_host_mb"`
 }
 
 // cpuTimes is the machine's busy and kernel CPU time so far, in seconds
@@ -132,6 +139,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		return nil, err
 	}
 	e, spec, rn := c.e, c.spec, c.rn
+	pr := pageReporting{pageReportingDir}
 	// The workflow is deployed once, as a platform user would; each run
 	// then forks its instances (and, under fork, its stage seed) from the
 	// function's seed.
@@ -155,7 +163,8 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			}
 			vs = append(vs, variant{tr: workflow.TransferStorage})
 			runs := make([][]*workflow.Run, len(vs))
-			cpu := make([][][2]float64, len(vs)) // per run: busy s, system s
+			cpu := make([][][2]float64, len(vs))   // per run: busy s, system s
+			returned := make([][]float64, len(vs)) // per run: MiB reported to the host
 			order, err := schedule(len(vs), wc.Runs, wc.Order)
 			if err != nil {
 				return nil, err
@@ -170,6 +179,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 				var r *workflow.Run
 				var err error
 				b0, s0 := cpuTimes()
+				rep0, repOK := pr.reportedKiB()
 				if v.tr == TransferBound {
 					r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
 				} else {
@@ -179,11 +189,15 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
 				}
 				b1, s1 := cpuTimes()
+				rep1, _ := pr.reportedKiB()
 				if sr.warmup {
 					continue
 				}
 				runs[k] = append(runs[k], r)
 				cpu[k] = append(cpu[k], [2]float64{b1 - b0, s1 - s0})
+				if repOK {
+					returned[k] = append(returned[k], float64(rep1-rep0)/1024)
+				}
 				if wc.RunsOut != nil {
 					b, _ := json.Marshal(r)
 					fmt.Fprintf(wc.RunsOut, "%s\n", b)
@@ -192,6 +206,10 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 			first := len(cells)
 			for k, v := range vs {
 				c := summarizeRuns(runs[k], cpu[k])
+				c.ReturnedMB = -1
+				if len(returned[k]) > 0 {
+					c.ReturnedMB = median(returned[k])
+				}
 				c.Trades, c.Rules, c.Transfer, c.ForkSeed = n, m, v.tr, v.seed
 				cells = append(cells, c)
 			}
@@ -372,8 +390,11 @@ func median(v []float64) float64 {
 // WorkflowMarkdown renders the cells as a table with the target check.
 func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, %s.\n\n", wc.Command, wc.Runs, orderText(wc.Order))
-	b.WriteString("| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | machine CPU s (kernel) | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "Command: `%s`. Medians of %d runs per cell, %s.", wc.Command, wc.Runs, orderText(wc.Order))
+	if wc.Host != "" {
+		fmt.Fprintf(&b, " Host: %s.", wc.Host)
+	}
+	b.WriteString("\n\n| trades | state (pickled MB) | rules | transfer | end to end ms | sources ms | audit step ms | per rule ms | per rule GET+unpickle ms | Σ (de)serialization + storage ms | machine CPU s (kernel) | returned to host MB | fork faster by |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for i, c := range cells {
 		faster := ""
 		if c.Transfer != workflow.TransferStorage {
@@ -390,8 +411,12 @@ func WorkflowMarkdown(wc WorkflowConfig, cells []WorkflowCell) string {
 		if c.ForkSeed != "" {
 			tr += " (" + c.ForkSeed + " seed)"
 		}
-		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %.2f (%.0f%%) | %s |\n",
-			c.Trades, c.StateMB, c.Rules, tr, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, c.CPUSec, 100*c.SystemShare, faster)
+		returned := "n/a"
+		if c.ReturnedMB >= 0 {
+			returned = fmt.Sprintf("%.0f", c.ReturnedMB)
+		}
+		fmt.Fprintf(&b, "| %d | %.0f | %d | %s | %.0f | %.0f | %.0f | %.1f | %.1f | %.0f | %.2f (%.0f%%) | %s | %s |\n",
+			c.Trades, c.StateMB, c.Rules, tr, c.MS, c.SourcesMS, c.AuditMS, c.RuleMS, c.RuleXferMS, c.TransferMS, c.CPUSec, 100*c.SystemShare, returned, faster)
 	}
 	return b.String()
 }

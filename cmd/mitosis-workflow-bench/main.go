@@ -55,6 +55,7 @@ func main() {
 	pipeline := flag.Bool("pipeline", false, "measure the ML inference pipeline instead (examples/pipeline: kept steps hand numpy matrices on; fork vs storage), for each of -samples")
 	samples := flag.String("samples", "250000,1000000", "with -pipeline: sample counts (32 float64 features each: 256 bytes)")
 	shards := flag.Int("shards", 8, "with -pipeline: inference instances")
+	pageReporting := flag.String("free-page-reporting", platform.PageReportingKeep, "the guest's free page reporting during the run: keep (the host's setting) or off (page_reporting_order above the largest block, restored after). With it on, memory a run frees goes back to the hypervisor within seconds and the next run pays a host fault for each page it takes again; a storage run frees gigabytes")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: must run as root")
@@ -82,33 +83,51 @@ func main() {
 	wc.Command = strings.Join(append([]string{"go run ./cmd/mitosis-workflow-bench"}, os.Args[1:]...), " ")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if *pipeline {
-		os.Exit(runPipeline(ctx, wc, *samples, *shards, *outDir))
+	restore, host, err := platform.SetPageReporting(*pageReporting)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
+		os.Exit(2)
+	}
+	wc.Host = host
+	code := run(ctx, wc, *pipeline, *samples, *shards, *outDir)
+	if err := restore(); err != nil {
+		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench: restore the host's setting:", err)
+		code = 1
+	}
+	stop()
+	os.Exit(code)
+}
+
+// run runs the benchmark wc (or, with pipeline, the -pipeline one) and
+// returns the exit code.
+func run(ctx context.Context, wc platform.WorkflowConfig, pipeline bool, samples string, shards int, outDir string) int {
+	if pipeline {
+		return runPipeline(ctx, wc, samples, shards, outDir)
 	}
 	cells, err := platform.RunWorkflows(ctx, wc)
 	md := platform.WorkflowMarkdown(wc, cells)
 	fmt.Print(md)
-	if *outDir != "" && len(cells) > 0 {
+	if outDir != "" && len(cells) > 0 {
 		b, _ := json.MarshalIndent(cells, "", "  ")
-		_ = os.MkdirAll(*outDir, 0o755)
+		_ = os.MkdirAll(outDir, 0o755)
 		for name, data := range map[string][]byte{"workflow.md": []byte(md), "workflow.json": b, "workflow.svg": []byte(platform.WorkflowChart(cells))} {
-			if werr := os.WriteFile(filepath.Join(*outDir, name), data, 0o644); werr != nil {
+			if werr := os.WriteFile(filepath.Join(outDir, name), data, 0o644); werr != nil {
 				fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", werr)
 			}
 		}
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "mitosis-workflow-bench:", err)
-		stop()
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 // runPipeline runs the -pipeline benchmark and returns the exit code.
 func runPipeline(ctx context.Context, wc platform.WorkflowConfig, samples string, shards int, outDir string) int {
 	pc := platform.PipelineConfig{Spec: "examples/pipeline/pipeline.json", Shards: shards, Runs: wc.Runs,
 		ForkSeeds: wc.ForkSeeds, Mitosis: wc.Mitosis, Log: wc.Log, Command: wc.Command,
-		NodeMem: wc.NodeMem, NodeConc: wc.NodeConc, RunsOut: wc.RunsOut, Order: wc.Order}
+		NodeMem: wc.NodeMem, NodeConc: wc.NodeConc, RunsOut: wc.RunsOut, Order: wc.Order, Host: wc.Host}
 	if wc.Spec != "examples/finra/finra.json" {
 		pc.Spec = wc.Spec
 	}
