@@ -98,6 +98,9 @@ type Client struct {
 	// for up to a TTL, and Register takes such a name over instead of
 	// failing with ErrNodeExists.
 	lost map[string]clientv3.LeaseID
+
+	// runLeases is the lease new run records share (PutRun).
+	runLeases runLeases
 }
 
 // Open connects to the etcd cluster at endpoints (host:port or URLs) and

@@ -401,3 +401,76 @@ func TestFunctionTTL(t *testing.T) {
 		t.Error("a function updated to no TTL, or to the same one, went")
 	}
 }
+
+func TestRuns(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	get := func(id string) string {
+		t.Helper()
+		b, err := c.GetRun(ctx, id)
+		if err != nil {
+			t.Fatalf("GetRun(%s): %v", id, err)
+		}
+		return string(b)
+	}
+	if err := c.PutRun(ctx, "r1", "", []byte(`{"sync":1}`), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if got := get("r1"); got != `{"sync":1}` {
+		t.Errorf("r1 = %s", got)
+	}
+	// A call id is taken once while its record is there.
+	if _, created, err := c.CreateRun(ctx, "c1", []byte(`{"running":1}`), time.Hour); err != nil || !created {
+		t.Fatalf("CreateRun(c1) = %v, %v", created, err)
+	}
+	old, created, err := c.CreateRun(ctx, "c1", []byte(`{"again":1}`), time.Hour)
+	if err != nil || created || string(old) != `{"running":1}` {
+		t.Fatalf("CreateRun(c1) again = %s, %v, %v; want the first record, not created", old, created, err)
+	}
+	// The ended run filed under its call id, found by its run id too.
+	if err := c.PutRun(ctx, "c1", "r2", []byte(`{"ended":1}`), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if a, b := get("c1"), get("r2"); a != `{"ended":1}` || b != a {
+		t.Errorf("c1 = %s, r2 = %s, want the ended record for both", a, b)
+	}
+	recs, err := c.Runs(ctx, 0)
+	if err != nil || len(recs) != 2 || string(recs[0]) != `{"ended":1}` || string(recs[1]) != `{"sync":1}` {
+		t.Errorf("Runs(0) = %q, %v; want c1's record, then r1's (latest created first), and no alias", recs, err)
+	}
+	if recs, err := c.Runs(ctx, 1); err != nil || len(recs) != 1 || string(recs[0]) != `{"ended":1}` {
+		t.Errorf("Runs(1) = %q, %v", recs, err)
+	}
+	// Bad input names the problem and changes nothing.
+	for _, tc := range []struct {
+		name string
+		err  error
+	}{
+		{"slash", c.PutRun(ctx, "a/b", "", []byte(`{}`), time.Hour)},
+		{"bad alias", c.PutRun(ctx, "r3", "x y", []byte(`{}`), time.Hour)},
+		{"too big", c.PutRun(ctx, "r3", "", make([]byte, MaxRunRecord+1), time.Hour)},
+		{"no ttl", c.PutRun(ctx, "r3", "", []byte(`{}`), 0)},
+	} {
+		if tc.err == nil {
+			t.Errorf("%s: no error", tc.name)
+		}
+	}
+	if _, err := c.GetRun(ctx, "nope"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("GetRun(nope) = %v, want ErrNotFound", err)
+	}
+	if _, err := c.GetRun(ctx, "r3"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("r3 filed by a refused PutRun: %v", err)
+	}
+	// Records go with their TTL, the alias too.
+	if err := c.PutRun(ctx, "brief", "brief-run", []byte(`{}`), 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the brief run record to expire", 15*time.Second, func() bool {
+		_, e1 := c.GetRun(ctx, "brief")
+		_, e2 := c.GetRun(ctx, "brief-run")
+		return errors.Is(e1, ErrNotFound) && errors.Is(e2, ErrNotFound)
+	})
+	if get("r1") != `{"sync":1}` {
+		t.Error("r1 went with the brief record")
+	}
+}

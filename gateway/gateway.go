@@ -21,6 +21,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -88,6 +89,9 @@ type Config struct {
 	// Workflows configures the workflows the gateway runs (POST
 	// /workflow/NAME).
 	Workflows WorkflowConfig
+	// Name names the gateway in the workflow run records it files for
+	// the cluster (default: HOST:PID).
+	Name string
 }
 
 // Gateway is a running gateway. Handler serves its HTTP API.
@@ -145,6 +149,10 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	}
 	if cfg.MaxBody <= 0 {
 		cfg.MaxBody = DefaultMaxBody
+	}
+	if cfg.Name == "" {
+		host, _ := os.Hostname()
+		cfg.Name = fmt.Sprintf("%s:%d", host, os.Getpid())
 	}
 	if cfg.MaxBody > transport.MaxInvokeBody {
 		return nil, fmt.Errorf("gateway: max body %d exceeds the transport's limit of %d bytes", cfg.MaxBody, transport.MaxInvokeBody)

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/directory"
 	"github.com/mitosis-fork/mitosis/workflow"
 )
 
@@ -43,6 +44,10 @@ type WorkflowConfig struct {
 	// StageTTL is the lease of a run's stage seeds and keys, renewed
 	// while the run goes on (default 2 minutes).
 	StageTTL time.Duration
+	// RunTTL is how long the directory keeps a run's record, which every
+	// gateway of the cluster serves (GET /system/workflow-runs; default
+	// 24 hours).
+	RunTTL time.Duration
 }
 
 // WorkflowStatus is an element of GET /system/workflows.
@@ -220,7 +225,7 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 	defer context.AfterFunc(g.wfCtx, cancel)()
 	run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
 	code, body := g.workflowRecord(job, run, err)
-	g.wfRuns.end("", job.spec.Name, run)
+	g.fileRun(g.wfRuns.end("", job.spec.Name, run))
 	if run != nil {
 		w.Header().Set("X-Mitosis-Run", run.ID)
 	}
@@ -248,15 +253,26 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	id := r.Header.Get("X-Call-Id")
 	if id == "" {
 		id = callID()
+	} else if len(id) > 128 || strings.ContainsAny(id, "/ \t\r\n") {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Call-Id %q: want at most 128 bytes with no '/' or white space", id))
+		return
 	}
 	if !g.wfRuns.start(id, job.spec.Name) {
 		httpError(w, http.StatusConflict, fmt.Sprintf("X-Call-Id %q names a workflow run still running on this gateway", id))
 		return
 	}
+	if other, err := g.fileRunStart(r.Context(), id, job.spec.Name); err != nil {
+		g.wfRuns.forget(id)
+		httpError(w, http.StatusConflict, err.Error())
+		return
+	} else if other {
+		g.log.Warn("workflow run not filed in the directory; only this gateway serves its record", "call_id", id)
+	}
 	select {
 	case g.wfSlots <- struct{}{}:
 	default:
 		g.wfRuns.forget(id)
+		g.dropRunStart(id)
 		w.Header().Set("Retry-After", "1")
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("%d workflow runs in the background already", cap(g.wfSlots)))
 		return
@@ -264,6 +280,7 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	if !g.track() {
 		<-g.wfSlots
 		g.wfRuns.forget(id)
+		g.dropRunStart(id)
 		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
 		return
 	}
@@ -273,7 +290,7 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		run, err := job.rn.Run(g.wfCtx, job.spec, job.input, job.transfer)
 		code, body := g.workflowRecord(job, run, err)
-		g.wfRuns.end(id, job.spec.Name, run)
+		g.fileRun(g.wfRuns.end(id, job.spec.Name, run))
 		if cb == "" {
 			return
 		}
@@ -325,13 +342,18 @@ const maxAsyncWorkflows = 16
 // (GET /system/workflow-runs), newest first.
 const keptRuns = 256
 
-// WorkflowRun is an element of GET /system/workflow-runs: a run this
-// gateway ran, ended or (in the background) still running.
+// WorkflowRun is an element of GET /system/workflow-runs: a run a
+// gateway of the cluster ran, ended or (in the background) still running.
 type WorkflowRun struct {
 	CallID   string    `json:"call_id,omitempty"` // /async-workflow's X-Call-Id
 	Status   string    `json:"status"`            // running, succeeded or failed
 	Workflow string    `json:"workflow"`
 	Started  time.Time `json:"started"`
+	// Gateway is the gateway that ran it (its listen address).
+	Gateway string `json:"gateway,omitempty"`
+	// StepsOmitted says the record was filed without its steps and
+	// result: with them it exceeded directory.MaxRunRecord.
+	StepsOmitted bool `json:"steps_omitted,omitempty"`
 	// Run is the run's record once it ended (id, steps, timings, result).
 	Run *workflow.Run `json:"run,omitempty"`
 }
@@ -365,8 +387,9 @@ func (w *wfRuns) forget(callID string) {
 	delete(w.running, callID)
 }
 
-// end records a run's end (callID "" for a run answered synchronously).
-func (w *wfRuns) end(callID, name string, run *workflow.Run) {
+// end records a run's end (callID "" for a run answered synchronously)
+// and returns its record.
+func (w *wfRuns) end(callID, name string, run *workflow.Run) WorkflowRun {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	rec := w.running[callID]
@@ -385,6 +408,7 @@ func (w *wfRuns) end(callID, name string, run *workflow.Run) {
 	if len(w.ended) > keptRuns {
 		w.ended = slices.Delete(w.ended, 0, len(w.ended)-keptRuns)
 	}
+	return *rec
 }
 
 // list returns the runs, running ones first, then ended ones newest first.
@@ -403,13 +427,22 @@ func (w *wfRuns) list() []WorkflowRun {
 }
 
 // listWorkflowRuns: GET /system/workflow-runs[?workflow=NAME] lists the
-// runs this gateway ran (the last 256 that ended, and those running in the
-// background), without their steps; GET /system/workflow-runs/ID gives one
-// in full, by its run id or its call id.
+// runs of the cluster's gateways that the directory holds (the latest 256
+// filed: those running in the background and those that ended within the
+// run TTL, latest started first), without their steps; GET
+// /system/workflow-runs/ID gives one in full, by its run id or its call id.
+// A run this gateway could not file (the directory unreachable) is
+// served by id from its memory (its last 256), and the list is when the
+// directory does not answer.
 func (g *Gateway) listWorkflowRuns(w http.ResponseWriter, r *http.Request) {
 	name := r.URL.Query().Get("workflow")
+	runs, err := g.filedRuns(r.Context())
+	if err != nil {
+		g.log.Warn("workflow runs: the directory does not answer; listing this gateway's own", "err", err)
+		runs = g.wfRuns.list()
+	}
 	out := []WorkflowRun{}
-	for _, wr := range g.wfRuns.list() {
+	for _, wr := range runs {
 		if name != "" && wr.Workflow != name {
 			continue
 		}
@@ -425,13 +458,108 @@ func (g *Gateway) listWorkflowRuns(w http.ResponseWriter, r *http.Request) {
 
 func (g *Gateway) getWorkflowRun(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
+	if b, err := g.dir.GetRun(r.Context(), id); err == nil {
+		var wr WorkflowRun
+		if err := json.Unmarshal(b, &wr); err == nil {
+			writeJSON(w, http.StatusOK, wr)
+			return
+		}
+	}
 	for _, wr := range g.wfRuns.list() {
 		if wr.CallID == id || (wr.Run != nil && wr.Run.ID == id) {
 			writeJSON(w, http.StatusOK, wr)
 			return
 		}
 	}
-	httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found on this gateway (it keeps the last %d)", id, keptRuns))
+	httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found: the directory keeps runs for %v", id, g.runTTL()))
+}
+
+// runTTL is how long the directory keeps run records.
+func (g *Gateway) runTTL() time.Duration {
+	if t := g.cfg.Workflows.RunTTL; t > 0 {
+		return t
+	}
+	return 24 * time.Hour
+}
+
+// fileRunStart files a run in the background as running under its call
+// id, so that every gateway lists it and none starts another run with that
+// id. It fails when a gateway of the cluster runs one with that id; it
+// says notFiled when the directory did not answer (the run goes on,
+// known to this gateway alone).
+func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFiled bool, err error) {
+	rec := WorkflowRun{CallID: callID, Status: "running", Workflow: name, Started: time.Now().UTC(), Gateway: g.cfg.Name}
+	b, _ := json.Marshal(rec)
+	old, created, err := g.dir.CreateRun(ctx, callID, b, g.runTTL())
+	if err != nil {
+		return true, nil
+	}
+	if created {
+		return false, nil
+	}
+	var prev WorkflowRun
+	if json.Unmarshal(old, &prev) == nil && prev.Status == "running" {
+		return false, fmt.Errorf("X-Call-Id %q names a workflow run still running (on gateway %s, since %s)", callID, prev.Gateway, prev.Started.Format(time.RFC3339))
+	}
+	// An ended run's id is used again: its record gives way.
+	if err := g.dir.PutRun(ctx, callID, "", b, g.runTTL()); err != nil {
+		return true, nil
+	}
+	return false, nil
+}
+
+// dropRunStart removes what fileRunStart filed for a run that did not
+// start after all, by filing it as failed.
+func (g *Gateway) dropRunStart(callID string) {
+	rec := WorkflowRun{CallID: callID, Status: "failed", Started: time.Now().UTC(), Gateway: g.cfg.Name}
+	b, _ := json.Marshal(rec)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = g.dir.PutRun(ctx, callID, "", b, g.runTTL())
+}
+
+// fileRun files an ended run's record in the directory: under its call id
+// (and its run id as an alias) for a run in the background, under its run
+// id otherwise. A record over directory.MaxRunRecord is filed without its
+// steps and result. A run without a record (it failed before it began)
+// is kept in this gateway's memory only.
+func (g *Gateway) fileRun(wr WorkflowRun) {
+	if wr.Run == nil {
+		return
+	}
+	wr.Gateway = g.cfg.Name
+	id, alias := wr.Run.ID, ""
+	if wr.CallID != "" {
+		id, alias = wr.CallID, wr.Run.ID
+	}
+	b, _ := json.Marshal(wr)
+	if len(b) > directory.MaxRunRecord {
+		brief := *wr.Run
+		brief.Steps, brief.Result = nil, nil
+		wr.Run, wr.StepsOmitted = &brief, true
+		b, _ = json.Marshal(wr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := g.dir.PutRun(ctx, id, alias, b, g.runTTL()); err != nil {
+		g.log.Warn("workflow run not filed in the directory; only this gateway serves its record", "run", wr.Run.ID, "err", err)
+	}
+}
+
+// filedRuns returns the run records the directory holds, latest first.
+func (g *Gateway) filedRuns(ctx context.Context) ([]WorkflowRun, error) {
+	recs, err := g.dir.Runs(ctx, keptRuns)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]WorkflowRun, 0, len(recs))
+	for _, b := range recs {
+		var wr WorkflowRun
+		if json.Unmarshal(b, &wr) == nil {
+			out = append(out, wr)
+		}
+	}
+	return out, nil
 }
 
 // workflowJob is a workflow run a request asked for.

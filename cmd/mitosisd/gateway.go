@@ -63,7 +63,7 @@ daemons registered in the cluster directory.
   GET/POST/DELETE /system/workflows       list, deploy (a workflow definition), remove workflows
   POST /workflow/NAME[?transfer=storage]  run a workflow (the body is its input; the answer its run record)
   POST /async-workflow/NAME               run one in the background (202; X-Callback-Url gets the record)
-  GET  /system/workflow-runs[/ID]         the runs this gateway ran (the last 256), or one in full
+  GET  /system/workflow-runs[/ID]         the cluster's runs (the latest 256), or one in full
   GET  /healthz, /metrics, /system/info, /system/nodes
 
 A function is a directory with handler.py (the OpenFaaS classic python3
@@ -122,6 +122,7 @@ are open; --public-functions opens /function/ and /async-function/ too.`,
 	fl.StringVar(&f.wf.WorkDir, "workflow-work-dir", "", "where a workflow's function directory (the step runtime) is written; every node must see it at the same path (default /tmp)")
 	fl.DurationVar(&f.wf.StepTimeout, "workflow-step-timeout", 5*time.Minute, "bound on one step instance of a workflow run")
 	fl.DurationVar(&f.wf.StageTTL, "workflow-stage-ttl", 2*time.Minute, "lease of a workflow run's stage seeds and Redis keys, renewed while it runs")
+	fl.DurationVar(&f.wf.RunTTL, "workflow-run-ttl", 24*time.Hour, "how long the cluster directory keeps a workflow run's record (GET /system/workflow-runs on any gateway)")
 	return cmd
 }
 
@@ -230,7 +231,7 @@ func runGateway(f *gatewayFlags) error {
 	}
 	defer dir.Close()
 	g, err := gateway.New(ctx, gateway.Config{Directory: dir, Transport: tcfg, Auth: auth, MaxBody: maxBody,
-		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, DefaultPolicy: pol, Logger: log, Workflows: f.wf})
+		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, DefaultPolicy: pol, Logger: log, Workflows: f.wf, Name: f.listen})
 	if err != nil {
 		return err
 	}

@@ -194,6 +194,43 @@ func (p *platform) curl(timeout time.Duration, args ...string) (string, error) {
 	return string(out), err
 }
 
+// secondGateway starts another gateway on the gateway's host (port 8082)
+// with the first one's etcd and credentials, stopped at the test's end,
+// and returns its URL.
+func (p *platform) secondGateway() string {
+	t := p.t
+	t.Helper()
+	tokens := filepath.Join(p.dir, "gw2-tokens")
+	if err := os.WriteFile(tokens, []byte(platformToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	url2 := "http://" + p.gw.IP + ":8082"
+	gw2 := p.gw.Command(mitosisBin, "gateway", "--listen", p.gw.IP+":8082", "--state-dir", filepath.Join(p.dir, "gw2-state"),
+		"--etcd-endpoints", p.gwy.Etcd, "--secret-file", p.gw.SecretFile, "--token-file", tokens)
+	logf, err := os.Create(filepath.Join(p.dir, "gw2.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw2.Stdout, gw2.Stderr = logf, logf
+	if err := gw2.Start(); err != nil {
+		logf.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		defer logf.Close()
+		_ = gw2.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = gw2.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			_ = gw2.Process.Kill()
+			<-done
+		}
+	})
+	return url2
+}
+
 // status runs one request and returns its HTTP status, headers and body.
 func (p *platform) request(method, path, body string, auth bool, extra ...string) (int, http.Header, string) {
 	p.t.Helper()

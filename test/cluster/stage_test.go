@@ -317,34 +317,7 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	requireSetup(t)
 	p := startPlatform(t)
 	stageFunctions(t, p)("keeper", "fork")
-	// The second gateway: the same host, another port, the first's etcd.
-	tokens := filepath.Join(p.dir, "gw2-tokens")
-	if err := os.WriteFile(tokens, []byte(platformToken+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	url2 := "http://" + p.gw.IP + ":8082"
-	gw2 := p.gw.Command(mitosisBin, "gateway", "--listen", p.gw.IP+":8082", "--state-dir", filepath.Join(p.dir, "gw2-state"),
-		"--etcd-endpoints", p.gwy.Etcd, "--secret-file", p.gw.SecretFile, "--token-file", tokens)
-	logf, err := os.Create(filepath.Join(p.dir, "gw2.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	gw2.Stdout, gw2.Stderr = logf, logf
-	if err := gw2.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		_ = gw2.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = gw2.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			_ = gw2.Process.Kill()
-			<-done
-		}
-	}()
+	url2 := p.secondGateway()
 	hc := p.gwy.Client(10 * time.Second)
 	renew := func(ref, ttl string) int {
 		body, _ := json.Marshal(map[string]string{"functionName": "keeper", "seed": ref, "ttl": ttl})

@@ -838,6 +838,42 @@ def y(b):
 		if err := json.Unmarshal([]byte(body), &runs); code != 200 || err != nil || len(runs) != 4 || runs[0].Run.Transfer != "storage" || runs[0].Run.Steps != nil {
 			t.Errorf("GET /system/workflow-runs?workflow=wordcount: %d %v %s (want the 4 runs, the async one first, without their steps)", code, err, body)
 		}
+		// Any gateway of the cluster serves the records (the directory
+		// holds them): a second gateway, which ran none of them.
+		url2 := p.secondGateway()
+		get2 := func(path string) (int, string) {
+			var out string
+			var err error
+			for i := 0; i < 100; i++ { // until the second gateway listens
+				if out, err = p.curl(10*time.Second, "-H", "Authorization: Bearer "+platformToken, "-w", "\n%{http_code}", url2+path); err == nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if err != nil {
+				t.Fatalf("GET %s on the second gateway: %v", path, err)
+			}
+			i := strings.LastIndexByte(out, '\n')
+			code, _ := strconv.Atoi(out[i+1:])
+			return code, out[:i]
+		}
+		code2, body2 := get2("/system/workflow-runs/" + h.Get("X-Call-Id"))
+		var wr2 struct {
+			Status  string       `json:"status"`
+			Gateway string       `json:"gateway"`
+			Run     workflow.Run `json:"run"`
+		}
+		if err := json.Unmarshal([]byte(body2), &wr2); code2 != 200 || err != nil || wr2.Status != "succeeded" || len(wr2.Run.Steps) != 4 || wr2.Gateway == "" {
+			t.Errorf("the async run's record on the second gateway: %d %v %s", code2, err, body2)
+		}
+		code2, body2 = get2("/system/workflow-runs?workflow=wordcount")
+		var runs2 []json.RawMessage
+		if err := json.Unmarshal([]byte(body2), &runs2); code2 != 200 || err != nil || len(runs2) != 4 {
+			t.Errorf("the runs on the second gateway: %d %v %s (want the 4 runs)", code2, err, body2)
+		}
+		if code, _, body := p.request("POST", "/async-workflow/wordcount", in, true, "-H", "X-Call-Id: a/b"); code != 400 || !strings.Contains(body, "no '/' or white space") {
+			t.Errorf("X-Call-Id a/b: %d %s", code, body)
+		}
 		for _, c := range []struct {
 			method, path, body string
 			auth               bool
@@ -846,7 +882,7 @@ def y(b):
 		}{
 			{"POST", "/async-workflow/wordcount", in, false, 401, "unauthorized"},
 			{"POST", "/async-workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
-			{"GET", "/system/workflow-runs/nosuch", "", true, 404, `workflow run "nosuch" not found on this gateway`},
+			{"GET", "/system/workflow-runs/nosuch", "", true, 404, `workflow run "nosuch" not found`},
 			{"POST", "/workflow/wordcount", in, false, 401, "unauthorized"},
 			{"POST", "/workflow/nosuch", in, true, 404, `workflow "nosuch" not found`},
 			{"POST", "/workflow/wordcount", "{nope", true, 400, "the input is not JSON"},

@@ -1,0 +1,178 @@
+package directory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// Run records: what a gateway tells every other gateway about the
+// workflow runs it ran, so that a run started on one gateway can be looked
+// up on any (a load balancer in front of several gateways). A record is
+// opaque JSON under runs/<id>, written by the gateway running it, and lives
+// under a lease: etcd drops it after the record TTL with no sweeper. A
+// record may also be found by a second id (a run's own id when it is
+// filed under its caller's id): run-ids/<alias> holds the id it is filed
+// under, under the same lease.
+
+func (c *Client) runKey(id string) string   { return c.prefix + "runs/" + id }
+func (c *Client) runAlias(id string) string { return c.prefix + "run-ids/" + id }
+
+// MaxRunRecord bounds a run record (etcd refuses requests over 1.5 MiB by
+// default).
+const MaxRunRecord = 1 << 20
+
+// runLeases shares leases among the run records written within a window,
+// so that a busy gateway does not grant a lease per record: a record lives
+// between 15/16 of the TTL and the TTL.
+type runLeases struct {
+	mu      sync.Mutex
+	id      clientv3.LeaseID
+	ttl     int64
+	granted time.Time
+}
+
+func (c *Client) runLease(ctx context.Context, ttl time.Duration) (clientv3.LeaseID, error) {
+	if ttl <= 0 {
+		return 0, fmt.Errorf("a run record's TTL must be positive, not %v", ttl)
+	}
+	secs := LeaseSeconds(ttl)
+	c.runLeases.mu.Lock()
+	defer c.runLeases.mu.Unlock()
+	l := &c.runLeases
+	if l.id != 0 && l.ttl == secs && time.Since(l.granted) < time.Duration(secs)*time.Second/16 {
+		return l.id, nil
+	}
+	resp, err := c.cli.Grant(ctx, secs)
+	if err != nil {
+		return 0, err
+	}
+	l.id, l.ttl, l.granted = resp.ID, secs, time.Now()
+	return l.id, nil
+}
+
+// PutRun files a run record (JSON) under id, and under alias too if it is
+// not empty, for ttl (whole seconds, at least one), replacing what either
+// held.
+func (c *Client) PutRun(ctx context.Context, id, alias string, rec []byte, ttl time.Duration) error {
+	if err := checkName("run", id); err != nil {
+		return fmt.Errorf("put run: %w", err)
+	}
+	if alias != "" {
+		if err := checkName("run", alias); err != nil {
+			return fmt.Errorf("put run %q: alias: %w", id, err)
+		}
+	}
+	if len(rec) > MaxRunRecord {
+		return fmt.Errorf("put run %q: record of %d bytes exceeds %d", id, len(rec), MaxRunRecord)
+	}
+	_, err := c.withRunLease(ctx, ttl, func(lease clientv3.LeaseID) (*clientv3.TxnResponse, error) {
+		ops := []clientv3.Op{clientv3.OpPut(c.runKey(id), string(rec), clientv3.WithLease(lease))}
+		if alias != "" && alias != id {
+			ops = append(ops, clientv3.OpPut(c.runAlias(alias), id, clientv3.WithLease(lease)))
+		}
+		return c.cli.Txn(ctx).Then(ops...).Commit()
+	})
+	if err != nil {
+		return fmt.Errorf("put run %q: %w", id, err)
+	}
+	return nil
+}
+
+// withRunLease runs txn with the shared run lease, and once more with a
+// new one if etcd no longer knows that lease (revoked, or lost with the
+// cluster's data).
+func (c *Client) withRunLease(ctx context.Context, ttl time.Duration, txn func(clientv3.LeaseID) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error) {
+	for attempt := 0; ; attempt++ {
+		lease, err := c.runLease(ctx, ttl)
+		if err != nil {
+			return nil, fmt.Errorf("lease: %w", err)
+		}
+		resp, err := txn(lease)
+		if attempt == 0 && errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			c.runLeases.mu.Lock()
+			if c.runLeases.id == lease {
+				c.runLeases.id = 0
+			}
+			c.runLeases.mu.Unlock()
+			continue
+		}
+		return resp, err
+	}
+}
+
+// CreateRun files a run record under id as PutRun does, unless a record is
+// filed under id already: then it returns that record and false, and
+// writes nothing (one transaction).
+func (c *Client) CreateRun(ctx context.Context, id string, rec []byte, ttl time.Duration) (existing []byte, created bool, err error) {
+	if err := checkName("run", id); err != nil {
+		return nil, false, fmt.Errorf("create run: %w", err)
+	}
+	if len(rec) > MaxRunRecord {
+		return nil, false, fmt.Errorf("create run %q: record of %d bytes exceeds %d", id, len(rec), MaxRunRecord)
+	}
+	key := c.runKey(id)
+	resp, err := c.withRunLease(ctx, ttl, func(lease clientv3.LeaseID) (*clientv3.TxnResponse, error) {
+		return c.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			Then(clientv3.OpPut(key, string(rec), clientv3.WithLease(lease))).
+			Else(clientv3.OpGet(key)).Commit()
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("create run %q: %w", id, err)
+	}
+	if resp.Succeeded {
+		return nil, true, nil
+	}
+	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+		return kvs[0].Value, false, nil
+	}
+	return nil, false, nil
+}
+
+// GetRun returns the record filed under id, or under the id that alias id
+// names, or ErrNotFound.
+func (c *Client) GetRun(ctx context.Context, id string) ([]byte, error) {
+	if err := checkName("run", id); err != nil {
+		return nil, fmt.Errorf("get run: %w", err)
+	}
+	key := id
+	for range 2 { // the id, then the id its alias names
+		resp, err := c.cli.Txn(ctx).Then(clientv3.OpGet(c.runKey(key)), clientv3.OpGet(c.runAlias(key))).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("get run %q: %w", id, err)
+		}
+		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
+			return kvs[0].Value, nil
+		}
+		kvs := resp.Responses[1].GetResponseRange().Kvs
+		if len(kvs) == 0 {
+			break
+		}
+		key = string(kvs[0].Value)
+	}
+	return nil, fmt.Errorf("get run %q: %w", id, ErrNotFound)
+}
+
+// Runs returns up to limit run records (0: all), the latest filed first
+// (by the revision that created each).
+func (c *Client) Runs(ctx context.Context, limit int) ([][]byte, error) {
+	opts := []clientv3.OpOption{clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByCreateRevision, clientv3.SortDescend)}
+	if limit > 0 {
+		opts = append(opts, clientv3.WithLimit(int64(limit)))
+	}
+	resp, err := c.cli.Get(ctx, c.prefix+"runs/", opts...)
+	if err != nil {
+		return nil, fmt.Errorf("list runs: %w", err)
+	}
+	out := make([][]byte, len(resp.Kvs))
+	for i, kv := range resp.Kvs {
+		out[i] = kv.Value
+	}
+	return out, nil
+}
