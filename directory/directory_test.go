@@ -461,6 +461,15 @@ func TestRuns(t *testing.T) {
 	if _, err := c.GetRun(ctx, "r3"); !errors.Is(err, ErrNotFound) {
 		t.Errorf("r3 filed by a refused PutRun: %v", err)
 	}
+	if err := c.DeleteRun(ctx, "r1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.GetRun(ctx, "r1"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("r1 after DeleteRun: %v", err)
+	}
+	if err := c.DeleteRun(ctx, "r1"); err != nil {
+		t.Errorf("DeleteRun of a record not there: %v", err)
+	}
 	// Records go with their TTL, the alias too.
 	if err := c.PutRun(ctx, "brief", "brief-run", []byte(`{}`), 2*time.Second); err != nil {
 		t.Fatal(err)
@@ -470,7 +479,7 @@ func TestRuns(t *testing.T) {
 		_, e2 := c.GetRun(ctx, "brief-run")
 		return errors.Is(e1, ErrNotFound) && errors.Is(e2, ErrNotFound)
 	})
-	if get("r1") != `{"sync":1}` {
-		t.Error("r1 went with the brief record")
+	if get("c1") != `{"ended":1}` {
+		t.Error("c1 went with the brief record")
 	}
 }

@@ -135,6 +135,18 @@ func (c *Client) CreateRun(ctx context.Context, id string, rec []byte, ttl time.
 	return nil, false, nil
 }
 
+// DeleteRun removes the record filed under id (not its alias, which goes
+// with its lease). A record that is not there is no error.
+func (c *Client) DeleteRun(ctx context.Context, id string) error {
+	if err := checkName("run", id); err != nil {
+		return fmt.Errorf("delete run: %w", err)
+	}
+	if _, err := c.cli.Delete(ctx, c.runKey(id)); err != nil {
+		return fmt.Errorf("delete run %q: %w", id, err)
+	}
+	return nil
+}
+
 // GetRun returns the record filed under id, or under the id that alias id
 // names, or ErrNotFound.
 func (c *Client) GetRun(ctx context.Context, id string) ([]byte, error) {

@@ -261,11 +261,11 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusConflict, fmt.Sprintf("X-Call-Id %q names a workflow run still running on this gateway", id))
 		return
 	}
-	if other, err := g.fileRunStart(r.Context(), id, job.spec.Name); err != nil {
+	if notFiled, err := g.fileRunStart(r.Context(), id, job.spec.Name); err != nil {
 		g.wfRuns.forget(id)
 		httpError(w, http.StatusConflict, err.Error())
 		return
-	} else if other {
+	} else if notFiled {
 		g.log.Warn("workflow run not filed in the directory; only this gateway serves its record", "call_id", id)
 	}
 	select {
@@ -349,7 +349,8 @@ type WorkflowRun struct {
 	Status   string    `json:"status"`            // running, succeeded or failed
 	Workflow string    `json:"workflow"`
 	Started  time.Time `json:"started"`
-	// Gateway is the gateway that ran it (its listen address).
+	// Gateway is the gateway that ran it (Config.Name: mitosis gateway
+	// --listen).
 	Gateway string `json:"gateway,omitempty"`
 	// StepsOmitted says the record was filed without its steps and
 	// result: with them it exceeded directory.MaxRunRecord.
@@ -427,9 +428,9 @@ func (w *wfRuns) list() []WorkflowRun {
 }
 
 // listWorkflowRuns: GET /system/workflow-runs[?workflow=NAME] lists the
-// runs of the cluster's gateways that the directory holds (the latest 256
-// filed: those running in the background and those that ended within the
-// run TTL, latest started first), without their steps; GET
+// runs of the cluster's gateways that the directory holds (of the latest
+// 256 filed, those running in the background and those that ended within
+// the run TTL, latest started first), without their steps; GET
 // /system/workflow-runs/ID gives one in full, by its run id or its call id.
 // A run this gateway could not file (the directory unreachable) is
 // served by id from its memory (its last 256), and the list is when the
@@ -509,13 +510,13 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 }
 
 // dropRunStart removes what fileRunStart filed for a run that did not
-// start after all, by filing it as failed.
+// start after all.
 func (g *Gateway) dropRunStart(callID string) {
-	rec := WorkflowRun{CallID: callID, Status: "failed", Started: time.Now().UTC(), Gateway: g.cfg.Name}
-	b, _ := json.Marshal(rec)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_ = g.dir.PutRun(ctx, callID, "", b, g.runTTL())
+	if err := g.dir.DeleteRun(ctx, callID); err != nil {
+		g.log.Warn("workflow run refused, but its record stays until its TTL", "call_id", callID, "err", err)
+	}
 }
 
 // fileRun files an ended run's record in the directory: under its call id
