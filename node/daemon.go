@@ -27,6 +27,7 @@ import (
 	"github.com/mitosis-fork/mitosis/client"
 	"github.com/mitosis-fork/mitosis/container"
 	"github.com/mitosis-fork/mitosis/engine"
+	"github.com/mitosis-fork/mitosis/internal/hostmem"
 	"github.com/mitosis-fork/mitosis/pager"
 	"github.com/mitosis-fork/mitosis/transport"
 )
@@ -347,6 +348,14 @@ func New(cfg Config) (*Daemon, error) {
 	d.log.Info("listening", "socket", cfg.Socket, "state_dir", cfg.StateDir, "pid", os.Getpid(), "version", Version,
 		"node", cfg.Node, "peer_listen", d.peerAddr, "peers", len(peers), "tls", cfg.TLS != nil, "insecure", cfg.Insecure,
 		"metrics", d.MetricsAddr(), "page_cache", pager.CacheBacking())
+	// The huge-page cache pays off where freed memory stays with the
+	// guest (README, Paging): say so when the choice looks wrong.
+	switch reports, why := hostmem.Reporting(); {
+	case !reports && !pager.HugePageCache():
+		d.log.Info("this host keeps the memory it frees; --huge-page-cache would make mapping pages into children cheaper", "host_memory", why)
+	case reports && pager.HugePageCache():
+		d.log.Info("this host hands freed memory back to its hypervisor; fresh 2 MiB cache pages wait for it (--huge-page-cache may cost more than it saves)", "host_memory", why)
+	}
 	return d, nil
 }
 

@@ -56,6 +56,9 @@ var backing struct {
 // one, false (the default) a memfd of 4 KiB pages.
 func SetHugePageCache(on bool) { backing.huge.Store(on) }
 
+// HugePageCache reports what SetHugePageCache chose last.
+func HugePageCache() bool { return backing.huge.Load() }
+
 // CacheBacking describes what a cache made now is backed by, and why not
 // huge pages when it is not: for the daemon's start-up log.
 func CacheBacking() string {

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/mitosis-fork/mitosis/internal/hostmem"
 )
 
 // Free page reporting is how a guest kernel hands memory it has freed back
@@ -105,20 +107,6 @@ func (p pageReporting) disable() (restore func() error, said string, err error) 
 	return restore, fmt.Sprintf("free page reporting of 4 MiB blocks only for this run (page_reporting_order %d: the kernel refused %d; restored to %d after)", maxBuddyOrder, maxBuddyOrder+1, was), nil
 }
 
-// describe says how the host reports free pages now.
-func (p pageReporting) describe() string {
-	order, ok, err := p.order()
-	switch {
-	case err != nil:
-		return err.Error()
-	case !ok:
-		return "this kernel has no free page reporting"
-	case order > maxBuddyOrder:
-		return fmt.Sprintf("free page reporting off (page_reporting_order %d)", order)
-	}
-	return fmt.Sprintf("free page reporting on: free blocks of %d KiB and up go back to the host (page_reporting_order %d, the host's setting)", 4<<order, order)
-}
-
 // SetPageReporting applies a -free-page-reporting setting (PageReportingKeep
 // or PageReportingOff) to this host and returns what restores it and a line
 // for the results saying how the host reported free pages.
@@ -126,7 +114,8 @@ func SetPageReporting(mode string) (restore func() error, said string, err error
 	p := pageReporting{pageReportingDir}
 	switch mode {
 	case "", PageReportingKeep:
-		return func() error { return nil }, p.describe(), nil
+		_, why := hostmem.Reporting()
+		return func() error { return nil }, why + ", as the host has it", nil
 	case PageReportingOff:
 		return p.disable()
 	}

@@ -175,7 +175,7 @@ MITOSIS_TLS_CA and MITOSIS_METRICS are the defaults of the flags.`,
 	fl.StringVar(&f.tlsKey, "tls-key", os.Getenv("MITOSIS_TLS_KEY"), "PEM private key of --tls-cert")
 	fl.StringVar(&f.tlsCA, "tls-ca", os.Getenv("MITOSIS_TLS_CA"), "PEM CA that signed every node's certificate (default: system roots)")
 	fl.StringVar(&f.metrics, "metrics", os.Getenv("MITOSIS_METRICS"), "IP:PORT to serve Prometheus metrics on, at /metrics (default $MITOSIS_METRICS)")
-	fl.BoolVar(&f.hugeCache, "huge-page-cache", false, "back each seed's node page cache with 2 MiB pages (a private tmpfs mounted huge=always and detached at once; needs CAP_SYS_ADMIN, else 4 KiB memfd pages): less CPU per page a child maps, more per page filled, up to 2 MiB of memory per extent a child touches (README, Known limits)")
+	fl.BoolVar(&f.hugeCache, "huge-page-cache", false, "back each seed's node page cache with 2 MiB pages (a private tmpfs mounted huge=always and detached at once; needs CAP_SYS_ADMIN, else 4 KiB memfd pages): less CPU per page a child maps, more per page filled, up to 2 MiB of memory per extent a child touches; worth it on hosts that keep freed memory (bare metal, VMs without free page reporting: README, Paging)")
 	fl.IntVar(&f.cgroupPool, "cgroup-pool", 2, "cgroups kept pre-created for the children of each containerized seed (mitosis run with limits)")
 	fl.DurationVar(&f.peerTimeout, "peer-timeout", 0, "bound on one page request to a peer (default 1s); a child whose page cannot be fetched in time fails")
 	var envEtcd []string
