@@ -841,22 +841,27 @@ def y(b):
 		// Any gateway of the cluster serves the records (the directory
 		// holds them): a second gateway, which ran none of them.
 		url2 := p.secondGateway()
-		get2 := func(path string) (int, string) {
+		do2 := func(method, path, body string, extra ...string) (int, string) {
+			args := append([]string{"-X", method, "-H", "Authorization: Bearer " + platformToken, "-w", "\n%{http_code}"}, extra...)
+			if body != "" {
+				args = append(args, "--data-binary", body)
+			}
 			var out string
 			var err error
 			for i := 0; i < 100; i++ { // until the second gateway listens
-				if out, err = p.curl(10*time.Second, "-H", "Authorization: Bearer "+platformToken, "-w", "\n%{http_code}", url2+path); err == nil {
+				if out, err = p.curl(10*time.Second, append(args, url2+path)...); err == nil {
 					break
 				}
 				time.Sleep(100 * time.Millisecond)
 			}
 			if err != nil {
-				t.Fatalf("GET %s on the second gateway: %v", path, err)
+				t.Fatalf("%s %s on the second gateway: %v", method, path, err)
 			}
 			i := strings.LastIndexByte(out, '\n')
 			code, _ := strconv.Atoi(out[i+1:])
 			return code, out[:i]
 		}
+		get2 := func(path string) (int, string) { return do2("GET", path, "") }
 		code2, body2 := get2("/system/workflow-runs/" + h.Get("X-Call-Id"))
 		var wr2 struct {
 			Status  string       `json:"status"`
@@ -873,6 +878,44 @@ def y(b):
 		}
 		if code, _, body := p.request("POST", "/async-workflow/wordcount", in, true, "-H", "X-Call-Id: a/b"); code != 400 || !strings.Contains(body, "no '/' or white space") {
 			t.Errorf("X-Call-Id a/b: %d %s", code, body)
+		}
+		// An X-Call-Id is the cluster's: one running on the first gateway
+		// is refused on the second, which lists it as running; once the
+		// run ended, the id may run again.
+		slowDir := writeModule(t, filepath.Join(p.dir, "gwslow"), "import time\n\ndef s(inp):\n    time.sleep(inp['sleep'])\n    return inp\n\ndef t(s):\n    return s\n")
+		if code, _, body := p.request("POST", "/system/workflows", `{"name":"gwslow","dir":"`+slowDir+`","steps":[{"name":"s"},{"name":"t","after":["s"]}]}`, true); code != 202 {
+			t.Fatalf("deploy gwslow: %d %s", code, body)
+		}
+		callID := "dup-" + strconv.FormatInt(time.Now().UnixNano(), 10)
+		if code, _, body := p.request("POST", "/async-workflow/gwslow", `{"sleep": 3}`, true, "-H", "X-Call-Id: "+callID); code != 202 {
+			t.Fatalf("async gwslow: %d %s", code, body)
+		}
+		if code, body := do2("POST", "/async-workflow/gwslow", `{"sleep": 0}`, "-H", "X-Call-Id: "+callID); code != 409 || !strings.Contains(body, "still running (on gateway "+p.gw.IP+":8080") {
+			t.Errorf("the same X-Call-Id on the second gateway while it runs: %d %s, want 409 naming the first gateway", code, body)
+		}
+		if code, body := get2("/system/workflow-runs/" + callID); code != 200 || !strings.Contains(body, `"status":"running"`) {
+			t.Errorf("the running run on the second gateway: %d %s", code, body)
+		}
+		ended := func() bool {
+			code, body := get2("/system/workflow-runs/" + callID)
+			return code == 200 && strings.Contains(body, `"status":"succeeded"`)
+		}
+		deadline := time.Now().Add(60 * time.Second)
+		for !ended() && time.Now().Before(deadline) {
+			time.Sleep(200 * time.Millisecond)
+		}
+		if !ended() {
+			t.Fatalf("the gwslow run did not end within 60 s")
+		}
+		if code, _, body := p.request("POST", "/async-workflow/gwslow", `{"sleep": 0}`, true, "-H", "X-Call-Id: "+callID); code != 202 {
+			t.Errorf("the X-Call-Id of an ended run again: %d %s, want 202", code, body)
+		}
+		deadline = time.Now().Add(60 * time.Second)
+		for time.Now().Before(deadline) {
+			if code, body := get2("/system/workflow-runs/" + callID); code == 200 && strings.Contains(body, `"status":"succeeded"`) && strings.Contains(body, `"sleep":0`) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 		for _, c := range []struct {
 			method, path, body string
@@ -911,7 +954,7 @@ def y(b):
 			t.Errorf("the failed run's record: %d %s", code, body)
 		}
 		assertRunGone(t, p, rdb, &run)
-		for _, name := range []string{"wordcount", "gwfail"} {
+		for _, name := range []string{"wordcount", "gwfail", "gwslow"} {
 			if code, _, body := p.request("DELETE", "/system/workflows", `{"name":"`+name+`"}`, true); code != 202 {
 				t.Errorf("delete %s: %d %s", name, code, body)
 			}
