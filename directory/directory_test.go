@@ -470,6 +470,40 @@ func TestRuns(t *testing.T) {
 	if err := c.DeleteRun(ctx, "r1"); err != nil {
 		t.Errorf("DeleteRun of a record not there: %v", err)
 	}
+	// Cancel requests: one pending when the watch starts, one after.
+	if err := c.CancelRun(ctx, "c1", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	cancels := c.RunCancels(wctx)
+	next := func() string {
+		t.Helper()
+		select {
+		case id := <-cancels:
+			return id
+		case <-time.After(10 * time.Second):
+			t.Fatal("no cancel request within 10 s")
+			return ""
+		}
+	}
+	if id := next(); id != "c1" {
+		t.Errorf("pending cancel = %q, want c1", id)
+	}
+	if err := c.ForgetRunCancel(ctx, "c1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CancelRun(ctx, "c2", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if id := next(); id != "c2" {
+		t.Errorf("new cancel = %q, want c2", id)
+	}
+	if err := c.CancelRun(ctx, "a/b", time.Hour); err == nil {
+		t.Error("a cancel of a bad id was accepted")
+	}
+	stop()
+	for range cancels { // closed once its context ends
+	}
 	// Records go with their TTL, the alias too.
 	if err := c.PutRun(ctx, "brief", "brief-run", []byte(`{}`), 2*time.Second); err != nil {
 		t.Fatal(err)

@@ -188,3 +188,102 @@ func (c *Client) Runs(ctx context.Context, limit int) ([][]byte, error) {
 	}
 	return out, nil
 }
+
+func (c *Client) runCancelKey(id string) string { return c.prefix + "run-cancels/" + id }
+
+// CancelRun asks the gateway that runs the run filed under id to cancel
+// it: run-cancels/<id>, under the run lease of ttl, which every gateway
+// watches (RunCancels) and the one running it deletes (ForgetRunCancel).
+func (c *Client) CancelRun(ctx context.Context, id string, ttl time.Duration) error {
+	if err := checkName("run", id); err != nil {
+		return fmt.Errorf("cancel run: %w", err)
+	}
+	_, err := c.withRunLease(ctx, ttl, func(lease clientv3.LeaseID) (*clientv3.TxnResponse, error) {
+		return c.cli.Txn(ctx).Then(clientv3.OpPut(c.runCancelKey(id), "", clientv3.WithLease(lease))).Commit()
+	})
+	if err != nil {
+		return fmt.Errorf("cancel run %q: %w", id, err)
+	}
+	return nil
+}
+
+// ForgetRunCancel removes the cancel request of run id.
+func (c *Client) ForgetRunCancel(ctx context.Context, id string) error {
+	if _, err := c.cli.Delete(ctx, c.runCancelKey(id)); err != nil {
+		return fmt.Errorf("forget the cancel of run %q: %w", id, err)
+	}
+	return nil
+}
+
+// RunCancels delivers the id of every run whose cancel is asked
+// (CancelRun), those pending when it starts first, until ctx ends; then
+// it closes the channel. A watch that etcd ends (a compaction, a lost
+// connection) is started again from where it was.
+func (c *Client) RunCancels(ctx context.Context) <-chan string {
+	out := make(chan string, 16)
+	dir := c.prefix + "run-cancels/"
+	go func() {
+		defer close(out)
+		send := func(key []byte) bool {
+			select {
+			case out <- string(key)[len(dir):]:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
+		var rev int64
+		for ctx.Err() == nil {
+			if rev == 0 {
+				resp, err := c.cli.Get(ctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+				if err != nil {
+					if !sleepCtx(ctx, time.Second) {
+						return
+					}
+					continue
+				}
+				for _, kv := range resp.Kvs {
+					if !send(kv.Key) {
+						return
+					}
+				}
+				rev = resp.Header.Revision + 1
+			}
+			wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+			for wr := range c.cli.Watch(wctx, dir, clientv3.WithPrefix(), clientv3.WithRev(rev)) {
+				if wr.CompactRevision != 0 {
+					rev = 0 // read what is pending again
+					break
+				}
+				if wr.Err() != nil {
+					break
+				}
+				for _, ev := range wr.Events {
+					if ev.Type == clientv3.EventTypePut && !send(ev.Kv.Key) {
+						cancel()
+						return
+					}
+					rev = ev.Kv.ModRevision + 1
+				}
+			}
+			cancel()
+			if !sleepCtx(ctx, 100*time.Millisecond) {
+				return
+			}
+		}
+	}()
+	return out
+}
+
+// sleepCtx waits d, or less if ctx ends first; it says whether ctx is
+// still live.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}

@@ -194,8 +194,9 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	g.rec = newReconciler(g)
 	g.logNodes(g.sched.setNodes(view.Nodes()))
 	g.routes()
-	g.wg.Add(1)
+	g.wg.Add(2)
 	go g.watch()
+	go g.watchRunCancels()
 	for i := 0; i < cfg.AsyncWorkers; i++ {
 		g.wg.Add(1)
 		go g.asyncWorker()
@@ -350,6 +351,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("POST /async-workflow/{name}", g.authed(g.asyncWorkflow))
 	mux.HandleFunc("GET /system/workflow-runs", g.authed(g.listWorkflowRuns))
 	mux.HandleFunc("GET /system/workflow-runs/{id}", g.authed(g.getWorkflowRun))
+	mux.HandleFunc("DELETE /system/workflow-runs/{id}", g.authed(g.cancelWorkflowRun))
 	mux.HandleFunc("/function/{name}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/function/{name}/{path...}", fnAuth(g.invokeSync))
 	mux.HandleFunc("/async-function/{name}", fnAuth(g.invokeAsync))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -257,12 +258,17 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("X-Call-Id %q: want at most 128 bytes with no '/' or white space", id))
 		return
 	}
-	if !g.wfRuns.start(id, job.spec.Name) {
+	// Cancelled by the gateway closing, or by DELETE
+	// /system/workflow-runs/ID on any gateway (watchRunCancels).
+	ctx, cancel := context.WithCancelCause(g.wfCtx)
+	if !g.wfRuns.start(id, job.spec.Name, cancel) {
+		cancel(nil)
 		httpError(w, http.StatusConflict, fmt.Sprintf("X-Call-Id %q names a workflow run still running on this gateway", id))
 		return
 	}
 	if notFiled, err := g.fileRunStart(r.Context(), id, job.spec.Name); err != nil {
 		g.wfRuns.forget(id)
+		cancel(nil)
 		httpError(w, http.StatusConflict, err.Error())
 		return
 	} else if notFiled {
@@ -272,6 +278,7 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	case g.wfSlots <- struct{}{}:
 	default:
 		g.wfRuns.forget(id)
+		cancel(nil)
 		g.dropRunStart(id)
 		w.Header().Set("Retry-After", "1")
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("%d workflow runs in the background already", cap(g.wfSlots)))
@@ -280,6 +287,7 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	if !g.track() {
 		<-g.wfSlots
 		g.wfRuns.forget(id)
+		cancel(nil)
 		g.dropRunStart(id)
 		httpError(w, http.StatusServiceUnavailable, "the gateway is shutting down")
 		return
@@ -287,8 +295,13 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 	go func() {
 		defer g.untrack()
 		defer func() { <-g.wfSlots }()
+		defer cancel(nil)
 		start := time.Now()
-		run, err := job.rn.Run(g.wfCtx, job.spec, job.input, job.transfer)
+		run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
+		if run != nil && errors.Is(context.Cause(ctx), errRunCancelled) {
+			run.Error = fmt.Sprintf("%v: %s", errRunCancelled, run.Error)
+			g.log.Info("workflow run cancelled", "workflow", job.spec.Name, "call_id", id, "run", run.ID)
+		}
 		code, body := g.workflowRecord(job, run, err)
 		g.fileRun(g.wfRuns.end(id, job.spec.Name, run))
 		if cb == "" {
@@ -364,21 +377,43 @@ type wfRuns struct {
 	mu      sync.Mutex
 	running map[string]*WorkflowRun // by call id
 	ended   []*WorkflowRun          // oldest first, at most keptRuns
+	// cancels cancel the runs in the background, by call id.
+	cancels map[string]context.CancelCauseFunc
 }
 
-// start records a run in the background, unless one with that call id is
-// running.
-func (w *wfRuns) start(callID, name string) bool {
+// errRunCancelled is the cause of a run's end that DELETE
+// /system/workflow-runs/ID asked for.
+var errRunCancelled = errors.New("cancelled by DELETE /system/workflow-runs")
+
+// start records a run in the background, which cancel cancels (nil: it
+// cannot be), unless one with that call id is running.
+func (w *wfRuns) start(callID, name string, cancel context.CancelCauseFunc) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.running == nil {
 		w.running = map[string]*WorkflowRun{}
+		w.cancels = map[string]context.CancelCauseFunc{}
 	}
 	if _, ok := w.running[callID]; ok {
 		return false
 	}
 	w.running[callID] = &WorkflowRun{CallID: callID, Status: "running", Workflow: name, Started: time.Now().UTC()}
+	if cancel != nil {
+		w.cancels[callID] = cancel
+	}
 	return true
+}
+
+// cancel cancels the run in the background with that call id, and says
+// whether there was one.
+func (w *wfRuns) cancel(callID string) bool {
+	w.mu.Lock()
+	cancel, ok := w.cancels[callID]
+	w.mu.Unlock()
+	if ok {
+		cancel(errRunCancelled)
+	}
+	return ok
 }
 
 // forget drops a run start recorded that did not start after all.
@@ -386,6 +421,7 @@ func (w *wfRuns) forget(callID string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	delete(w.running, callID)
+	delete(w.cancels, callID)
 }
 
 // end records a run's end (callID "" for a run answered synchronously)
@@ -395,6 +431,7 @@ func (w *wfRuns) end(callID, name string, run *workflow.Run) WorkflowRun {
 	defer w.mu.Unlock()
 	rec := w.running[callID]
 	delete(w.running, callID)
+	delete(w.cancels, callID)
 	if rec == nil {
 		rec = &WorkflowRun{CallID: callID, Workflow: name, Started: time.Now().UTC()}
 	}
@@ -475,6 +512,60 @@ func (g *Gateway) getWorkflowRun(w http.ResponseWriter, r *http.Request) {
 	httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found: the directory keeps runs for %v", id, g.runTTL()))
 }
 
+// cancelWorkflowRun: DELETE /system/workflow-runs/ID cancels a run in the
+// background by its X-Call-Id, on any gateway: the gateway running it
+// cancels it (at once if it is this one, else once the directory tells it:
+// watchRunCancels), its steps' instances end on their nodes, what it made
+// is removed, and its record ends failed, its error starting "cancelled by
+// DELETE /system/workflow-runs". 202 when asked; 404 for a run the
+// directory does not hold; 409 for one that ended.
+func (g *Gateway) cancelWorkflowRun(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if g.wfRuns.cancel(id) {
+		writeJSON(w, http.StatusAccepted, map[string]string{"cancelled": id, "gateway": g.cfg.Name})
+		return
+	}
+	b, err := g.dir.GetRun(r.Context(), id)
+	if errors.Is(err, directory.ErrNotFound) {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found: give the X-Call-Id of a run in the background", id))
+		return
+	}
+	if err != nil {
+		httpError(w, http.StatusBadGateway, fmt.Sprintf("cancel workflow run %q: %v", id, err))
+		return
+	}
+	var wr WorkflowRun
+	if err := json.Unmarshal(b, &wr); err != nil || wr.CallID == "" {
+		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q is not a run in the background: a run answered synchronously ends when its client hangs up", id))
+		return
+	}
+	if wr.Status != "running" {
+		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q ended (%s): nothing to cancel", id, wr.Status))
+		return
+	}
+	if err := g.dir.CancelRun(r.Context(), wr.CallID, g.runTTL()); err != nil {
+		httpError(w, http.StatusBadGateway, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusAccepted, map[string]string{"cancelled": wr.CallID, "gateway": wr.Gateway})
+}
+
+// watchRunCancels cancels the runs in the background that a DELETE on
+// another gateway asked to cancel.
+func (g *Gateway) watchRunCancels() {
+	defer g.wg.Done()
+	for id := range g.dir.RunCancels(g.ctx) {
+		if !g.wfRuns.cancel(id) {
+			continue // another gateway's, or one that ended
+		}
+		ctx, cancel := context.WithTimeout(g.ctx, 5*time.Second)
+		if err := g.dir.ForgetRunCancel(ctx, id); err != nil {
+			g.log.Warn("workflow run cancelled, but its cancel request stays until its TTL", "call_id", id, "err", err)
+		}
+		cancel()
+	}
+}
+
 // runTTL is how long the directory keeps run records.
 func (g *Gateway) runTTL() time.Duration {
 	if t := g.cfg.Workflows.RunTTL; t > 0 {
@@ -496,6 +587,9 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 		return true, nil
 	}
 	if created {
+		// A cancel asked for an earlier run with this id is not this
+		// run's.
+		_ = g.dir.ForgetRunCancel(ctx, callID)
 		return false, nil
 	}
 	var prev WorkflowRun
@@ -506,6 +600,7 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 	if err := g.dir.PutRun(ctx, callID, "", b, g.runTTL()); err != nil {
 		return true, nil
 	}
+	_ = g.dir.ForgetRunCancel(ctx, callID)
 	return false, nil
 }
 

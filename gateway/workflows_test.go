@@ -85,13 +85,23 @@ func TestInProcess(t *testing.T) {
 // a failed run marked so.
 func TestWorkflowRuns(t *testing.T) {
 	var w wfRuns
-	if !w.start("bg", "wf") || w.start("bg", "wf") {
+	if !w.start("bg", "wf", nil) || w.start("bg", "wf", nil) {
 		t.Fatal("a call id running twice")
 	}
-	if !w.start("gone", "wf") {
+	if !w.start("gone", "wf", nil) {
 		t.Fatal("start gone")
 	}
 	w.forget("gone")
+	// A run in the background is cancelled by its call id, with
+	// errRunCancelled, until it ends.
+	ctx, cancel := context.WithCancelCause(context.Background())
+	if !w.start("cx", "wf", cancel) || w.cancel("nope") || !w.cancel("cx") || !errors.Is(context.Cause(ctx), errRunCancelled) {
+		t.Fatalf("cancel of a run in the background: cause %v", context.Cause(ctx))
+	}
+	w.forget("cx")
+	if w.cancel("cx") {
+		t.Error("a forgotten run cancelled")
+	}
 	for i := 0; i < keptRuns+10; i++ {
 		run := &workflow.Run{ID: fmt.Sprintf("wf-%d", i), Started: time.Unix(int64(i), 0)}
 		if i%2 == 1 {

@@ -64,6 +64,7 @@ daemons registered in the cluster directory.
   POST /workflow/NAME[?transfer=storage]  run a workflow (the body is its input; the answer its run record)
   POST /async-workflow/NAME               run one in the background (202; X-Callback-Url gets the record)
   GET  /system/workflow-runs[/ID]         the cluster's runs (the latest 256), or one in full
+  DELETE /system/workflow-runs/CALL_ID    cancel a run in the background, on any gateway
   GET  /healthz, /metrics, /system/info, /system/nodes
 
 A function is a directory with handler.py (the OpenFaaS classic python3

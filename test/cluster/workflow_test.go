@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -882,7 +883,7 @@ def y(b):
 		// An X-Call-Id is the cluster's: one running on the first gateway
 		// is refused on the second, which lists it as running; once the
 		// run ended, the id may run again.
-		slowDir := writeModule(t, filepath.Join(p.dir, "gwslow"), "import time\n\ndef s(inp):\n    time.sleep(inp['sleep'])\n    return inp\n\ndef t(s):\n    return s\n")
+		slowDir := writeModule(t, filepath.Join(p.dir, "gwslow"), "import os, time\n\ndef s(inp):\n    if inp.get('pidfile'):\n        with open(inp['pidfile'], 'w') as f:\n            f.write(str(os.getpid()))\n    time.sleep(inp['sleep'])\n    return inp\n\ndef t(s):\n    return s\n")
 		if code, _, body := p.request("POST", "/system/workflows", `{"name":"gwslow","dir":"`+slowDir+`","steps":[{"name":"s"},{"name":"t","after":["s"]}]}`, true); code != 202 {
 			t.Fatalf("deploy gwslow: %d %s", code, body)
 		}
@@ -916,6 +917,60 @@ def y(b):
 				break
 			}
 			time.Sleep(200 * time.Millisecond)
+		}
+		// DELETE /system/workflow-runs/ID cancels a run in the background,
+		// on the gateway running it or on another: the step instance ends
+		// on its node, and the record ends failed, saying why.
+		for _, where := range []string{"the first gateway", "the second gateway"} {
+			id := "cancel-" + strconv.FormatInt(time.Now().UnixNano(), 10)
+			pidFile := filepath.Join(p.dir, id+".pid")
+			if code, _, body := p.request("POST", "/async-workflow/gwslow", `{"sleep": 120, "pidfile": "`+pidFile+`"}`, true, "-H", "X-Call-Id: "+id); code != 202 {
+				t.Fatalf("async gwslow: %d %s", code, body)
+			}
+			var pid int
+			for deadline := time.Now().Add(30 * time.Second); pid == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				b, _ := os.ReadFile(pidFile)
+				pid, _ = strconv.Atoi(string(b))
+			}
+			if pid == 0 {
+				t.Fatalf("%s: the step did not start within 30 s", where)
+			}
+			start := time.Now()
+			var code int
+			var body string
+			if where == "the first gateway" {
+				code, _, body = p.request("DELETE", "/system/workflow-runs/"+id, "", true)
+			} else {
+				code, body = do2("DELETE", "/system/workflow-runs/"+id, "")
+			}
+			if code != 202 || !strings.Contains(body, `"gateway":"`+p.gw.IP+`:8080"`) {
+				t.Fatalf("DELETE on %s: %d %s", where, code, body)
+			}
+			var rec string
+			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+				if c, b := get2("/system/workflow-runs/" + id); c == 200 && strings.Contains(b, `"status":"failed"`) {
+					rec = b
+					break
+				}
+			}
+			if !strings.Contains(rec, "cancelled by DELETE /system/workflow-runs") {
+				t.Fatalf("cancelled on %s: the record %q, want failed and saying why", where, rec)
+			}
+			gone := false
+			for deadline := time.Now().Add(15 * time.Second); !gone && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+				gone = err != nil || strings.Contains(string(st), ") Z ")
+			}
+			if !gone {
+				t.Errorf("cancelled on %s: the step instance %d still runs", where, pid)
+			}
+			t.Logf("cancelled on %s: the run ended %v after the DELETE", where, time.Since(start).Round(time.Millisecond))
+			if code, body := do2("DELETE", "/system/workflow-runs/"+id, ""); code != 409 || !strings.Contains(body, "ended (failed)") {
+				t.Errorf("DELETE of the ended run: %d %s", code, body)
+			}
+		}
+		if code, body := do2("DELETE", "/system/workflow-runs/nosuch", ""); code != 404 || !strings.Contains(body, "X-Call-Id") {
+			t.Errorf("DELETE of no run: %d %s", code, body)
 		}
 		for _, c := range []struct {
 			method, path, body string
