@@ -96,7 +96,7 @@ func newMetrics(g *Gateway) *metrics {
 	m.expired = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_stage_seeds_expired_total",
 		Help: "Stage seeds this gateway removed because their lease (X-Mitosis-Stage-TTL) went without this gateway removing them: it ran out, or another gateway removed the seed."})
 	m.wfRuns = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mitosis_gateway_workflow_runs_total",
-		Help: "Workflow runs this gateway ran (/workflow/, /async-workflow/), by workflow, transfer and outcome (succeeded or failed)."},
+		Help: "Workflow runs this gateway ran (/workflow/, /async-workflow/), by workflow, transfer and outcome (succeeded, failed or cancelled)."},
 		[]string{"workflow", "transfer", "status"})
 	m.wfSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "mitosis_gateway_workflow_run_seconds",
 		Help: "End-to-end time of the workflow runs this gateway ran.", Buckets: lat}, []string{"workflow", "transfer"})

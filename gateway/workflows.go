@@ -225,8 +225,8 @@ func (g *Gateway) runWorkflow(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	defer context.AfterFunc(g.wfCtx, cancel)()
 	run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
-	code, body := g.workflowRecord(job, run, err)
-	g.fileRun(g.wfRuns.end("", job.spec.Name, run))
+	code, body := g.workflowRecord(job, run, err, false)
+	g.fileRun(g.wfRuns.end("", job.spec.Name, run, false))
 	if run != nil {
 		w.Header().Set("X-Mitosis-Run", run.ID)
 	}
@@ -298,12 +298,12 @@ func (g *Gateway) asyncWorkflow(w http.ResponseWriter, r *http.Request) {
 		defer cancel(nil)
 		start := time.Now()
 		run, err := job.rn.Run(ctx, job.spec, job.input, job.transfer)
-		if run != nil && errors.Is(context.Cause(ctx), errRunCancelled) {
+		cancelled := err != nil && errors.Is(context.Cause(ctx), errRunCancelled)
+		if cancelled && run != nil {
 			run.Error = fmt.Sprintf("%v: %s", errRunCancelled, run.Error)
-			g.log.Info("workflow run cancelled", "workflow", job.spec.Name, "call_id", id, "run", run.ID)
 		}
-		code, body := g.workflowRecord(job, run, err)
-		g.fileRun(g.wfRuns.end(id, job.spec.Name, run))
+		code, body := g.workflowRecord(job, run, err, cancelled)
+		g.fileRun(g.wfRuns.end(id, job.spec.Name, run, cancelled))
 		if cb == "" {
 			return
 		}
@@ -359,7 +359,7 @@ const keptRuns = 256
 // gateway of the cluster ran, ended or (in the background) still running.
 type WorkflowRun struct {
 	CallID   string    `json:"call_id,omitempty"` // /async-workflow's X-Call-Id
-	Status   string    `json:"status"`            // running, succeeded or failed
+	Status   string    `json:"status"`            // running, succeeded, failed or cancelled
 	Workflow string    `json:"workflow"`
 	Started  time.Time `json:"started"`
 	// Gateway is the gateway that ran it (Config.Name: mitosis gateway
@@ -426,7 +426,7 @@ func (w *wfRuns) forget(callID string) {
 
 // end records a run's end (callID "" for a run answered synchronously)
 // and returns its record.
-func (w *wfRuns) end(callID, name string, run *workflow.Run) WorkflowRun {
+func (w *wfRuns) end(callID, name string, run *workflow.Run, cancelled bool) WorkflowRun {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	rec := w.running[callID]
@@ -436,7 +436,10 @@ func (w *wfRuns) end(callID, name string, run *workflow.Run) WorkflowRun {
 		rec = &WorkflowRun{CallID: callID, Workflow: name, Started: time.Now().UTC()}
 	}
 	rec.Status, rec.Run = "succeeded", run
-	if run == nil || run.Error != "" {
+	switch {
+	case cancelled:
+		rec.Status = "cancelled"
+	case run == nil || run.Error != "":
 		rec.Status = "failed"
 	}
 	if run != nil {
@@ -706,9 +709,9 @@ func (g *Gateway) workflowJob(w http.ResponseWriter, r *http.Request) (workflowJ
 
 // workflowRecord logs a run's end and returns its status and record (JSON)
 // to answer: 200, or 500 when it failed.
-func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error) (int, []byte) {
+func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error, cancelled bool) (int, []byte) {
 	if run == nil {
-		g.m.wfRuns.WithLabelValues(job.spec.Name, string(job.transfer), "failed").Inc()
+		g.m.wfRuns.WithLabelValues(job.spec.Name, string(job.transfer), runStatus(err, cancelled)).Inc()
 		b, _ := json.Marshal(map[string]string{"error": err.Error()})
 		return http.StatusInternalServerError, b
 	}
@@ -719,15 +722,24 @@ func (g *Gateway) workflowRecord(job workflowJob, run *workflow.Run, err error) 
 			run.Error = err.Error() // the run ended, its cleanup did not
 		}
 	}
-	g.log.Info("workflow run", "workflow", job.spec.Name, "run", run.ID, "transfer", run.Transfer, "ms", run.MS, "err", run.Error)
-	status := "succeeded"
-	if code != http.StatusOK {
-		status = "failed"
-	}
+	status := runStatus(err, cancelled)
+	g.log.Info("workflow run", "workflow", job.spec.Name, "run", run.ID, "transfer", run.Transfer, "status", status, "ms", run.MS, "err", run.Error)
 	g.m.wfRuns.WithLabelValues(job.spec.Name, string(run.Transfer), status).Inc()
 	g.m.wfSeconds.WithLabelValues(job.spec.Name, string(run.Transfer)).Observe(run.MS / 1000)
 	b, _ := json.Marshal(run)
 	return code, b
+}
+
+// runStatus is a run's status by how it ended: succeeded, failed or
+// cancelled (DELETE /system/workflow-runs/ID).
+func runStatus(err error, cancelled bool) string {
+	switch {
+	case cancelled:
+		return "cancelled"
+	case err != nil:
+		return "failed"
+	}
+	return "succeeded"
 }
 
 // inProcess is an http.RoundTripper that serves a request with a handler in

@@ -107,9 +107,9 @@ func TestWorkflowRuns(t *testing.T) {
 		if i%2 == 1 {
 			run.Error = "step s: ValueError"
 		}
-		w.end("", "wf", run)
+		w.end("", "wf", run, false)
 	}
-	w.end("lost", "wf", nil) // a run that never started
+	w.end("lost", "wf", nil, false) // a run that never started
 	got := w.list()
 	if len(got) != 1+keptRuns {
 		t.Fatalf("%d records, want %d", len(got), 1+keptRuns)
@@ -130,7 +130,7 @@ func TestWorkflowRuns(t *testing.T) {
 			t.Fatalf("record %d: %+v, want run wf-%d %s", i+2, r, n, want)
 		}
 	}
-	w.end("bg", "wf", &workflow.Run{ID: "wf-bg"})
+	w.end("bg", "wf", &workflow.Run{ID: "wf-bg"}, false)
 	if got := w.list(); got[0].CallID != "bg" || got[0].Status != "succeeded" || len(got) != keptRuns {
 		t.Errorf("after the background run ended: %d records, first %+v", len(got), got[0])
 	}

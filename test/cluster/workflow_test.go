@@ -948,13 +948,13 @@ def y(b):
 			}
 			var rec string
 			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-				if c, b := get2("/system/workflow-runs/" + id); c == 200 && strings.Contains(b, `"status":"failed"`) {
+				if c, b := get2("/system/workflow-runs/" + id); c == 200 && strings.Contains(b, `"status":"cancelled"`) {
 					rec = b
 					break
 				}
 			}
 			if !strings.Contains(rec, "cancelled by DELETE /system/workflow-runs") {
-				t.Fatalf("cancelled on %s: the record %q, want failed and saying why", where, rec)
+				t.Fatalf("cancelled on %s: the record %q, want cancelled and saying why", where, rec)
 			}
 			gone := false
 			for deadline := time.Now().Add(15 * time.Second); !gone && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
@@ -965,7 +965,7 @@ def y(b):
 				t.Errorf("cancelled on %s: the step instance %d still runs", where, pid)
 			}
 			t.Logf("cancelled on %s: the run ended %v after the DELETE", where, time.Since(start).Round(time.Millisecond))
-			if code, body := do2("DELETE", "/system/workflow-runs/"+id, ""); code != 409 || !strings.Contains(body, "ended (failed)") {
+			if code, body := do2("DELETE", "/system/workflow-runs/"+id, ""); code != 409 || !strings.Contains(body, "ended (cancelled)") {
 				t.Errorf("DELETE of the ended run: %d %s", code, body)
 			}
 		}
