@@ -24,6 +24,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,6 +41,7 @@ const (
 	DefaultQueueTimeout = 60 * time.Second
 	DefaultAsyncWorkers = 32
 	DefaultAsyncQueue   = 10000
+	DefaultAsyncDrain   = 30 * time.Second
 	// seedWait bounds how long an invocation of a fork function waits for
 	// its seed to (re)appear.
 	seedWait = 30 * time.Second
@@ -81,6 +83,12 @@ type Config struct {
 	DefaultPolicy function.Policy
 	// AsyncWorkers run queued async invocations; AsyncQueue caps them.
 	AsyncWorkers, AsyncQueue int
+	// AsyncDrain bounds how long Close lets the async workers finish the
+	// invocations queued and running (and post their callbacks) once the
+	// gateway stopped accepting requests (0: DefaultAsyncDrain; negative:
+	// drop them at once). What is left then is dropped, logged and counted
+	// (mitosis_gateway_async_dropped_total).
+	AsyncDrain time.Duration
 	// StatsInterval is how often node memory and instances are polled for
 	// the metrics (default 5s; negative: never).
 	StatsInterval time.Duration
@@ -114,6 +122,9 @@ type Gateway struct {
 	wfCancel context.CancelFunc
 
 	async chan asyncCall
+	// asyncPending counts the async invocations accepted and not yet
+	// done (queued, running, or posting their callback).
+	asyncPending atomic.Int64
 	// wfSlots bounds the workflow runs in the background; wfRuns keeps
 	// the records of the runs.
 	wfSlots chan struct{}
@@ -171,6 +182,9 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	}
 	if cfg.AsyncQueue <= 0 {
 		cfg.AsyncQueue = DefaultAsyncQueue
+	}
+	if cfg.AsyncDrain == 0 {
+		cfg.AsyncDrain = DefaultAsyncDrain
 	}
 	if cfg.StatsInterval == 0 {
 		cfg.StatsInterval = 5 * time.Second
@@ -277,6 +291,9 @@ func (g *Gateway) Close() error {
 		err = srv.Shutdown(sctx)
 		cancel()
 	}
+	// No request comes in now: let the async workers finish what was
+	// accepted (202) before the invocations still waiting are dropped.
+	g.drainAsync()
 	// Under stageMu: an expiry starting now either sees the gateway
 	// closed or joins g.wg before Wait.
 	g.stageMu.Lock()

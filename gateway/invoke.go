@@ -444,9 +444,11 @@ func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
 	if id == "" {
 		id = callID()
 	}
+	g.asyncPending.Add(1)
 	select {
 	case g.async <- asyncCall{c: c, id: id, callback: cb}:
 	default:
+		g.asyncPending.Add(-1)
 		w.Header().Set("Retry-After", "1")
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("async queue full (%d invocations waiting)", cap(g.async)))
 		return
@@ -477,11 +479,35 @@ func (g *Gateway) asyncWorker() {
 		case a := <-g.async:
 			g.m.asyncQueued.Dec()
 			o := g.run(g.ctx, a.c)
-			if a.callback != "" {
+			if a.callback != "" && g.ctx.Err() == nil {
 				g.callback(hc, a, o)
 			}
+			g.asyncPending.Add(-1)
 		}
 	}
+}
+
+// drainAsync waits, up to Config.AsyncDrain, for the async invocations
+// accepted to be done; it logs and counts those it gives up on, which the
+// closing gateway then drops (queued) or cancels (running: their
+// instances end on the nodes).
+func (g *Gateway) drainAsync() {
+	d := g.cfg.AsyncDrain
+	if g.asyncPending.Load() == 0 {
+		return
+	}
+	start := time.Now()
+	g.log.Info("finishing the async invocations accepted before stopping", "pending", g.asyncPending.Load(), "timeout", d)
+	for g.asyncPending.Load() > 0 {
+		if d <= 0 || time.Since(start) >= d {
+			n := g.asyncPending.Load()
+			g.m.asyncDropped.Add(float64(n))
+			g.log.Warn("async invocations dropped at shutdown: the drain timeout ran out (--async-drain-timeout)", "dropped", n, "queued", len(g.async), "timeout", d)
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	g.log.Info("async invocations finished before stopping", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // callback posts an async invocation's result to its X-Callback-Url, with

@@ -24,15 +24,18 @@ type metrics struct {
 	queueDelay  *prometheus.HistogramVec // mitosis_function_queue_seconds{function_name}
 	queued      prometheus.Gauge
 	asyncQueued prometheus.Gauge
-	callbacks   *prometheus.CounterVec
-	instances   *prometheus.GaugeVec     // mitosis_function_instances{function_name,node}
-	memory      *prometheus.GaugeVec     // mitosis_function_memory_bytes{function_name,node}
-	replicas    *prometheus.GaugeVec     // gateway_service_count{function_name}
-	inflight    *prometheus.GaugeVec     // mitosis_node_inflight{node}
-	expired     prometheus.Counter       // mitosis_gateway_stage_seeds_expired_total
-	wfRuns      *prometheus.CounterVec   // mitosis_gateway_workflow_runs_total{workflow,transfer,status}
-	wfSeconds   *prometheus.HistogramVec // mitosis_gateway_workflow_run_seconds{workflow,transfer}
-	wfRunning   prometheus.Gauge         // mitosis_gateway_workflow_runs_running
+	// asyncDropped counts async invocations accepted and dropped when the
+	// gateway stopped (Config.AsyncDrain ran out).
+	asyncDropped prometheus.Counter
+	callbacks    *prometheus.CounterVec
+	instances    *prometheus.GaugeVec     // mitosis_function_instances{function_name,node}
+	memory       *prometheus.GaugeVec     // mitosis_function_memory_bytes{function_name,node}
+	replicas     *prometheus.GaugeVec     // gateway_service_count{function_name}
+	inflight     *prometheus.GaugeVec     // mitosis_node_inflight{node}
+	expired      prometheus.Counter       // mitosis_gateway_stage_seeds_expired_total
+	wfRuns       *prometheus.CounterVec   // mitosis_gateway_workflow_runs_total{workflow,transfer,status}
+	wfSeconds    *prometheus.HistogramVec // mitosis_gateway_workflow_run_seconds{workflow,transfer}
+	wfRunning    prometheus.Gauge         // mitosis_gateway_workflow_runs_running
 }
 
 // schedCollector reports, at each scrape, what this gateway holds on each
@@ -83,6 +86,7 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "Time invocations waited at the gateway for a free slot.", Buckets: lat}, []string{"function_name"})
 	m.queued = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_queued", Help: "Invocations waiting for a slot."})
 	m.asyncQueued = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_async_queued", Help: "Async invocations queued."})
+	m.asyncDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_async_dropped_total", Help: "Async invocations accepted (202) and dropped when the gateway stopped: the drain timeout ran out."})
 	m.callbacks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mitosis_gateway_callbacks_total",
 		Help: "Async callbacks by outcome (HTTP status class or error)."}, []string{"result"})
 	m.instances = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mitosis_function_instances",
@@ -102,7 +106,7 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "End-to-end time of the workflow runs this gateway ran.", Buckets: lat}, []string{"workflow", "transfer"})
 	m.wfRunning = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_workflow_runs_running",
 		Help: "Workflow runs this gateway is running."})
-	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.callbacks,
+	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.asyncDropped, m.callbacks,
 		m.instances, m.memory, m.replicas, m.inflight, m.expired, m.wfRuns, m.wfSeconds, m.wfRunning, newSchedCollector(g.sched))
 	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m

@@ -41,8 +41,9 @@ type platform struct {
 }
 
 // startPlatform builds a lab of nodes a, b, c and host gw, starts the
-// gateway (embedded etcd) on gw and the daemons, registered in it.
-func startPlatform(t *testing.T) *platform {
+// gateway (embedded etcd, with gatewayArgs too) on gw and the daemons,
+// registered in it.
+func startPlatform(t *testing.T, gatewayArgs ...string) *platform {
 	t.Helper()
 	dir, err := os.MkdirTemp(tmpRoot, "platform-")
 	if err != nil {
@@ -64,10 +65,10 @@ func startPlatform(t *testing.T) *platform {
 		t.Fatalf("gateway host got %s, want %s", p.gw.IP, gwIP)
 	}
 	t.Cleanup(func() { p.close() })
-	p.gwy, err = lab.StartGateway(p.gw, platformToken, "--max-body", "1M", "--max-queue", "4", "--queue-timeout", "5s",
+	p.gwy, err = lab.StartGateway(p.gw, platformToken, append([]string{"--max-body", "1M", "--max-queue", "4", "--queue-timeout", "5s",
 		// Workflows run by the gateway: storage through the Redis server
 		// a test may start in dir (startRedis).
-		"--workflow-redis-socket", filepath.Join(dir, "redis.sock"), "--workflow-work-dir", dir)
+		"--workflow-redis-socket", filepath.Join(dir, "redis.sock"), "--workflow-work-dir", dir}, gatewayArgs...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,113 @@
+package cluster
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mitosis-fork/mitosis/bench/netlab"
+)
+
+// TestAsyncDrain: a gateway told to stop first lets the async invocations
+// it accepted (202) finish and post their callbacks; with a drain timeout
+// that runs out, it drops the rest, says so, and their instances end on
+// the nodes.
+func TestAsyncDrain(t *testing.T) {
+	requireSetup(t)
+	const n = 12 // under the cluster's 24 slots: all run at once
+	for _, tc := range []struct {
+		name  string
+		drain string // --async-drain-timeout ("": the default, 30s)
+		sleep int    // seconds each invocation sleeps
+	}{
+		{"drained", "", 2},
+		{"timeout", "500ms", 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var args []string
+			if tc.drain != "" {
+				args = []string{"--async-drain-timeout", tc.drain}
+			}
+			p := startPlatform(t, args...)
+			p.deploy("frame", "fork", nil)
+			url, got := p.callbackServer()
+			var mu sync.Mutex
+			statuses := map[string]int{}
+			go func() {
+				for cb := range got {
+					mu.Lock()
+					statuses[cb.h.Get("X-Function-Status")]++
+					mu.Unlock()
+				}
+			}()
+			var pidFiles []string
+			for i := 0; i < n; i++ {
+				pf := filepath.Join(p.dir, fmt.Sprintf("async-%d.pid", i))
+				pidFiles = append(pidFiles, pf)
+				body := fmt.Sprintf("sleep %d %s", tc.sleep, pf)
+				if code, _, out := p.request("POST", "/async-function/frame", body, true, "-H", "X-Callback-Url: "+url); code != 202 {
+					t.Fatalf("async invocation %d: %d %s", i, code, out)
+				}
+			}
+			// Every invocation runs before the gateway is told to stop.
+			pids := make([]int, n)
+			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				started := 0
+				for i, pf := range pidFiles {
+					b, _ := os.ReadFile(pf)
+					if pids[i], _ = strconv.Atoi(string(b)); pids[i] > 0 {
+						started++
+					}
+				}
+				if started == n {
+					break
+				}
+			}
+			start := time.Now()
+			if err := p.gwy.Stop(60 * time.Second); err != nil {
+				t.Fatalf("stop the gateway: %v", err)
+			}
+			took := time.Since(start)
+			log, _ := os.ReadFile(p.gwy.LogFile)
+			mu.Lock()
+			ok := statuses["200"]
+			mu.Unlock()
+			t.Logf("the gateway stopped %v after SIGTERM; callbacks %v", took.Round(10*time.Millisecond), statuses)
+			if tc.drain == "" {
+				if ok != n {
+					t.Errorf("%d of %d callbacks with 200 by the time the gateway stopped: %v", ok, n, statuses)
+				}
+				if !strings.Contains(string(log), "async invocations finished before stopping") {
+					t.Errorf("the gateway log does not say it finished the async invocations:\n%s", netlab.Tail(p.gwy.LogFile, 10))
+				}
+				return
+			}
+			if ok != 0 || took > 10*time.Second {
+				t.Errorf("with a %s drain: %d callbacks with 200, stopped after %v; want none, in seconds", tc.drain, ok, took)
+			}
+			if !strings.Contains(string(log), "async invocations dropped at shutdown") || !strings.Contains(string(log), "dropped="+strconv.Itoa(n)) {
+				t.Errorf("the gateway log does not count %d dropped invocations:\n%s", n, netlab.Tail(p.gwy.LogFile, 10))
+			}
+			// The dropped invocations' instances end on their nodes.
+			for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+				var alive []int
+				for _, pid := range pids {
+					if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); pid > 0 && err == nil && !strings.Contains(string(st), ") Z ") {
+						alive = append(alive, pid)
+					}
+				}
+				if len(alive) == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("instances %v of dropped invocations still run 15 s after the gateway stopped", alive)
+				}
+			}
+		})
+	}
+}
