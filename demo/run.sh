@@ -3,7 +3,9 @@
 # frame) once, fork children from it, and compare their start latency with
 # a cold start of the same program; then the same kind of function served
 # through the gateway (demo/platform.sh): a burst of requests under fork
-# and under keep-alive. Needs root (ptrace, userfaultfd).
+# and under keep-alive, and a workflow whose steps inherit their upstream's
+# memory against one that pickles it through Redis. Needs root (ptrace,
+# userfaultfd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PATH:/usr/local/go/bin
@@ -59,5 +61,5 @@ echo "(start_ms of a fork includes the 'mitosis fork' CLI start-up; cold start_m
 cleanup
 trap - EXIT
 echo
-echo "== the platform: the gateway in front of a node, a pandas function under fork and keep-alive"
+echo "== the platform: the gateway in front of a node, a pandas function under fork and keep-alive, a workflow"
 exec bash demo/platform.sh
