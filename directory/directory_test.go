@@ -420,10 +420,10 @@ func TestRuns(t *testing.T) {
 		t.Errorf("r1 = %s", got)
 	}
 	// A call id is taken once while its record is there.
-	if _, created, err := c.CreateRun(ctx, "c1", []byte(`{"running":1}`), time.Hour); err != nil || !created {
+	if _, created, err := c.CreateRun(ctx, "c1", []byte(`{"running":1}`), time.Hour, nil); err != nil || !created {
 		t.Fatalf("CreateRun(c1) = %v, %v", created, err)
 	}
-	old, created, err := c.CreateRun(ctx, "c1", []byte(`{"again":1}`), time.Hour)
+	old, created, err := c.CreateRun(ctx, "c1", []byte(`{"again":1}`), time.Hour, nil)
 	if err != nil || created || string(old) != `{"running":1}` {
 		t.Fatalf("CreateRun(c1) again = %s, %v, %v; want the first record, not created", old, created, err)
 	}
@@ -515,5 +515,48 @@ func TestRuns(t *testing.T) {
 	})
 	if get("c1") != `{"ended":1}` {
 		t.Error("c1 went with the brief record")
+	}
+}
+
+// TestRunSession: a gateway's session marks the runs it runs; the marks go
+// with Unmark, and all of them when the session closes.
+func TestRunSession(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	s := c.OpenRunSession("gw-a", 5*time.Second)
+	alive := func(id string) bool {
+		t.Helper()
+		ok, err := c.RunAlive(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	waitFor(t, "the session's lease", 10*time.Second, func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.lease != 0
+	})
+	if err := s.Mark("r1"); err != nil || !alive("r1") {
+		t.Fatalf("Mark(r1): %v, alive %v", err, alive("r1"))
+	}
+	if _, created, err := c.CreateRun(ctx, "r2", []byte(`{}`), time.Hour, s); err != nil || !created || !alive("r2") {
+		t.Fatalf("CreateRun(r2) with the session: created %v, %v, alive %v", created, err, alive("r2"))
+	}
+	if runs, err := c.RunsAlive(ctx); err != nil || len(runs) != 2 || runs["r1"] != "gw-a" || runs["r2"] != "gw-a" {
+		t.Errorf("RunsAlive = %v, %v", runs, err)
+	}
+	if err := s.Unmark("r1"); err != nil || alive("r1") {
+		t.Errorf("Unmark(r1): %v, alive %v", err, alive("r1"))
+	}
+	if err := s.Mark("a/b"); err == nil {
+		t.Error("a bad id was marked")
+	}
+	s.Close()
+	if alive("r2") {
+		t.Error("r2 still marked after the session closed")
+	}
+	if _, err := c.GetRun(ctx, "r2"); err != nil {
+		t.Errorf("the record went with the session: %v", err)
 	}
 }

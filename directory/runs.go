@@ -9,6 +9,7 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
 )
 
 // Run records: what a gateway tells every other gateway about the
@@ -108,8 +109,9 @@ func (c *Client) withRunLease(ctx context.Context, ttl time.Duration, txn func(c
 
 // CreateRun files a run record under id as PutRun does, unless a record is
 // filed under id already: then it returns that record and false, and
-// writes nothing (one transaction).
-func (c *Client) CreateRun(ctx context.Context, id string, rec []byte, ttl time.Duration) (existing []byte, created bool, err error) {
+// writes nothing (one transaction). With a session, the run is marked
+// running in it in the same transaction (RunSession.Mark).
+func (c *Client) CreateRun(ctx context.Context, id string, rec []byte, ttl time.Duration, sess *RunSession) (existing []byte, created bool, err error) {
 	if err := checkName("run", id); err != nil {
 		return nil, false, fmt.Errorf("create run: %w", err)
 	}
@@ -117,16 +119,38 @@ func (c *Client) CreateRun(ctx context.Context, id string, rec []byte, ttl time.
 		return nil, false, fmt.Errorf("create run %q: record of %d bytes exceeds %d", id, len(rec), MaxRunRecord)
 	}
 	key := c.runKey(id)
+	var sessLease clientv3.LeaseID
+	if sess != nil {
+		sess.mu.Lock()
+		sessLease = sess.lease
+		sess.mu.Unlock()
+	}
 	resp, err := c.withRunLease(ctx, ttl, func(lease clientv3.LeaseID) (*clientv3.TxnResponse, error) {
+		then := []clientv3.Op{clientv3.OpPut(key, string(rec), clientv3.WithLease(lease))}
+		if sessLease != 0 {
+			then = append(then, clientv3.OpPut(c.runMarkKey(id), sess.name, clientv3.WithLease(sessLease)))
+		}
 		return c.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-			Then(clientv3.OpPut(key, string(rec), clientv3.WithLease(lease))).
+			Then(then...).
 			Else(clientv3.OpGet(key)).Commit()
 	})
 	if err != nil {
 		return nil, false, fmt.Errorf("create run %q: %w", id, err)
 	}
 	if resp.Succeeded {
+		if sess != nil {
+			// Remembered for a new lease; put now if the session had
+			// none when the transaction ran.
+			sess.mu.Lock()
+			sess.ids[id] = true
+			late := sess.lease != 0 && sess.lease != sessLease
+			lease := sess.lease
+			sess.mu.Unlock()
+			if late {
+				_ = sess.put(id, lease)
+			}
+		}
 		return nil, true, nil
 	}
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
@@ -286,4 +310,144 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
+}
+
+func (c *Client) runMarkKey(id string) string { return c.prefix + "runs-running/" + id }
+
+// RunSession marks the runs a gateway is running, under a lease of that
+// gateway kept alive while it lives: runs-running/<id>. A record filed as
+// running whose mark is gone was left by a gateway that stopped (crashed,
+// or lost the directory for longer than the TTL) before the run ended
+// (RunsAlive). A lost lease is replaced, and the marks of the runs still
+// running are put again under the new one.
+type RunSession struct {
+	c      *Client
+	name   string
+	ttl    int
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu    sync.Mutex
+	lease clientv3.LeaseID // 0 while there is none
+	ids   map[string]bool  // the runs marked
+}
+
+// OpenRunSession starts the session of a gateway named name, its lease of
+// ttl (at least one second) kept alive in the background; Close ends it and
+// its marks with it.
+func (c *Client) OpenRunSession(name string, ttl time.Duration) *RunSession {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &RunSession{c: c, name: name, ttl: int(max(1, LeaseSeconds(ttl))), ctx: ctx, cancel: cancel,
+		done: make(chan struct{}), ids: map[string]bool{}}
+	go s.run()
+	return s
+}
+
+// run keeps a session up: it makes one, puts the marks again, waits for it
+// to end, and starts over until Close.
+func (s *RunSession) run() {
+	defer close(s.done)
+	for s.ctx.Err() == nil {
+		sess, err := concurrency.NewSession(s.c.cli, concurrency.WithTTL(s.ttl), concurrency.WithContext(s.ctx))
+		if err != nil {
+			if !sleepCtx(s.ctx, time.Second) {
+				return
+			}
+			continue
+		}
+		s.mu.Lock()
+		s.lease = sess.Lease()
+		ids := make([]string, 0, len(s.ids))
+		for id := range s.ids {
+			ids = append(ids, id)
+		}
+		s.mu.Unlock()
+		for _, id := range ids {
+			_ = s.put(id, sess.Lease())
+		}
+		select {
+		case <-sess.Done():
+			s.mu.Lock()
+			s.lease = 0
+			s.mu.Unlock()
+		case <-s.ctx.Done():
+			s.mu.Lock()
+			s.lease = 0
+			s.mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, _ = s.c.cli.Revoke(ctx, sess.Lease()) // the marks go at once
+			cancel()
+			return
+		}
+	}
+}
+
+func (s *RunSession) put(id string, lease clientv3.LeaseID) error {
+	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+	defer cancel()
+	_, err := s.c.cli.Put(ctx, s.c.runMarkKey(id), s.name, clientv3.WithLease(lease))
+	return err
+}
+
+// Mark marks run id as running here. Without a session at the moment
+// (the directory unreachable), the mark is put once there is one.
+func (s *RunSession) Mark(id string) error {
+	if err := checkName("run", id); err != nil {
+		return fmt.Errorf("mark run: %w", err)
+	}
+	s.mu.Lock()
+	s.ids[id] = true
+	lease := s.lease
+	s.mu.Unlock()
+	if lease == 0 {
+		return nil
+	}
+	if err := s.put(id, lease); err != nil {
+		return fmt.Errorf("mark run %q: %w", id, err)
+	}
+	return nil
+}
+
+// Unmark removes the mark of run id, which ended.
+func (s *RunSession) Unmark(id string) error {
+	s.mu.Lock()
+	delete(s.ids, id)
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
+	defer cancel()
+	if _, err := s.c.cli.Delete(ctx, s.c.runMarkKey(id)); err != nil {
+		return fmt.Errorf("unmark run %q: %w", id, err)
+	}
+	return nil
+}
+
+// Close ends the session: its lease is revoked, so its marks go.
+func (s *RunSession) Close() {
+	s.cancel()
+	<-s.done
+}
+
+// RunsAlive returns the ids of the runs marked running by a live session,
+// with the name of the gateway of each.
+func (c *Client) RunsAlive(ctx context.Context) (map[string]string, error) {
+	dir := c.prefix + "runs-running/"
+	resp, err := c.cli.Get(ctx, dir, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("running runs: %w", err)
+	}
+	out := make(map[string]string, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		out[string(kv.Key)[len(dir):]] = string(kv.Value)
+	}
+	return out, nil
+}
+
+// RunAlive says whether run id is marked running by a live session.
+func (c *Client) RunAlive(ctx context.Context, id string) (bool, error) {
+	resp, err := c.cli.Get(ctx, c.runMarkKey(id), clientv3.WithCountOnly())
+	if err != nil {
+		return false, fmt.Errorf("run %q running: %w", id, err)
+	}
+	return resp.Count > 0, nil
 }

@@ -42,6 +42,9 @@ const (
 	DefaultAsyncWorkers = 32
 	DefaultAsyncQueue   = 10000
 	DefaultAsyncDrain   = 30 * time.Second
+	// runSessionTTL bounds how long a workflow run in the background of
+	// a gateway that died still looks running to the others.
+	runSessionTTL = 10 * time.Second
 	// seedWait bounds how long an invocation of a fork function waits for
 	// its seed to (re)appear.
 	seedWait = 30 * time.Second
@@ -122,6 +125,9 @@ type Gateway struct {
 	wfCancel context.CancelFunc
 
 	async chan asyncCall
+	// runSession marks the workflow runs in the background this gateway
+	// runs, for every gateway to tell a running one from a lost one.
+	runSession *directory.RunSession
 	// asyncPending counts the async invocations accepted and not yet
 	// done (queued, running, or posting their callback).
 	asyncPending atomic.Int64
@@ -204,6 +210,7 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 		follows: make(chan struct{}, maxFollows), wfSlots: make(chan struct{}, maxAsyncWorkflows), stageGone: map[string]time.Time{}, stageRetry: map[string]*stageRetry{}}
 	g.ctx, g.cancel = context.WithCancel(context.Background())
 	g.wfCtx, g.wfCancel = context.WithCancel(g.ctx)
+	g.runSession = cfg.Directory.OpenRunSession(cfg.Name, runSessionTTL)
 	g.m = newMetrics(g)
 	g.rec = newReconciler(g)
 	g.logNodes(g.sched.setNodes(view.Nodes()))
@@ -300,6 +307,7 @@ func (g *Gateway) Close() error {
 	g.cancel()
 	g.stageMu.Unlock()
 	g.wg.Wait()
+	g.runSession.Close()
 	g.view.Close()
 	g.peers.close()
 	return err

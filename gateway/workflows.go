@@ -359,7 +359,7 @@ const keptRuns = 256
 // gateway of the cluster ran, ended or (in the background) still running.
 type WorkflowRun struct {
 	CallID   string    `json:"call_id,omitempty"` // /async-workflow's X-Call-Id
-	Status   string    `json:"status"`            // running, succeeded, failed or cancelled
+	Status   string    `json:"status"`            // running, succeeded, failed, cancelled or lost (Note)
 	Workflow string    `json:"workflow"`
 	Started  time.Time `json:"started"`
 	// Gateway is the gateway that ran it (Config.Name: mitosis gateway
@@ -368,6 +368,8 @@ type WorkflowRun struct {
 	// StepsOmitted says the record was filed without its steps and
 	// result: with them it exceeded directory.MaxRunRecord.
 	StepsOmitted bool `json:"steps_omitted,omitempty"`
+	// Note explains a status: why a run is lost.
+	Note string `json:"note,omitempty"`
 	// Run is the run's record once it ended (id, steps, timings, result).
 	Run *workflow.Run `json:"run,omitempty"`
 }
@@ -502,6 +504,11 @@ func (g *Gateway) getWorkflowRun(w http.ResponseWriter, r *http.Request) {
 	if b, err := g.dir.GetRun(r.Context(), id); err == nil {
 		var wr WorkflowRun
 		if err := json.Unmarshal(b, &wr); err == nil {
+			if wr.Status == "running" {
+				if alive, err := g.dir.RunAlive(r.Context(), wr.CallID); err == nil && !alive {
+					lostRun(&wr)
+				}
+			}
 			writeJSON(w, http.StatusOK, wr)
 			return
 		}
@@ -541,6 +548,11 @@ func (g *Gateway) cancelWorkflowRun(w http.ResponseWriter, r *http.Request) {
 	if err := json.Unmarshal(b, &wr); err != nil || wr.CallID == "" {
 		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q is not a run in the background: a run answered synchronously ends when its client hangs up", id))
 		return
+	}
+	if wr.Status == "running" {
+		if alive, err := g.dir.RunAlive(r.Context(), wr.CallID); err == nil && !alive {
+			lostRun(&wr)
+		}
 	}
 	if wr.Status != "running" {
 		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q ended (%s): nothing to cancel", id, wr.Status))
@@ -585,7 +597,7 @@ func (g *Gateway) runTTL() time.Duration {
 func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFiled bool, err error) {
 	rec := WorkflowRun{CallID: callID, Status: "running", Workflow: name, Started: time.Now().UTC(), Gateway: g.cfg.Name}
 	b, _ := json.Marshal(rec)
-	old, created, err := g.dir.CreateRun(ctx, callID, b, g.runTTL())
+	old, created, err := g.dir.CreateRun(ctx, callID, b, g.runTTL(), g.runSession)
 	if err != nil {
 		return true, nil
 	}
@@ -597,9 +609,14 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 	}
 	var prev WorkflowRun
 	if json.Unmarshal(old, &prev) == nil && prev.Status == "running" {
-		return false, fmt.Errorf("X-Call-Id %q names a workflow run still running (on gateway %s, since %s)", callID, prev.Gateway, prev.Started.Format(time.RFC3339))
+		if alive, err := g.dir.RunAlive(ctx, callID); err != nil || alive {
+			return false, fmt.Errorf("X-Call-Id %q names a workflow run still running (on gateway %s, since %s)", callID, prev.Gateway, prev.Started.Format(time.RFC3339))
+		}
+		// Lost: the gateway that ran it stopped before it ended.
 	}
-	// An ended run's id is used again: its record gives way.
+	// An ended (or lost) run's id is used again: its record gives way.
+	// Marked first, so that the record never says running unmarked.
+	_ = g.runSession.Mark(callID)
 	if err := g.dir.PutRun(ctx, callID, "", b, g.runTTL()); err != nil {
 		return true, nil
 	}
@@ -607,11 +624,19 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 	return false, nil
 }
 
+// lostRun is the note on a run filed as running whose gateway no longer
+// marks it (directory.RunSession): it stopped before the run ended.
+func lostRun(wr *WorkflowRun) {
+	wr.Status = "lost"
+	wr.Note = fmt.Sprintf("the gateway running it (%s) stopped before it ended", wr.Gateway)
+}
+
 // dropRunStart removes what fileRunStart filed for a run that did not
 // start after all.
 func (g *Gateway) dropRunStart(callID string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	_ = g.runSession.Unmark(callID)
 	if err := g.dir.DeleteRun(ctx, callID); err != nil {
 		g.log.Warn("workflow run refused, but its record stays until its TTL", "call_id", callID, "err", err)
 	}
@@ -624,6 +649,13 @@ func (g *Gateway) dropRunStart(callID string) {
 // is kept in this gateway's memory only.
 func (g *Gateway) fileRun(wr WorkflowRun) {
 	if wr.Run == nil {
+		if wr.CallID != "" { // filed as running: now failed, with no run
+			b, _ := json.Marshal(wr)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = g.dir.PutRun(ctx, wr.CallID, "", b, g.runTTL())
+			_ = g.runSession.Unmark(wr.CallID)
+		}
 		return
 	}
 	wr.Gateway = g.cfg.Name
@@ -643,6 +675,9 @@ func (g *Gateway) fileRun(wr WorkflowRun) {
 	if err := g.dir.PutRun(ctx, id, alias, b, g.runTTL()); err != nil {
 		g.log.Warn("workflow run not filed in the directory; only this gateway serves its record", "run", wr.Run.ID, "err", err)
 	}
+	if wr.CallID != "" {
+		_ = g.runSession.Unmark(wr.CallID)
+	}
 }
 
 // filedRuns returns the run records the directory holds, latest first.
@@ -651,10 +686,17 @@ func (g *Gateway) filedRuns(ctx context.Context) ([]WorkflowRun, error) {
 	if err != nil {
 		return nil, err
 	}
+	alive, err := g.dir.RunsAlive(ctx)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]WorkflowRun, 0, len(recs))
 	for _, b := range recs {
 		var wr WorkflowRun
 		if json.Unmarshal(b, &wr) == nil {
+			if _, ok := alive[wr.CallID]; wr.Status == "running" && !ok {
+				lostRun(&wr)
+			}
 			out = append(out, wr)
 		}
 	}

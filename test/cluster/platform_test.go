@@ -196,9 +196,10 @@ func (p *platform) curl(timeout time.Duration, args ...string) (string, error) {
 }
 
 // secondGateway starts another gateway on the gateway's host (port 8082)
-// with the first one's etcd and credentials, stopped at the test's end,
-// and returns its URL.
-func (p *platform) secondGateway() string {
+// with the first one's etcd, credentials and workflow settings, stopped at
+// the test's end, and returns its URL and what kills it (SIGKILL: a
+// crash).
+func (p *platform) secondGateway() (string, func()) {
 	t := p.t
 	t.Helper()
 	tokens := filepath.Join(p.dir, "gw2-tokens")
@@ -207,7 +208,8 @@ func (p *platform) secondGateway() string {
 	}
 	url2 := "http://" + p.gw.IP + ":8082"
 	gw2 := p.gw.Command(mitosisBin, "gateway", "--listen", p.gw.IP+":8082", "--state-dir", filepath.Join(p.dir, "gw2-state"),
-		"--etcd-endpoints", p.gwy.Etcd, "--secret-file", p.gw.SecretFile, "--token-file", tokens)
+		"--etcd-endpoints", p.gwy.Etcd, "--secret-file", p.gw.SecretFile, "--token-file", tokens,
+		"--workflow-redis-socket", filepath.Join(p.dir, "redis.sock"), "--workflow-work-dir", p.dir)
 	logf, err := os.Create(filepath.Join(p.dir, "gw2.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -217,11 +219,11 @@ func (p *platform) secondGateway() string {
 		logf.Close()
 		t.Fatal(err)
 	}
+	done := make(chan struct{})
+	go func() { _ = gw2.Wait(); close(done) }()
 	t.Cleanup(func() {
 		defer logf.Close()
 		_ = gw2.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = gw2.Wait(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(20 * time.Second):
@@ -229,7 +231,10 @@ func (p *platform) secondGateway() string {
 			<-done
 		}
 	})
-	return url2
+	return url2, func() {
+		_ = gw2.Process.Kill()
+		<-done
+	}
 }
 
 // status runs one request and returns its HTTP status, headers and body.

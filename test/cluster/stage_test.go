@@ -317,7 +317,7 @@ func TestStageLeaseAcrossGateways(t *testing.T) {
 	requireSetup(t)
 	p := startPlatform(t)
 	stageFunctions(t, p)("keeper", "fork")
-	url2 := p.secondGateway()
+	url2, _ := p.secondGateway()
 	hc := p.gwy.Client(10 * time.Second)
 	renew := func(ref, ttl string) int {
 		body, _ := json.Marshal(map[string]string{"functionName": "keeper", "seed": ref, "ttl": ttl})

@@ -841,7 +841,7 @@ def y(b):
 		}
 		// Any gateway of the cluster serves the records (the directory
 		// holds them): a second gateway, which ran none of them.
-		url2 := p.secondGateway()
+		url2, killGateway2 := p.secondGateway()
 		do2 := func(method, path, body string, extra ...string) (int, string) {
 			args := append([]string{"-X", method, "-H", "Authorization: Bearer " + platformToken, "-w", "\n%{http_code}"}, extra...)
 			if body != "" {
@@ -971,6 +971,42 @@ def y(b):
 		}
 		if code, body := do2("DELETE", "/system/workflow-runs/nosuch", ""); code != 404 || !strings.Contains(body, "X-Call-Id") {
 			t.Errorf("DELETE of no run: %d %s", code, body)
+		}
+		// A gateway that dies mid-run: the others see the run lost once
+		// its session lapses (10 s), and its X-Call-Id is free again.
+		lostID := "lost-" + strconv.FormatInt(time.Now().UnixNano(), 10)
+		if code, body := do2("POST", "/async-workflow/gwslow", `{"sleep": 120}`, "-H", "X-Call-Id: "+lostID); code != 202 {
+			t.Fatalf("async gwslow on the second gateway: %d %s", code, body)
+		}
+		if code, _, body := p.request("GET", "/system/workflow-runs/"+lostID, "", true); code != 200 || !strings.Contains(body, `"status":"running"`) {
+			t.Errorf("the second gateway's run, on the first: %d %s", code, body)
+		}
+		killGateway2()
+		killed := time.Now()
+		var lost string
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if code, _, body := p.request("GET", "/system/workflow-runs/"+lostID, "", true); code == 200 && strings.Contains(body, `"status":"lost"`) {
+				lost = body
+				break
+			}
+		}
+		if !strings.Contains(lost, "stopped before it ended") {
+			t.Fatalf("the killed gateway's run: %q, want lost within 30 s", lost)
+		}
+		t.Logf("the killed gateway's run was lost %v after the kill", time.Since(killed).Round(100*time.Millisecond))
+		if code, _, body := p.request("GET", "/system/workflow-runs?workflow=gwslow", "", true); code != 200 || !strings.Contains(body, `"status":"lost"`) {
+			t.Errorf("the list does not say the run is lost: %d %s", code, body)
+		}
+		if code, _, body := p.request("DELETE", "/system/workflow-runs/"+lostID, "", true); code != 409 || !strings.Contains(body, "ended (lost)") {
+			t.Errorf("DELETE of a lost run: %d %s", code, body)
+		}
+		if code, _, body := p.request("POST", "/async-workflow/gwslow", `{"sleep": 0}`, true, "-H", "X-Call-Id: "+lostID); code != 202 {
+			t.Errorf("the X-Call-Id of a lost run again: %d %s, want 202", code, body)
+		}
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			if code, _, body := p.request("GET", "/system/workflow-runs/"+lostID, "", true); code == 200 && strings.Contains(body, `"status":"succeeded"`) {
+				break
+			}
 		}
 		for _, c := range []struct {
 			method, path, body string
