@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -558,5 +560,81 @@ func TestRunSession(t *testing.T) {
 	}
 	if _, err := c.GetRun(ctx, "r2"); err != nil {
 		t.Errorf("the record went with the session: %v", err)
+	}
+}
+
+// TestAsyncClaim: the async invocations of a gateway whose session is gone
+// are claimed by another, each by one claimer only, and done ones are not.
+func TestAsyncClaim(t *testing.T) {
+	_, c := startEtcd(t)
+	ctx := context.Background()
+	owner := func(s *RunSession) Owner {
+		t.Helper()
+		var o Owner
+		waitFor(t, "a session lease", 10*time.Second, func() bool { o = s.Owner(); return o != 0 })
+		return o
+	}
+	a, b1, b2 := c.OpenRunSession("a", 5*time.Second), c.OpenRunSession("b1", 5*time.Second), c.OpenRunSession("b2", 5*time.Second)
+	defer b1.Close()
+	defer b2.Close()
+	oa, o1, o2 := owner(a), owner(b1), owner(b2)
+	const n = 40
+	for i := 0; i < n; i++ {
+		if err := c.PutAsync(ctx, oa, fmt.Sprintf("call-%d", i), []byte(fmt.Sprintf(`{"i":%d}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.DoneAsync(ctx, oa, "call-0"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := c.ClaimAsync(ctx, o1, 100); err != nil || len(got) != 0 {
+		t.Fatalf("claimed %d of a live gateway's invocations (%v)", len(got), err)
+	}
+	a.Close() // its lease is revoked: the gateway is gone
+	var mu sync.Mutex
+	seen := map[string]int{}
+	var wg sync.WaitGroup
+	for _, o := range []Owner{o1, o2} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				got, err := c.ClaimAsync(ctx, o, 7)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if len(got) == 0 {
+					return
+				}
+				mu.Lock()
+				for _, g := range got {
+					seen[g.ID]++
+					if want := `{"i":` + strings.TrimPrefix(g.ID, "call-") + `}`; string(g.Rec) != want {
+						t.Errorf("claimed %s = %s, want %s", g.ID, g.Rec, want)
+					}
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if len(seen) != n-1 || seen["call-0"] != 0 {
+		t.Errorf("claimed %d distinct invocations, want %d (all but the done one): %v", len(seen), n-1, seen)
+	}
+	for id, k := range seen {
+		if k != 1 {
+			t.Errorf("%s claimed %d times", id, k)
+		}
+	}
+	// Claimed ones belong to their claimer now: not claimable again.
+	if got, err := c.ClaimAsync(ctx, o1, 100); err != nil || len(got) != 0 {
+		t.Errorf("claimed %d again (%v)", len(got), err)
+	}
+	if err := c.PutAsync(ctx, o1, "x/y", []byte(`{}`)); err == nil {
+		t.Error("a bad id was filed")
+	}
+	if err := c.PutAsync(ctx, o1, "big", make([]byte, MaxAsyncRecord+1)); err == nil {
+		t.Error("an oversized record was filed")
 	}
 }

@@ -422,6 +422,14 @@ func (s *RunSession) Unmark(id string) error {
 	return nil
 }
 
+// Owner is the session's lease now (0 while there is none): what names
+// this gateway's async invocations (PutAsync).
+func (s *RunSession) Owner() Owner {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return Owner(s.lease)
+}
+
 // Close ends the session: its lease is revoked, so its marks go.
 func (s *RunSession) Close() {
 	s.cancel()

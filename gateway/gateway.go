@@ -131,6 +131,9 @@ type Gateway struct {
 	// asyncPending counts the async invocations accepted and not yet
 	// done (queued, running, or posting their callback).
 	asyncPending atomic.Int64
+	// asyncFiled counts those of them filed in the directory, which
+	// another gateway runs if this one stops before they are done.
+	asyncFiled atomic.Int64
 	// wfSlots bounds the workflow runs in the background; wfRuns keeps
 	// the records of the runs.
 	wfSlots chan struct{}
@@ -215,9 +218,10 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	g.rec = newReconciler(g)
 	g.logNodes(g.sched.setNodes(view.Nodes()))
 	g.routes()
-	g.wg.Add(2)
+	g.wg.Add(3)
 	go g.watch()
 	go g.watchRunCancels()
+	go g.claimAsync()
 	for i := 0; i < cfg.AsyncWorkers; i++ {
 		g.wg.Add(1)
 		go g.asyncWorker()

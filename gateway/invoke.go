@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/directory"
 	"github.com/mitosis-fork/mitosis/function"
 	"github.com/mitosis-fork/mitosis/gateway/gwapi"
 	"github.com/mitosis-fork/mitosis/node"
@@ -409,7 +410,107 @@ type asyncCall struct {
 	c        *call
 	id       string
 	callback string
+	// owner is the session lease it is filed under in the directory
+	// (directory.PutAsync; 0: kept in memory only).
+	owner directory.Owner
 }
+
+// asyncRecord is what the directory holds of an async invocation: enough
+// for another gateway to run it if this one dies.
+type asyncRecord struct {
+	Fn       string    `json:"fn"`
+	Meta     []byte    `json:"meta"`
+	Body     []byte    `json:"body"`
+	Seed     string    `json:"seed,omitempty"`
+	Callback string    `json:"callback,omitempty"`
+	Start    time.Time `json:"start"`
+}
+
+// fileAsync files an accepted async invocation in the directory, so that
+// another gateway runs it if this one dies before it is done; one too
+// large, or one the directory does not take, stays in memory only.
+func (g *Gateway) fileAsync(ctx context.Context, a *asyncCall) {
+	owner := g.runSession.Owner()
+	if owner == 0 {
+		return
+	}
+	b, _ := json.Marshal(asyncRecord{Fn: a.c.fn, Meta: a.c.meta, Body: a.c.body, Seed: a.c.seed, Callback: a.callback, Start: a.c.start})
+	if len(b) > directory.MaxAsyncRecord {
+		return
+	}
+	if err := g.dir.PutAsync(ctx, owner, a.id, b); err != nil {
+		g.log.Warn("async invocation kept in memory only: the directory did not take it", "call_id", a.id, "err", err)
+		return
+	}
+	a.owner = owner
+	g.asyncFiled.Add(1)
+}
+
+// doneAsync removes a finished async invocation's record.
+func (g *Gateway) doneAsync(a asyncCall) {
+	if a.owner == 0 {
+		return
+	}
+	g.asyncFiled.Add(-1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := g.dir.DoneAsync(ctx, a.owner, a.id); err != nil {
+		g.log.Warn("async invocation done, but its record stays: another gateway may run it again", "call_id", a.id, "err", err)
+	}
+}
+
+// claimAsync runs, every asyncClaimEvery, the async invocations of
+// gateways that are gone (directory.ClaimAsync), as many as the queue has
+// room for.
+func (g *Gateway) claimAsync() {
+	defer g.wg.Done()
+	t := time.NewTicker(asyncClaimEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.ctx.Done():
+			return
+		case <-t.C:
+		}
+		owner := g.runSession.Owner()
+		free := cap(g.async) - len(g.async)
+		if owner == 0 || free <= 0 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(g.ctx, 10*time.Second)
+		claimed, err := g.dir.ClaimAsync(ctx, owner, min(free, 256))
+		cancel()
+		if err != nil {
+			continue
+		}
+		for _, c := range claimed {
+			var rec asyncRecord
+			if err := json.Unmarshal(c.Rec, &rec); err != nil || rec.Fn == "" {
+				g.log.Warn("dropping a malformed async invocation record", "call_id", c.ID, "err", err)
+				_ = g.dir.DoneAsync(g.ctx, owner, c.ID)
+				continue
+			}
+			a := asyncCall{c: &call{fn: rec.Fn, meta: rec.Meta, body: rec.Body, seed: rec.Seed, start: rec.Start},
+				id: c.ID, callback: rec.Callback, owner: owner}
+			g.asyncPending.Add(1)
+			g.asyncFiled.Add(1)
+			select {
+			case g.async <- a:
+				g.m.asyncQueued.Inc()
+				g.m.asyncClaimed.Inc()
+				g.log.Info("running an async invocation of a gateway that is gone", "call_id", c.ID, "function", rec.Fn)
+			case <-g.ctx.Done():
+				g.asyncPending.Add(-1)
+				g.asyncFiled.Add(-1)
+				return // the record stays ours until our lease goes; then another claims it
+			}
+		}
+	}
+}
+
+// asyncClaimEvery is how often a gateway looks for the async invocations
+// of gateways that are gone.
+const asyncClaimEvery = 2 * time.Second
 
 func callID() string {
 	var b [8]byte
@@ -444,11 +545,16 @@ func (g *Gateway) invokeAsync(w http.ResponseWriter, r *http.Request) {
 	if id == "" {
 		id = callID()
 	}
+	a := asyncCall{c: c, id: id, callback: cb}
+	if len(g.async) < cap(g.async) {
+		g.fileAsync(r.Context(), &a)
+	}
 	g.asyncPending.Add(1)
 	select {
-	case g.async <- asyncCall{c: c, id: id, callback: cb}:
+	case g.async <- a:
 	default:
 		g.asyncPending.Add(-1)
+		g.doneAsync(a)
 		w.Header().Set("Retry-After", "1")
 		httpError(w, http.StatusTooManyRequests, fmt.Sprintf("async queue full (%d invocations waiting)", cap(g.async)))
 		return
@@ -479,8 +585,13 @@ func (g *Gateway) asyncWorker() {
 		case a := <-g.async:
 			g.m.asyncQueued.Dec()
 			o := g.run(g.ctx, a.c)
-			if a.callback != "" && g.ctx.Err() == nil {
-				g.callback(hc, a, o)
+			if g.ctx.Err() == nil {
+				if a.callback != "" {
+					g.callback(hc, a, o)
+				}
+				g.doneAsync(a)
+			} else if a.owner != 0 {
+				g.asyncFiled.Add(-1) // left for another gateway
 			}
 			g.asyncPending.Add(-1)
 		}
@@ -500,9 +611,10 @@ func (g *Gateway) drainAsync() {
 	g.log.Info("finishing the async invocations accepted before stopping", "pending", g.asyncPending.Load(), "timeout", d)
 	for g.asyncPending.Load() > 0 {
 		if d <= 0 || time.Since(start) >= d {
-			n := g.asyncPending.Load()
-			g.m.asyncDropped.Add(float64(n))
-			g.log.Warn("async invocations dropped at shutdown: the drain timeout ran out (--async-drain-timeout)", "dropped", n, "queued", len(g.async), "timeout", d)
+			n, filed := g.asyncPending.Load(), g.asyncFiled.Load()
+			g.m.asyncDropped.Add(float64(n - filed))
+			g.log.Warn("async invocations not finished at shutdown: the drain timeout ran out (--async-drain-timeout)",
+				"handed_over", filed, "dropped", n-filed, "queued", len(g.async), "timeout", d)
 			return
 		}
 		time.Sleep(20 * time.Millisecond)

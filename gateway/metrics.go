@@ -27,6 +27,9 @@ type metrics struct {
 	// asyncDropped counts async invocations accepted and dropped when the
 	// gateway stopped (Config.AsyncDrain ran out).
 	asyncDropped prometheus.Counter
+	// asyncClaimed counts async invocations of gateways that were gone,
+	// run here.
+	asyncClaimed prometheus.Counter
 	callbacks    *prometheus.CounterVec
 	instances    *prometheus.GaugeVec     // mitosis_function_instances{function_name,node}
 	memory       *prometheus.GaugeVec     // mitosis_function_memory_bytes{function_name,node}
@@ -86,7 +89,8 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "Time invocations waited at the gateway for a free slot.", Buckets: lat}, []string{"function_name"})
 	m.queued = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_queued", Help: "Invocations waiting for a slot."})
 	m.asyncQueued = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_async_queued", Help: "Async invocations queued."})
-	m.asyncDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_async_dropped_total", Help: "Async invocations accepted (202) and dropped when the gateway stopped: the drain timeout ran out."})
+	m.asyncDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_async_dropped_total", Help: "Async invocations accepted (202) and dropped when the gateway stopped: the drain timeout ran out, and they were not filed in the directory for another gateway."})
+	m.asyncClaimed = prometheus.NewCounter(prometheus.CounterOpts{Name: "mitosis_gateway_async_claimed_total", Help: "Async invocations of gateways that were gone (died, or stopped before they were done), run by this one."})
 	m.callbacks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mitosis_gateway_callbacks_total",
 		Help: "Async callbacks by outcome (HTTP status class or error)."}, []string{"result"})
 	m.instances = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mitosis_function_instances",
@@ -106,7 +110,7 @@ func newMetrics(g *Gateway) *metrics {
 		Help: "End-to-end time of the workflow runs this gateway ran.", Buckets: lat}, []string{"workflow", "transfer"})
 	m.wfRunning = prometheus.NewGauge(prometheus.GaugeOpts{Name: "mitosis_gateway_workflow_runs_running",
 		Help: "Workflow runs this gateway is running."})
-	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.asyncDropped, m.callbacks,
+	reg.MustRegister(m.invocations, m.seconds, m.start, m.queueDelay, m.queued, m.asyncQueued, m.asyncDropped, m.asyncClaimed, m.callbacks,
 		m.instances, m.memory, m.replicas, m.inflight, m.expired, m.wfRuns, m.wfSeconds, m.wfRunning, newSchedCollector(g.sched))
 	reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 	return m

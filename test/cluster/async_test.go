@@ -15,8 +15,8 @@ import (
 
 // TestAsyncDrain: a gateway told to stop first lets the async invocations
 // it accepted (202) finish and post their callbacks; with a drain timeout
-// that runs out, it drops the rest, says so, and their instances end on
-// the nodes.
+// that runs out, it leaves the rest to another gateway, says so, and their
+// instances end on the nodes.
 func TestAsyncDrain(t *testing.T) {
 	requireSetup(t)
 	const n = 12 // under the cluster's 24 slots: all run at once
@@ -90,10 +90,12 @@ func TestAsyncDrain(t *testing.T) {
 			if ok != 0 || took > 10*time.Second {
 				t.Errorf("with a %s drain: %d callbacks with 200, stopped after %v; want none, in seconds", tc.drain, ok, took)
 			}
-			if !strings.Contains(string(log), "async invocations dropped at shutdown") || !strings.Contains(string(log), "dropped="+strconv.Itoa(n)) {
-				t.Errorf("the gateway log does not count %d dropped invocations:\n%s", n, netlab.Tail(p.gwy.LogFile, 10))
+			// Filed in the directory for another gateway (none here: the
+			// directory stops with this gateway's embedded etcd).
+			if !strings.Contains(string(log), "async invocations not finished at shutdown") || !strings.Contains(string(log), "handed_over="+strconv.Itoa(n)) {
+				t.Errorf("the gateway log does not count %d invocations handed over:\n%s", n, netlab.Tail(p.gwy.LogFile, 10))
 			}
-			// The dropped invocations' instances end on their nodes.
+			// The unfinished invocations' instances end on their nodes.
 			for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 				var alive []int
 				for _, pid := range pids {
@@ -109,5 +111,87 @@ func TestAsyncDrain(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestAsyncFailover: the async invocations a gateway accepted and did not
+// finish before it was killed are run by another gateway, callbacks and
+// all (at least once).
+func TestAsyncFailover(t *testing.T) {
+	requireSetup(t)
+	const n = 12
+	p := startPlatform(t)
+	p.deploy("frame", "fork", nil)
+	url2, kill2 := p.secondGateway()
+	url, got := p.callbackServer()
+	var mu sync.Mutex
+	ok := map[string]int{} // call id -> callbacks with 200
+	go func() {
+		for cb := range got {
+			if cb.h.Get("X-Function-Status") == "200" {
+				mu.Lock()
+				ok[cb.h.Get("X-Call-Id")]++
+				mu.Unlock()
+			}
+		}
+	}()
+	var pidFiles []string
+	for i := 0; i < n; i++ {
+		pf := filepath.Join(p.dir, fmt.Sprintf("failover-%d.pid", i))
+		pidFiles = append(pidFiles, pf)
+		var out string
+		var err error
+		for try := 0; try < 100; try++ { // until the second gateway listens
+			out, err = p.curl(10*time.Second, "-H", "Authorization: Bearer "+platformToken, "-H", "X-Callback-Url: "+url,
+				"-H", fmt.Sprintf("X-Call-Id: failover-%d", i), "-w", "\n%{http_code}", "--data-binary", "sleep 3 "+pf, url2+"/async-function/frame")
+			if err == nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err != nil || !strings.HasSuffix(out, "202") {
+			t.Fatalf("async invocation %d on the second gateway: %q %v", i, out, err)
+		}
+	}
+	// Every invocation runs on a node before its gateway dies.
+	first := make([]int, n)
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		started := 0
+		for i, pf := range pidFiles {
+			b, _ := os.ReadFile(pf)
+			if first[i], _ = strconv.Atoi(string(b)); first[i] > 0 {
+				started++
+			}
+		}
+		if started == n {
+			break
+		}
+	}
+	kill2()
+	killed := time.Now()
+	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		mu.Lock()
+		done := len(ok)
+		mu.Unlock()
+		if done == n {
+			break
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d of %d invocations called back with 200 %v after their gateway was killed: %v", len(ok), n, time.Since(killed).Round(100*time.Millisecond), ok)
+	if len(ok) != n {
+		t.Fatalf("%d of %d async invocations of the killed gateway ran to a callback", len(ok), n)
+	}
+	if code, _, body := p.request("GET", "/metrics", "", false); code != 200 || !strings.Contains(body, "mitosis_gateway_async_claimed_total "+strconv.Itoa(n)) {
+		t.Errorf("the first gateway's metrics do not count %d claimed invocations:\n%s", n, grepLines(body, "async"))
+	}
+	// The killed gateway's own runs of them ended with its connections.
+	for _, pid := range first {
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !strings.Contains(string(st), ") Z ") {
+			if strings.Contains(string(st), "python") {
+				t.Errorf("instance %d of the killed gateway still runs", pid)
+			}
+		}
 	}
 }
