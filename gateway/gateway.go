@@ -92,6 +92,11 @@ type Config struct {
 	// drop them at once). What is left then is dropped, logged and counted
 	// (mitosis_gateway_async_dropped_total).
 	AsyncDrain time.Duration
+	// AsyncMemoryOnly keeps accepted async invocations in this gateway's
+	// memory only instead of filing each in the directory first: 5-6
+	// times the accept rate on embedded etcd, and what the gateway had
+	// accepted is lost if it dies (README, Known limits).
+	AsyncMemoryOnly bool
 	// StatsInterval is how often node memory and instances are polled for
 	// the metrics (default 5s; negative: never).
 	StatsInterval time.Duration

@@ -431,7 +431,7 @@ type asyncRecord struct {
 // large, or one the directory does not take, stays in memory only.
 func (g *Gateway) fileAsync(ctx context.Context, a *asyncCall) {
 	owner := g.runSession.Owner()
-	if owner == 0 {
+	if owner == 0 || g.cfg.AsyncMemoryOnly {
 		return
 	}
 	b, _ := json.Marshal(asyncRecord{Fn: a.c.fn, Meta: a.c.meta, Body: a.c.body, Seed: a.c.seed, Callback: a.callback, Start: a.c.start})

@@ -45,6 +45,7 @@ type gatewayFlags struct {
 	maxQueue      int
 	queueTimeout  time.Duration
 	asyncDrain    time.Duration
+	asyncMemory   bool
 	defaultPolicy string
 	wf            gateway.WorkflowConfig
 }
@@ -119,6 +120,7 @@ are open; --public-functions opens /function/ and /async-function/ too.`,
 	fl.StringVar(&f.maxBody, "max-body", "4M", "largest request body (413 beyond)")
 	fl.IntVar(&f.maxQueue, "max-queue", gateway.DefaultMaxQueue, "invocations that may wait for a free slot (429 beyond)")
 	fl.DurationVar(&f.queueTimeout, "queue-timeout", gateway.DefaultQueueTimeout, "longest wait for a free slot (then 429)")
+	fl.BoolVar(&f.asyncMemory, "async-memory-only", false, "keep accepted async invocations in this gateway's memory only, not filed in the cluster directory: a faster accept (no etcd write), but a gateway that dies loses what it had accepted")
 	fl.DurationVar(&f.asyncDrain, "async-drain-timeout", gateway.DefaultAsyncDrain, "on SIGTERM, how long the async invocations already accepted may take to finish and post their callbacks before the rest are dropped (negative: drop at once)")
 	fl.StringVar(&f.defaultPolicy, "default-policy", "fork", "policy of deployments that name none: fork, local-fork, keep-alive or cold")
 	fl.StringVar(&f.wf.RedisSocket, "workflow-redis-socket", "", "unix socket of the Redis server for workflow runs under the storage transfer (every node must reach it)")
@@ -234,7 +236,7 @@ func runGateway(f *gatewayFlags) error {
 	}
 	defer dir.Close()
 	g, err := gateway.New(ctx, gateway.Config{Directory: dir, Transport: tcfg, Auth: auth, MaxBody: maxBody,
-		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, AsyncDrain: f.asyncDrain, DefaultPolicy: pol, Logger: log, Workflows: f.wf, Name: f.listen})
+		MaxQueue: f.maxQueue, QueueTimeout: f.queueTimeout, AsyncDrain: f.asyncDrain, AsyncMemoryOnly: f.asyncMemory, DefaultPolicy: pol, Logger: log, Workflows: f.wf, Name: f.listen})
 	if err != nil {
 		return err
 	}
