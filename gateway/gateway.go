@@ -226,14 +226,14 @@ func New(ctx context.Context, cfg Config) (*Gateway, error) {
 	g.wg.Add(3)
 	go g.watch()
 	go g.watchRunCancels()
-	go g.claimAsync()
+	go g.every(asyncClaimEvery, g.claimAsync)
 	for i := 0; i < cfg.AsyncWorkers; i++ {
 		g.wg.Add(1)
 		go g.asyncWorker()
 	}
 	if cfg.StatsInterval > 0 {
 		g.wg.Add(1)
-		go g.pollStats()
+		go g.every(cfg.StatsInterval, func() { g.refreshStats(g.ctx) })
 	}
 	return g, nil
 }

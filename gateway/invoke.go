@@ -459,51 +459,40 @@ func (g *Gateway) doneAsync(a asyncCall) {
 	}
 }
 
-// claimAsync runs, every asyncClaimEvery, the async invocations of
-// gateways that are gone (directory.ClaimAsync), as many as the queue has
-// room for.
+// claimAsync runs the async invocations of gateways that are gone
+// (directory.ClaimAsync), as many as the queue has room for.
 func (g *Gateway) claimAsync() {
-	defer g.wg.Done()
-	t := time.NewTicker(asyncClaimEvery)
-	defer t.Stop()
-	for {
+	owner := g.runSession.Owner()
+	free := cap(g.async) - len(g.async)
+	if owner == 0 || free <= 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(g.ctx, 10*time.Second)
+	claimed, err := g.dir.ClaimAsync(ctx, owner, min(free, 256))
+	cancel()
+	if err != nil {
+		return
+	}
+	for _, c := range claimed {
+		var rec asyncRecord
+		if err := json.Unmarshal(c.Rec, &rec); err != nil || rec.Fn == "" {
+			g.log.Warn("dropping a malformed async invocation record", "call_id", c.ID, "err", err)
+			_ = g.dir.DoneAsync(g.ctx, owner, c.ID)
+			continue
+		}
+		a := asyncCall{c: &call{fn: rec.Fn, meta: rec.Meta, body: rec.Body, seed: rec.Seed, start: rec.Start},
+			id: c.ID, callback: rec.Callback, owner: owner}
+		g.asyncPending.Add(1)
+		g.asyncFiled.Add(1)
 		select {
+		case g.async <- a:
+			g.m.asyncQueued.Inc()
+			g.m.asyncClaimed.Inc()
+			g.log.Info("running an async invocation of a gateway that is gone", "call_id", c.ID, "function", rec.Fn)
 		case <-g.ctx.Done():
-			return
-		case <-t.C:
-		}
-		owner := g.runSession.Owner()
-		free := cap(g.async) - len(g.async)
-		if owner == 0 || free <= 0 {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(g.ctx, 10*time.Second)
-		claimed, err := g.dir.ClaimAsync(ctx, owner, min(free, 256))
-		cancel()
-		if err != nil {
-			continue
-		}
-		for _, c := range claimed {
-			var rec asyncRecord
-			if err := json.Unmarshal(c.Rec, &rec); err != nil || rec.Fn == "" {
-				g.log.Warn("dropping a malformed async invocation record", "call_id", c.ID, "err", err)
-				_ = g.dir.DoneAsync(g.ctx, owner, c.ID)
-				continue
-			}
-			a := asyncCall{c: &call{fn: rec.Fn, meta: rec.Meta, body: rec.Body, seed: rec.Seed, start: rec.Start},
-				id: c.ID, callback: rec.Callback, owner: owner}
-			g.asyncPending.Add(1)
-			g.asyncFiled.Add(1)
-			select {
-			case g.async <- a:
-				g.m.asyncQueued.Inc()
-				g.m.asyncClaimed.Inc()
-				g.log.Info("running an async invocation of a gateway that is gone", "call_id", c.ID, "function", rec.Fn)
-			case <-g.ctx.Done():
-				g.asyncPending.Add(-1)
-				g.asyncFiled.Add(-1)
-				return // the record stays ours until our lease goes; then another claims it
-			}
+			g.asyncPending.Add(-1)
+			g.asyncFiled.Add(-1)
+			return // the record stays ours until our lease goes; then another claims it
 		}
 	}
 }

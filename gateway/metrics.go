@@ -130,10 +130,11 @@ func (m *metrics) observe(fn string, code int, d time.Duration, o outcome) {
 	}
 }
 
-// pollStats refreshes the instance and memory gauges from the nodes.
-func (g *Gateway) pollStats() {
+// every runs f every d until the gateway closes. Precondition: g.wg
+// counts it.
+func (g *Gateway) every(d time.Duration, f func()) {
 	defer g.wg.Done()
-	t := time.NewTicker(g.cfg.StatsInterval)
+	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		select {
@@ -141,7 +142,7 @@ func (g *Gateway) pollStats() {
 			return
 		case <-t.C:
 		}
-		g.refreshStats(g.ctx)
+		f()
 	}
 }
 

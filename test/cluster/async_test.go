@@ -55,19 +55,7 @@ func TestAsyncDrain(t *testing.T) {
 				}
 			}
 			// Every invocation runs before the gateway is told to stop.
-			pids := make([]int, n)
-			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-				started := 0
-				for i, pf := range pidFiles {
-					b, _ := os.ReadFile(pf)
-					if pids[i], _ = strconv.Atoi(string(b)); pids[i] > 0 {
-						started++
-					}
-				}
-				if started == n {
-					break
-				}
-			}
+			pids := waitPids(t, pidFiles)
 			start := time.Now()
 			if err := p.gwy.Stop(60 * time.Second); err != nil {
 				t.Fatalf("stop the gateway: %v", err)
@@ -154,19 +142,7 @@ func TestAsyncFailover(t *testing.T) {
 		}
 	}
 	// Every invocation runs on a node before its gateway dies.
-	first := make([]int, n)
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		started := 0
-		for i, pf := range pidFiles {
-			b, _ := os.ReadFile(pf)
-			if first[i], _ = strconv.Atoi(string(b)); first[i] > 0 {
-				started++
-			}
-		}
-		if started == n {
-			break
-		}
-	}
+	first := waitPids(t, pidFiles)
 	kill2()
 	killed := time.Now()
 	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
@@ -192,6 +168,28 @@ func TestAsyncFailover(t *testing.T) {
 			if strings.Contains(string(st), "python") {
 				t.Errorf("instance %d of the killed gateway still runs", pid)
 			}
+		}
+	}
+}
+
+// waitPids waits until every pid file names a process (the "sleep SECONDS
+// PIDFILE" requests of testdata/frame started) and returns their pids.
+func waitPids(t *testing.T, pidFiles []string) []int {
+	t.Helper()
+	pids := make([]int, len(pidFiles))
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		started := 0
+		for i, pf := range pidFiles {
+			b, _ := os.ReadFile(pf)
+			if pids[i], _ = strconv.Atoi(string(b)); pids[i] > 0 {
+				started++
+			}
+		}
+		if started == len(pidFiles) {
+			return pids
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d invocations started within 30 s", started, len(pidFiles))
 		}
 	}
 }
