@@ -538,6 +538,23 @@ func (g *Gateway) getFunction(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, status(fr, g.nodeFunctions(r.Context(), node.CallFnList)))
 }
 
+// scaleFunction: POST /system/scale-function/NAME (OpenFaaS: faas-cli
+// scale, autoscalers) has nothing to set here: the gateway places every
+// invocation itself, on an instance it makes for it (a fork of the
+// function's seed, or a warm instance under keep-alive). It answers 404
+// for an unknown function and 400 saying so for a known one.
+func (g *Gateway) scaleFunction(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	fr, ok := g.function(name)
+	if !ok {
+		httpError(w, http.StatusNotFound, fmt.Sprintf("function %q not found", name))
+		return
+	}
+	httpError(w, http.StatusBadRequest, fmt.Sprintf("function %q (policy %s) has no replicas to scale: mitosis makes an instance per invocation "+
+		"(fork: a child of the function's one seed in the cluster; local-fork: of a seed per node; keep-alive: a warm instance kept for its TTL) "+
+		"on the least-loaded node with room (each node admits up to its --max-concurrency); delete the function to free its memory", name, fr.Spec.Policy))
+}
+
 // NodeStatus is an element of GET /system/nodes (a mitosis extension).
 type NodeStatus struct {
 	directory.NodeInfo

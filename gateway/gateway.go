@@ -373,6 +373,7 @@ func (g *Gateway) routes() {
 	mux.HandleFunc("DELETE /system/functions", g.authed(g.deleteFunction))
 	mux.HandleFunc("PATCH /system/functions", g.authed(g.renewFunction))
 	mux.HandleFunc("GET /system/function/{name}", g.authed(g.getFunction))
+	mux.HandleFunc("POST /system/scale-function/{name}", g.authed(g.scaleFunction))
 	mux.HandleFunc("DELETE /system/stage-seeds", g.authed(g.deleteStageSeed))
 	mux.HandleFunc("PATCH /system/stage-seeds", g.authed(g.renewStageSeed))
 	mux.HandleFunc("GET /system/nodes", g.authed(g.listNodes))

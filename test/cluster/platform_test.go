@@ -541,6 +541,8 @@ func TestPlatform(t *testing.T) {
 			{"handler raises", "POST", "/function/frame", "raise", true, 500, nil},
 			{"malformed deploy", "POST", "/system/functions", "{not json", true, 400, nil},
 			{"deploy twice", "POST", "/system/functions", `{"service":"frame","image":"` + p.fnDir + `"}`, true, 409, nil},
+			{"scale", "POST", "/system/scale-function/frame", `{"serviceName":"frame","replicas":3}`, true, 400, nil},
+			{"scale an unknown function", "POST", "/system/scale-function/nope", `{"serviceName":"nope","replicas":3}`, true, 404, nil},
 		}
 		for _, c := range cases {
 			code, _, body := p.request(c.method, c.path, c.body, c.auth, c.extra...)
@@ -549,6 +551,9 @@ func TestPlatform(t *testing.T) {
 			}
 			if c.name == "handler raises" && !strings.Contains(body, "ValueError: bad trade raise") {
 				t.Errorf("handler raises: body %q lacks the traceback's last line", body)
+			}
+			if c.name == "scale" && !strings.Contains(body, "no replicas to scale") {
+				t.Errorf("scale: body %q does not say why", body)
 			}
 		}
 		// A full cluster: 3 nodes x 8 slots + 4 queued; more get 429 with
