@@ -306,8 +306,8 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 		if !o.retry {
 			return o
 		}
-		g.log.Info("invocation refused by its node; placing it elsewhere", "function", c.fn, "node", n.info.Name, "attempt", attempt+1, "status", o.status, "reason", o.msg)
-		avoid[n.info.Name] = true
+		g.log.Info("invocation refused by its node; placing it elsewhere", "function", c.fn, "node", n.name, "attempt", attempt+1, "status", o.status, "reason", o.msg)
+		avoid[n.name] = true
 	}
 	return last
 }
@@ -315,8 +315,8 @@ func (g *Gateway) place(ctx context.Context, c *call) outcome {
 // invokeOn runs the call on node n. A refusal worth retrying elsewhere
 // comes back with retry set.
 func (g *Gateway) invokeOn(ctx context.Context, n *nodeState, c *call, spec function.Spec, seed string) outcome {
-	node := n.info.Name
-	cl, err := g.peers.client(ctx, node, n.info.PeerAddr)
+	node := n.name
+	cl, err := g.peers.client(ctx, node, n.peer)
 	if err != nil {
 		g.sched.markDown(n)
 		g.log.Warn("node unreachable; leaving it out of placement", "node", node, "for", downFor, "err", err)
@@ -334,7 +334,7 @@ func (g *Gateway) invokeOn(ctx context.Context, n *nodeState, c *call, spec func
 	case errors.Is(err, transport.ErrNotDeployed):
 		// The node does not know the function (yet): deploy it there
 		// and let the next attempt use it.
-		g.rec.deployOn(ctx, n.info, spec)
+		g.rec.deployOn(ctx, g.sched.info(n), spec)
 		return outcome{node: node, status: http.StatusServiceUnavailable, retry: true, msg: err.Error()}
 	case errors.As(err, &re):
 		// The node answered: the invocation failed there (e.g. the

@@ -70,8 +70,8 @@ func (c *schedCollector) Collect(ch chan<- prometheus.Metric) {
 		c.s.mu.Lock()
 		stages, reserved := len(n.stages), n.reserved
 		c.s.mu.Unlock()
-		ch <- prometheus.MustNewConstMetric(c.stages, prometheus.GaugeValue, float64(stages), n.info.Name)
-		ch <- prometheus.MustNewConstMetric(c.reserved, prometheus.GaugeValue, float64(reserved), n.info.Name)
+		ch <- prometheus.MustNewConstMetric(c.stages, prometheus.GaugeValue, float64(stages), n.name)
+		ch <- prometheus.MustNewConstMetric(c.reserved, prometheus.GaugeValue, float64(reserved), n.name)
 	}
 }
 
@@ -168,6 +168,6 @@ func (g *Gateway) refreshStats(ctx context.Context) {
 		g.sched.mu.Lock()
 		v := n.inflight
 		g.sched.mu.Unlock()
-		m.inflight.WithLabelValues(n.info.Name).Set(float64(v))
+		m.inflight.WithLabelValues(n.name).Set(float64(v))
 	}
 }

@@ -49,14 +49,19 @@ type slot struct {
 }
 
 type nodeState struct {
-	info      directory.NodeInfo
-	inflight  int
-	reserved  int64               // memory this gateway's invocations and stage seeds reserve
-	stages    map[string]stageRes // stage seed (NODE/SEED) -> what its instance keeps reserved
-	downUntil time.Time
-	gone      bool           // no longer in the directory
-	successor *nodeState     // the state of the same node restarted, which took over its in-flight counts
-	idle      map[string]int // function -> idle warm instances believed there
+	// name and peer are the node's name and peer address, fixed for the
+	// state's life (a node that restarts gets a new state): read them
+	// without s.mu. info, which the directory rewrites every second, is
+	// read under s.mu only.
+	name, peer string
+	info       directory.NodeInfo
+	inflight   int
+	reserved   int64               // memory this gateway's invocations and stage seeds reserve
+	stages     map[string]stageRes // stage seed (NODE/SEED) -> what its instance keeps reserved
+	downUntil  time.Time
+	gone       bool           // no longer in the directory
+	successor  *nodeState     // the state of the same node restarted, which took over its in-flight counts
+	idle       map[string]int // function -> idle warm instances believed there
 }
 
 // stageRes is a stage seed's reservation on its node.
@@ -126,7 +131,7 @@ func (s *sched) setNodes(infos []directory.NodeInfo) []nodeChange {
 			old := n
 			// Stage seeds did not survive a restart; the invocations
 			// in flight still hold their slots and memory.
-			n = &nodeState{idle: map[string]int{}, stages: map[string]stageRes{}}
+			n = &nodeState{name: in.Name, peer: in.PeerAddr, idle: map[string]int{}, stages: map[string]stageRes{}}
 			if old != nil {
 				n.inflight = old.inflight
 				n.reserved = old.reserved
@@ -351,4 +356,11 @@ func (s *sched) node(name string) *nodeState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.nodes[name]
+}
+
+// info returns n's directory record as the directory last gave it.
+func (s *sched) info(n *nodeState) directory.NodeInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return n.info
 }
