@@ -325,12 +325,14 @@ func (d *Daemon) forkOne(ctx context.Context, s *seedRec, req client.Request, st
 	d.order = append(d.order, id)
 	closing := d.closing
 	d.mu.Unlock()
-	if k.logPath != "" {
+	if k.logPath != "" { // k is in d.children now: logPath changes under d.mu
 		named := filepath.Join(d.cfg.StateDir, "children", id+".log")
 		if err := os.Rename(k.logPath, named); err != nil {
 			d.log.Warn("name child log", "child", id, "err", err)
 		} else {
+			d.mu.Lock()
 			k.logPath = named
+			d.mu.Unlock()
 		}
 	}
 	go d.reap(k)
@@ -673,12 +675,13 @@ func (d *Daemon) seedInfos(c caller) []client.SeedInfo {
 func (d *Daemon) childInfo(k *childRec) client.ChildInfo {
 	d.mu.Lock()
 	seed := k.seed // rm may swap it for a tombstone once the child has exited
+	logPath := k.logPath
 	d.mu.Unlock()
 	info := client.ChildInfo{
 		ID:     k.id,
 		Seed:   seed.id,
 		State:  client.StateRunning,
-		Log:    k.logPath,
+		Log:    logPath,
 		Source: sourceOf(seed),
 		Node:   d.node,
 	}
