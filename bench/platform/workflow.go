@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mitosis-fork/mitosis/internal/hostmem"
 	"github.com/mitosis-fork/mitosis/internal/plot"
 	"github.com/mitosis-fork/mitosis/workflow"
 )
@@ -79,7 +80,7 @@ type WorkflowCell struct {
 	CPUSec      float64 `json:"cpu_s"`
 	SystemShare float64 `json:"system_share"`
 	// ReturnedMB is the memory the guest kernel handed back to its host
-	// during the run (free page reporting; pageReporting.reportedKiB), -1
+	// during the run (free page reporting; hostmem.Params.ReportedKiB), -1
 	// where the kernel does not count it.
 	ReturnedMB float64 `json:"returned_to_host_mb"`
 }
@@ -139,7 +140,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 		return nil, err
 	}
 	e, spec, rn := c.e, c.spec, c.rn
-	pr := pageReporting{pageReportingDir}
+	pr := hostmem.Params{Dir: hostmem.ParamsDir}
 	// The workflow is deployed once, as a platform user would; each run
 	// then forks its instances (and, under fork, its stage seed) from the
 	// function's seed.
@@ -179,7 +180,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 				var r *workflow.Run
 				var err error
 				b0, s0 := cpuTimes()
-				rep0, repOK := pr.reportedKiB()
+				rep0, repOK := pr.ReportedKiB()
 				if v.tr == TransferBound {
 					r, err = runBound(ctx, filepath.Join(filepath.Dir(wc.Spec), "local_fork.py"), input)
 				} else {
@@ -189,7 +190,7 @@ func RunWorkflows(ctx context.Context, wc WorkflowConfig) ([]WorkflowCell, error
 					return cells, fmt.Errorf("trades %d rules %d %s %s: %w", n, m, v.tr, v.seed, err)
 				}
 				b1, s1 := cpuTimes()
-				rep1, _ := pr.reportedKiB()
+				rep1, _ := pr.ReportedKiB()
 				if sr.warmup {
 					continue
 				}

@@ -13,9 +13,63 @@ import (
 	"strings"
 )
 
-// maxBuddyOrder is MAX_PAGE_ORDER with 4 KiB pages: a reporting order
+// MaxBuddyOrder is the largest block the page allocator makes on x86-64
+// and arm64 with 4 KiB pages (MAX_PAGE_ORDER, 4 MiB): a reporting order
 // above it reports nothing.
-const maxBuddyOrder = 10
+const MaxBuddyOrder = 10
+
+// ParamsDir is where the kernel's page_reporting module keeps its
+// parameters.
+const ParamsDir = "/sys/module/page_reporting/parameters"
+
+// Params are a kernel's free page reporting parameters, in Dir (ParamsDir
+// on a live host).
+type Params struct{ Dir string }
+
+// Order is the smallest block order the kernel reports
+// (page_reporting_order); ok is false when the kernel has no free page
+// reporting.
+func (p Params) Order() (order int, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(p.Dir, "page_reporting_order"))
+	if os.IsNotExist(err) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("free page reporting: %w", err)
+	}
+	order, err = strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return 0, false, fmt.Errorf("free page reporting: page_reporting_order %q unreadable: %w", strings.TrimSpace(string(b)), err)
+	}
+	return order, true, nil
+}
+
+// SetOrder sets page_reporting_order and checks that the kernel kept it.
+func (p Params) SetOrder(order int) error {
+	path := filepath.Join(p.Dir, "page_reporting_order")
+	if err := os.WriteFile(path, []byte(strconv.Itoa(order)), 0o644); err != nil {
+		return fmt.Errorf("free page reporting: set %s to %d: %w", path, order, err)
+	}
+	got, _, err := p.Order()
+	if err != nil {
+		return err
+	}
+	if got != order {
+		return fmt.Errorf("free page reporting: set %s to %d: the kernel kept %d", path, order, got)
+	}
+	return nil
+}
+
+// ReportedKiB is the memory the guest has reported to the host since boot,
+// where the kernel counts it (reported_kib is not in every kernel).
+func (p Params) ReportedKiB() (kib int64, ok bool) {
+	b, err := os.ReadFile(filepath.Join(p.Dir, "reported_kib"))
+	if err != nil {
+		return 0, false
+	}
+	kib, err = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	return kib, err == nil
+}
 
 // virtioBalloon is the virtio device id of a memory balloon, and
 // featReporting the bit of VIRTIO_BALLOON_F_REPORTING in its features.
@@ -30,15 +84,14 @@ func Reporting() (on bool, why string) { return reporting("/sys") }
 
 // reporting is Reporting for the sysfs mounted at sys.
 func reporting(sys string) (bool, string) {
-	b, err := os.ReadFile(filepath.Join(sys, "module/page_reporting/parameters/page_reporting_order"))
+	order, ok, err := Params{filepath.Join(sys, "module/page_reporting/parameters")}.Order()
 	if err != nil {
+		return false, err.Error()
+	}
+	if !ok {
 		return false, "the kernel has no free page reporting"
 	}
-	order, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return false, fmt.Sprintf("page_reporting_order %q unreadable", strings.TrimSpace(string(b)))
-	}
-	if order > maxBuddyOrder {
+	if order > MaxBuddyOrder {
 		return false, fmt.Sprintf("free page reporting off (page_reporting_order %d)", order)
 	}
 	devs, _ := filepath.Glob(filepath.Join(sys, "bus/virtio/devices/*"))
