@@ -501,17 +501,9 @@ func (g *Gateway) listWorkflowRuns(w http.ResponseWriter, r *http.Request) {
 
 func (g *Gateway) getWorkflowRun(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if b, err := g.dir.GetRun(r.Context(), id); err == nil {
-		var wr WorkflowRun
-		if err := json.Unmarshal(b, &wr); err == nil {
-			if wr.Status == "running" {
-				if alive, err := g.dir.RunAlive(r.Context(), wr.CallID); err == nil && !alive {
-					lostRun(&wr)
-				}
-			}
-			writeJSON(w, http.StatusOK, wr)
-			return
-		}
+	if wr, err := g.filedRun(r.Context(), id); err == nil {
+		writeJSON(w, http.StatusOK, wr)
+		return
 	}
 	for _, wr := range g.wfRuns.list() {
 		if wr.CallID == id || (wr.Run != nil && wr.Run.ID == id) {
@@ -535,7 +527,7 @@ func (g *Gateway) cancelWorkflowRun(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusAccepted, map[string]string{"cancelled": id, "gateway": g.cfg.Name})
 		return
 	}
-	b, err := g.dir.GetRun(r.Context(), id)
+	wr, err := g.filedRun(r.Context(), id)
 	if errors.Is(err, directory.ErrNotFound) {
 		httpError(w, http.StatusNotFound, fmt.Sprintf("workflow run %q not found: give the X-Call-Id of a run in the background", id))
 		return
@@ -544,15 +536,9 @@ func (g *Gateway) cancelWorkflowRun(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadGateway, fmt.Sprintf("cancel workflow run %q: %v", id, err))
 		return
 	}
-	var wr WorkflowRun
-	if err := json.Unmarshal(b, &wr); err != nil || wr.CallID == "" {
+	if wr.CallID == "" {
 		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q is not a run in the background: a run answered synchronously ends when its client hangs up", id))
 		return
-	}
-	if wr.Status == "running" {
-		if alive, err := g.dir.RunAlive(r.Context(), wr.CallID); err == nil && !alive {
-			lostRun(&wr)
-		}
 	}
 	if wr.Status != "running" {
 		httpError(w, http.StatusConflict, fmt.Sprintf("workflow run %q ended (%s): nothing to cancel", id, wr.Status))
@@ -622,6 +608,26 @@ func (g *Gateway) fileRunStart(ctx context.Context, callID, name string) (notFil
 	}
 	_ = g.dir.ForgetRunCancel(ctx, callID)
 	return false, nil
+}
+
+// filedRun returns the record the directory holds under id (a call id or
+// a run id); a run filed as running whose gateway no longer marks it comes
+// back lost (lostRun).
+func (g *Gateway) filedRun(ctx context.Context, id string) (WorkflowRun, error) {
+	b, err := g.dir.GetRun(ctx, id)
+	if err != nil {
+		return WorkflowRun{}, err
+	}
+	var wr WorkflowRun
+	if err := json.Unmarshal(b, &wr); err != nil {
+		return WorkflowRun{}, fmt.Errorf("workflow run %q: malformed record: %w", id, err)
+	}
+	if wr.Status == "running" {
+		if alive, err := g.dir.RunAlive(ctx, wr.CallID); err == nil && !alive {
+			lostRun(&wr)
+		}
+	}
+	return wr, nil
 }
 
 // lostRun is the note on a run filed as running whose gateway no longer
