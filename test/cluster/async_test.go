@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,16 +34,7 @@ func TestAsyncDrain(t *testing.T) {
 			}
 			p := startPlatform(t, args...)
 			p.deploy("frame", "fork", nil)
-			url, got := p.callbackServer()
-			var mu sync.Mutex
-			statuses := map[string]int{}
-			go func() {
-				for cb := range got {
-					mu.Lock()
-					statuses[cb.h.Get("X-Function-Status")]++
-					mu.Unlock()
-				}
-			}()
+			url, tally := p.callbackTally(func(cb callback) string { return cb.h.Get("X-Function-Status") })
 			var pidFiles []string
 			for i := 0; i < n; i++ {
 				pf := filepath.Join(p.dir, fmt.Sprintf("async-%d.pid", i))
@@ -62,9 +52,8 @@ func TestAsyncDrain(t *testing.T) {
 			}
 			took := time.Since(start)
 			log, _ := os.ReadFile(p.gwy.LogFile)
-			mu.Lock()
+			statuses := tally()
 			ok := statuses["200"]
-			mu.Unlock()
 			t.Logf("the gateway stopped %v after SIGTERM; callbacks %v", took.Round(10*time.Millisecond), statuses)
 			if tc.drain == "" {
 				if ok != n {
@@ -111,18 +100,13 @@ func TestAsyncFailover(t *testing.T) {
 	p := startPlatform(t)
 	p.deploy("frame", "fork", nil)
 	url2, kill2 := p.secondGateway()
-	url, got := p.callbackServer()
-	var mu sync.Mutex
-	ok := map[string]int{} // call id -> callbacks with 200
-	go func() {
-		for cb := range got {
-			if cb.h.Get("X-Function-Status") == "200" {
-				mu.Lock()
-				ok[cb.h.Get("X-Call-Id")]++
-				mu.Unlock()
-			}
+	// Call id -> callbacks with 200.
+	url, tally := p.callbackTally(func(cb callback) string {
+		if cb.h.Get("X-Function-Status") != "200" {
+			return ""
 		}
-	}()
+		return cb.h.Get("X-Call-Id")
+	})
 	var pidFiles []string
 	for i := 0; i < n; i++ {
 		pf := filepath.Join(p.dir, fmt.Sprintf("failover-%d.pid", i))
@@ -146,15 +130,11 @@ func TestAsyncFailover(t *testing.T) {
 	kill2()
 	killed := time.Now()
 	for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		mu.Lock()
-		done := len(ok)
-		mu.Unlock()
-		if done == n {
+		if len(tally()) == n {
 			break
 		}
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	ok := tally()
 	t.Logf("%d of %d invocations called back with 200 %v after their gateway was killed: %v", len(ok), n, time.Since(killed).Round(100*time.Millisecond), ok)
 	if len(ok) != n {
 		t.Fatalf("%d of %d async invocations of the killed gateway ran to a callback", len(ok), n)

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -123,6 +124,29 @@ func (p *platform) callbackServer() (string, <-chan callback) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return "http://" + ln.Addr().String() + "/done", got
+}
+
+// callbackTally serves an X-Callback-Url (callbackServer) and counts the
+// callbacks it receives by key (those keyed "" are not counted); tally
+// returns a copy of the counts so far.
+func (p *platform) callbackTally(key func(callback) string) (url string, tally func() map[string]int) {
+	url, got := p.callbackServer()
+	var mu sync.Mutex
+	counts := map[string]int{}
+	go func() {
+		for cb := range got {
+			if k := key(cb); k != "" {
+				mu.Lock()
+				counts[k]++
+				mu.Unlock()
+			}
+		}
+	}()
+	return url, func() map[string]int {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(counts)
+	}
 }
 
 func (p *platform) close() {
